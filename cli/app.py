@@ -1,0 +1,195 @@
+"""Typer app. Heavy modules (torch, transformers) load inside commands, never at import."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from llmopt.errors import ExitCode, LlmoptError
+
+app = typer.Typer(
+    name="llmopt",
+    help="Make Hugging Face causal LMs cheaper and faster: run a recipe of passes, export ONNX or safetensors, "
+    "and get an accuracy report.\n\nExit codes: 0 ok, 1 quality check failed, 2 recipe/usage error, "
+    "3 input rejected, 4 result validation failed, 5 out of resources, 130 interrupted.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+recipes_app = typer.Typer(help="List and show the recipes shipped with llmopt.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+OVERRIDE_HELP = "Overrides the recipe's"
+
+
+@app.command()
+def optimize(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe (see `llmopt recipes`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"{OVERRIDE_HELP} model: folder, .gguf, hub id or 'demo'."),
+    output: Path = typer.Option(..., "--output", "-o", help="Artifact folder to write (with report.json/.md)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help=f"{OVERRIDE_HELP} export.format: onnx or safetensors."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help=f"{OVERRIDE_HELP} evaluation.data."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output (swapped in only when complete)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (unsafe)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Run a recipe on a model: passes, export, validation, evaluation, report."""
+    from llmopt.api import optimize as run_optimize
+    from llmopt.cli.render import ConsoleProgress, console, err_console
+
+    with ConsoleProgress() as progress:
+        result = run_optimize(recipe, model=model, output=output, force=force, format=format, eval_data=eval_data,
+                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
+    if as_json:
+        print(result.report.model_dump_json(indent=2))
+    else:
+        _print_summary(result.report, console)
+        console.print(f"Artifact and report written to [bold]{result.output}[/]")
+    if not result.passed:
+        failed = "; ".join(f"{c.name}: {c.value if c.value is None else round(c.value, 4)} vs {c.threshold}"
+                           for c in result.failed_checks)
+        err_console.print(f"[bold red]Quality checks failed[/] (exit 1): {failed}. The artifact and its report are "
+                          f"in {result.output} for inspection.", soft_wrap=True)
+        raise typer.Exit(ExitCode.CHECK_FAILED)
+
+
+def _print_summary(report, console) -> None:
+    from llmopt.cli.render import table
+    from llmopt.evaluation.report import headline_rows
+
+    def fmt(v):
+        return "–" if v is None else (f"{v:,.3f}" if isinstance(v, float) else f"{v:,}")
+
+    rows = [[name, fmt(a), fmt(b)] for name, a, b in headline_rows(report)]
+    if report.quality:
+        rows += [["KL divergence (nats/token)", "", f"{report.quality.kl_divergence:.4f}"],
+                 ["top-1 agreement", "", f"{report.quality.top1_agreement:.2%}"]]
+    for check in report.checks:
+        rows.append([f"check {check.name} ≤/≥ {check.threshold}", "", "pass" if check.passed else "FAIL"])
+    console.print(table(f"llmopt — {report.model['spec']} → {report.export['format']}", ["metric", "baseline", "optimized"], rows))
+    for note in report.notes:
+        console.print(f"note: {note}", soft_wrap=True)
+
+
+@app.command()
+def validate(
+    recipe: str = typer.Argument(..., help="Recipe YAML file or shipped recipe name."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"{OVERRIDE_HELP} model."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help=f"{OVERRIDE_HELP} export.format."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Check a recipe and the pass order on the model's architecture, without loading weights."""
+    from llmopt.api import validate as run_validate
+    from llmopt.cli.render import console
+
+    the_plan = run_validate(recipe, model=model, format=format, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    summary = {
+        "recipe": the_plan.recipe.source, "model": the_plan.source.spec, "model_type": the_plan.arch.model_type,
+        "passes": [p.type for p in the_plan.passes], "export": the_plan.recipe.export.format,
+    }
+    if as_json:
+        print(json.dumps({"valid": True, **summary}))
+        return
+    passes = " → ".join(summary["passes"]) or "(no passes)"
+    console.print(f"[green]valid[/]: {summary['recipe']} on {summary['model']} ({summary['model_type']}): "
+                  f"{passes} → {summary['export']}")
+
+
+@app.command()
+def compare(
+    report_a: Path = typer.Argument(..., help="report.json or artifact folder (reference)."),
+    report_b: Path = typer.Argument(..., help="report.json or artifact folder (candidate)."),
+    format: str = typer.Option("table", "--format", "-f", help="table, md or json."),
+) -> None:
+    """Every metric of two reports side by side, with absolute and relative change."""
+    from llmopt.errors import RecipeError
+    from llmopt.evaluation.compare import compare_reports, rows_to_dicts, rows_to_markdown
+
+    if format not in ("table", "md", "json"):
+        raise RecipeError(f"Unknown --format '{format}'.", "Use table, md or json.")
+    rows = compare_reports(report_a, report_b)
+    name_a, name_b = _short_name(report_a), _short_name(report_b)
+    if format == "json":
+        print(json.dumps({"a": str(report_a), "b": str(report_b), "rows": rows_to_dicts(rows)}, indent=2))
+    elif format == "md":
+        print(rows_to_markdown(rows, name_a, name_b), end="")
+    else:
+        from llmopt.cli.render import console, table
+
+        def fmt(v):
+            return "–" if v is None else (f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}")
+
+        body = []
+        for r in rows:
+            colour = "" if r.better is None else ("green" if r.better else "red")
+            pct = "–" if r.change_pct is None else f"{r.change_pct:+.1f}%"
+            body.append([r.metric, fmt(r.a), fmt(r.b), fmt(r.change), f"[{colour}]{pct}[/]" if colour else pct])
+        console.print(table(f"{name_a} → {name_b}", ["metric", name_a, name_b, "change", "change %"], body))
+
+
+def _short_name(path: Path) -> str:
+    return path.parent.name if path.name == "report.json" else path.name
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context) -> None:
+    """List shipped recipes (usable by name in `llmopt optimize NAME`)."""
+    if ctx.invoked_subcommand:
+        return
+    from llmopt.cli.render import console
+    from llmopt.recipe import find_shipped_recipe, shipped_recipe_names
+
+    for name in shipped_recipe_names():
+        first = find_shipped_recipe(name).read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
+        console.print(f"[bold]{name}[/]  {first}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="Shipped recipe name.")) -> None:
+    """Print a shipped recipe."""
+    from llmopt.recipe import find_shipped_recipe, load_recipe
+
+    load_recipe(name)  # a clear error for an unknown name
+    print(find_shipped_recipe(name).read_text(encoding="utf-8"), end="")
+
+
+def main() -> None:
+    """Entry point: run the app, turning library errors into one paragraph and an exit code."""
+    debug = bool(os.environ.get("LLMOPT_DEBUG"))
+    try:
+        app(standalone_mode=False)
+    except LlmoptError as exc:
+        if debug:
+            raise
+        from llmopt.cli.render import print_error
+
+        print_error(exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("Interrupted: nothing was written to the output (partial work is removed).", file=sys.stderr)
+        sys.exit(ExitCode.INTERRUPTED)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click's own usage errors and real bugs
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(ExitCode.USAGE)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(ExitCode.INTERRUPTED)
+        if debug:
+            raise
+        print(f"Internal error: {type(exc).__name__}: {exc}\nThis is a bug in llmopt; rerun with LLMOPT_DEBUG=1 for "
+              "the traceback and report it.", file=sys.stderr)
+        sys.exit(70)
+    else:
+        sys.exit(0)

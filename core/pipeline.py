@@ -1,0 +1,320 @@
+"""Plan (validate everything, no weights read) and run (load, passes, export, validate, evaluate, report)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from llmopt.artifact import check_destination, new_staging, promote, write_manifest
+from llmopt.errors import InputError, RecipeError, ResultValidationError
+from llmopt.model import ArchInfo, ModelSource, check_causal_lm, load_config, load_model, resolve_model
+from llmopt.recipe import Recipe, load_recipe
+
+
+class Progress(Protocol):
+    """How the pipeline tells a front end what it is doing (the CLI draws it with rich)."""
+
+    def step(self, name: str, total: int | None = None) -> None: ...
+    def advance(self, done: int, total: int) -> None: ...
+    def done(self, name: str, seconds: float) -> None: ...
+
+
+class SilentProgress:
+    def step(self, name: str, total: int | None = None) -> None: ...
+    def advance(self, done: int, total: int) -> None: ...
+    def done(self, name: str, seconds: float) -> None: ...
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    source: ModelSource
+    arch: ArchInfo  # input model
+    planned_arch: ArchInfo  # after every pass
+    passes: list[Any]  # Pass instances, in order
+    exporter: Any
+    output: Path | None
+
+
+@dataclass
+class Result:
+    output: Path
+    report: Any  # llmopt.evaluation.report.Report
+    failed_checks: list[Any] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed_checks
+
+
+def apply_overrides(recipe: Recipe, *, model: str | None = None, format: str | None = None,
+                    eval_data: str | None = None, allow_pickle: bool | None = None,
+                    trust_remote_code: bool | None = None) -> Recipe:
+    """The recipe with the command line's common overrides applied (validated again)."""
+    data = recipe.model_dump(by_alias=True)
+    data["passes"] = recipe.passes  # already-validated pass configs stay as they are
+    data["source"] = recipe.source
+    if model is not None:
+        data["model"] = model
+    if format is not None:
+        data["export"]["format"] = format
+    if eval_data is not None:
+        data["evaluation"]["data"] = eval_data
+    if allow_pickle:
+        data["allow_pickle"] = True
+    if trust_remote_code:
+        data["trust_remote_code"] = True
+    try:
+        return Recipe.model_validate(data)
+    except ValueError as exc:
+        raise RecipeError(f"Invalid command-line override: {exc}", "See `llmopt optimize --help`.") from None
+
+
+def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **overrides: Any) -> Plan:
+    """Validate the recipe against the model's config and the exporter. Reads no weights."""
+    from llmopt.exporters import EXPORTERS
+    from llmopt.passes import PASSES
+
+    recipe = apply_overrides(load_recipe(recipe), **overrides)
+    if not recipe.model:
+        raise RecipeError("No model given: the recipe has no `model:` and --model was not passed.",
+                          "Pass --model PATH|HUB_ID|demo, or add `model:` to the recipe.")
+    source = resolve_model(recipe.model, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
+    config = load_config(source)
+    check_causal_lm(config, source.spec)
+    arch = planned = ArchInfo.from_config(config)
+    passes = []
+    for i, pass_config in enumerate(recipe.passes):
+        p = PASSES[pass_config.type](pass_config)
+        planned = p.check(planned, where=f"passes[{i}]")
+        passes.append(p)
+    exporter = EXPORTERS[recipe.export.format](recipe.export)
+    exporter.check(planned)
+    return Plan(recipe, source, arch, planned, passes, exporter, Path(output) if output else None)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("llmopt", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> Result:
+    """Execute a plan. The artifact appears at `output` only when complete (report and manifest included)."""
+    import numpy as np
+    import torch
+
+    from llmopt.evaluation.report import ModelMetrics, PassRecord, Report, SpeedSetup
+    from llmopt.state import ModelState, PassContext
+
+    progress = progress or SilentProgress()
+    out = Path(output) if output else plan.output
+    if out is None:
+        raise RecipeError("No output folder given.", "Pass --output DIR.")
+    check_destination(out, force)
+    recipe = plan.recipe
+    started = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    np.random.seed(recipe.seed)
+
+    staging = new_staging(out)
+    scratch = Path(tempfile.mkdtemp(prefix="llmopt-"))
+    try:
+        timer = _Steps(progress)
+        with timer("load model"):
+            model, tokenizer = load_model(plan.source)
+        state = ModelState(model, tokenizer)
+        baseline_params = _count_parameters(model)
+        baseline_dir = scratch / "baseline"
+        with timer(f"export baseline ({recipe.export.format}, for comparison)"):
+            baseline_dir.mkdir()
+            plan.exporter.export(ModelState(model, tokenizer), baseline_dir)
+
+        records = []
+        for p in plan.passes:
+            progress.step(f"pass {p.type}")
+            t0 = time.perf_counter()
+            state = p.run(state, PassContext(seed=recipe.seed, progress=progress.advance))
+            seconds = time.perf_counter() - t0
+            progress.done(f"pass {p.type}", seconds)
+            records.append(PassRecord(type=p.type, seconds=seconds, info=state.pass_info.get(p.type, {})))
+
+        with timer(f"export {recipe.export.format}"):
+            exported = plan.exporter.export(state, staging)
+
+        evaluation = _evaluate(plan, state, baseline_dir, staging, timer)
+        arch_after = ArchInfo.from_config(state.model.config)
+        optimized_params = _count_parameters(state.model)
+        del state, model  # free the torch copies before the report is written
+
+        versions = _versions()
+        report = Report(
+            llmopt_version=versions.get("llmopt", "dev"),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            model={"spec": plan.source.spec, "kind": plan.source.kind, "model_type": plan.arch.model_type},
+            recipe=_recipe_dict(recipe),
+            export={"format": recipe.export.format, "runtime": plan.exporter.runtime,
+                    "files": sorted(p.name for p in staging.iterdir()), **exported.info},
+            baseline=ModelMetrics(runtime=plan.exporter.runtime, parameters=baseline_params,
+                                  size_bytes=evaluation["baseline_bytes"],
+                                  kv_cache_bytes_per_token=plan.arch.kv_cache_bytes_per_token(),
+                                  **evaluation["baseline"]),
+            optimized=ModelMetrics(runtime=plan.exporter.runtime, parameters=optimized_params,
+                                   size_bytes=exported.weights_bytes,
+                                   kv_cache_bytes_per_token=arch_after.kv_cache_bytes_per_token(),
+                                   **evaluation["optimized"]),
+            quality=evaluation["quality"],
+            speed_setup=SpeedSetup(**evaluation["speed_setup"]) if evaluation["speed_setup"] else None,
+            passes=records,
+            validation=evaluation["validation"],
+            environment={**versions, "cpu": _cpu_name(), "threads": str(evaluation["threads"])},
+            notes=exported.notes,
+            total_seconds=time.perf_counter() - started,
+        )
+        from llmopt.evaluation.checks import evaluate_checks
+
+        report.checks = evaluate_checks(recipe.checks, report)
+        report.write(staging)
+        write_manifest(staging, recipe=_recipe_dict(recipe), versions=versions, seed=recipe.seed)
+        promote(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return Result(out, report, [c for c in report.checks if not c.passed])
+
+
+class _Steps:
+    """Context manager factory: `with steps("name"):` reports start, end and elapsed time."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def __call__(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def step():
+            self.progress.step(name)
+            t0 = time.perf_counter()
+            yield
+            self.progress.done(name, time.perf_counter() - t0)
+
+        return step()
+
+
+def _count_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
+
+
+def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    data = recipe.model_dump(mode="json", by_alias=True, exclude={"source"})
+    data["passes"] = [p.model_dump(mode="json") for p in recipe.passes]
+    return data
+
+
+def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, timer: _Steps) -> dict[str, Any]:
+    """Validate the artifact, then measure baseline and optimized on the artifact's runtime."""
+    import gc
+
+    from llmopt.evaluation.quality import compare_quality, token_windows
+    from llmopt.evaluation.report import QualityReport
+    from llmopt.evaluation.runners import TorchRunner, load_runner
+    from llmopt.evaluation.speed import PeakRss, measure_speed
+    from llmopt.evaluation.text import load_text
+    from llmopt.evaluation.validate import validate_artifact
+    from llmopt.exporters.base import weight_bytes
+
+    recipe, fmt = plan.recipe, plan.recipe.export.format
+    ev = recipe.evaluation
+    threads = ev.speed.threads
+    tokenizer = state.tokenizer
+    result: dict[str, Any] = {"baseline_bytes": weight_bytes(baseline_dir), "baseline": {}, "optimized": {},
+                              "quality": None, "speed_setup": None, "validation": None, "threads": threads}
+
+    with timer("validate artifact"):
+        rss_opt = PeakRss()
+        with rss_opt:
+            optimized = load_runner(artifact_dir, fmt, threads)
+        try:
+            validation = validate_artifact(TorchRunner(state.model), optimized, tokenizer, recipe.export.validate_result)
+        except Exception as exc:  # a runtime that cannot execute the artifact is a validation failure too
+            raise ResultValidationError(f"The exported artifact could not be run: {exc}",
+                                        "Report this with the recipe; try `export.accuracy_level: 0`.") from None
+        if not validation.passed:
+            raise ResultValidationError(
+                f"The exported artifact does not reproduce the optimized model: max |Δlogit| "
+                f"{validation.max_abs_logit_diff:.4g} (limit {recipe.export.validate_result.max_abs_logit_diff}), top-1 "
+                f"agreement {validation.top1_agreement:.3f} (minimum {recipe.export.validate_result.min_top1_agreement}).",
+                "Nothing was written. Try `export.accuracy_level: 0`, or loosen `export.validate` if this is expected.",
+            )
+        result["validation"] = validation
+    result["threads"] = getattr(optimized, "threads", threads)
+    if not ev.enabled:
+        return result
+
+    rss_base = PeakRss()
+    with rss_base:
+        baseline = load_runner(baseline_dir, fmt, threads)
+    if ev.speed.enabled:
+        prompt = _speed_prompt(tokenizer, ev.speed.prompt_tokens)
+        result["speed_setup"] = {"prompt_tokens": len(prompt), "new_tokens": ev.speed.new_tokens,
+                                 "runs": ev.speed.runs, "threads": result["threads"]}
+        for name, runner, rss in (("baseline", baseline, rss_base), ("optimized", optimized, rss_opt)):
+            with timer(f"speed {name}"):
+                with rss:  # re-entered: the peak keeps counting from the first entry
+                    scores = measure_speed(runner, prompt, ev.speed.new_tokens, ev.speed.runs)
+            result[name].update(prefill_ms=scores.prefill_ms, prefill_ms_spread=scores.prefill_ms_spread,
+                                decode_tokens_per_s=scores.decode_tokens_per_s,
+                                decode_tokens_per_s_spread=scores.decode_tokens_per_s_spread)
+    result["baseline"]["peak_memory_mb"] = rss_base.added_mb
+    result["optimized"]["peak_memory_mb"] = rss_opt.added_mb
+
+    with timer("quality (perplexity, KL, top-1)"):
+        text, description = load_text(ev.data, ev.text_field)
+        try:
+            windows = token_windows(tokenizer, text, ev.max_tokens, ev.window)
+        except ValueError as exc:
+            raise InputError(f"Evaluation data: {exc}.", "Use more text or a smaller `evaluation.window`.") from None
+        scores = compare_quality(baseline, optimized, windows)
+    result["baseline"]["perplexity"] = scores.baseline_perplexity
+    result["optimized"]["perplexity"] = scores.perplexity
+    result["quality"] = QualityReport(
+        data=description, tokens=scores.tokens, windows=scores.windows, window=ev.window,
+        kl_divergence=scores.kl_divergence, top1_agreement=scores.top1_agreement,
+        perplexity_increase_pct=(scores.perplexity / scores.baseline_perplexity - 1) * 100,
+    )
+    del baseline, optimized
+    gc.collect()
+    return result
+
+
+def _speed_prompt(tokenizer: Any, length: int):
+    """A prompt of exactly `length` tokens from the built-in text (the same for both models)."""
+    import numpy as np
+
+    from llmopt.evaluation.text import builtin_text
+
+    ids = tokenizer(builtin_text()[:20000], add_special_tokens=False)["input_ids"][:length]
+    return np.asarray(ids, dtype=np.int64)

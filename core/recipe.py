@@ -1,0 +1,241 @@
+"""Recipes: YAML (safe-loaded) validated by pydantic, with errors that name file, key path and line."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmopt.errors import RecipeError
+
+# pydantic and passes/ are imported here, torch is not: validating a recipe must stay fast.
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OnnxValidation(StrictModel):
+    prompts: int = Field(3, ge=1, description="Prompts run through both the artifact and the in-memory model.")
+    min_top1_agreement: float = Field(0.95, ge=0, le=1, description="Fail when fewer next-token argmaxes agree.")
+    max_abs_logit_diff: float = Field(
+        1.0, gt=0, description="Fail when any logit differs more than this (absolute)."
+    )
+
+
+class ExportConfig(StrictModel):
+    format: Literal["onnx", "safetensors"] = Field("onnx", description="Artifact format.")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        0,
+        description="ONNX only: MatMulNBits accuracy_level (0 = unset/fp32 compute, 4 = int8 compute, fastest).",
+    )
+    external_data: Literal["auto", "always", "never"] = Field(
+        "auto", description="ONNX only: store weights in model.onnx.data (auto: when the model is over 1.8 GB)."
+    )
+    validate_result: OnnxValidation = Field(
+        default_factory=OnnxValidation,
+        alias="validate",
+        description="Check the written artifact against the optimized in-memory model.",
+    )
+
+
+class SpeedConfig(StrictModel):
+    enabled: bool = True
+    prompt_tokens: int = Field(64, ge=1, description="Prompt length for the prefill latency.")
+    new_tokens: int = Field(32, ge=2, description="Tokens generated (greedy, KV cache) for decode speed.")
+    runs: int = Field(3, ge=1, description="Repetitions; the median is reported.")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores).")
+
+
+class EvaluationConfig(StrictModel):
+    enabled: bool = True
+    data: str = Field(
+        "builtin",
+        description="'builtin' (Python's own documentation text), a local .txt/.jsonl file, or 'hf:NAME[:CONFIG][@SPLIT]'.",
+    )
+    text_field: str = Field("text", description="Field to read from .jsonl lines or dataset rows.")
+    max_tokens: int = Field(4096, ge=16, description="Evaluation token budget (same tokens for both models).")
+    window: int = Field(256, ge=8, description="Tokens per perplexity window.")
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
+
+
+class ChecksConfig(StrictModel):
+    """Quality gates evaluated at the end of `optimize`; any failure exits with code 1."""
+
+    max_perplexity_increase_pct: float | None = Field(None, description="Optimized vs baseline perplexity, in %.")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="Next-token agreement with the baseline.")
+    max_kl: float | None = Field(None, ge=0, description="Mean KL(baseline || optimized) per token, in nats.")
+    min_decode_speedup: float | None = Field(None, gt=0, description="Decode tokens/s ratio, optimized / baseline.")
+    max_size_mb: float | None = Field(None, gt=0, description="Artifact weights size on disk, in MB.")
+    max_size_ratio: float | None = Field(None, gt=0, description="Artifact weights size / baseline size.")
+
+
+class Recipe(StrictModel):
+    model: str | None = Field(
+        None, description="Local folder, GGUF file, hub id ('org/name[@revision]') or 'demo'. --model overrides."
+    )
+    seed: int = Field(0, description="Seed for every random choice (data sampling, calibration).")
+    allow_pickle: bool = Field(False, description="Allow loading pickle checkpoints (*.bin, *.pt): unsafe.")
+    trust_remote_code: bool = Field(False, description="Allow running the model repository's own Python code.")
+    passes: list[Any] = Field(default_factory=list, description="Passes, run in order.")
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
+
+    source: str | None = Field(None, exclude=True, description="Where the recipe was read from (not in YAML).")
+
+
+def _key_lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
+    """Map each key path of a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple, int] = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            sub = (*path, key_node.value)
+            lines.update(_key_lines(value_node, sub))
+            lines[sub] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.update(_key_lines(item, (*path, i)))
+    return lines
+
+
+def _format_path(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _closest(word: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(str(word), options, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _allowed_keys(model_cls: type[BaseModel], path: tuple) -> list[str]:
+    """Field names (and aliases) valid at `path` inside `model_cls`, to suggest a correction."""
+    cls: Any = model_cls
+    for part in path:
+        if isinstance(part, int) or cls is None:
+            return []
+        field = cls.model_fields.get(part) or next(
+            (f for f in cls.model_fields.values() if f.alias == part), None
+        )
+        annotation = getattr(field, "annotation", None)
+        cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if cls is None:
+        return []
+    return [f.alias or name for name, f in cls.model_fields.items() if name != "source"]
+
+
+def _raise_validation(exc: ValidationError, where: str, lines: dict[tuple, int], prefix: tuple, model_cls) -> None:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        full = (*prefix, *loc)
+        line = lines.get(full) or lines.get(full[:-1]) or lines.get(prefix)
+        at = f"{where}:{line}" if line else where
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model_cls, loc[:-1])
+            msg = f"unknown key '{loc[-1]}'.{_closest(loc[-1], allowed)}"
+            if allowed:
+                msg += f" Valid keys here: {', '.join(sorted(allowed))}."
+        else:
+            msg = err["msg"]
+            if err["type"] not in ("missing",) and "input" in err:
+                msg += f" (got {err['input']!r})"
+        problems.append(f"{at}: {_format_path(full)}: {msg}")
+    raise RecipeError(
+        "Invalid recipe: " + "; ".join(problems) + ".",
+        "Fix the key(s) named above; `llmopt schema` prints every valid key, and `llmopt recipes` lists working examples.",
+    )
+
+
+def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
+    """Parse and validate recipe YAML text. Raises RecipeError naming file, key path and line."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}" if mark else where
+        raise RecipeError(
+            f"{at}: the recipe is not valid YAML ({getattr(exc, 'problem', exc)}).",
+            "Check indentation and quoting around that line.",
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}.",
+                          "Start from `llmopt recipes show int4-onnx`.")
+    lines = _key_lines(root) if root is not None else {}
+    try:
+        recipe = Recipe.model_validate({**data, "source": where})
+    except ValidationError as exc:
+        _raise_validation(exc, where, lines, (), Recipe)
+    if not isinstance(data.get("passes", []), list):
+        raise RecipeError(f"{where}:{lines.get(('passes',), '?')}: passes must be a list of mappings.",
+                          "Write each pass as a list item: `- type: quantize`.")
+    passes = [_parse_pass(p, i, where, lines) for i, p in enumerate(recipe.passes)]
+    return recipe.model_copy(update={"passes": passes})
+
+
+def _parse_pass(raw: Any, index: int, where: str, lines: dict[tuple, int]) -> BaseModel:
+    from llmopt.passes import PASSES
+
+    at = f"{where}:{lines.get(('passes', index), '?')}"
+    if not isinstance(raw, dict) or "type" not in raw:
+        raise RecipeError(
+            f"{at}: passes[{index}] needs a 'type' (one of: {', '.join(PASSES)}).",
+            "Write it as a mapping, e.g. `- type: quantize`.",
+        )
+    pass_type = raw["type"]
+    if pass_type not in PASSES:
+        line = lines.get(("passes", index, "type"), "?")
+        raise RecipeError(
+            f"{where}:{line}: passes[{index}].type: unknown pass type '{pass_type}'.{_closest(pass_type, list(PASSES))}"
+            f" Available: {', '.join(PASSES)}.",
+            "Use one of the available types.",
+        )
+    config_cls = PASSES[pass_type].Config
+    try:
+        return config_cls.model_validate(raw)
+    except ValidationError as exc:
+        _raise_validation(exc, where, lines, ("passes", index), config_cls)
+
+
+def find_shipped_recipe(name: str) -> Path | None:
+    """A recipe shipped inside the wheel (llmopt/recipes/NAME.yaml), or None."""
+    from importlib import resources
+
+    candidate = resources.files("llmopt.recipes").joinpath(f"{name}.yaml")
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def shipped_recipe_names() -> list[str]:
+    from importlib import resources
+
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("llmopt.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(spec: str | Path | Recipe) -> Recipe:
+    """A Recipe from a path to a YAML file, a shipped recipe name, or a Recipe (returned as is)."""
+    if isinstance(spec, Recipe):
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        shipped = find_shipped_recipe(str(spec))
+        if shipped is None:
+            names = shipped_recipe_names()
+            raise RecipeError(
+                f"No recipe file '{spec}' and no shipped recipe of that name.{_closest(str(spec), names)}",
+                f"Give a path to a YAML file or one of: {', '.join(names)}.",
+            )
+        path = shipped
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"Cannot read recipe '{path}': {exc}.", "Check the path and that it is a UTF-8 text file.") from None
+    return parse_recipe(text, where=str(path))

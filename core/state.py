@@ -1,0 +1,27 @@
+"""What flows between passes: the model, its tokenizer, and what passes recorded about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from llmopt.quantized import QuantizedTensor
+
+
+@dataclass
+class ModelState:
+    model: Any  # transformers PreTrainedModel (torch)
+    tokenizer: Any
+    # Parameter name -> the integers a quantization pass chose; exporters store these, not a re-quantization.
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+    # Facts for the report (e.g. {"quantize": {"layers": 211, "bits": 4}}), keyed by pass type.
+    pass_info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What the pipeline provides to a pass: seed, progress reporting, and data when the pass needs it."""
+
+    seed: int = 0
+    progress: Callable[[int, int], None] = lambda done, total: None
+    calibration: Callable[[], Any] | None = None  # returns token batches; supplied when a pass needs it

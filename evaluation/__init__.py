@@ -1,0 +1,1 @@
+"""Evaluation: text, runners (torch / onnxruntime), quality and speed metrics, the report, compare."""

@@ -1,0 +1,188 @@
+"""The accuracy report: a versioned pydantic schema, written as report.json and report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmopt.errors import InputError
+
+SCHEMA_VERSION = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelMetrics(_Model):
+    """Figures for one model (baseline or optimized), measured the same way on the same runtime."""
+
+    runtime: str = Field(description="'onnxruntime' or 'pytorch'.")
+    parameters: int = Field(description="Parameter count of the torch model (unique tensors).")
+    size_bytes: int = Field(description="Weight files on disk in the artifact's format.")
+    perplexity: float | None = None
+    prefill_ms: float | None = Field(None, description="Median time to first token.")
+    prefill_ms_spread: float | None = None
+    decode_tokens_per_s: float | None = Field(None, description="Median decode speed, batch 1, KV cache.")
+    decode_tokens_per_s_spread: float | None = None
+    peak_memory_mb: float | None = Field(None, description="Peak RSS added while loading and generating.")
+    kv_cache_bytes_per_token: int
+
+
+class QualityReport(_Model):
+    data: str
+    tokens: int
+    windows: int
+    window: int
+    kl_divergence: float = Field(description="Mean KL(baseline || optimized) per token, nats.")
+    top1_agreement: float = Field(description="Share of next-token argmaxes equal to the baseline's.")
+    perplexity_increase_pct: float
+
+
+class SpeedSetup(_Model):
+    prompt_tokens: int
+    new_tokens: int
+    runs: int
+    threads: int
+
+
+class PassRecord(_Model):
+    type: str
+    seconds: float
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class ValidationRecord(_Model):
+    prompts: int
+    max_abs_logit_diff: float
+    top1_agreement: float
+    passed: bool
+
+
+class CheckResult(_Model):
+    name: str
+    threshold: float
+    value: float | None
+    passed: bool
+
+
+class Report(_Model):
+    schema_version: int = SCHEMA_VERSION
+    llmopt_version: str
+    created: str
+    model: dict[str, Any] = Field(description="spec, kind and model_type of the input model.")
+    recipe: dict[str, Any]
+    export: dict[str, Any] = Field(description="format, runtime, files and notes about the artifact.")
+    baseline: ModelMetrics
+    optimized: ModelMetrics
+    quality: QualityReport | None = None
+    speed_setup: SpeedSetup | None = None
+    passes: list[PassRecord]
+    validation: ValidationRecord | None = None
+    checks: list[CheckResult] = Field(default_factory=list)
+    environment: dict[str, str]
+    notes: list[str] = Field(default_factory=list)
+    total_seconds: float
+
+    def write(self, folder: Path) -> None:
+        (folder / "report.json").write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        (folder / "report.md").write_text(render_markdown(self), encoding="utf-8")
+
+
+def read_report(path: str | Path) -> Report:
+    """A report from report.json or from an artifact folder that holds one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"No report at '{path}'.", "Give a report.json or an artifact folder written by `llmopt optimize`.") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"'{path}' is not a readable JSON report ({exc}).", "Give a report.json written by `llmopt optimize`.") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise InputError(f"'{path}' has report schema version {version!r}; this llmopt reads version {SCHEMA_VERSION}.",
+                         "Re-run `llmopt optimize` with this version, or compare with the llmopt that wrote it.")
+    try:
+        return Report.model_validate(data)
+    except ValueError as exc:
+        raise InputError(f"'{path}' does not match the report schema: {exc}", "Was it edited by hand?") from None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def _change(a: float | None, b: float | None) -> str:
+    if a is None or b is None or a == 0:
+        return "–"
+    return f"{(b - a) / abs(a) * 100:+.1f}%"
+
+
+def headline_rows(report: Report) -> list[tuple[str, Any, Any]]:
+    """(metric, baseline, optimized) rows shared by the Markdown report and the console summary."""
+    b, o = report.baseline, report.optimized
+    return [
+        ("parameters", b.parameters, o.parameters),
+        ("size on disk (MB)", b.size_bytes / 1e6, o.size_bytes / 1e6),
+        ("perplexity", b.perplexity, o.perplexity),
+        ("prefill latency (ms)", b.prefill_ms, o.prefill_ms),
+        ("decode (tokens/s)", b.decode_tokens_per_s, o.decode_tokens_per_s),
+        ("peak memory added (MB)", b.peak_memory_mb, o.peak_memory_mb),
+        ("KV cache (bytes/token)", b.kv_cache_bytes_per_token, o.kv_cache_bytes_per_token),
+    ]
+
+
+def render_markdown(report: Report) -> str:
+    lines = [
+        f"# llmopt report — {report.model.get('spec')}",
+        "",
+        f"Format **{report.export['format']}** on {report.optimized.runtime}; baseline = the input model in "
+        f"float32 on the same runtime. Created {report.created} by llmopt {report.llmopt_version}.",
+        "",
+        "| metric | baseline | optimized | change |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, a, b in headline_rows(report):
+        lines.append(f"| {name} | {_fmt(a)} | {_fmt(b)} | {_change(a, b)} |")
+    if report.quality:
+        q = report.quality
+        lines += [
+            "",
+            "## Quality against the baseline",
+            "",
+            f"- KL divergence (baseline ‖ optimized): {q.kl_divergence:.4f} nats/token",
+            f"- top-1 next-token agreement: {q.top1_agreement * 100:.2f}%",
+            f"- perplexity change: {q.perplexity_increase_pct:+.2f}%",
+            f"- data: {q.data}; {q.tokens} tokens in {q.windows} windows of {q.window}",
+        ]
+    if report.speed_setup:
+        s = report.speed_setup
+        lines += ["", f"Speed: batch 1, KV cache, prompt {s.prompt_tokens} tokens, {s.new_tokens} new tokens, "
+                  f"median of {s.runs} runs, {s.threads} threads."]
+    if report.validation:
+        v = report.validation
+        lines += ["", "## Artifact validation", "",
+                  f"{v.prompts} prompts, artifact vs in-memory optimized model: max |Δlogit| {v.max_abs_logit_diff:.4g}, "
+                  f"top-1 agreement {v.top1_agreement * 100:.1f}% — {'passed' if v.passed else 'FAILED'}."]
+    lines += ["", "## Passes", "", "| pass | seconds | details |", "|---|---:|---|"]
+    for p in report.passes:
+        details = ", ".join(f"{k}={v}" for k, v in p.info.items())
+        lines.append(f"| {p.type} | {p.seconds:.1f} | {details} |")
+    if report.checks:
+        lines += ["", "## Checks", "", "| check | threshold | value | result |", "|---|---:|---:|---|"]
+        for c in report.checks:
+            lines.append(f"| {c.name} | {_fmt(c.threshold)} | {_fmt(c.value)} | {'pass' if c.passed else '**FAIL**'} |")
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
+    env = ", ".join(f"{k} {v}" for k, v in report.environment.items())
+    lines += ["", f"Environment: {env}. Total time {report.total_seconds:.0f} s.", ""]
+    return "\n".join(lines)

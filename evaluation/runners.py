@@ -1,0 +1,100 @@
+"""One small interface over the runtimes an artifact can target, so every metric is runtime-agnostic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Runner(Protocol):
+    runtime: str
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Next-token logits for one sequence: ids (T,) int64 -> (T, vocab) float32."""
+
+    def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+        """Greedy decoding with the KV cache, exactly `new_tokens` tokens: (T,) -> (T + new_tokens,)."""
+
+
+class TorchRunner:
+    runtime = "pytorch"
+
+    def __init__(self, model: Any, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = model.eval()
+        self.threads = torch.get_num_threads()
+
+    @classmethod
+    def load(cls, folder: Path, threads: int | None = None) -> "TorchRunner":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        return cls(model, threads)
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.from_numpy(ids[None].astype(np.int64)), use_cache=False)
+        return out.logits[0].float().numpy()  # (T, V)
+
+    def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+        import torch
+
+        input_ids = torch.from_numpy(ids[None].astype(np.int64))
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+            )
+        return out[0].numpy()
+
+
+class OrtRunner:
+    runtime = "onnxruntime"
+
+    def __init__(self, folder: Path, threads: int | None = None, provider: str = "CPUExecutionProvider") -> None:
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.model = ORTModelForCausalLM.from_pretrained(folder, provider=provider, session_options=options)
+        self.threads = threads or _cpu_count()
+        self.provider = provider
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        input_ids = torch.from_numpy(ids[None].astype(np.int64))
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        return np.asarray(out.logits[0], dtype=np.float32)
+
+    def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+        import torch
+
+        input_ids = torch.from_numpy(ids[None].astype(np.int64))
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+        )
+        return np.asarray(out[0])
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_runner(folder: Path, fmt: str, threads: int | None = None) -> Runner:
+    """A runner for an artifact folder written by one of the exporters."""
+    return OrtRunner(folder, threads) if fmt == "onnx" else TorchRunner.load(folder, threads)

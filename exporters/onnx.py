@@ -1,0 +1,53 @@
+"""ONNX: optimum's exporter (KV cache), then the pass's own quantized weights as MatMulNBits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmopt.errors import RecipeError
+from llmopt.exporters.base import Exporter, ExportResult
+from llmopt.model import ArchInfo
+from llmopt.state import ModelState
+
+TASK = "text-generation-with-past"
+
+
+class OnnxExporter(Exporter):
+    format = "onnx"
+    runtime = "onnxruntime"
+
+    def check(self, arch: ArchInfo) -> None:
+        import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the configs with TasksManager)
+        from optimum.exporters.tasks import TasksManager
+
+        supported = TasksManager.get_supported_model_type_for_task(TASK, exporter="onnx")
+        if arch.model_type.replace("_", "-") not in supported and arch.model_type not in supported:
+            raise RecipeError(
+                f"export.format: optimum's ONNX exporter does not support model_type '{arch.model_type}' "
+                "for text generation with KV cache.",
+                "Use `export: {format: safetensors}` for this model.",
+            )
+
+    def export(self, state: ModelState, folder: Path) -> ExportResult:
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        # Validation against PyTorch is ours (after the MatMulNBits rewrite), so optimum's is skipped.
+        onnx_export_from_model(state.model, output=folder, task=TASK, do_validation=False)
+        state.tokenizer.save_pretrained(folder)
+        info: dict = {"task": TASK, "execution_provider": "CPUExecutionProvider"}
+        notes: list[str] = []
+        if state.quantized:
+            from llmopt.exporters.onnx_blockquant import apply_block_quantization
+
+            external = {"auto": None, "always": True, "never": False}[self.config.external_data]
+            stats = apply_block_quantization(
+                folder / "model.onnx", state.quantized.values(),
+                accuracy_level=self.config.accuracy_level, external_data=external,
+            )
+            info.update(matmul_nbits=stats.matmul_nbits, gather_block_quantized=stats.gather_block_quantized)
+            if stats.unmatched:
+                notes.append(f"{len(stats.unmatched)} quantized tensors were not found in the graph and stay float: "
+                             + ", ".join(stats.unmatched[:5]))
+            for name, reason in stats.skipped:
+                notes.append(f"{name} kept in float in the ONNX graph: {reason}")
+        return ExportResult(folder, notes, info)

@@ -1,0 +1,35 @@
+"""The small interface every pass implements: a typed config, a plan-time check, and run()."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from llmopt.model import ArchInfo
+from llmopt.state import ModelState, PassContext
+
+
+class PassConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pass:
+    """A pass takes a ModelState and returns one; the pipeline owns order, timing, data and the report."""
+
+    type: ClassVar[str]
+    Config: ClassVar[type[PassConfig]]
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: PassConfig) -> None:
+        self.config = config
+
+    def check(self, arch: ArchInfo, where: str) -> ArchInfo:
+        """Raise RecipeError if the pass cannot run on `arch`; return the architecture after the pass.
+
+        Called at plan time, before any weight is read. `where` is the key path for messages.
+        """
+        return arch
+
+    def run(self, state: ModelState, ctx: PassContext) -> ModelState:
+        raise NotImplementedError
