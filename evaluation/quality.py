@@ -19,10 +19,6 @@ def token_windows(tokenizer, text: str, max_tokens: int, window: int) -> list[np
     return [ids[i * window:(i + 1) * window] for i in range(count)]
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
 
 @dataclass
 class QualityScores:
@@ -35,18 +31,20 @@ class QualityScores:
 
 
 def compare_quality(baseline: Runner, optimized: Runner, windows: list[np.ndarray]) -> QualityScores:
+    import torch  # multi-threaded softmax over the vocabulary: numpy made this the slowest step
+
     nll_base = nll_opt = kl_sum = 0.0
     agree = predicted = 0
     for ids in windows:
-        lp_base = _log_softmax(baseline.logits(ids))[:-1]  # (T-1, V): predictions for ids[1:]
-        lp_opt = _log_softmax(optimized.logits(ids))[:-1]
-        targets = ids[1:]
-        rows = np.arange(len(targets))
-        nll_base -= lp_base[rows, targets].sum()
-        nll_opt -= lp_opt[rows, targets].sum()
-        kl_sum += (np.exp(lp_base) * (lp_base - lp_opt)).sum()
+        # (T-1, V): the predictions for ids[1:]
+        lp_base = torch.log_softmax(torch.from_numpy(baseline.logits(ids)[:-1]), dim=-1)
+        lp_opt = torch.log_softmax(torch.from_numpy(optimized.logits(ids)[:-1]), dim=-1)
+        targets = torch.from_numpy(ids[1:])[:, None]
+        nll_base -= float(lp_base.gather(1, targets).sum())
+        nll_opt -= float(lp_opt.gather(1, targets).sum())
+        kl_sum += float((lp_base.exp() * (lp_base - lp_opt)).sum())
         agree += int((lp_base.argmax(-1) == lp_opt.argmax(-1)).sum())
-        predicted += len(targets)
+        predicted += len(ids) - 1
     return QualityScores(
         baseline_perplexity=math.exp(nll_base / predicted),
         perplexity=math.exp(nll_opt / predicted),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -80,11 +81,18 @@ class QuantizePass(Pass):
         targets = self.targets(model)
         self._untie_if_needed(model, {name for name, _ in targets})
         embedding = model.get_input_embeddings()
+        done: dict[int, QuantizedTensor] = {}  # id(parameter) -> codes: a tied tensor is quantized once
         with torch.no_grad():
             for i, (name, module) in enumerate(targets):
                 kind = "embedding" if module is embedding else "linear"
-                qt = quantize_rtn(module.weight.detach(), f"{name}.weight", kind, self.config)
-                module.weight.copy_(torch.from_numpy(qt.dequantized()))
+                shared = done.get(id(module.weight))
+                if shared is not None:
+                    # Re-quantizing dequantized values is not exact for asymmetric groups; reuse the codes.
+                    qt = replace(shared, name=f"{name}.weight", kind=kind)
+                else:
+                    qt = quantize_rtn(module.weight.detach(), f"{name}.weight", kind, self.config)
+                    module.weight.copy_(torch.from_numpy(qt.dequantized()))
+                    done[id(module.weight)] = qt
                 state.quantized[qt.name] = qt
                 ctx.progress(i + 1, len(targets))
         state.pass_info["quantize"] = {

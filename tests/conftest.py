@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random-init Llama models (fast) and the real SmolLM2 (converted once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_VOCAB = 384
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE trained on Python's docs: a real tokenizer with no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmopt.evaluation.text import builtin_text
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([builtin_text()[:200_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def tiny_llama(tie: bool = False, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, **overrides)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama checkpoint folder (safetensors + tokenizer), written once per session."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def fast_recipe(tmp_path) -> callable:
+    """Write a recipe whose evaluation is small enough for unit tests; returns its path."""
+
+    def write(body: str = "", name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(body + "\nevaluation:\n  max_tokens: 256\n  window: 64\n"
+                        "  speed: {prompt_tokens: 8, new_tokens: 4, runs: 1}\n", encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct, dequantized from its GGUF once and saved as safetensors."""
+    from llmopt.model import load_model, resolve_model
+
+    model, tokenizer = load_model(resolve_model("demo"))
+    folder = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,111 @@
+"""RTN quantization: numerics against an independent reference, targets, tying, plan-time checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmopt.errors import RecipeError
+from llmopt.model import ArchInfo
+from llmopt.passes.quantize import QuantizeConfig, QuantizePass, quantize_rtn
+from llmopt.state import ModelState, PassContext
+from tests.conftest import tiny_llama
+
+
+def reference_rtn(w: np.ndarray, bits: int, group: int, symmetric: bool) -> np.ndarray:
+    """Textbook group-wise fake quantization, written independently in float64 numpy."""
+    rows, cols = w.shape
+    out = np.empty_like(w, dtype=np.float64)
+    for r in range(rows):
+        for g in range(cols // group):
+            block = w[r, g * group:(g + 1) * group].astype(np.float64)
+            if symmetric:
+                qmax = 2 ** (bits - 1) - 1
+                scale = np.float32(np.abs(block).max() / qmax) or 1.0
+                q = np.clip(np.round(block / scale), -qmax - 1, qmax)
+                out[r, g * group:(g + 1) * group] = q * scale
+            else:
+                lo, hi = min(block.min(), 0.0), max(block.max(), 0.0)
+                scale = np.float32((hi - lo) / (2**bits - 1)) or 1.0
+                zero = np.clip(np.round(-lo / scale), 0, 2**bits - 1)
+                q = np.clip(np.round(block / scale) + zero, 0, 2**bits - 1)
+                out[r, g * group:(g + 1) * group] = (q - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 16, False), (8, 32, True), (8, 64, False)])
+def test_rtn_matches_reference(bits, group, symmetric):
+    torch.manual_seed(1)
+    w = torch.randn(24, 128) * 0.05
+    config = QuantizeConfig(bits=bits, group_size=group, symmetric=symmetric)
+    qt = quantize_rtn(w, "x.weight", "linear", config)
+    ref = reference_rtn(w.numpy(), bits, group, symmetric)
+    got = qt.dequantized()
+    err = float(np.abs(got - ref).max())
+    print(f"bits={bits} group={group} sym={symmetric}: max |ours - reference| = {err:.2e}")
+    assert err < 1e-6
+    assert qt.codes.dtype == np.uint8 and qt.codes.max() <= 2**bits - 1
+    assert qt.scales.shape == (24, 128 // group) and qt.zero_points.shape == (24, 128 // group)
+    # Round-to-nearest never errs by more than half a step.
+    step = np.repeat(qt.scales, group, axis=1)
+    assert np.all(np.abs(got - w.numpy()) <= step / 2 + 1e-6)
+
+
+def test_int8_is_more_accurate_than_int4():
+    torch.manual_seed(2)
+    w = torch.randn(64, 256)
+    errors = {bits: float(np.abs(quantize_rtn(w, "w", "linear", QuantizeConfig(bits=bits)).dequantized() - w.numpy()).mean())
+              for bits in (4, 8)}
+    print(errors)
+    assert errors[8] < errors[4] / 10
+
+
+def test_pass_quantizes_targets_and_keeps_excluded_layers():
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = QuantizeConfig(bits=4, group_size=16, exclude=["lm_head", "*.mlp.down_proj"])
+    state = QuantizePass(config).run(ModelState(model, None), PassContext())
+    names = set(state.quantized)
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    assert "lm_head.weight" not in names and "model.layers.1.mlp.down_proj.weight" not in names
+    assert len(names) == 2 * 6  # q, k, v, o, gate, up in each of 2 layers
+    assert torch.equal(model.lm_head.weight, before["lm_head.weight"])
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q, before["model.layers.0.self_attn.q_proj.weight"])
+    assert np.array_equal(q.detach().numpy(), state.quantized["model.layers.0.self_attn.q_proj.weight"].dequantized())
+    assert len(torch.unique(q[0, :16])) <= 16  # one 4-bit group has at most 16 distinct values
+
+
+def test_tied_head_is_untied_when_only_the_head_is_quantized():
+    model = tiny_llama(tie=True)
+    embedding_before = model.get_input_embeddings().weight.detach().clone()
+    QuantizePass(QuantizeConfig(group_size=16)).run(ModelState(model, None), PassContext())
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    assert model.config.tie_word_embeddings is False
+    assert torch.equal(model.get_input_embeddings().weight, embedding_before)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_tied_pair_stays_tied_when_both_are_quantized(symmetric):
+    model = tiny_llama(tie=True)
+    config = QuantizeConfig(group_size=16, embeddings=True, symmetric=symmetric)
+    state = QuantizePass(config).run(ModelState(model, None), PassContext())
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    embedding, head = state.quantized["model.embed_tokens.weight"], state.quantized["lm_head.weight"]
+    assert (embedding.kind, head.kind) == ("embedding", "linear")
+    # Both records hold the codes that produced the shared tensor (quantized once, not twice).
+    assert np.array_equal(embedding.codes, head.codes)
+    assert np.array_equal(embedding.dequantized(), model.lm_head.weight.detach().numpy())
+
+
+def test_group_size_must_divide_the_widths():
+    arch = ArchInfo("llama", 2, 576, 1536, 9, 3, 64, 1000, True)
+    QuantizePass(QuantizeConfig(group_size=64)).check(arch, "passes[0]")
+    with pytest.raises(RecipeError, match=r"passes\[0\].group_size: 256 does not divide.*hidden_size=576"):
+        QuantizePass(QuantizeConfig(group_size=256)).check(arch, "passes[0]")
+
+
+def test_group_size_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        QuantizeConfig(group_size=48)

@@ -1,0 +1,79 @@
+"""Recipe parsing: errors name file, key path and line, and suggest the closest valid name."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmopt.errors import RecipeError
+from llmopt.passes import PASSES
+from llmopt.recipe import load_recipe, parse_recipe, shipped_recipe_names
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, where="r.yaml")
+    assert info.value.exit_code == 2
+    return str(info.value)
+
+
+def test_defaults():
+    recipe = parse_recipe("passes:\n  - type: quantize\n", "r.yaml")
+    q = recipe.passes[0]
+    assert (q.method, q.bits, q.group_size, q.symmetric) == ("rtn", 4, 32, True)
+    assert recipe.export.format == "onnx" and recipe.seed == 0 and recipe.allow_pickle is False
+
+
+def test_misspelt_pass_key_names_line_path_and_suggestion():
+    msg = error_of("seed: 1\npasses:\n  - type: quantize\n    bitz: 4\n")
+    assert "r.yaml:4" in msg and "passes[0].bitz" in msg and "Did you mean 'bits'?" in msg
+
+
+def test_unknown_pass_type_suggests_closest():
+    msg = error_of("passes:\n  - type: quantise\n")
+    assert "r.yaml:2" in msg and "unknown pass type 'quantise'" in msg and "Did you mean 'quantize'?" in msg
+
+
+def test_misspelt_top_level_and_nested_keys():
+    assert "Did you mean 'evaluation'?" in error_of("evaluaton: {}\n")
+    msg = error_of("export:\n  formt: onnx\n")
+    assert "r.yaml:2" in msg and "export.formt" in msg and "Did you mean 'format'?" in msg
+
+
+def test_bad_value_says_what_was_expected():
+    msg = error_of("passes:\n  - type: quantize\n    bits: 3\n")
+    assert "passes[0].bits" in msg and "r.yaml:3" in msg and "4 or 8" in msg
+    assert "power of two" in error_of("passes:\n  - type: quantize\n    group_size: 48\n")
+    assert "'onnx' or 'safetensors'" in error_of("export: {format: tflite}\n")
+
+
+def test_yaml_syntax_error_has_a_line():
+    assert "r.yaml:2" in error_of("passes:\n\t- type: quantize\n")
+
+
+def test_safe_loading_refuses_python_tags():
+    assert "not valid YAML" in error_of("model: !!python/object/apply:os.system ['echo hi']\n")
+
+
+def test_shipped_recipes_load_by_name():
+    names = shipped_recipe_names()
+    assert {"int4-onnx", "int4-safetensors"} <= set(names)
+    for name in names:
+        load_recipe(name)
+    assert load_recipe("int4-onnx").export.format == "onnx"
+
+
+def test_unknown_recipe_name_suggests():
+    with pytest.raises(RecipeError, match="Did you mean 'int4-onnx'"):
+        load_recipe("int4-onx")
+
+
+def test_every_pass_is_documented_tested_and_used_by_a_shipped_recipe():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    used = {p.type for name in shipped_recipe_names() for p in load_recipe(name).passes}
+    for pass_type, cls in PASSES.items():
+        assert cls.type == pass_type and (root / "passes" / f"{pass_type}.py").is_file()
+        assert (root / "tests" / "passes" / f"test_{pass_type}.py").is_file(), pass_type
+        assert cls.__doc__ and len(cls.__doc__) > 40, f"{pass_type} needs a docstring"
+        assert pass_type in used, f"no shipped recipe uses {pass_type}"
