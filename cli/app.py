@@ -165,7 +165,8 @@ def main() -> None:
     """Entry point: run the app, turning library errors into one paragraph and an exit code."""
     debug = bool(os.environ.get("LLMOPT_DEBUG"))
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns typer.Exit's code instead of raising it.
+        code = app(standalone_mode=False)
     except LlmoptError as exc:
         if debug:
             raise
@@ -192,4 +193,4 @@ def main() -> None:
               "the traceback and report it.", file=sys.stderr)
         sys.exit(70)
     else:
-        sys.exit(0)
+        sys.exit(code if isinstance(code, int) else 0)

@@ -27,7 +27,7 @@ def build_tiny_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([builtin_text()[:200_000]], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
+                                   pad_token="</s>", model_input_names=["input_ids", "attention_mask"])
 
 
 def tiny_llama(tie: bool = False, **overrides):

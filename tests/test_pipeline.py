@@ -1,0 +1,143 @@
+"""End to end on a tiny random Llama: both exporters, report, manifest, checks, atomic output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import llmopt
+from llmopt.artifact import verify_manifest
+from llmopt.errors import ResultValidationError
+from llmopt.evaluation.report import read_report
+from tests.test_cli import assert_clean_error, llmopt as run_cli
+
+INT4 = "passes:\n  - type: quantize\n    bits: 4\n    group_size: 16\n    embeddings: true\n"
+
+
+@pytest.fixture(scope="module")
+def onnx_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("onnx-run")
+    recipe = tmp / "r.yaml"
+    recipe.write_text(INT4 + "evaluation:\n  max_tokens: 256\n  window: 64\n  speed: {prompt_tokens: 8, new_tokens: 4, runs: 1}\n"
+                      "checks:\n  max_size_ratio: 0.5\n")
+    return llmopt.optimize(recipe, model=str(tiny_model_dir), output=tmp / "out")
+
+
+def test_onnx_artifact_runs_in_onnxruntime(onnx_run, tiny_tokenizer):
+    import onnx
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    out = onnx_run.output
+    ops = {n.op_type for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" in ops  # attention MatMuls stay float
+    model = ORTModelForCausalLM.from_pretrained(out)
+    ids = tiny_tokenizer("def f(x):", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def test_report_has_both_models_side_by_side(onnx_run):
+    report = read_report(onnx_run.output)
+    b, o = report.baseline, report.optimized
+    print(f"size {b.size_bytes} -> {o.size_bytes}, ppl {b.perplexity:.1f} -> {o.perplexity:.1f}, "
+          f"kl {report.quality.kl_divergence:.4f}, decode {b.decode_tokens_per_s:.1f} -> {o.decode_tokens_per_s:.1f}")
+    assert o.size_bytes < 0.5 * b.size_bytes
+    assert b.runtime == o.runtime == "onnxruntime"
+    assert b.parameters == o.parameters
+    assert report.quality.tokens == 256 and report.quality.windows == 4
+    assert 0 <= report.quality.top1_agreement <= 1 and report.quality.kl_divergence >= 0
+    assert b.perplexity > 1 and o.perplexity > 1
+    assert o.decode_tokens_per_s > 0 and o.prefill_ms > 0
+    assert report.validation.passed and report.validation.max_abs_logit_diff < 1e-3
+    assert [p.type for p in report.passes] == ["quantize"] and report.passes[0].info["bits"] == 4
+    assert report.checks[0].name == "max_size_ratio" and report.checks[0].passed and onnx_run.passed
+    assert "threads" in report.environment and "cpu" in report.environment
+    markdown = (onnx_run.output / "report.md").read_text()
+    assert "| perplexity |" in markdown and "MatMul" not in markdown
+
+
+def test_manifest_lists_every_file_and_detects_tampering(onnx_run, tmp_path):
+    import shutil
+
+    manifest = json.loads((onnx_run.output / "manifest.json").read_text())
+    assert {"model.onnx", "report.json", "report.md", "config.json"} <= set(manifest["files"])
+    assert manifest["recipe"]["passes"][0]["type"] == "quantize" and manifest["seed"] == 0
+    assert "torch" in manifest["versions"]
+    assert verify_manifest(onnx_run.output) == []
+    copy = tmp_path / "copy"
+    shutil.copytree(onnx_run.output, copy)
+    (copy / "report.md").write_text("edited")
+    assert verify_manifest(copy) == ["changed report.md"]
+
+
+def test_safetensors_artifact_loads_in_transformers(tiny_model_dir, fast_recipe, tmp_path, tiny_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    result = llmopt.optimize(fast_recipe(INT4 + "export: {format: safetensors}\n"), model=str(tiny_model_dir),
+                             output=tmp_path / "st")
+    model = AutoModelForCausalLM.from_pretrained(result.output)
+    q = model.model.layers[0].mlp.up_proj.weight
+    assert len(torch.unique(q[0, :16])) <= 16  # the saved weights are the 4-bit grid
+    ids = tiny_tokenizer("def f(x):", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3
+    assert (result.output / "tokenizer.json").is_file() and (result.output / "generation_config.json").is_file()
+    assert any("dequantized" in note for note in result.report.notes)
+
+
+def test_failed_check_exits_1_and_keeps_the_report(tiny_model_dir, fast_recipe, tmp_path):
+    recipe = fast_recipe(INT4 + "export: {format: safetensors}\nchecks:\n  max_size_mb: 0.001\n")
+    proc = run_cli("optimize", str(recipe), "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"))
+    assert_clean_error(proc, 1, "Quality checks failed", "max_size_mb")
+    report = read_report(tmp_path / "o")
+    assert [(c.name, c.passed) for c in report.checks] == [("max_size_mb", False)]
+
+
+def test_failed_run_leaves_previous_artifact_intact(tiny_model_dir, fast_recipe, tmp_path, monkeypatch):
+    from llmopt.passes.quantize import QuantizePass
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_text("previous good artifact")
+
+    def explode(self, state, ctx):
+        raise RuntimeError("simulated crash in a pass")
+
+    monkeypatch.setattr(QuantizePass, "run", explode)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        llmopt.optimize(fast_recipe(INT4), model=str(tiny_model_dir), output=out, force=True)
+    assert (out / "model.onnx").read_text() == "previous good artifact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]  # no staging left behind
+
+
+def test_force_replaces_only_when_complete(tiny_model_dir, fast_recipe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    recipe = fast_recipe(INT4 + "export: {format: safetensors}\n")
+    llmopt.optimize(recipe, model=str(tiny_model_dir), output=out, force=True)
+    assert not (out / "stale.txt").exists() and verify_manifest(out) == []
+
+
+def test_result_validation_failure_writes_nothing(tiny_model_dir, fast_recipe, tmp_path):
+    recipe = fast_recipe(INT4 + "export:\n  accuracy_level: 4\n  validate: {max_abs_logit_diff: 1.0e-12}\n")
+    with pytest.raises(ResultValidationError, match="does not reproduce"):
+        llmopt.optimize(recipe, model=str(tiny_model_dir), output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_compare_two_reports(onnx_run, tiny_model_dir, fast_recipe, tmp_path):
+    other = llmopt.optimize(fast_recipe(INT4.replace("bits: 4", "bits: 8")), model=str(tiny_model_dir),
+                            output=tmp_path / "int8")
+    md = run_cli("compare", str(onnx_run.output), str(other.output / "report.json"), "--format", "md")
+    assert md.returncode == 0, md.stderr
+    assert "| size on disk (MB) |" in md.stdout and "int8" in md.stdout
+    data = json.loads(run_cli("compare", str(onnx_run.output), str(other.output), "--format", "json").stdout)
+    size = next(r for r in data["rows"] if r["metric"] == "size on disk (MB)")
+    assert size["b"] > size["a"] and size["better"] is False and size["change_pct"] > 0
+    table = run_cli("compare", str(onnx_run.output), str(other.output))
+    assert table.returncode == 0 and "perplexity" in table.stdout
+    assert_clean_error(run_cli("compare", str(tmp_path / "missing"), str(other.output)), 3, "No report")
