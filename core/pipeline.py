@@ -153,10 +153,13 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
             plan.exporter.export(ModelState(model, tokenizer), baseline_dir)
 
         records = []
+        calibration = _CalibrationSource(recipe, tokenizer)
         for p in plan.passes:
             progress.step(f"pass {p.type}")
             t0 = time.perf_counter()
-            state = p.run(state, PassContext(seed=recipe.seed, progress=progress.advance))
+            ctx = PassContext(seed=recipe.seed, progress=progress.advance,
+                              calibration=calibration if p.needs_calibration else None)
+            state = p.run(state, ctx)
             seconds = time.perf_counter() - t0
             progress.done(f"pass {p.type}", seconds)
             records.append(PassRecord(type=p.type, seconds=seconds, info=state.pass_info.get(p.type, {})))
@@ -190,7 +193,7 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
             passes=records,
             validation=evaluation["validation"],
             environment={**versions, "cpu": _cpu_name(), "threads": str(evaluation["threads"])},
-            notes=exported.notes,
+            notes=exported.notes + ([f"calibration data: {calibration.description}"] if calibration.description else []),
             total_seconds=time.perf_counter() - started,
         )
         from llmopt.evaluation.checks import evaluate_checks
@@ -203,6 +206,26 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
     return Result(out, report, [c for c in report.checks if not c.passed])
+
+
+class _CalibrationSource:
+    """Calibration windows, tokenized once on first use and shared by every pass that asks."""
+
+    def __init__(self, recipe: Recipe, tokenizer: Any) -> None:
+        self.recipe, self.tokenizer = recipe, tokenizer
+        self.batches: list[Any] | None = None
+        self.description = ""
+
+    def __call__(self) -> list[Any]:
+        if self.batches is None:
+            from llmopt.evaluation.calibration import calibration_batches
+
+            cal, ev = self.recipe.calibration, self.recipe.evaluation
+            same_text = ev.enabled and cal.data == ev.data
+            self.batches, self.description = calibration_batches(
+                self.tokenizer, data=cal.data, text_field=cal.text_field, samples=cal.samples,
+                seq_len=cal.seq_len, seed=self.recipe.seed, skip_tokens=ev.max_tokens if same_text else 0)
+        return self.batches
 
 
 class _Steps:

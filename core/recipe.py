@@ -62,6 +62,15 @@ class EvaluationConfig(StrictModel):
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
 
 
+class CalibrationConfig(StrictModel):
+    """Text for passes that measure activations (pruning, GQA, GPTQ, ...); disjoint from evaluation text."""
+
+    data: str = Field("builtin", description="Same choices as evaluation.data.")
+    text_field: str = Field("text", description="Field to read from .jsonl lines or dataset rows.")
+    samples: int = Field(32, ge=1, description="Number of token windows.")
+    seq_len: int = Field(256, ge=8, description="Tokens per window.")
+
+
 class ChecksConfig(StrictModel):
     """Quality gates evaluated at the end of `optimize`; any failure exits with code 1."""
 
@@ -82,6 +91,7 @@ class Recipe(StrictModel):
     trust_remote_code: bool = Field(False, description="Allow running the model repository's own Python code.")
     passes: list[Any] = Field(default_factory=list, description="Passes, run in order.")
     export: ExportConfig = Field(default_factory=ExportConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
 

@@ -24,4 +24,6 @@ class PassContext:
 
     seed: int = 0
     progress: Callable[[int, int], None] = lambda done, total: None
-    calibration: Callable[[], Any] | None = None  # returns token batches; supplied when a pass needs it
+    # Returns a list of (seq_len,) int64 numpy arrays of token ids; supplied when the pass sets
+    # needs_calibration (the algorithm never owns the data source).
+    calibration: Callable[[], list[Any]] | None = None
