@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import platform
 import shutil
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmopt.artifact import check_destination, new_staging, promote, write_manifest
-from llmopt.errors import InputError, RecipeError, ResultValidationError
+from llmopt.errors import InputError, RecipeError, ResourceError, ResultValidationError
 from llmopt.model import ArchInfo, ModelSource, check_causal_lm, load_config, load_model, resolve_model
 from llmopt.recipe import Recipe, load_recipe
 
@@ -202,6 +203,15 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
         report.write(staging)
         write_manifest(staging, recipe=_recipe_dict(recipe), versions=versions, seed=recipe.seed)
         promote(staging, out)
+    except MemoryError:
+        raise ResourceError("Ran out of memory while optimizing; nothing was written.",
+                            "Free memory, use a machine with more RAM, or set `evaluation.enabled: false` to skip "
+                            "loading the baseline and the artifact side by side.") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise ResourceError(f"The disk is full ({exc.filename or out.parent}); nothing was written.",
+                            "Free space next to --output and in the temp folder (TMPDIR), or choose another --output.") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)

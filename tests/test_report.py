@@ -1,0 +1,65 @@
+"""Report schema, checks semantics and compare on synthetic reports (no model needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmopt.errors import InputError
+from llmopt.evaluation.checks import evaluate_checks
+from llmopt.evaluation.compare import compare_reports, rows_to_markdown
+from llmopt.evaluation.report import ModelMetrics, QualityReport, Report, read_report
+from llmopt.recipe import ChecksConfig
+
+
+def make_report(ppl: float = 11.0, size: int = 100_000_000, decode: float = 30.0) -> Report:
+    base = ModelMetrics(runtime="onnxruntime", parameters=1000, size_bytes=500_000_000, perplexity=10.0,
+                        decode_tokens_per_s=20.0, prefill_ms=50.0, kv_cache_bytes_per_token=4096)
+    opt = base.model_copy(update={"size_bytes": size, "perplexity": ppl, "decode_tokens_per_s": decode})
+    quality = QualityReport(data="builtin", tokens=512, windows=2, window=256, kl_divergence=0.05,
+                            top1_agreement=0.9, perplexity_increase_pct=(ppl / 10.0 - 1) * 100)
+    return Report(llmopt_version="t", created="now", model={"spec": "m"}, recipe={}, export={"format": "onnx"},
+                  baseline=base, optimized=opt, quality=quality, passes=[], environment={}, total_seconds=1.0)
+
+
+def test_checks_pass_and_fail_on_the_right_side_of_the_threshold():
+    report = make_report(ppl=10.5, size=100_000_000, decode=30.0)
+    checks = ChecksConfig(max_perplexity_increase_pct=5.0, min_top1_agreement=0.95, max_kl=0.1,
+                          min_decode_speedup=1.5, max_size_mb=100.0, max_size_ratio=0.19)
+    results = {c.name: (round(c.value, 6), c.passed) for c in evaluate_checks(checks, report)}
+    assert results == {
+        "max_perplexity_increase_pct": (5.0, True),
+        "min_top1_agreement": (0.9, False),
+        "max_kl": (0.05, True),
+        "min_decode_speedup": (1.5, True),  # exactly at the bound passes
+        "max_size_mb": (100.0, True),
+        "max_size_ratio": (0.2, False),
+    }
+
+
+def test_a_missing_measurement_fails_its_check():
+    report = make_report().model_copy(update={"quality": None})
+    [result] = evaluate_checks(ChecksConfig(min_top1_agreement=0.5), report)
+    assert result.value is None and not result.passed
+
+
+def test_report_round_trips_and_checks_its_schema_version(tmp_path):
+    report = make_report()
+    report.write(tmp_path)
+    assert read_report(tmp_path) == report
+    assert "| perplexity | 10.000 | 11.000 | +10.0% |" in (tmp_path / "report.md").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    data["schema_version"] = 99
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="schema version 99"):
+        read_report(tmp_path)
+
+
+def test_compare_marks_direction_per_metric():
+    rows = {r.metric: r for r in compare_reports(make_report(ppl=11.0, decode=30.0), make_report(ppl=12.0, decode=40.0))}
+    assert rows["perplexity"].change == pytest.approx(1.0) and rows["perplexity"].better is False
+    assert rows["decode (tokens/s)"].change_pct == pytest.approx(100 / 3) and rows["decode (tokens/s)"].better is True
+    assert rows["size on disk (MB)"].change == 0 and rows["size on disk (MB)"].better is None
+    md = rows_to_markdown(list(rows.values()), "a", "b")
+    assert "| perplexity | 11 | 12 | 1 | +9.1% ⚠️ |" in md
