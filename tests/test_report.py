@@ -25,7 +25,7 @@ def make_report(ppl: float = 11.0, size: int = 100_000_000, decode: float = 30.0
 
 def test_checks_pass_and_fail_on_the_right_side_of_the_threshold():
     report = make_report(ppl=10.5, size=100_000_000, decode=30.0)
-    checks = ChecksConfig(max_perplexity_increase_pct=5.0, min_top1_agreement=0.95, max_kl=0.1,
+    checks = ChecksConfig(max_perplexity_increase_pct=6.0, min_top1_agreement=0.95, max_kl=0.1,
                           min_decode_speedup=1.5, max_size_mb=100.0, max_size_ratio=0.19)
     results = {c.name: (round(c.value, 6), c.passed) for c in evaluate_checks(checks, report)}
     assert results == {
