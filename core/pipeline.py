@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import platform
 import shutil
@@ -155,11 +156,14 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
 
         records = []
         calibration = _CalibrationSource(recipe, tokenizer)
+        # A frozen copy of the input model for passes that learn from it (distillation).
+        original = copy.deepcopy(model).eval() if any(p.needs_teacher for p in plan.passes) else None
         for p in plan.passes:
             progress.step(f"pass {p.type}")
             t0 = time.perf_counter()
             ctx = PassContext(seed=recipe.seed, progress=progress.advance,
-                              calibration=calibration if p.needs_calibration else None)
+                              calibration=calibration if p.needs_calibration else None,
+                              teacher=(lambda: original) if p.needs_teacher else None)
             state = p.run(state, ctx)
             seconds = time.perf_counter() - t0
             progress.done(f"pass {p.type}", seconds)
@@ -171,7 +175,7 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
         evaluation = _evaluate(plan, state, baseline_dir, staging, timer)
         arch_after = ArchInfo.from_config(state.model.config)
         optimized_params = _count_parameters(state.model)
-        del state, model  # free the torch copies before the report is written
+        del state, model, original  # free the torch copies before the report is written
 
         versions = _versions()
         report = Report(

@@ -27,3 +27,6 @@ class PassContext:
     # Returns a list of (seq_len,) int64 numpy arrays of token ids; supplied when the pass sets
     # needs_calibration (the algorithm never owns the data source).
     calibration: Callable[[], list[Any]] | None = None
+    # Returns the model as it was before the pipeline's first pass (torch, eval mode, not to be
+    # modified); supplied when the pass sets needs_teacher.
+    teacher: Callable[[], Any] | None = None

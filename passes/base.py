@@ -20,6 +20,7 @@ class Pass:
     type: ClassVar[str]
     Config: ClassVar[type[PassConfig]]
     needs_calibration: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False  # the pipeline then keeps a copy of the input model
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config
