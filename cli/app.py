@@ -38,10 +38,16 @@ def optimize(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (unsafe)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, resolve the model, print the plan and stop."),
 ) -> None:
     """Run a recipe on a model: passes, export, validation, evaluation, report."""
     from llmopt.api import optimize as run_optimize
     from llmopt.cli.render import ConsoleProgress, console, err_console
+
+    if dry_run:
+        _print_plan(recipe, as_json, model=model, output=output, format=format, eval_data=eval_data,
+                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, force=force)
+        return
 
     with ConsoleProgress() as progress:
         result = run_optimize(recipe, model=model, output=output, force=force, format=format, eval_data=eval_data,
@@ -103,6 +109,96 @@ def validate(
                   f"{passes} → {summary['export']}")
 
 
+def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, **overrides) -> None:
+    from llmopt.api import validate as run_validate
+    from llmopt.artifact import check_destination
+    from llmopt.cli.render import console
+    from llmopt.inspect import estimate_memory_bytes, tensor_headers
+
+    the_plan = run_validate(recipe, **overrides)
+    if output.exists():  # only the "exists without --force" error; a dry run creates nothing
+        check_destination(output, force)
+    r = the_plan.recipe
+    parameters = 0
+    for _, shape, _, _ in tensor_headers(the_plan.source):
+        count = 1
+        for d in shape:
+            count *= d
+        parameters += count
+    memory = estimate_memory_bytes(parameters, needs_teacher=any(p.needs_teacher for p in the_plan.passes),
+                                   evaluate=r.evaluation.enabled)
+    plan = {
+        "model": the_plan.source.spec, "source": the_plan.source.kind, "model_type": the_plan.arch.model_type,
+        "parameters": parameters, "output": str(output),
+        "passes": [p.config.model_dump(mode="json") for p in the_plan.passes],
+        "calibration": r.calibration.model_dump() if any(p.needs_calibration for p in the_plan.passes) else None,
+        "export": r.export.model_dump(mode="json", by_alias=True),
+        "evaluation": r.evaluation.model_dump() if r.evaluation.enabled else None,
+        "checks": {k: v for k, v in r.checks.model_dump().items() if v is not None},
+        "estimated_peak_memory_mb": round(memory / 1e6, 1),
+        "kv_cache_bytes_per_token": {"before": the_plan.arch.kv_cache_bytes_per_token(),
+                                     "after": the_plan.planned_arch.kv_cache_bytes_per_token()},
+    }
+    if as_json:
+        print(json.dumps(plan, indent=2))
+        return
+    console.print(f"[bold]Plan[/] for {plan['model']} ({plan['model_type']}, {parameters:,} parameters) -> {output}")
+    for i, p in enumerate(plan["passes"]):
+        console.print(f"  {i + 1}. {p['type']}: " + ", ".join(f"{k}={v}" for k, v in p.items() if k != "type"))
+    if plan["calibration"]:
+        c = plan["calibration"]
+        console.print(f"  calibration: {c['data']}, {c['samples']} x {c['seq_len']} tokens")
+    console.print(f"  export: {r.export.format}; evaluation: "
+                  + (f"{r.evaluation.data}, {r.evaluation.max_tokens} tokens" if r.evaluation.enabled else "off"))
+    console.print(f"  checks: {plan['checks'] or 'none'}")
+    console.print(f"  estimated peak memory: {plan['estimated_peak_memory_mb']:,.0f} MB (float32 copies in memory at once)")
+    console.print("Dry run: nothing was loaded or written.")
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="Folder, .gguf file, hub id or 'demo'."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Architecture, parameters by module type, dtypes, size, KV cache, and which passes apply — no weights loaded."""
+    from llmopt.cli.render import console, table
+    from llmopt.inspect import inspect_model
+
+    info = inspect_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    a = info["architecture"]
+    console.print(f"[bold]{model}[/] ({info['source']}): {a['model_type']}, {a['num_layers']} layers, hidden "
+                  f"{a['hidden_size']}, MLP {a['intermediate_size']}, {a['num_heads']} heads / {a['num_kv_heads']} KV "
+                  f"heads of {a['head_dim']}, vocab {a['vocab_size']}, tied embeddings {a['tie_word_embeddings']}")
+    rows = [[kind, f"{n:,}", f"{n / info['parameters']:.1%}"] for kind, n in info["parameters_by_module_type"].items()]
+    console.print(table(f"{info['parameters']:,} parameters, {info['size_bytes'] / 1e6:.1f} MB on disk",
+                        ["module type", "parameters", "share"], rows))
+    console.print("dtypes: " + ", ".join(f"{k} {v:,}" for k, v in info["dtypes"].items()))
+    console.print(f"KV cache per token: {info['kv_cache_bytes_per_token_fp32']:,} bytes (fp32), "
+                  f"{info['kv_cache_bytes_per_token_fp16']:,} bytes (fp16)")
+    for name, verdict in {**info["passes"], **info["exporters"]}.items():
+        console.print(f"  {name}: {verdict}", soft_wrap=True)
+
+
+@app.command()
+def schema(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    docs: bool = typer.Option(False, "--docs", help="Write the pass reference (Markdown) instead of the JSON schema."),
+) -> None:
+    """JSON schema of recipes, for editor validation and completion (see README), or the pass reference."""
+    from llmopt.schema import passes_markdown, recipe_json_schema
+
+    text = passes_markdown() if docs else json.dumps(recipe_json_schema(), indent=2) + "\n"
+    if output is None:
+        print(text, end="")
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
 @app.command()
 def compare(
     report_a: Path = typer.Argument(..., help="report.json or artifact folder (reference)."),
@@ -140,16 +236,21 @@ def _short_name(path: Path) -> str:
 
 
 @recipes_app.callback()
-def recipes_list(ctx: typer.Context) -> None:
+def recipes_list(ctx: typer.Context,
+                 as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """List shipped recipes (usable by name in `llmopt optimize NAME`)."""
     if ctx.invoked_subcommand:
         return
     from llmopt.cli.render import console
     from llmopt.recipe import find_shipped_recipe, shipped_recipe_names
 
-    for name in shipped_recipe_names():
-        first = find_shipped_recipe(name).read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
-        console.print(f"[bold]{name}[/]  {first}")
+    summaries = {name: find_shipped_recipe(name).read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
+                 for name in shipped_recipe_names()}
+    if as_json:
+        print(json.dumps(summaries, indent=2))
+        return
+    for name, summary in summaries.items():
+        console.print(f"[bold]{name}[/]  {summary}", soft_wrap=True)
 
 
 @recipes_app.command("show")

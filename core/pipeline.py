@@ -205,6 +205,9 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
 
         report.checks = evaluate_checks(recipe.checks, report)
         report.write(staging)
+        from llmopt.evaluation.model_card import render_model_card
+
+        (staging / "README.md").write_text(render_model_card(report), encoding="utf-8")
         write_manifest(staging, recipe=_recipe_dict(recipe), versions=versions, seed=recipe.seed)
         promote(staging, out)
     except MemoryError:

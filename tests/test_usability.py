@@ -1,0 +1,74 @@
+"""inspect, schema, generated pass docs, dry run, model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.test_cli import assert_clean_error, llmopt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_inspect_reads_headers_only(tiny_model_dir):
+    proc = llmopt("inspect", str(tiny_model_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    # tiny Llama: embed 384x64, lm_head 384x64, per layer q,o 64x64, k,v 32x64, mlp 3x128x64, 2 norms of 64
+    per_layer_attention = 2 * 64 * 64 + 2 * 32 * 64
+    assert info["parameters_by_module_type"] == {
+        "mlp": 2 * 3 * 128 * 64, "attention": 2 * per_layer_attention, "embedding": 384 * 64,
+        "lm_head": 384 * 64, "norm": 2 * 2 * 64 + 64,
+    }
+    assert info["parameters"] == sum(info["parameters_by_module_type"].values())
+    assert info["kv_cache_bytes_per_token_fp32"] == 2 * 2 * 2 * 16 * 4  # k+v, layers, kv heads, head_dim, fp32
+    assert info["passes"]["quantize"] == "applies" and info["exporters"]["onnx"] == "supported"
+    human = llmopt("inspect", str(tiny_model_dir))
+    assert human.returncode == 0 and "KV cache per token" in human.stdout
+
+
+def test_schema_validates_shipped_recipes_and_rejects_typos():
+    import jsonschema
+    import yaml
+
+    proc = llmopt("schema")
+    schema = json.loads(proc.stdout)
+    validator = jsonschema.Draft202012Validator(schema)
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        errors = list(validator.iter_errors(yaml.safe_load(recipe.read_text())))
+        assert not errors, (recipe.name, errors[:1])
+    bad = {"passes": [{"type": "quantize", "bitz": 4}]}
+    assert list(validator.iter_errors(bad)), "a misspelt pass key must fail schema validation"
+
+
+def test_pass_docs_are_generated_from_the_configs():
+    proc = llmopt("schema", "--docs")
+    assert proc.returncode == 0
+    committed = (ROOT / "docs" / "passes.md").read_text()
+    assert proc.stdout == committed, "docs/passes.md is stale: run `llmopt schema --docs -o docs/passes.md`"
+    assert "| `group_size` | integer | `32` |" in committed
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "deep" / "out"
+    proc = llmopt("optimize", "int4-onnx", "--model", str(tiny_model_dir), "--output", str(out), "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["passes"][0]["type"] == "quantize" and plan["parameters"] > 0
+    assert plan["estimated_peak_memory_mb"] >= plan["parameters"] * 4 / 1e6
+    assert not (tmp_path / "deep").exists()
+    out.mkdir(parents=True)
+    assert_clean_error(llmopt("optimize", "int4-onnx", "--model", str(tiny_model_dir), "--output", str(out),
+                              "--dry-run"), 2, "already exists")
+
+
+def test_artifact_has_a_model_card(tiny_model_dir, fast_recipe, tmp_path):
+    import llmopt as api
+
+    result = api.optimize(fast_recipe("passes:\n  - type: quantize\n    group_size: 16\nexport: {format: safetensors}\n"),
+                          model=str(tiny_model_dir), output=tmp_path / "o")
+    card = (result.output / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\ntags:\n- llmopt\n- safetensors\n- quantize\n---")
+    assert f"| perplexity | {result.report.baseline.perplexity:,.3f} | {result.report.optimized.perplexity:,.3f} |" in card
+    assert "type: quantize" in card
+    assert "README.md" in json.loads((result.output / "manifest.json").read_text())["files"]
