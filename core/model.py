@@ -155,7 +155,7 @@ def _check_local_folder(path: Path, *, allow_pickle: bool, trust_remote_code: bo
 def _hub_snapshot(repo: str, revision: str | None, *, allow_pickle: bool) -> str:
     """Download (or find in the cache) a hub checkpoint; fail fast when offline and not cached."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
     if allow_pickle:
@@ -174,6 +174,8 @@ def _hub_snapshot(repo: str, revision: str | None, *, allow_pickle: bool) -> str
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     try:
         return snapshot_download(repo, revision=revision, allow_patterns=patterns)
+    except LocalEntryNotFoundError:  # raised when the hub cannot be reached and nothing is cached
+        raise InputError(f"Hub model '{repo}' is not cached and the hub cannot be reached.", hint) from None
     except HfHubHTTPError as exc:
         raise InputError(f"Hub model '{repo}' could not be fetched: {exc}.", "Check the id, the revision and your access rights.") from None
     except Exception as exc:  # connection errors come in many types
