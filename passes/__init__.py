@@ -1,10 +1,16 @@
 """Pass registry: YAML `type` -> pass class. One file per pass; the key equals the file name."""
 
 from llmopt.passes.base import Pass, PassConfig
+from llmopt.passes.distill import DistillPass
+from llmopt.passes.gqa import GqaPass
+from llmopt.passes.prune import PrunePass
 from llmopt.passes.quantize import QuantizePass
 
 PASSES: dict[str, type[Pass]] = {
     "quantize": QuantizePass,
+    "distill": DistillPass,
+    "gqa": GqaPass,
+    "prune": PrunePass,
 }
 
 __all__ = ["PASSES", "Pass", "PassConfig"]
