@@ -231,6 +231,37 @@ def compare(
         console.print(table(f"{name_a} → {name_b}", ["metric", name_a, name_b, "change", "change %"], body))
 
 
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="The model to speed up: folder (safetensors), .gguf file, hub id or 'demo'."),
+    assistant: str = typer.Option(..., "--assistant", "-a", help="Draft model with the same tokenizer, e.g. an "
+                                  "artifact of the draft-model recipe exported as safetensors."),
+    new_tokens: int = typer.Option(64, "--new-tokens", min=2, help="Tokens generated per prompt."),
+    draft_tokens: int = typer.Option(5, "--draft-tokens", min=1, help="Tokens the draft proposes per step."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Speculative decoding with a draft model: acceptance rate, tokens/s with and without it, output equality."""
+    from llmopt.api import bench as run_bench
+    from llmopt.cli.render import console, table
+
+    s = run_bench(model, assistant=assistant, new_tokens=new_tokens, draft_tokens=draft_tokens, threads=threads,
+                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if as_json:
+        print(json.dumps(s.as_dict(), indent=2))
+        return
+    rows = [["acceptance rate (per drafted token)", f"{s.acceptance_rate:.1%}"],
+            [f"expected tokens per target step (k = {s.draft_tokens})", f"{s.expected_tokens_per_step:.2f}"],
+            ["tokens/s, model alone", f"{s.tokens_per_s_plain:.1f}"],
+            ["tokens/s, with the draft", f"{s.tokens_per_s_assisted:.1f}"],
+            ["speed-up", f"{s.speedup:.2f}x"],
+            ["greedy outputs identical", "yes" if s.outputs_equal else "NO"]]
+    console.print(table(f"{model} assisted by {assistant}: {s.prompts} prompts x {s.new_tokens} greedy tokens, "
+                        f"{s.threads} threads", ["metric", "value"], rows))
+
+
 def _short_name(path: Path) -> str:
     return path.parent.name if path.name == "report.json" else path.name
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["optimize", "validate", "load_recipe", "Recipe", "Result", "LlmoptError"]
+__all__ = ["optimize", "validate", "bench", "load_recipe", "Recipe", "Result", "LlmoptError"]
 
 _LAZY = {
     "optimize": "llmopt.api",
     "validate": "llmopt.api",
+    "bench": "llmopt.api",
     "load_recipe": "llmopt.recipe",
     "Recipe": "llmopt.recipe",
     "Result": "llmopt.pipeline",

@@ -25,3 +25,33 @@ def optimize(recipe: str | Path | Recipe, *, model: str | None = None, output: s
 def validate(recipe: str | Path | Recipe, **overrides: Any) -> Plan:
     """Check a recipe, the model's config and the pass order without loading weights."""
     return plan(recipe, **overrides)
+
+
+def bench(model: str, *, assistant: str, new_tokens: int = 64, draft_tokens: int = 5, threads: int | None = None,
+          allow_pickle: bool = False, trust_remote_code: bool = False) -> Any:
+    """Speculative decoding of `model` with the draft `assistant` (both PyTorch checkpoints, same tokenizer).
+
+    Returns evaluation.speculative.SpeculativeScores: acceptance rate, tokens/s with and without the
+    draft, and whether greedy outputs are identical.
+    """
+    from llmopt.errors import InputError
+    from llmopt.evaluation.speculative import measure_speculative
+    from llmopt.model import load_model, resolve_model
+
+    sources = {}
+    for role, spec in (("model", model), ("assistant", assistant)):
+        folder = Path(spec)
+        if folder.is_dir() and any(folder.glob("*.onnx")):
+            raise InputError(f"--{role} '{spec}' is an ONNX artifact; assisted generation runs on PyTorch models.",
+                             "Give a safetensors folder (e.g. `llmopt optimize RECIPE --format safetensors`), a "
+                             ".gguf file, a hub id or 'demo'.")
+        sources[role] = resolve_model(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    target, tokenizer = load_model(sources["model"])
+    draft, _ = load_model(sources["assistant"])
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise InputError(f"The assistant '{assistant}' has a vocabulary of {draft.config.vocab_size} tokens, the "
+                         f"model '{model}' {target.config.vocab_size}: a draft must share the model's tokenizer.",
+                         "Make the draft from the model itself, e.g. `llmopt optimize draft-model --model MODEL "
+                         "--format safetensors`.")
+    return measure_speculative(target, draft, tokenizer, new_tokens=new_tokens, draft_tokens=draft_tokens,
+                               threads=threads)
