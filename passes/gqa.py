@@ -160,10 +160,18 @@ class GqaPass(Pass):
         return state
 
 
+def _decoder(model: Any) -> Any:
+    """The decoder stack (`model.model`): `base_model` is the whole model when `base_model_prefix` does not
+    name the attribute (Gemma3ForCausalLM's is 'language_model')."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if hasattr(decoder, "layers") else getattr(model, "base_model", None)
+
+
 def _attention_modules(model: Any) -> list[Any]:
     import torch
 
-    layers = getattr(getattr(model, "base_model", None), "layers", None) or []
+    layers = getattr(_decoder(model), "layers", None) or []
     attns = [getattr(layer, "self_attn", None) for layer in layers]
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     if not attns or any(a is None or not all(isinstance(getattr(a, n, None), torch.nn.Linear) for n in names)
@@ -226,7 +234,7 @@ def collect_stats(model: Any, attns: list[Any], windows: list[Any],
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 ids = torch.from_numpy(np.stack(batch).astype(np.int64)).to(device)  # (B, T)
-                model.base_model(input_ids=ids, use_cache=False)  # no lm_head: its logits are the largest tensor
+                _decoder(model)(input_ids=ids, use_cache=False)  # no lm_head: its logits are the largest tensor
                 tokens += ids.numel()
                 progress(i + 1, len(batches))
     finally:
