@@ -10,67 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmopt.passes.layerwise import InputMoments, capture_layer_inputs, run_layer
 from llmopt.passes.prune_structured import Progress, decoder_layers
 
 SPARSEGPT_BLOCK = 128  # columns updated together (the paper's lazy batch size)
 SPARSEGPT_DAMP = 0.01  # dampening: 1% of the mean Hessian diagonal, as in the reference code
-
-
-class _Stop(Exception):
-    """Raised by the capture hook: nothing after the first layer needs to run."""
-
-
-def capture_layer_inputs(model: Any, batches: list[Any]) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) each calibration window gives the first decoder layer.
-
-    Capturing the call itself (hidden states, rotary embeddings, mask) lets every later layer be
-    run alone with what the model would have passed it, on any architecture with this layout.
-    """
-    captured: list[tuple[tuple, dict]] = []
-
-    def grab(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Stop
-
-    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for ids in batches:
-            try:
-                model.model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None], use_cache=False)  # (1, T)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
-    """Each window through one layer; the outputs become the next layer's inputs (the rest is shared)."""
-    outputs = []
-    for args, kwargs in inputs:
-        out = layer(*args, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out  # (1, T, H)
-        if args:
-            outputs.append(((hidden, *args[1:]), kwargs))
-        else:
-            outputs.append((args, {**kwargs, "hidden_states": hidden}))
-    return outputs
-
-
-class _InputMoments:
-    """Sum over calibration tokens of x_j^2 (Wanda) or of x x^T (SparseGPT's Hessian) for one Linear."""
-
-    def __init__(self, module: nn.Linear, full: bool) -> None:
-        n = module.in_features
-        self.full = full
-        self.moment = torch.zeros(n, n, dtype=torch.float32) if full else torch.zeros(n, dtype=torch.float32)
-        self.tokens = 0
-        self.handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().float().reshape(-1, module.in_features)  # (T, C)
-        self.moment += x.T @ x if self.full else (x * x).sum(0)
-        self.tokens += x.shape[0]
 
 
 def sparsify(model: Any, batches: list[Any], *, two_four: bool, sparsity: float, criterion: str,
@@ -85,9 +29,9 @@ def sparsify(model: Any, batches: list[Any], *, two_four: bool, sparsity: float,
         if sparsity > 0:
             moments = {}
             if inputs:
-                moments = {name: _InputMoments(m, full=criterion == "sparsegpt") for name, m in linears}
+                moments = {name: InputMoments(m, full=criterion == "sparsegpt") for name, m in linears}
                 try:
-                    _run_layer(layer, inputs)  # measure the inputs of the layer as it was
+                    run_layer(layer, inputs)  # measure the inputs of the layer as it was
                 finally:
                     for mo in moments.values():
                         mo.handle.remove()
@@ -102,7 +46,7 @@ def sparsify(model: Any, batches: list[Any], *, two_four: bool, sparsity: float,
                         score = score * moments[name].moment.sqrt()[None, :]
                     w.masked_fill_(lowest_mask(score, sparsity, two_four, per_row=criterion == "wanda"), 0)
             if inputs:
-                inputs = _run_layer(layer, inputs)  # the next layer sees this layer's pruned output
+                inputs = run_layer(layer, inputs)  # the next layer sees this layer's pruned output
         layer_zeros = sum(int((m.weight == 0).sum()) for _, m in linears)
         layer_total = sum(m.weight.numel() for _, m in linears)
         per_layer.append(round(layer_zeros / layer_total, 4))

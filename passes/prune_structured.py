@@ -10,11 +10,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from llmopt.passes.layerwise import decoder_layers
+
 Progress = Callable[[int, int], None]
-
-
-def decoder_layers(model: Any) -> nn.ModuleList:
-    return model.model.layers
 
 
 def calibration_forward(model: Any, batches: list[Any], progress: Progress, *, logits: bool = False) -> None:

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from llmopt.errors import RecipeError
+from llmopt.errors import InputError, RecipeError
 from llmopt.model import ArchInfo
 from llmopt.passes.base import Pass, PassConfig
 from llmopt.quantized import QuantizedTensor
 from llmopt.state import ModelState, PassContext
 
+if TYPE_CHECKING:
+    import torch
+
 
 class QuantizeConfig(PassConfig):
     type: Literal["quantize"] = "quantize"
-    method: Literal["rtn"] = Field("rtn", description="rtn: round-to-nearest, per group, no calibration data.")
+    method: Literal["rtn", "gptq"] = Field(
+        "rtn", description="rtn: round-to-nearest, per group, no calibration data. gptq: GPTQ (Frantar et al. 2022), "
+                           "rounding errors compensated through each layer's input Hessian on calibration text; the "
+                           "embedding and lm_head, which GPTQ does not cover here, use RTN.")
     bits: Literal[4, 8] = Field(4, description="Bits per weight.")
     group_size: int = Field(32, description="Weights sharing one scale, along the input dimension (power of 2, >= 16).")
     symmetric: bool = Field(True, description="Symmetric (zero point fixed at mid-range) or asymmetric (min/max) groups.")
@@ -25,6 +31,18 @@ class QuantizeConfig(PassConfig):
         default_factory=list, description="Module-name glob patterns to keep in float, e.g. ['lm_head', '*.down_proj']."
     )
     embeddings: bool = Field(False, description="Also quantize the token embedding table (ONNX: GatherBlockQuantized).")
+    act_order: bool = Field(False, description="gptq: quantize columns in order of decreasing input energy (groups "
+                                               "keep their RTN range, so they stay contiguous for MatMulNBits).")
+    damp: float = Field(0.01, gt=0, le=1, description="gptq: damping added to the Hessian diagonal, as a fraction of "
+                                                      "its mean; raised 10x (at most 3 times) when a Hessian is not "
+                                                      "positive definite.")
+
+    @model_validator(mode="after")
+    def _gptq_options(self) -> "QuantizeConfig":
+        for name in ("act_order", "damp"):
+            if name in self.model_fields_set and self.method != "gptq":
+                raise ValueError(f"{name} applies to method: gptq only (method is '{self.method}')")
+        return self
 
     @field_validator("group_size")
     @classmethod
@@ -36,17 +54,27 @@ class QuantizeConfig(PassConfig):
 
 
 class QuantizePass(Pass):
-    """Weight-only round-to-nearest (RTN) quantization, group-wise along the input dimension.
+    """Weight-only quantization, group-wise along the input dimension: round-to-nearest or GPTQ.
 
     Each group of `group_size` weights gets one float32 scale (and a zero point when asymmetric);
     codes are round(w / scale) (+ zero point), clamped to the `bits` range. The model keeps running
     in PyTorch with the dequantized weights; the integers are kept in the state for the exporters,
     which store them as they are (ONNX: MatMulNBits / GatherBlockQuantized).
+
+    `gptq` (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+    Transformers") quantizes the Linears of the decoder layers one layer at a time: the layer's input
+    Hessian H = E[x x^T] is measured on calibration text as the already-quantized earlier layers
+    produce it, then each column's rounding error is spread over the columns not yet quantized
+    through the Cholesky factor of H^-1. Same storage format as RTN; only the codes differ.
     """
 
     type = "quantize"
     Config = QuantizeConfig
     config: QuantizeConfig
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.config.method == "gptq"
 
     def check(self, arch: ArchInfo, where: str) -> ArchInfo:
         g = self.config.group_size
@@ -80,10 +108,17 @@ class QuantizePass(Pass):
         model = state.model
         targets = self.targets(model)
         self._untie_if_needed(model, {name for name, _ in targets})
+        info: dict = {}
+        rest = targets
+        if self.config.method == "gptq":
+            in_layers = {name: m for name, m in targets
+                         if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")}
+            info = self._run_gptq(state, ctx, in_layers)
+            rest = [(name, m) for name, m in targets if name not in in_layers]  # embedding, lm_head: RTN
         embedding = model.get_input_embeddings()
         done: dict[int, QuantizedTensor] = {}  # id(parameter) -> codes: a tied tensor is quantized once
         with torch.no_grad():
-            for i, (name, module) in enumerate(targets):
+            for i, (name, module) in enumerate(rest):
                 kind = "embedding" if module is embedding else "linear"
                 shared = done.get(id(module.weight))
                 if shared is not None:
@@ -94,7 +129,7 @@ class QuantizePass(Pass):
                     module.weight.copy_(torch.from_numpy(qt.dequantized()))
                     done[id(module.weight)] = qt
                 state.quantized[qt.name] = qt
-                ctx.progress(i + 1, len(targets))
+                ctx.progress(i + 1, len(rest))
         state.pass_info["quantize"] = {
             "method": self.config.method,
             "bits": self.config.bits,
@@ -102,8 +137,37 @@ class QuantizePass(Pass):
             "symmetric": self.config.symmetric,
             "quantized_tensors": len(targets),
             "quantized_parameters": int(sum(m.weight.numel() for _, m in targets)),
+            **info,
         }
         return state
+
+    def _run_gptq(self, state: ModelState, ctx: PassContext, linears: dict) -> dict:
+        """GPTQ on the decoder layers' Linears, recording each one's codes in the state."""
+        import torch
+
+        from llmopt.passes.quantize_gptq import gptq, gptq_decoder_layers
+
+        if ctx.calibration is None:
+            raise InputError("method 'gptq' needs calibration data and none was given.",
+                             "Run it through llmopt.optimize, or pass PassContext(calibration=...).")
+        c = self.config
+        windows = ctx.calibration()
+
+        def quantize_one(name: str, module, hessian) -> float:
+            r = gptq(module.weight, hessian, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric,
+                     act_order=c.act_order, damp=c.damp, name=name)
+            qt = QuantizedTensor(name=f"{name}.weight", kind="linear", bits=c.bits, group_size=c.group_size,
+                                 symmetric=c.symmetric, codes=r["codes"].numpy(),
+                                 scales=r["scales"].numpy().astype("float32"), zero_points=r["zero_points"].numpy())
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(qt.dequantized()))
+            state.quantized[qt.name] = qt
+            return r["damp"]
+
+        damping = gptq_decoder_layers(state.model, windows, linears, quantize_one, ctx.progress)
+        retried = sorted(name for name, d in damping.items() if d > c.damp)
+        return {"gptq_layers": len(damping), "calibration_tokens": int(sum(len(w) for w in windows)),
+                "act_order": c.act_order, "damp": c.damp, "damp_raised_for": retried}
 
     @staticmethod
     def _untie_if_needed(model, names: set[str]) -> None:
@@ -123,6 +187,27 @@ class QuantizePass(Pass):
             model.config.tie_word_embeddings = False
 
 
+def group_params(w: "torch.Tensor", bits: int, symmetric: bool) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Scale and zero point of each row of `w` (..., g) so that codes = clamp(round(w / s) + z, 0, 2^bits - 1).
+
+    Symmetric groups use the largest |w| with z = 2^(bits-1); asymmetric ones the min/max range, which
+    always includes 0 so that exact zeros stay exact.
+    """
+    import torch
+
+    levels = 2**bits - 1
+    if symmetric:
+        mid = 2 ** (bits - 1)
+        scale = w.abs().amax(dim=-1) / (mid - 1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.full_like(scale, mid)
+    lo = torch.clamp(w.amin(dim=-1), max=0.0)
+    hi = torch.clamp(w.amax(dim=-1), min=0.0)
+    scale = (hi - lo) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.clamp(torch.round(-lo / scale), 0, levels)
+
+
 def quantize_rtn(weight, name: str, kind: str, config: QuantizeConfig) -> QuantizedTensor:
     """Round-to-nearest group quantization of a 2-D float tensor (rows, cols)."""
     import torch
@@ -130,21 +215,8 @@ def quantize_rtn(weight, name: str, kind: str, config: QuantizeConfig) -> Quanti
     rows, cols = weight.shape
     g, bits = config.group_size, config.bits
     w = weight.float().reshape(rows, cols // g, g)  # (rows, groups, g)
-    levels = 2**bits - 1
-    if config.symmetric:
-        mid = 2 ** (bits - 1)  # codes are q + mid with q in [-mid, mid - 1]
-        scale = w.abs().amax(dim=-1) / (mid - 1)  # (rows, groups)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.clamp(torch.round(w / scale[..., None]), -mid, mid - 1) + mid
-        zeros = torch.full_like(scale, mid)
-    else:
-        # The range always includes 0 so that exact zeros stay exact.
-        lo = torch.clamp(w.amin(dim=-1), max=0.0)
-        hi = torch.clamp(w.amax(dim=-1), min=0.0)
-        scale = (hi - lo) / levels
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zeros = torch.clamp(torch.round(-lo / scale), 0, levels)
-        codes = torch.clamp(torch.round(w / scale[..., None]) + zeros[..., None], 0, levels)
+    scale, zeros = group_params(w, bits, config.symmetric)  # (rows, groups)
+    codes = torch.clamp(torch.round(w / scale[..., None]) + zeros[..., None], 0, 2**bits - 1)
     return QuantizedTensor(
         name=name,
         kind=kind,  # type: ignore[arg-type]

@@ -109,3 +109,112 @@ def test_group_size_must_divide_the_widths():
 def test_group_size_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         QuantizeConfig(group_size=48)
+
+
+# ---- GPTQ ------------------------------------------------------------------------------------------------------
+
+def _correlated_inputs(n: int = 2048, cols: int = 128, seed: int = 0) -> torch.Tensor:
+    """Activations with a few strong, correlated directions, as in real layers (where GPTQ pays off)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(cols, cols, generator=g)
+    spectrum = torch.logspace(1, -2, cols)  # (cols,): a decaying spectrum
+    return (torch.randn(n, cols, generator=g) * spectrum) @ basis  # (n, cols)
+
+
+def _gptq_tensor(w, x, **kw):
+    from llmopt.passes.quantize_gptq import gptq
+
+    r = gptq(w, x.T @ x / len(x), **kw)
+    cfg = {k: kw[k] for k in ("bits", "group_size", "symmetric")}
+    from llmopt.quantized import QuantizedTensor
+
+    return QuantizedTensor("w", "linear", codes=r["codes"].numpy(), scales=r["scales"].numpy(),
+                           zero_points=r["zero_points"].numpy(), **cfg), r
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_with_an_identity_hessian_is_rtn(symmetric):
+    # With H = I no column's error can be compensated by another: GPTQ must reduce to round-to-nearest.
+    from llmopt.passes.quantize_gptq import gptq
+
+    torch.manual_seed(2)
+    w = torch.randn(16, 64) * 0.05
+    r = gptq(w, torch.eye(64), bits=4, group_size=32, symmetric=symmetric)
+    rtn = quantize_rtn(w, "w", "linear", QuantizeConfig(bits=4, group_size=32, symmetric=symmetric))
+    assert np.array_equal(r["codes"].numpy(), rtn.codes)
+    np.testing.assert_allclose(r["scales"].numpy(), rtn.scales, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits,symmetric,act_order", [(4, True, False), (4, False, False), (4, True, True),
+                                                       (8, True, False)])
+def test_gptq_has_lower_output_error_than_rtn_on_the_same_data(bits, symmetric, act_order):
+    torch.manual_seed(3)
+    w = torch.randn(32, 128) * 0.05
+    x = _correlated_inputs()
+    qt, _ = _gptq_tensor(w, x, bits=bits, group_size=32, symmetric=symmetric, act_order=act_order)
+    rtn = quantize_rtn(w, "w", "linear", QuantizeConfig(bits=bits, group_size=32, symmetric=symmetric))
+    held_out = _correlated_inputs(seed=0)[:512] + 0.01 * torch.randn(512, 128)  # the same distribution
+
+    def err(q):
+        return float(((held_out @ (w - torch.from_numpy(q.dequantized())).T) ** 2).mean())
+
+    print(f"output MSE: gptq {err(qt):.3e}, rtn {err(rtn):.3e}")
+    assert err(qt) < 0.7 * err(rtn), (err(qt), err(rtn))
+    assert qt.codes.max() <= 2**bits - 1
+    if act_order:  # static groups: every group keeps the range RTN gives it, contiguous for MatMulNBits
+        np.testing.assert_allclose(qt.scales, rtn.scales, rtol=1e-6)
+
+
+def test_gptq_raises_damping_when_the_hessian_is_not_positive_definite():
+    from llmopt.passes.quantize_gptq import gptq
+
+    w = torch.randn(8, 32) * 0.05
+    h = torch.eye(32)
+    h[0, 1] = h[1, 0] = 1.05  # eigenvalue -0.05: 1% damping is not enough, 10% is
+    r = gptq(w, h, bits=4, group_size=16, symmetric=True, damp=0.01)
+    assert r["damp"] == pytest.approx(0.1)
+
+
+def test_gptq_names_the_layer_when_damping_cannot_help():
+    from llmopt.errors import InputError
+    from llmopt.passes.quantize_gptq import gptq
+
+    h = torch.eye(32)
+    h[0, 1] = h[1, 0] = 1e5  # an eigenvalue of about -1e5, far beyond 1000% of the mean diagonal
+    with pytest.raises(InputError, match=r"model\.layers\.3\.mlp\.up_proj.*not positive definite"):
+        gptq(torch.randn(8, 32), h, bits=4, group_size=16, symmetric=True, name="model.layers.3.mlp.up_proj")
+
+
+def test_gptq_pass_beats_rtn_on_a_tiny_model_and_records_its_codes(tiny_tokenizer):
+    from llmopt.evaluation.quality import compare_quality, token_windows
+    from llmopt.evaluation.runners import TorchRunner
+    from llmopt.evaluation.text import builtin_text
+
+    text = builtin_text()
+    evaluation = token_windows(tiny_tokenizer, text[:20_000], 1024, 128)
+    ids = tiny_tokenizer(text[40_000:80_000])["input_ids"]
+    windows = [np.array(ids[i:i + 128], dtype=np.int64) for i in range(0, 32 * 128, 128)]
+    base = tiny_llama(num_hidden_layers=3, intermediate_size=256)
+    results = {}
+    for method in ("rtn", "gptq"):
+        model = tiny_llama(num_hidden_layers=3, intermediate_size=256)
+        config = QuantizeConfig(method=method, bits=4, group_size=32, symmetric=True)
+        state = QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: windows))
+        for qt in state.quantized.values():  # the model runs exactly the recorded codes
+            weight = dict(model.named_parameters())[qt.name]
+            np.testing.assert_array_equal(weight.detach().numpy(), qt.dequantized())
+        results[method] = (compare_quality(TorchRunner(base), TorchRunner(model), evaluation), state.pass_info)
+    kl = {m: r[0].kl_divergence for m, r in results.items()}
+    print(f"KL vs float on held-out text: {kl}")
+    assert kl["gptq"] < 0.8 * kl["rtn"], kl
+    info = results["gptq"][1]["quantize"]
+    assert info["gptq_layers"] == 3 * 7 and info["calibration_tokens"] == 32 * 128 and info["damp_raised_for"] == []
+
+
+def test_gptq_options_need_method_gptq():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="act_order applies to method: gptq only"):
+        QuantizeConfig(method="rtn", act_order=True)
+    assert QuantizePass(QuantizeConfig(method="gptq")).needs_calibration
+    assert not QuantizePass(QuantizeConfig(method="rtn")).needs_calibration

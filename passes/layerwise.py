@@ -1,0 +1,74 @@
+"""Layer-by-layer calibration: run one decoder layer at a time on captured inputs, and measure its Linears.
+
+Shared by the passes that need each layer's inputs as the already-transformed earlier layers produce them
+(SparseGPT/Wanda sparsity, GPTQ), so that memory is one layer plus the calibration activations.
+Model-running code, imported inside pass run() methods only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: Any) -> nn.ModuleList:
+    return model.model.layers
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after the first layer needs to run."""
+
+
+def capture_layer_inputs(model: Any, batches: list[Any]) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) each calibration window gives the first decoder layer.
+
+    Capturing the call itself (hidden states, rotary embeddings, mask) lets every later layer be
+    run alone with what the model would have passed it, on any architecture with this layout.
+    """
+    captured: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model.model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None], use_cache=False)  # (1, T)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Each window through one layer; the outputs become the next layer's inputs (the rest is shared)."""
+    outputs = []
+    for args, kwargs in inputs:
+        out = layer(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out  # (1, T, H)
+        if args:
+            outputs.append(((hidden, *args[1:]), kwargs))
+        else:
+            outputs.append((args, {**kwargs, "hidden_states": hidden}))
+    return outputs
+
+
+class InputMoments:
+    """Sum over calibration tokens of x_j^2 (Wanda) or of x x^T (SparseGPT's Hessian) for one Linear."""
+
+    def __init__(self, module: nn.Linear, full: bool) -> None:
+        n = module.in_features
+        self.full = full
+        self.moment = torch.zeros(n, n, dtype=torch.float32) if full else torch.zeros(n, dtype=torch.float32)
+        self.tokens = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().float().reshape(-1, module.in_features)  # (T, C)
+        self.moment += x.T @ x if self.full else (x * x).sum(0)
+        self.tokens += x.shape[0]

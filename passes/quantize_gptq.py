@@ -1,0 +1,134 @@
+"""GPTQ for `type: quantize, method: gptq`: group-wise int4/int8 weights with second-order error compensation.
+
+Model-running code, imported by QuantizePass.run only (torch at module scope is fine here).
+
+Written here rather than taken from a library: the GPTQ packages (auto-gptq, gptqmodel, llm-compressor)
+each pull their own model wrappers, kernels and pinned transformers, and none hands back the plain codes,
+scales and zero points that our exporters store as MatMulNBits. The algorithm itself is short.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from llmopt.errors import InputError
+from llmopt.passes.layerwise import InputMoments, capture_layer_inputs, decoder_layers, run_layer
+from llmopt.passes.quantize import group_params
+
+BLOCK = 128  # columns updated together before the rest of the matrix is (the paper's lazy batch)
+DAMP_RETRIES = 4  # damping x10 each retry: 1% -> 10% -> 100% -> 1000% of the mean Hessian diagonal
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + d I)^-1, retrying with 10x the damping while H + d I is not positive definite."""
+    mean_diag = float(torch.diag(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(DAMP_RETRIES):
+        d = damp * 10**attempt
+        chol, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return upper, d
+    raise InputError(
+        f"GPTQ: the input Hessian of {name} is not positive definite even with damping {d:g} x its mean diagonal "
+        f"(after {DAMP_RETRIES} tries from {damp:g}).",
+        "The calibration activations of this layer are degenerate: use more or longer calibration samples, a larger "
+        "`damp`, or keep the layer in float with `exclude`.")
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
+         act_order: bool = False, damp: float = 0.01, name: str = "a layer") -> dict[str, Any]:
+    """GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+    Transformers", Algorithm 1): quantize column by column, and spread each column's rounding error over
+    the columns not yet quantized through the Cholesky factor of H^-1, so that ||X W^T - X Q^T|| is small.
+
+    weight (out, in); hessian (in, in) = mean of x x^T over calibration tokens. Groups run along `in`.
+    Without act_order a group's scale and zero point are set when GPTQ reaches its first column, from the
+    error-updated weights (as in the reference code). With act_order columns go in order of decreasing
+    H_jj, and every group's parameters are fixed from the original weights first ("static groups"), so the
+    groups stay contiguous in the original order, which is the layout MatMulNBits reads.
+    Returns codes (out, in) uint8, scales and zero points (out, in / group_size), the damping used.
+    """
+    w = weight.detach().float().clone()  # (out, in)
+    h = hessian.detach().float().clone()
+    rows, cols = w.shape
+    levels = 2**bits - 1
+    dead = torch.diag(h) == 0  # inputs that never fire: their weights cannot matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    groups = cols // group_size
+    scales = torch.zeros(rows, groups)
+    zeros = torch.zeros(rows, groups)
+    if act_order:
+        s, z = group_params(w.reshape(rows, groups, group_size), bits, symmetric)  # (out, groups)
+        scales, zeros = s, z
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(cols)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv, used_damp = _inverse_cholesky(h, damp, name)  # (in, in) upper
+    group_of = perm // group_size  # group of each column, in processing order
+
+    codes = torch.zeros(rows, cols)
+    for start in range(0, cols, BLOCK):
+        end = min(start + BLOCK, cols)
+        w1 = w[:, start:end].clone()  # (out, b)
+        hinv1 = hinv[start:end, start:end]  # (b, b)
+        err1 = torch.zeros_like(w1)
+        for i in range(end - start):
+            col_index = start + i
+            g = int(group_of[col_index])
+            if not act_order and col_index % group_size == 0:
+                # This group's columns are still ahead: set its range from their current (updated) values.
+                ahead = torch.cat([w1[:, i:], w[:, end:]], 1)[:, :group_size]  # (out, g)
+                scales[:, g], zeros[:, g] = group_params(ahead, bits, symmetric)
+            col = w1[:, i]
+            code = torch.clamp(torch.round(col / scales[:, g]) + zeros[:, g], 0, levels)
+            q = (code - zeros[:, g]) * scales[:, g]
+            codes[:, col_index] = code
+            e = (col - q) / hinv1[i, i]  # (out,)
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, end:] -= err1 @ hinv[start:end, end:]
+
+    inverse = torch.argsort(perm)
+    return {"codes": codes[:, inverse].to(torch.uint8), "scales": scales.contiguous(),
+            "zero_points": zeros.to(torch.uint8), "damp": used_damp}
+
+
+def gptq_decoder_layers(model: Any, batches: list[Any], chosen: dict[str, nn.Linear], quantize: Callable,
+                        progress: Callable[[int, int], None]) -> dict[str, float]:
+    """Run GPTQ on the chosen Linears of every decoder layer, one layer at a time.
+
+    Each layer's Hessians come from its inputs as the already-quantized earlier layers produce them, so
+    later layers compensate for earlier errors; memory is one layer plus the calibration activations.
+    `quantize(name, module, hessian)` quantizes one Linear in place. Returns the damping used per Linear.
+    """
+    layers = decoder_layers(model)
+    prefix = {id(layer): f"model.layers.{i}." for i, layer in enumerate(layers)}
+    inputs = capture_layer_inputs(model, batches)
+    damping: dict[str, float] = {}
+    for i, layer in enumerate(layers):
+        linears = {prefix[id(layer)] + n: m for n, m in layer.named_modules()
+                   if isinstance(m, nn.Linear) and prefix[id(layer)] + n in chosen}
+        if linears:
+            moments = {name: InputMoments(m, full=True) for name, m in linears.items()}
+            try:
+                with torch.no_grad():
+                    run_layer(layer, inputs)  # the Hessians of the layer as it is
+            finally:
+                for mo in moments.values():
+                    mo.handle.remove()
+            for name, module in linears.items():
+                mo = moments[name]
+                damping[name] = quantize(name, module, mo.moment / max(mo.tokens, 1))
+        with torch.no_grad():
+            inputs = run_layer(layer, inputs)  # the next layer sees this layer's quantized output
+        progress(i + 1, len(layers))
+    return damping
