@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,7 +35,15 @@ class TorchRunner:
         import torch
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        kwargs = {}
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        if config.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
+            from transformers import CompressedTensorsConfig
+
+            # Unpacked once at load into plain Linears: run_compressed would unpack every weight on every
+            # forward pass on a CPU, which no one serving the model would do.
+            kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, **kwargs)
         return cls(model, threads)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:

@@ -1,10 +1,18 @@
-"""safetensors: a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads."""
+"""safetensors: a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads.
+
+Symmetric int4/int8 linear weights are stored packed in the compressed-tensors `pack-quantized` format
+(what llm-compressor writes, and what transformers and vLLM load): the pass's own codes packed by the
+library's `pack_to_int32`, its scales as `weight_scale`, and a `quantization_config` in config.json.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from llmopt.exporters.base import Exporter, ExportResult
+from llmopt.quantized import QuantizedTensor
 from llmopt.state import ModelState
 
 
@@ -13,14 +21,74 @@ class SafetensorsExporter(Exporter):
     runtime = "pytorch"
 
     def export(self, state: ModelState, folder: Path) -> ExportResult:
-        # save_pretrained handles tied weights and sharding, and writes config + generation config.
-        state.model.save_pretrained(folder, safe_serialization=True)
-        state.tokenizer.save_pretrained(folder)
+        packed, unpacked = split_packable(state)
         notes = []
-        if state.quantized:
+        if packed:
+            self._write_packed(state, folder, packed)
+        else:
+            # save_pretrained handles tied weights and sharding, and writes config + generation config.
+            state.model.save_pretrained(folder, safe_serialization=True)
+        state.tokenizer.save_pretrained(folder)
+        if unpacked:
             notes.append(
-                f"{len(state.quantized)} quantized weights are stored dequantized in float32 (a packed int format "
-                "that runtimes load comes with the quantization work): the safetensors file is not smaller, the "
-                "quality figures are those of the quantized model."
-            )
-        return ExportResult(folder, notes, {"dtype": "float32", "quantized_storage": "dequantized"})
+                f"{len(unpacked)} quantized weights are stored dequantized in float32 (compressed-tensors packs "
+                "symmetric linear weights only; asymmetric groups and quantized embeddings stay float): those tensors "
+                "are not smaller on disk, the quality figures are those of the quantized model.")
+        storage = "pack-quantized" if packed else ("dequantized" if unpacked else "none")
+        info: dict[str, Any] = {"dtype": "float32", "quantized_storage": storage, "packed_tensors": len(packed),
+                                "dequantized_tensors": len(unpacked)}
+        if packed:
+            notes.append(f"{len(packed)} linear weights stored as compressed-tensors pack-quantized "
+                         "(loads with transformers when `compressed-tensors` is installed, and with vLLM).")
+        return ExportResult(folder, notes, info)
+
+    @staticmethod
+    def _write_packed(state: ModelState, folder: Path, packed: dict[str, QuantizedTensor]) -> None:
+        import torch
+        from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+        model = state.model
+        tensors = model.state_dict()
+        for name, qt in packed.items():
+            base = name.removesuffix(".weight")
+            del tensors[name]
+            # compressed-tensors holds signed codes (q - 2^(bits-1)) with a zero point of 0 for symmetric groups.
+            signed = torch.from_numpy(qt.codes.astype("int16") - 2 ** (qt.bits - 1)).to(torch.int8)
+            tensors[f"{base}.weight_packed"] = pack_to_int32(signed, qt.bits)  # (out, in * bits / 32) int32
+            tensors[f"{base}.weight_scale"] = torch.from_numpy(qt.scales).to(model.dtype)  # (out, groups)
+            tensors[f"{base}.weight_shape"] = torch.tensor(qt.shape, dtype=torch.int32)
+        model.save_pretrained(folder, state_dict=tensors, safe_serialization=True)
+
+        first = next(iter(packed.values()))
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=first.bits, type="int", symmetric=True, strategy="group", group_size=first.group_size))
+        config = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                    quantization_status="compressed",
+                                    ignore=[n for n in linears if f"{n}.weight" not in packed])
+        path = folder / "config.json"
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["quantization_config"] = {**json.loads(config.model_dump_json()), "quant_method": "compressed-tensors"}
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def split_packable(state: ModelState) -> tuple[dict[str, QuantizedTensor], dict[str, QuantizedTensor]]:
+    """The quantized tensors that pack-quantized can hold, and the rest.
+
+    One config group holds one (bits, group_size): the most common one wins. A linear weight tied to the
+    embedding cannot be packed (the embedding must stay a float table), nor can asymmetric groups, whose
+    packed zero points compressed-tensors 0.12 cannot read back.
+    """
+    from collections import Counter
+
+    model = state.model
+    embedding = model.get_input_embeddings().weight
+    params = dict(model.named_parameters(remove_duplicate=False))
+    candidates = {name: qt for name, qt in state.quantized.items()
+                  if qt.kind == "linear" and qt.symmetric and params.get(name) is not embedding}
+    if not candidates:
+        return {}, dict(state.quantized)
+    layout = Counter((qt.bits, qt.group_size) for qt in candidates.values()).most_common(1)[0][0]
+    packed = {n: qt for n, qt in candidates.items() if (qt.bits, qt.group_size) == layout}
+    return packed, {n: qt for n, qt in state.quantized.items() if n not in packed}

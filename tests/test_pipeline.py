@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import llmopt
@@ -72,19 +73,54 @@ def test_manifest_lists_every_file_and_detects_tampering(onnx_run, tmp_path):
     assert verify_manifest(copy) == ["changed report.md"]
 
 
-def test_safetensors_artifact_loads_in_transformers(tiny_model_dir, fast_recipe, tmp_path, tiny_tokenizer):
+def test_safetensors_artifact_packs_int4_and_loads_in_transformers(tiny_model_dir, fast_recipe, tmp_path, tiny_tokenizer):
     import torch
-    from transformers import AutoModelForCausalLM
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from llmopt.evaluation.runners import TorchRunner
 
     result = llmopt.optimize(fast_recipe(INT4 + "export: {format: safetensors}\n"), model=str(tiny_model_dir),
                              output=tmp_path / "st")
-    model = AutoModelForCausalLM.from_pretrained(result.output)
-    q = model.model.layers[0].mlp.up_proj.weight
-    assert len(torch.unique(q[0, :16])) <= 16  # the saved weights are the 4-bit grid
-    ids = tiny_tokenizer("def f(x):", return_tensors="pt")
-    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3
+    config = json.loads((result.output / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
+    assert q["config_groups"]["group_0"]["weights"]["num_bits"] == 4 and q["config_groups"]["group_0"]["weights"]["group_size"] == 16
+    assert q["ignore"] == []  # every Linear, lm_head included (untied here), is packed
+    with safe_open(result.output / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        packed = f.get_tensor("model.layers.0.mlp.up_proj.weight_packed")
+    assert "model.layers.0.mlp.up_proj.weight" not in keys and packed.dtype == torch.int32
+    assert packed.shape == (128, 64 * 4 // 32)  # eight 4-bit codes per int32
+    assert result.report.export["packed_tensors"] == 15 and result.report.export["dequantized_tensors"] == 1
+    assert result.report.optimized.size_bytes < 0.6 * result.report.baseline.size_bytes
+
+    # transformers' own compressed-tensors loader gives back exactly the model that was evaluated.
+    ids = np.array(tiny_tokenizer("def f(x): return x + 1")["input_ids"])
+    packed_model = AutoModelForCausalLM.from_pretrained(result.output)  # CompressedLinear, unpacked per call
+    dense = AutoModelForCausalLM.from_pretrained(result.output, quantization_config=CompressedTensorsConfig(run_compressed=False))
+    reference = TorchRunner.load(tiny_model_dir)
+    for model in (packed_model, dense):
+        got = TorchRunner(model).logits(ids)
+        assert np.isfinite(got).all()
+    w = dense.model.layers[0].mlp.up_proj.weight
+    assert len(torch.unique(w[0, :16])) <= 16  # the 4-bit grid
+    diff = np.abs(TorchRunner(packed_model).logits(ids) - TorchRunner(dense).logits(ids)).max()
+    assert diff < 1e-4, diff
+    assert result.report.validation is None or result.report.validation.passed
+    assert np.abs(reference.logits(ids) - TorchRunner(dense).logits(ids)).max() > 0  # it is quantized
+    assert TorchRunner(dense).generate(ids, 3).shape[0] == len(ids) + 3
     assert (result.output / "tokenizer.json").is_file() and (result.output / "generation_config.json").is_file()
-    assert any("dequantized" in note for note in result.report.notes)
+    assert any("pack-quantized" in note for note in result.report.notes)
+
+
+def test_asymmetric_groups_are_stored_dequantized_and_say_so(tiny_model_dir, fast_recipe, tmp_path):
+    recipe = fast_recipe("passes:\n  - type: quantize\n    bits: 4\n    group_size: 16\n    symmetric: false\n"
+                         "export: {format: safetensors}\n")
+    result = llmopt.optimize(recipe, model=str(tiny_model_dir), output=tmp_path / "asym")
+    assert "quantization_config" not in json.loads((result.output / "config.json").read_text())
+    assert result.report.export["quantized_storage"] == "dequantized"
+    assert any("stored dequantized" in note for note in result.report.notes)
 
 
 def test_failed_check_exits_1_and_keeps_the_report(tiny_model_dir, fast_recipe, tmp_path):
