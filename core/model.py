@@ -74,6 +74,7 @@ class ArchInfo:
             head_dim=head_dim,
             vocab_size=config.vocab_size,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            extra={"max_position_embeddings": getattr(config, "max_position_embeddings", None)},
         )
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int = 4) -> int:

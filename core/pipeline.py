@@ -196,6 +196,7 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
             quality=evaluation["quality"],
             speed_setup=SpeedSetup(**evaluation["speed_setup"]) if evaluation["speed_setup"] else None,
             passes=records,
+            kv_cache_context_tokens=recipe.evaluation.context_length or plan.arch.extra.get("max_position_embeddings"),
             validation=evaluation["validation"],
             environment={**versions, "cpu": _cpu_name(), "threads": str(evaluation["threads"])},
             notes=exported.notes + ([f"calibration data: {calibration.description}"] if calibration.description else []),

@@ -59,6 +59,8 @@ class EvaluationConfig(StrictModel):
     text_field: str = Field("text", description="Field to read from .jsonl lines or dataset rows.")
     max_tokens: int = Field(4096, ge=16, description="Evaluation token budget (same tokens for both models).")
     window: int = Field(256, ge=8, description="Tokens per perplexity window.")
+    context_length: int | None = Field(None, ge=1, description="Context for the report's KV-cache size (default: the "
+                                                                "model's max_position_embeddings).")
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
 
 

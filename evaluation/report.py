@@ -81,6 +81,7 @@ class Report(_Model):
     quality: QualityReport | None = None
     speed_setup: SpeedSetup | None = None
     passes: list[PassRecord]
+    kv_cache_context_tokens: int | None = Field(None, description="Context length of the KV-cache size row.")
     validation: ValidationRecord | None = None
     checks: list[CheckResult] = Field(default_factory=list)
     environment: dict[str, str]
@@ -138,7 +139,8 @@ def headline_rows(report: Report) -> list[tuple[str, Any, Any]]:
         ("decode (tokens/s)", b.decode_tokens_per_s, o.decode_tokens_per_s),
         ("peak memory added (MB)", b.peak_memory_mb, o.peak_memory_mb),
         ("KV cache (bytes/token)", b.kv_cache_bytes_per_token, o.kv_cache_bytes_per_token),
-    ]
+    ] + ([(f"KV cache at {n:,} tokens (MB, fp32)", b.kv_cache_bytes_per_token * n / 1e6,
+           o.kv_cache_bytes_per_token * n / 1e6)] if (n := report.kv_cache_context_tokens) else [])
 
 
 def render_markdown(report: Report) -> str:

@@ -57,6 +57,9 @@ def test_report_has_both_models_side_by_side(onnx_run):
     assert "threads" in report.environment and "cpu" in report.environment
     markdown = (onnx_run.output / "report.md").read_text()
     assert "| perplexity |" in markdown and "MatMul" not in markdown
+    # The tiny model: 2 layers x 2 KV heads x 16 dims x (K + V) x 4 bytes, at its 512-token context.
+    assert b.kv_cache_bytes_per_token == o.kv_cache_bytes_per_token == 2 * 2 * 16 * 2 * 4
+    assert report.kv_cache_context_tokens == 512 and "| KV cache at 512 tokens (MB, fp32) | 0.262 |" in markdown
 
 
 def test_manifest_lists_every_file_and_detects_tampering(onnx_run, tmp_path):
