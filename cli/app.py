@@ -262,6 +262,30 @@ def bench(
                         f"{s.threads} threads", ["metric", "value"], rows))
 
 
+@app.command()
+def verify(
+    artifact: Path = typer.Argument(..., help="Artifact folder written by `llmopt optimize`."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Check every file of an artifact against the sha256 and size in its manifest.json (exit 4 if any differs)."""
+    from llmopt.artifact import verify_manifest
+    from llmopt.errors import InputError, ResultValidationError
+
+    if not artifact.is_dir():
+        raise InputError(f"'{artifact}' is not a folder.", "Give the artifact folder that holds manifest.json.")
+    problems = verify_manifest(artifact)
+    if as_json:
+        print(json.dumps({"artifact": str(artifact), "intact": not problems, "problems": problems}, indent=2))
+    if problems:
+        raise ResultValidationError(f"Artifact '{artifact}' does not match its manifest: {'; '.join(problems)}.",
+                                    "Re-run `llmopt optimize` to rebuild it, or restore the files from a good copy.")
+    if not as_json:
+        from llmopt.cli.render import console
+
+        files = len(json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))["files"])
+        console.print(f"intact: {files} files match the sha256 and size in {artifact / 'manifest.json'}")
+
+
 def _short_name(path: Path) -> str:
     return path.parent.name if path.name == "report.json" else path.name
 

@@ -75,6 +75,9 @@ def verify_manifest(folder: Path) -> list[str]:
             problems.append(f"missing {name}")
         elif path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
             problems.append(f"changed {name}")
+    listed = set(manifest["files"]) | {MANIFEST}
+    problems += [f"unexpected {p.relative_to(folder)}" for p in sorted(folder.rglob("*"))
+                 if p.is_file() and str(p.relative_to(folder)) not in listed]
     return problems
 
 

@@ -74,6 +74,15 @@ def test_manifest_lists_every_file_and_detects_tampering(onnx_run, tmp_path):
     shutil.copytree(onnx_run.output, copy)
     (copy / "report.md").write_text("edited")
     assert verify_manifest(copy) == ["changed report.md"]
+    (copy / "model.onnx.data").write_bytes(b"stale")
+    (copy / "tokenizer.json").unlink()
+    assert verify_manifest(copy) == ["changed report.md", "missing tokenizer.json", "unexpected model.onnx.data"]
+
+    proc = run_cli("verify", str(onnx_run.output), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["intact"] is True, proc.stderr
+    assert_clean_error(run_cli("verify", str(copy)), 4, "does not match its manifest", "changed report.md",
+                       "unexpected model.onnx.data")
+    assert_clean_error(run_cli("verify", str(copy / "nothing")), 3, "is not a folder")
 
 
 def test_safetensors_artifact_packs_int4_and_loads_in_transformers(tiny_model_dir, fast_recipe, tmp_path, tiny_tokenizer):
