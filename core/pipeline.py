@@ -279,7 +279,7 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
     """Validate the artifact, then measure baseline and optimized on the artifact's runtime."""
     import gc
 
-    from llmopt.evaluation.quality import compare_quality, token_windows
+    from llmopt.evaluation.quality import CONFIDENCE, compare_quality, token_windows
     from llmopt.evaluation.report import QualityReport
     from llmopt.evaluation.runners import TorchRunner, load_runner
     from llmopt.evaluation.speed import PeakRss, measure_speed
@@ -345,6 +345,7 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
         data=description, tokens=scores.tokens, windows=scores.windows, window=ev.window,
         kl_divergence=scores.kl_divergence, top1_agreement=scores.top1_agreement,
         perplexity_increase_pct=(scores.perplexity / scores.baseline_perplexity - 1) * 100,
+        confidence_level=CONFIDENCE, intervals={k: list(v) for k, v in (scores.intervals or {}).items()},
     )
     del baseline, optimized
     gc.collect()

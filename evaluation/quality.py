@@ -20,6 +20,46 @@ def token_windows(tokenizer, text: str, max_tokens: int, window: int) -> list[np
 
 
 
+CONFIDENCE = 0.95
+BOOTSTRAP_SAMPLES = 2000
+
+
+@dataclass
+class WindowSums:
+    """Per-window sums, (W,) each: what every metric is a ratio of, so windows can be resampled."""
+
+    nll_base: np.ndarray
+    nll_opt: np.ndarray
+    kl: np.ndarray
+    agree: np.ndarray
+    predicted: np.ndarray
+
+    def metrics(self, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Pooled metrics; `weights` (B, W) counts how often each window is drawn in each resample."""
+        w = np.ones((1, len(self.predicted))) if weights is None else weights
+        n = w @ self.predicted
+        nll_base, nll_opt = w @ self.nll_base / n, w @ self.nll_opt / n
+        return {"perplexity": np.exp(nll_opt), "perplexity_increase_pct": (np.exp(nll_opt - nll_base) - 1) * 100,
+                "kl_divergence": w @ self.kl / n, "top1_agreement": w @ self.agree / n}
+
+
+def bootstrap_intervals(sums: WindowSums, *, level: float = CONFIDENCE, samples: int = BOOTSTRAP_SAMPLES,
+                        seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap over evaluation windows, paired: baseline and optimized are resampled together.
+
+    Windows, not tokens, are the unit: tokens within a window are correlated, so a token-level bootstrap
+    would give intervals that are too narrow. Seeded, so a report is reproducible.
+    """
+    count = len(sums.predicted)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, count, size=(samples, count))  # (B, W) window indices
+    weights = np.zeros((samples, count))
+    np.add.at(weights, (np.arange(samples)[:, None], draws), 1.0)
+    tail = (1 - level) / 2 * 100
+    return {name: (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+            for name, values in sums.metrics(weights).items()}
+
+
 @dataclass
 class QualityScores:
     baseline_perplexity: float
@@ -28,28 +68,29 @@ class QualityScores:
     top1_agreement: float  # share of positions whose argmax matches the baseline's
     tokens: int
     windows: int
+    intervals: dict[str, tuple[float, float]] | None = None  # metric -> (low, high) at CONFIDENCE
 
 
 def compare_quality(baseline: Runner, optimized: Runner, windows: list[np.ndarray]) -> QualityScores:
     import torch  # multi-threaded softmax over the vocabulary: numpy made this the slowest step
 
-    nll_base = nll_opt = kl_sum = 0.0
-    agree = predicted = 0
+    rows = []
     for ids in windows:
         # (T-1, V): the predictions for ids[1:]
         lp_base = torch.log_softmax(torch.from_numpy(baseline.logits(ids)[:-1]), dim=-1)
         lp_opt = torch.log_softmax(torch.from_numpy(optimized.logits(ids)[:-1]), dim=-1)
         targets = torch.from_numpy(ids[1:])[:, None]
-        nll_base -= float(lp_base.gather(1, targets).sum())
-        nll_opt -= float(lp_opt.gather(1, targets).sum())
-        kl_sum += float((lp_base.exp() * (lp_base - lp_opt)).sum())
-        agree += int((lp_base.argmax(-1) == lp_opt.argmax(-1)).sum())
-        predicted += len(ids) - 1
+        rows.append((-float(lp_base.gather(1, targets).sum()), -float(lp_opt.gather(1, targets).sum()),
+                     float((lp_base.exp() * (lp_base - lp_opt)).sum()),
+                     int((lp_base.argmax(-1) == lp_opt.argmax(-1)).sum()), len(ids) - 1))
+    sums = WindowSums(*(np.array(column, dtype=np.float64) for column in zip(*rows)))
+    predicted = float(sums.predicted.sum())
     return QualityScores(
-        baseline_perplexity=math.exp(nll_base / predicted),
-        perplexity=math.exp(nll_opt / predicted),
-        kl_divergence=kl_sum / predicted,
-        top1_agreement=agree / predicted,
-        tokens=predicted + len(windows),
+        baseline_perplexity=math.exp(sums.nll_base.sum() / predicted),
+        perplexity=math.exp(sums.nll_opt.sum() / predicted),
+        kl_divergence=float(sums.kl.sum() / predicted),
+        top1_agreement=float(sums.agree.sum() / predicted),
+        tokens=int(predicted) + len(windows),
         windows=len(windows),
+        intervals=bootstrap_intervals(sums),
     )

@@ -63,3 +63,18 @@ def test_compare_marks_direction_per_metric():
     assert rows["size on disk (MB)"].change == 0 and rows["size on disk (MB)"].better is None
     md = rows_to_markdown(list(rows.values()), "a", "b")
     assert "| perplexity | 11 | 12 | 1 | +9.1% ⚠️ |" in md
+
+
+def test_quality_checks_fail_only_when_the_whole_interval_is_beyond_the_threshold():
+    report = make_report(ppl=10.5)  # +5% measured
+    for interval, threshold, passed in [([3.0, 7.0], 6.0, True),  # straddles: noise cannot fail the job
+                                        ([6.5, 9.0], 6.0, False),  # all of it above: fails
+                                        ([1.0, 5.9], 6.0, True)]:
+        quality = report.quality.model_copy(update={"intervals": {"perplexity_increase_pct": interval},
+                                                    "confidence_level": 0.95})
+        [result] = evaluate_checks(ChecksConfig(max_perplexity_increase_pct=threshold),
+                                   report.model_copy(update={"quality": quality}))
+        assert (result.passed, result.interval) == (passed, interval)
+    quality = report.quality.model_copy(update={"intervals": {"top1_agreement": [0.85, 0.93]}})
+    [result] = evaluate_checks(ChecksConfig(min_top1_agreement=0.95), report.model_copy(update={"quality": quality}))
+    assert not result.passed  # 0.93 < 0.95: the whole interval is below the minimum
