@@ -128,6 +128,7 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     import numpy as np
     import torch
 
+    from llmopt.evaluation.quality import hidden_states, relative_layer_errors
     from llmopt.evaluation.report import ModelMetrics, PassRecord, Report, SpeedSetup
     from llmopt.state import ModelState, PassContext
 
@@ -154,6 +155,8 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
             baseline_dir.mkdir()
             plan.exporter.export(ModelState(model, tokenizer), baseline_dir)
 
+        probe = _layer_probe(recipe, tokenizer)
+        before = hidden_states(model, probe) if probe else None
         records = []
         calibration = _CalibrationSource(recipe, tokenizer)
         # A frozen copy of the input model for passes that learn from it (distillation).
@@ -172,6 +175,8 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
         with timer(f"export {recipe.export.format}"):
             exported = plan.exporter.export(state, staging)
 
+        layer_errors = relative_layer_errors(before, hidden_states(state.model, probe)) if before else None
+        del before
         evaluation = _evaluate(plan, state, baseline_dir, staging, timer)
         arch_after = ArchInfo.from_config(state.model.config)
         optimized_params = _count_parameters(state.model)
@@ -197,6 +202,8 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
             speed_setup=SpeedSetup(**evaluation["speed_setup"]) if evaluation["speed_setup"] else None,
             passes=records,
             kv_cache_context_tokens=recipe.evaluation.context_length or plan.arch.extra.get("max_position_embeddings"),
+            layer_errors=layer_errors,
+            samples=evaluation["samples"],
             validation=evaluation["validation"],
             environment={**versions, "cpu": _cpu_name(), "threads": str(evaluation["threads"])},
             notes=exported.notes + ([f"calibration data: {calibration.description}"] if calibration.description else []),
@@ -279,7 +286,7 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
     """Validate the artifact, then measure baseline and optimized on the artifact's runtime."""
     import gc
 
-    from llmopt.evaluation.quality import CONFIDENCE, compare_quality, token_windows
+    from llmopt.evaluation.quality import CONFIDENCE, compare_quality, generation_samples, token_windows
     from llmopt.evaluation.report import QualityReport
     from llmopt.evaluation.runners import TorchRunner, load_runner
     from llmopt.evaluation.speed import PeakRss, measure_speed
@@ -292,7 +299,8 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
     threads = ev.speed.threads
     tokenizer = state.tokenizer
     result: dict[str, Any] = {"baseline_bytes": weight_bytes(baseline_dir), "baseline": {}, "optimized": {},
-                              "quality": None, "speed_setup": None, "validation": None, "threads": threads}
+                              "quality": None, "speed_setup": None, "validation": None, "threads": threads,
+                              "samples": []}
 
     with timer("validate artifact"):
         rss_opt = PeakRss()
@@ -315,17 +323,21 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
     if not ev.enabled:
         return result
 
+    result["optimized"]["peak_load_mb"] = rss_opt.added_mb
     rss_base = PeakRss()
     with rss_base:
         baseline = load_runner(baseline_dir, fmt, threads)
+    result["baseline"]["peak_load_mb"] = rss_base.added_mb
     if ev.speed.enabled:
         prompt = _speed_prompt(tokenizer, ev.speed.prompt_tokens)
         result["speed_setup"] = {"prompt_tokens": len(prompt), "new_tokens": ev.speed.new_tokens,
                                  "runs": ev.speed.runs, "threads": result["threads"]}
         for name, runner, rss in (("baseline", baseline, rss_base), ("optimized", optimized, rss_opt)):
             with timer(f"speed {name}"):
-                with rss:  # re-entered: the peak keeps counting from the first entry
+                decode_rss = PeakRss()  # what generating adds on top of the loaded model
+                with rss, decode_rss:  # rss re-entered: the peak keeps counting from the first entry
                     scores = measure_speed(runner, prompt, ev.speed.new_tokens, ev.speed.runs)
+            result[name]["peak_decode_mb"] = decode_rss.added_mb
             result[name].update(prefill_ms=scores.prefill_ms, prefill_ms_spread=scores.prefill_ms_spread,
                                 decode_tokens_per_s=scores.decode_tokens_per_s,
                                 decode_tokens_per_s_spread=scores.decode_tokens_per_s_spread)
@@ -339,6 +351,8 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
         except ValueError as exc:
             raise InputError(f"Evaluation data: {exc}.", "Use more text or a smaller `evaluation.window`.") from None
         scores = compare_quality(baseline, optimized, windows)
+    with timer("generation samples"):
+        result["samples"] = generation_samples(baseline, optimized, tokenizer)
     result["baseline"]["perplexity"] = scores.baseline_perplexity
     result["optimized"]["perplexity"] = scores.perplexity
     result["quality"] = QualityReport(
@@ -350,6 +364,20 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
     del baseline, optimized
     gc.collect()
     return result
+
+
+def _layer_probe(recipe: Recipe, tokenizer: Any) -> list[Any]:
+    """The first two evaluation windows, for the per-layer error (none when evaluation is off)."""
+    from llmopt.evaluation.quality import token_windows
+    from llmopt.evaluation.text import load_text
+
+    ev = recipe.evaluation
+    if not ev.enabled:
+        return []
+    try:
+        return token_windows(tokenizer, load_text(ev.data, ev.text_field)[0], 2 * ev.window, ev.window)
+    except ValueError:
+        return []  # too little text: the quality step reports it
 
 
 def _speed_prompt(tokenizer: Any, length: int):

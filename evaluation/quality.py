@@ -94,3 +94,45 @@ def compare_quality(baseline: Runner, optimized: Runner, windows: list[np.ndarra
         windows=len(windows),
         intervals=bootstrap_intervals(sums),
     )
+
+
+SAMPLE_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Water boils at")
+
+
+def generation_samples(baseline: Runner, optimized: Runner, tokenizer, new_tokens: int = 24) -> list[dict[str, str]]:
+    """Greedy continuations of a few fixed prompts by both models, side by side (reproducible run to run)."""
+    samples = []
+    for prompt in SAMPLE_PROMPTS:
+        ids = np.asarray(tokenizer(prompt)["input_ids"], dtype=np.int64)
+        texts = [tokenizer.decode(r.generate(ids, new_tokens)[len(ids):], skip_special_tokens=True)
+                 for r in (baseline, optimized)]
+        samples.append({"prompt": prompt, "baseline": texts[0], "optimized": texts[1]})
+    return samples
+
+
+def hidden_states(model, windows: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """Each window's hidden states after every decoder layer: [window][layer] (T, hidden) float32."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for ids in windows:
+            states = model(input_ids=torch.from_numpy(ids[None]), output_hidden_states=True, use_cache=False).hidden_states
+            out.append([h[0].float().numpy() for h in states[1:]])  # states[0] is the embedding output
+    return out
+
+
+def relative_layer_errors(before: list[list[np.ndarray]], after: list[list[np.ndarray]]) -> list[float] | None:
+    """||h_after - h_before||^2 / ||h_before||^2 per decoder layer, pooled over windows.
+
+    None when the layers no longer line up (layers removed, or another hidden size): there is no
+    layer-by-layer comparison to make then.
+    """
+    if len(before[0]) != len(after[0]) or before[0][0].shape != after[0][0].shape:
+        return None
+    errors = []
+    for layer in range(len(before[0])):
+        num = sum(float(((a[layer] - b[layer]) ** 2).sum()) for a, b in zip(after, before))
+        den = sum(float((b[layer] ** 2).sum()) for b in before)
+        errors.append(num / max(den, 1e-30))
+    return errors

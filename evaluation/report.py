@@ -29,6 +29,8 @@ class ModelMetrics(_Model):
     decode_tokens_per_s: float | None = Field(None, description="Median decode speed, batch 1, KV cache.")
     decode_tokens_per_s_spread: float | None = None
     peak_memory_mb: float | None = Field(None, description="Peak RSS added while loading and generating.")
+    peak_load_mb: float | None = Field(None, description="Peak RSS added by loading the model.")
+    peak_decode_mb: float | None = Field(None, description="Peak RSS added by generating, on top of the loaded model.")
     kv_cache_bytes_per_token: int
 
 
@@ -89,6 +91,11 @@ class Report(_Model):
     speed_setup: SpeedSetup | None = None
     passes: list[PassRecord]
     kv_cache_context_tokens: int | None = Field(None, description="Context length of the KV-cache size row.")
+    layer_errors: list[float] | None = Field(
+        None, description="Per decoder layer: ||h_opt - h_base||^2 / ||h_base||^2 of the layer's output on two evaluation "
+                          "windows (PyTorch models). None when the layers no longer line up (depth pruning).")
+    samples: list[dict[str, str]] = Field(default_factory=list, description="Greedy generations of fixed prompts: "
+                                                                           "prompt, baseline, optimized.")
     validation: ValidationRecord | None = None
     checks: list[CheckResult] = Field(default_factory=list)
     environment: dict[str, str]
@@ -142,9 +149,11 @@ def headline_rows(report: Report) -> list[tuple[str, Any, Any]]:
         ("parameters", b.parameters, o.parameters),
         ("size on disk (MB)", b.size_bytes / 1e6, o.size_bytes / 1e6),
         ("perplexity", b.perplexity, o.perplexity),
-        ("prefill latency (ms)", b.prefill_ms, o.prefill_ms),
+        ("time to first token (prefill, ms)", b.prefill_ms, o.prefill_ms),
         ("decode (tokens/s)", b.decode_tokens_per_s, o.decode_tokens_per_s),
         ("peak memory added (MB)", b.peak_memory_mb, o.peak_memory_mb),
+        ("  of which loading (MB)", b.peak_load_mb, o.peak_load_mb),
+        ("  generating, above the loaded model (MB)", b.peak_decode_mb, o.peak_decode_mb),
         ("KV cache (bytes/token)", b.kv_cache_bytes_per_token, o.kv_cache_bytes_per_token),
     ] + ([(f"KV cache at {n:,} tokens (MB, fp32)", b.kv_cache_bytes_per_token * n / 1e6,
            o.kv_cache_bytes_per_token * n / 1e6)] if (n := report.kv_cache_context_tokens) else [])
@@ -183,6 +192,21 @@ def render_markdown(report: Report) -> str:
         if q.intervals:
             lines.append(f"- intervals: {q.confidence_level:.0%}, paired percentile bootstrap over the {q.windows} "
                          "windows (few windows give wide intervals: raise `evaluation.max_tokens` to narrow them)")
+    if report.layer_errors:
+        errors = report.layer_errors
+        worst = max(range(len(errors)), key=errors.__getitem__)
+        lines += ["", "## Per-layer error", "",
+                  f"Relative squared error of each decoder layer's output against the baseline's (PyTorch, two "
+                  f"evaluation windows): mean {sum(errors) / len(errors):.3g}, worst layer {worst} ({errors[worst]:.3g}), "
+                  f"last layer {errors[-1]:.3g}.", "",
+                  "| layer | " + " | ".join(str(i) for i in range(len(errors))) + " |",
+                  "|---|" + "---:|" * len(errors),
+                  "| error | " + " | ".join(f"{e:.2g}" for e in errors) + " |"]
+    if report.samples:
+        lines += ["", "## Generation samples (greedy)", "", "| prompt | baseline | optimized |", "|---|---|---|"]
+        for sample in report.samples:
+            cells = [sample[k].replace("|", "\\|").replace("\n", " ") for k in ("prompt", "baseline", "optimized")]
+            lines.append("| " + " | ".join(cells) + " |")
     if report.speed_setup:
         s = report.speed_setup
         lines += ["", f"Speed: batch 1, KV cache, prompt {s.prompt_tokens} tokens, {s.new_tokens} new tokens, "

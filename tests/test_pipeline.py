@@ -60,6 +60,12 @@ def test_report_has_both_models_side_by_side(onnx_run):
     # The tiny model: 2 layers x 2 KV heads x 16 dims x (K + V) x 4 bytes, at its 512-token context.
     assert b.kv_cache_bytes_per_token == o.kv_cache_bytes_per_token == 2 * 2 * 16 * 2 * 4
     assert report.kv_cache_context_tokens == 512 and "| KV cache at 512 tokens (MB, fp32) | 0.262 |" in markdown
+    # Per-layer error of the int4 model, growing with depth as errors accumulate; greedy samples of both.
+    assert len(report.layer_errors) == 2 and 0 < report.layer_errors[0] < 0.1, report.layer_errors
+    assert [s["prompt"] for s in report.samples] == ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+    assert all(isinstance(s["baseline"], str) and isinstance(s["optimized"], str) for s in report.samples)
+    assert "## Per-layer error" in markdown and "## Generation samples (greedy)" in markdown
+    assert o.peak_load_mb is not None and o.peak_decode_mb is not None
 
 
 def test_manifest_lists_every_file_and_detects_tampering(onnx_run, tmp_path):

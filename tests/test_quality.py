@@ -65,3 +65,18 @@ def test_compare_quality_of_a_model_with_itself_is_exactly_no_change():
     assert scores.perplexity == pytest.approx(scores.baseline_perplexity)
     assert scores.intervals["perplexity_increase_pct"] == pytest.approx((0.0, 0.0), abs=1e-9)
     assert scores.intervals["kl_divergence"] == pytest.approx((0.0, 0.0), abs=1e-9)
+
+
+def test_layer_errors_are_zero_for_the_same_model_and_absent_when_layers_no_longer_line_up():
+    from llmopt.evaluation.quality import hidden_states, relative_layer_errors
+    from tests.conftest import tiny_llama
+
+    windows = [np.arange(32, dtype=np.int64), np.arange(100, 132, dtype=np.int64)]
+    model = tiny_llama()
+    same = hidden_states(model, windows)
+    assert relative_layer_errors(same, hidden_states(tiny_llama(), windows)) == [0.0, 0.0]
+    deeper = hidden_states(tiny_llama(num_hidden_layers=3), windows)
+    assert relative_layer_errors(same, deeper) is None
+    noisy = [[h + 0.1 * np.abs(h).mean() for h in layers] for layers in same]
+    errors = relative_layer_errors(same, noisy)
+    assert all(0 < e < 0.1 for e in errors), errors
