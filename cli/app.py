@@ -201,34 +201,60 @@ def schema(
 
 @app.command()
 def compare(
-    report_a: Path = typer.Argument(..., help="report.json or artifact folder (reference)."),
-    report_b: Path = typer.Argument(..., help="report.json or artifact folder (candidate)."),
-    format: str = typer.Option("table", "--format", "-f", help="table, md or json."),
+    reports: list[Path] = typer.Argument(..., help="Two or more report.json files or artifact folders; the first is the "
+                                                   "reference."),
+    format: str = typer.Option("table", "--format", "-f", help="table, md, json or html."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
-    """Every metric of two reports side by side, with absolute and relative change."""
+    """Metrics of several runs side by side: change against the first, significance, and the Pareto front."""
     from llmopt.errors import RecipeError
-    from llmopt.evaluation.compare import compare_reports, rows_to_dicts, rows_to_markdown
+    from llmopt.evaluation.compare import compare_many, comparison_to_markdown
 
-    if format not in ("table", "md", "json"):
-        raise RecipeError(f"Unknown --format '{format}'.", "Use table, md or json.")
-    rows = compare_reports(report_a, report_b)
-    name_a, name_b = _short_name(report_a), _short_name(report_b)
-    if format == "json":
-        print(json.dumps({"a": str(report_a), "b": str(report_b), "rows": rows_to_dicts(rows)}, indent=2))
-    elif format == "md":
-        print(rows_to_markdown(rows, name_a, name_b), end="")
-    else:
+    if format not in ("table", "md", "json", "html"):
+        raise RecipeError(f"Unknown --format '{format}'.", "Use table, md, json or html.")
+    if len(reports) < 2:
+        raise RecipeError("compare needs at least two reports.", "Give a reference and one or more runs to compare.")
+    names = _unique_names(reports)
+    c = compare_many(reports, names)
+    if format == "table":
         from llmopt.cli.render import console, table
 
         def fmt(v):
             return "–" if v is None else (f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}")
 
         body = []
-        for r in rows:
-            colour = "" if r.better is None else ("green" if r.better else "red")
-            pct = "–" if r.change_pct is None else f"{r.change_pct:+.1f}%"
-            body.append([r.metric, fmt(r.a), fmt(r.b), fmt(r.change), f"[{colour}]{pct}[/]" if colour else pct])
-        console.print(table(f"{name_a} → {name_b}", ["metric", name_a, name_b, "change", "change %"], body))
+        for i, row in enumerate(c.rows[0]):
+            cells = [row.metric, fmt(row.a)]
+            for rows in c.rows:
+                r = rows[i]
+                pct = "" if r.change_pct is None or not r.change else f" {r.change_pct:+.1f}%{'*' if r.significant else ''}"
+                colour = "" if r.better is None or not r.significant else ("green" if r.better else "red")
+                cells.append(f"[{colour}]{fmt(r.b)}{pct}[/]" if colour else f"{fmt(r.b)}{pct}")
+            body.append(cells)
+        console.print(table(f"{names[0]} → " + ", ".join(names[1:]), ["metric", *names], body))
+        front = [n for n, p in zip(c.names, c.pareto) if p]
+        console.print("* significant: beyond the 95% intervals (quality), the spread over runs (speed), or any change "
+                      f"(exact metrics). Pareto front on perplexity, size and decode speed: {', '.join(front) or '–'}",
+                      soft_wrap=True)
+        return
+    if format == "json":
+        text = json.dumps(c.as_dict(), indent=2) + "\n"
+    elif format == "md":
+        text = comparison_to_markdown(c)
+    else:
+        from llmopt.evaluation.html import render_compare_html
+
+        text = render_compare_html(list(zip(c.names, c.reports)))
+    if output is None:
+        print(text, end="")
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """Short names for the runs: the artifact folder's name, or the full path when two would clash."""
+    short = [_short_name(p) for p in paths]
+    return short if len(set(short)) == len(short) else [str(p) for p in paths]
 
 
 @app.command()

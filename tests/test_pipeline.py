@@ -190,8 +190,10 @@ def test_compare_two_reports(onnx_run, tiny_model_dir, fast_recipe, tmp_path):
     assert md.returncode == 0, md.stderr
     assert "| size on disk (MB) |" in md.stdout and "int8" in md.stdout
     data = json.loads(run_cli("compare", str(onnx_run.output), str(other.output), "--format", "json").stdout)
-    size = next(r for r in data["rows"] if r["metric"] == "size on disk (MB)")
-    assert size["b"] > size["a"] and size["better"] is False and size["change_pct"] > 0
-    table = run_cli("compare", str(onnx_run.output), str(other.output))
-    assert table.returncode == 0 and "perplexity" in table.stdout
+    size = next(r for r in data["comparisons"][0]["rows"] if r["metric"] == "size on disk (MB)")
+    assert size["b"] > size["a"] and size["better"] is False and size["change_pct"] > 0 and size["significant"]
+    front = [r["pareto"] for r in data["runs"]]
+    assert all(isinstance(p, bool) for p in front) and any(front)  # a front is never empty
+    table = run_cli("compare", str(onnx_run.output), str(other.output), str(onnx_run.output / "report.json"))
+    assert table.returncode == 0 and "perplexity" in table.stdout and "Pareto front" in table.stdout, table.stderr
     assert_clean_error(run_cli("compare", str(tmp_path / "missing"), str(other.output)), 3, "No report")

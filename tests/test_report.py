@@ -78,3 +78,52 @@ def test_quality_checks_fail_only_when_the_whole_interval_is_beyond_the_threshol
     quality = report.quality.model_copy(update={"intervals": {"top1_agreement": [0.85, 0.93]}})
     [result] = evaluate_checks(ChecksConfig(min_top1_agreement=0.95), report.model_copy(update={"quality": quality}))
     assert not result.passed  # 0.93 < 0.95: the whole interval is below the minimum
+
+
+def _with_intervals(report: Report, ppl_ci: list[float], decode_spread: float = 2.0) -> Report:
+    quality = report.quality.model_copy(update={"intervals": {"perplexity": ppl_ci}, "confidence_level": 0.95})
+    optimized = report.optimized.model_copy(update={"decode_tokens_per_s_spread": decode_spread})
+    return report.model_copy(update={"quality": quality, "optimized": optimized})
+
+
+def test_compare_of_a_report_with_itself_shows_no_significant_change():
+    report = _with_intervals(make_report(), [10.5, 11.5])
+    rows = compare_reports(report, report)
+    assert all(r.change in (0, None) and not r.significant for r in rows)
+
+
+def test_significance_needs_disjoint_intervals_or_an_exact_metric():
+    a = _with_intervals(make_report(ppl=11.0, decode=30.0), [10.5, 11.5])
+    close = _with_intervals(make_report(ppl=11.3, decode=31.0, size=90_000_000), [10.8, 11.8])
+    far = _with_intervals(make_report(ppl=14.0, decode=45.0), [13.2, 14.8])
+    rows = {r.metric: r for r in compare_reports(a, close)}
+    assert rows["perplexity"].significant is False and rows["decode (tokens/s)"].significant is False
+    assert rows["size on disk (MB)"].significant is True  # sizes are exact: any change is real
+    rows = {r.metric: r for r in compare_reports(a, far)}
+    assert rows["perplexity"].significant is True and rows["decode (tokens/s)"].significant is True
+    assert rows["KL divergence (nats/token)"].significant is None  # no interval recorded for it here
+
+
+def test_pareto_front_keeps_only_undominated_runs():
+    from llmopt.evaluation.compare import pareto_front
+
+    # (perplexity, size, decode tokens/s): c is worse than a on everything; d trades quality for size.
+    points = [(10.0, 500.0, 20.0), (12.0, 100.0, 30.0), (11.0, 600.0, 19.0), (15.0, 90.0, 30.0), (12.0, 100.0, 30.0)]
+    assert pareto_front(points) == [True, True, False, True, True]  # equal runs do not dominate each other
+
+
+def test_compare_many_in_markdown_marks_significance_and_the_front(tmp_path):
+    from llmopt.evaluation.compare import compare_many, comparison_to_markdown
+
+    paths = []
+    for name, report in [("fp32", _with_intervals(make_report(ppl=10.0, size=500_000_000, decode=20.0), [9.6, 10.4])),
+                         ("int8", _with_intervals(make_report(ppl=10.1, size=250_000_000, decode=24.0), [9.7, 10.5])),
+                         ("bad", _with_intervals(make_report(ppl=13.0, size=600_000_000, decode=18.0), [12.5, 13.5]))]:
+        (tmp_path / name).mkdir()
+        report.write(tmp_path / name)
+        paths.append(tmp_path / name)
+    c = compare_many(paths, ["fp32", "int8", "bad"])
+    assert c.pareto == [True, True, False]
+    md = comparison_to_markdown(c)
+    assert "| metric | fp32 | int8 | bad |" in md and "Pareto front on perplexity, size and decode speed: fp32, int8." in md
+    assert "| perplexity | 10 | 10.1 (+1.0%) | 13 (+30.0%*) |" in md
