@@ -39,6 +39,8 @@ def optimize(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, resolve the model, print the plan and stop."),
+    junit_xml: Optional[Path] = typer.Option(None, "--junit-xml", help="Also write the checks (and any error) as "
+                                             "JUnit XML, for CI systems that display test results."),
 ) -> None:
     """Run a recipe on a model: passes, export, validation, evaluation, report."""
     from llmopt.api import optimize as run_optimize
@@ -49,9 +51,20 @@ def optimize(
                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, force=force)
         return
 
-    with ConsoleProgress() as progress:
-        result = run_optimize(recipe, model=model, output=output, force=force, format=format, eval_data=eval_data,
-                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
+    try:
+        with ConsoleProgress() as progress:
+            result = run_optimize(recipe, model=model, output=output, force=force, format=format, eval_data=eval_data,
+                                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
+    except LlmoptError as exc:
+        if junit_xml is not None:
+            from llmopt.evaluation.junit import junit_xml as to_junit
+
+            junit_xml.write_text(to_junit(None, exc), encoding="utf-8")
+        raise
+    if junit_xml is not None:
+        from llmopt.evaluation.junit import junit_xml as to_junit
+
+        junit_xml.write_text(to_junit(result.report), encoding="utf-8")
     if as_json:
         print(result.report.model_dump_json(indent=2))
     else:
@@ -188,11 +201,15 @@ def inspect(
 def schema(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
     docs: bool = typer.Option(False, "--docs", help="Write the pass reference (Markdown) instead of the JSON schema."),
+    report: bool = typer.Option(False, "--report", help="The JSON schema of report.json instead of recipes."),
 ) -> None:
-    """JSON schema of recipes, for editor validation and completion (see README), or the pass reference."""
-    from llmopt.schema import passes_markdown, recipe_json_schema
+    """JSON schema of recipes (for editor validation and completion, see README) or of reports; or the pass reference."""
+    from llmopt.schema import passes_markdown, recipe_json_schema, report_json_schema
 
-    text = passes_markdown() if docs else json.dumps(recipe_json_schema(), indent=2) + "\n"
+    if docs:
+        text = passes_markdown()
+    else:
+        text = json.dumps(report_json_schema() if report else recipe_json_schema(), indent=2) + "\n"
     if output is None:
         print(text, end="")
     else:

@@ -30,6 +30,16 @@ def recipe_json_schema() -> dict[str, Any]:
     return schema
 
 
+def report_json_schema() -> dict[str, Any]:
+    """Schema of report.json (docs/report.schema.json in the repository is this, generated)."""
+    from llmopt.evaluation.report import SCHEMA_VERSION, Report
+
+    schema = Report.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = f"llmopt report, schema version {SCHEMA_VERSION}"
+    return schema
+
+
 def _type_name(info: dict[str, Any]) -> str:
     if "enum" in info:
         return " | ".join(repr(v) for v in info["enum"])

@@ -79,3 +79,14 @@ def demo_dir(tmp_path_factory) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def assert_report_matches_schema(folder: Path) -> None:
+    """report.json of an artifact folder validates against the committed docs/report.schema.json."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "docs" / "report.schema.json").read_text())
+    report = json.loads((Path(folder) / "report.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(report)

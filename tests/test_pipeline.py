@@ -12,6 +12,7 @@ import llmopt
 from llmopt.artifact import verify_manifest
 from llmopt.errors import ResultValidationError
 from llmopt.evaluation.report import read_report
+from tests.conftest import assert_report_matches_schema
 from tests.test_cli import assert_clean_error, llmopt as run_cli
 
 INT4 = "passes:\n  - type: quantize\n    bits: 4\n    group_size: 16\n    embeddings: true\n"
@@ -65,6 +66,7 @@ def test_report_has_both_models_side_by_side(onnx_run):
     assert [s["prompt"] for s in report.samples] == ["The capital of France is", "def fibonacci(n):", "Water boils at"]
     assert all(isinstance(s["baseline"], str) and isinstance(s["optimized"], str) for s in report.samples)
     assert "## Per-layer error" in markdown and "## Generation samples (greedy)" in markdown
+    assert_report_matches_schema(onnx_run.output)
     assert o.peak_load_mb is not None and o.peak_decode_mb is not None
 
 
@@ -143,10 +145,30 @@ def test_asymmetric_groups_are_stored_dequantized_and_say_so(tiny_model_dir, fas
 
 def test_failed_check_exits_1_and_keeps_the_report(tiny_model_dir, fast_recipe, tmp_path):
     recipe = fast_recipe(INT4 + "export: {format: safetensors}\nchecks:\n  max_size_mb: 0.001\n")
-    proc = run_cli("optimize", str(recipe), "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"))
+    proc = run_cli("optimize", str(recipe), "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"),
+                   "--junit-xml", str(tmp_path / "junit.xml"))
     assert_clean_error(proc, 1, "Quality checks failed", "max_size_mb")
     report = read_report(tmp_path / "o")
     assert [(c.name, c.passed) for c in report.checks] == [("max_size_mb", False)]
+
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("2", "1", "0")
+    failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None]
+    assert failed == ["check max_size_mb"]
+
+
+def test_junit_xml_records_an_error_when_the_run_fails(tiny_model_dir, fast_recipe, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    recipe = fast_recipe(INT4 + "export:\n  accuracy_level: 4\n  validate: {max_abs_logit_diff: 1.0e-12}\n")
+    proc = run_cli("optimize", str(recipe), "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"),
+                   "--junit-xml", str(tmp_path / "junit.xml"))
+    assert proc.returncode == 4 and not (tmp_path / "o").exists()
+    [case] = ET.parse(tmp_path / "junit.xml").getroot().iter("testcase")
+    assert case.find("error").get("type") == "ResultValidationError"
+    assert "does not reproduce" in case.find("error").get("message")
 
 
 def test_failed_run_leaves_previous_artifact_intact(tiny_model_dir, fast_recipe, tmp_path, monkeypatch):

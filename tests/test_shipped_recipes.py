@@ -7,6 +7,7 @@ import json
 import pytest
 
 import llmopt
+from tests.conftest import assert_report_matches_schema
 from llmopt.recipe import ChecksConfig, EvaluationConfig, SpeedConfig, load_recipe, shipped_recipe_names
 
 SMALL_EVAL = EvaluationConfig(max_tokens=256, window=64, speed=SpeedConfig(prompt_tokens=8, new_tokens=4, runs=1))
@@ -24,6 +25,7 @@ def test_shipped_recipe_runs_on_a_tiny_model(name, tiny_model_dir, tmp_path):
     config = json.loads((result.output / "config.json").read_text())
     print(f"{name}: perplexity {report.baseline.perplexity:.1f} -> {report.optimized.perplexity:.1f}, "
           f"size {report.baseline.size_bytes} -> {report.optimized.size_bytes}")
+    assert_report_matches_schema(result.output)
     assert report.validation is None or report.validation.passed
     assert [p.type for p in report.passes] == [p.type for p in recipe.passes]
     info = {p.type: p.info for p in report.passes}

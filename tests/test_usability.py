@@ -49,6 +49,14 @@ def test_pass_docs_are_generated_from_the_configs():
     assert "| `group_size` | integer | `32` |" in committed
 
 
+def test_report_schema_file_is_generated_from_the_report_model():
+    proc = llmopt("schema", "--report")
+    assert proc.returncode == 0
+    committed = (ROOT / "docs" / "report.schema.json").read_text()
+    assert proc.stdout == committed, "docs/report.schema.json is stale: run `llmopt schema --report -o docs/report.schema.json`"
+    assert '"schema_version"' in committed and '"intervals"' in committed
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_dir, tmp_path):
     out = tmp_path / "deep" / "out"
     proc = llmopt("optimize", "int4-onnx", "--model", str(tiny_model_dir), "--output", str(out), "--dry-run", "--json")
