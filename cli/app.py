@@ -366,6 +366,8 @@ def main() -> None:
     try:
         # Without standalone mode click returns typer.Exit's code instead of raising it.
         code = app(standalone_mode=False)
+        if code == ExitCode.INTERRUPTED:  # typer turns Ctrl-C into this code without a word
+            raise KeyboardInterrupt
     except LlmoptError as exc:
         if debug:
             raise
@@ -375,16 +377,24 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("Interrupted: nothing was written to the output (partial work is removed).", file=sys.stderr)
-        sys.exit(ExitCode.INTERRUPTED)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Not sys.exit: when the interrupt arrived inside a C-level PyRun call (torch does some), CPython keeps
+        # a flag that makes the process kill itself with SIGINT at exit, whatever code it exits with. The
+        # pipeline's `finally` blocks have removed the partial work by now.
+        os._exit(ExitCode.INTERRUPTED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click's own usage errors and real bugs
-        import click
+        try:  # typer >= 0.20 vendors click as typer._click; older typer depends on click itself
+            from typer._click.exceptions import ClickException
+        except ImportError:
+            from click.exceptions import ClickException
 
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, ClickException):
             exc.show()
             sys.exit(ExitCode.USAGE)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, typer.Abort):
             sys.exit(ExitCode.INTERRUPTED)
         if debug:
             raise

@@ -142,9 +142,10 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
 
-    staging = new_staging(out)
-    scratch = Path(tempfile.mkdtemp(prefix="llmopt-"))
-    try:
+    staging = scratch = None
+    try:  # entered before anything is created, so an interrupt at any point leaves nothing behind
+        staging = new_staging(out)
+        scratch = Path(tempfile.mkdtemp(prefix="llmopt-"))
         timer = _Steps(progress)
         with timer("load model"):
             model, tokenizer = load_model(plan.source)
@@ -228,8 +229,9 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
         raise ResourceError(f"The disk is full ({exc.filename or out.parent}); nothing was written.",
                             "Free space next to --output and in the temp folder (TMPDIR), or choose another --output.") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+        for folder in (staging, scratch):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     return Result(out, report, [c for c in report.checks if not c.passed])
 
 

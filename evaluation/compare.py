@@ -94,16 +94,15 @@ def compare_reports(a: str | Path | Report, b: str | Path | Report) -> list[Comp
     return rows
 
 
+def dominates(p: tuple[float, float, float], q: tuple[float, float, float]) -> bool:
+    """p is at least as good as q on (perplexity, size, decode speed) and strictly better on one of them."""
+    at_least = p[0] <= q[0] and p[1] <= q[1] and p[2] >= q[2]
+    return at_least and (p[0] < q[0] or p[1] < q[1] or p[2] > q[2])
+
+
 def pareto_front(points: list[tuple[float, float, float]]) -> list[bool]:
-    """Which runs no other run dominates: lower perplexity, lower size, higher decode speed (points in that order).
-
-    A run is dominated when another is at least as good on all three and strictly better on one.
-    """
-    def dominates(p: tuple[float, float, float], q: tuple[float, float, float]) -> bool:
-        at_least = p[0] <= q[0] and p[1] <= q[1] and p[2] >= q[2]
-        return at_least and (p[0] < q[0] or p[1] < q[1] or p[2] > q[2])
-
-    return [not any(dominates(p, q) for p in points if p is not q) for q in points]
+    """Which runs no other run dominates: lower perplexity, lower size, higher decode speed (points in that order)."""
+    return [not any(dominates(p, q) for j, p in enumerate(points) if j != i) for i, q in enumerate(points)]
 
 
 @dataclass

@@ -105,6 +105,9 @@ class Report(_Model):
     def write(self, folder: Path) -> None:
         (folder / "report.json").write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
         (folder / "report.md").write_text(render_markdown(self), encoding="utf-8")
+        from llmopt.evaluation.html import render_html  # imports this module: not at the top
+
+        (folder / "report.html").write_text(render_html(self), encoding="utf-8")
 
 
 def read_report(path: str | Path) -> Report:

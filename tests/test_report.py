@@ -110,6 +110,7 @@ def test_pareto_front_keeps_only_undominated_runs():
     # (perplexity, size, decode tokens/s): c is worse than a on everything; d trades quality for size.
     points = [(10.0, 500.0, 20.0), (12.0, 100.0, 30.0), (11.0, 600.0, 19.0), (15.0, 90.0, 30.0), (12.0, 100.0, 30.0)]
     assert pareto_front(points) == [True, True, False, True, True]  # equal runs do not dominate each other
+    assert pareto_front([]) == [] and pareto_front([(1.0, 1.0, 1.0)]) == [True]
 
 
 def test_compare_many_in_markdown_marks_significance_and_the_front(tmp_path):

@@ -1,0 +1,86 @@
+"""Every documented exit code is reachable, with a one-paragraph message and no traceback."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_cli import assert_clean_error, llmopt
+
+INT4 = ("passes:\n  - type: quantize\n    bits: 4\n    group_size: 16\nexport: {format: safetensors}\n"
+        "evaluation:\n  max_tokens: 256\n  window: 64\n  speed: {prompt_tokens: 8, new_tokens: 4, runs: 1}\n")
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """The CLI entry point in this process (so a fault can be injected), returning (exit code, stderr)."""
+    from llmopt.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["llmopt", *args])
+    monkeypatch.delenv("LLMOPT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main()
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_0_success_and_2_recipe_error(tmp_path):
+    assert llmopt("recipes").returncode == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("passes:\n  - type: quantise\n")
+    assert_clean_error(llmopt("validate", str(bad), "--model", "demo"), 2, "Did you mean 'quantize'")
+
+
+def test_3_input_rejected(tmp_path):
+    assert_clean_error(llmopt("inspect", str(tmp_path / "nowhere")), 3, "not an existing folder")
+
+
+def test_5_disk_full_while_writing_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from llmopt.exporters.safetensors import SafetensorsExporter
+
+    def full(self, state, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(SafetensorsExporter, "export", full)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(INT4)
+    code, err = run_main(monkeypatch, capsys, "optimize", str(recipe), "--model", str(tiny_model_dir),
+                         "--output", str(tmp_path / "out"))
+    assert code == 5 and "disk is full" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no output, no staging folder
+
+
+def test_70_internal_error_says_it_is_a_bug(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from llmopt.passes.quantize import QuantizePass
+
+    def broken(self, state, ctx):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(QuantizePass, "run", broken)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(INT4)
+    code, err = run_main(monkeypatch, capsys, "optimize", str(recipe), "--model", str(tiny_model_dir),
+                         "--output", str(tmp_path / "out"))
+    assert code == 70 and "This is a bug in llmopt" in err and "LLMOPT_DEBUG=1" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_130_interrupted_mid_run_removes_its_staging_folder(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(INT4)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llmopt", "optimize", str(recipe), "--model", str(tiny_model_dir),
+                             "--output", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".out.staging-") for p in tmp_path.iterdir()):  # the run is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Interrupted" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
