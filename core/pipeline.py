@@ -179,6 +179,7 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
         layer_errors = relative_layer_errors(before, hidden_states(state.model, probe)) if before else None
         del before
         evaluation = _evaluate(plan, state, baseline_dir, staging, timer)
+        tasks, task_notes = _tasks(plan, state, timer)
         arch_after = ArchInfo.from_config(state.model.config)
         optimized_params = _count_parameters(state.model)
         del state, model, original  # free the torch copies before the report is written
@@ -205,9 +206,11 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
             kv_cache_context_tokens=recipe.evaluation.context_length or plan.arch.extra.get("max_position_embeddings"),
             layer_errors=layer_errors,
             samples=evaluation["samples"],
+            tasks=tasks,
             validation=evaluation["validation"],
             environment={**versions, "cpu": _cpu_name(), "threads": str(evaluation["threads"])},
-            notes=exported.notes + ([f"calibration data: {calibration.description}"] if calibration.description else []),
+            notes=exported.notes + task_notes
+            + ([f"calibration data: {calibration.description}"] if calibration.description else []),
             total_seconds=time.perf_counter() - started,
         )
         from llmopt.evaluation.checks import evaluate_checks
@@ -366,6 +369,27 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
     del baseline, optimized
     gc.collect()
     return result
+
+
+def _tasks(plan: Plan, state: Any, timer: Any) -> tuple[dict[str, Any], list[str]]:
+    """lm-eval-harness scores of the input and the optimized model, or a note saying why there are none."""
+    from llmopt.evaluation.tasks import lm_eval_available, task_scores
+
+    ev = plan.recipe.evaluation
+    if not ev.tasks or not ev.enabled:
+        return {}, []
+    if not lm_eval_available():
+        return {}, [f"tasks {', '.join(ev.tasks)} skipped: lm-eval-harness is not installed (`pip install lm-eval`)."]
+    with timer(f"tasks ({', '.join(ev.tasks)})"):
+        baseline, _ = load_model(plan.source)  # the input model again: the pipeline keeps no copy of it
+        try:
+            scores = task_scores({"baseline": baseline, "optimized": state.model}, state.tokenizer, ev.tasks,
+                                 ev.task_limit, plan.recipe.seed)
+        except Exception as exc:  # unknown task names, datasets that cannot be fetched offline, ...
+            raise InputError(f"lm-eval-harness could not score tasks {ev.tasks}: {type(exc).__name__}: {exc}",
+                             "Check the task names (`lm-eval ls tasks`) and that their datasets are reachable or "
+                             "cached; or remove `evaluation.tasks`.") from None
+    return scores, []
 
 
 def _layer_probe(recipe: Recipe, tokenizer: Any) -> list[Any]:

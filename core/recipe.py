@@ -61,6 +61,10 @@ class EvaluationConfig(StrictModel):
     window: int = Field(256, ge=8, description="Tokens per perplexity window.")
     context_length: int | None = Field(None, ge=1, description="Context for the report's KV-cache size (default: the "
                                                                 "model's max_position_embeddings).")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval-harness task names (e.g. ['hellaswag', "
+                                                               "'arc_easy']) scored for both models when lm-eval is "
+                                                               "installed; skipped with a note when it is not.")
+    task_limit: int | None = Field(None, ge=1, description="Examples per task (None: all).")
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
 
 

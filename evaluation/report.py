@@ -96,6 +96,8 @@ class Report(_Model):
                           "windows (PyTorch models). None when the layers no longer line up (depth pruning).")
     samples: list[dict[str, str]] = Field(default_factory=list, description="Greedy generations of fixed prompts: "
                                                                            "prompt, baseline, optimized.")
+    tasks: dict[str, dict[str, Any]] = Field(default_factory=dict, description="lm-eval-harness: task -> metric, "
+                                                                              "baseline, optimized.")
     validation: ValidationRecord | None = None
     checks: list[CheckResult] = Field(default_factory=list)
     environment: dict[str, str]
@@ -205,6 +207,10 @@ def render_markdown(report: Report) -> str:
                   "| layer | " + " | ".join(str(i) for i in range(len(errors))) + " |",
                   "|---|" + "---:|" * len(errors),
                   "| error | " + " | ".join(f"{e:.2g}" for e in errors) + " |"]
+    if report.tasks:
+        lines += ["", "## Tasks (lm-eval-harness)", "", "| task | metric | baseline | optimized |", "|---|---|---:|---:|"]
+        for task, t in report.tasks.items():
+            lines.append(f"| {task} | {t.get('metric')} | {_fmt(t.get('baseline'))} | {_fmt(t.get('optimized'))} |")
     if report.samples:
         lines += ["", "## Generation samples (greedy)", "", "| prompt | baseline | optimized |", "|---|---|---|"]
         for sample in report.samples:
