@@ -579,6 +579,16 @@ def _samples(report: Report) -> str:
                     + "".join(blocks), "samples")
 
 
+def _tasks(report: Report) -> str:
+    tasks = getattr(report, "tasks", None) or {}
+    if not tasks:
+        return ""
+    rows = [[_e(task), _e(t.get("metric") or "–"), _num(t.get("baseline")), _num(t.get("optimized")),
+             _change_html(t.get("baseline"), t.get("optimized"), True)] for task, t in tasks.items()]
+    return _section("Tasks (lm-eval-harness)", _table(["task", "metric", "baseline", "optimized", "change"], rows,
+                                                      numeric=(2, 3, 4)), "tasks")
+
+
 def _notes(report: Report) -> str:
     if not report.notes:
         return ""
@@ -680,7 +690,8 @@ def render_html(report: Report) -> str:
     subtitle = (f"Format <b>{_e(export.get('format', '?'))}</b> on {_e(report.optimized.runtime)}; baseline = the "
                 f"input model in float32 on the same runtime. Created {_e(report.created)} by llmopt "
                 f"{_e(report.llmopt_version)}.")
-    body = "".join([_cards(report), _headline(report), _quality(report), _checks(report), _layer_errors(report),
+    body = "".join([_cards(report), _headline(report), _quality(report), _tasks(report), _checks(report),
+                    _layer_errors(report),
                     _loss_curves(report), _precision_maps(report), _samples(report), _notes(report), _passes(report),
                     _environment(report)])
     return _page(f"llmopt report — {spec}", subtitle, body, report.llmopt_version)
