@@ -128,3 +128,11 @@ def test_renders_in_headless_chromium(tmp_path, kind):
         keep.mkdir(parents=True, exist_ok=True)
         (keep / f"{kind}.png").write_bytes(shot.read_bytes())
         (keep / f"{kind}.html").write_text(page, encoding="utf-8")
+
+
+def test_report_html_shows_task_scores():
+    report = make_report().model_copy(update={"tasks": {"arc_easy": {"metric": "acc_norm,none", "baseline": 0.61,
+                                                                     "optimized": 0.58}}})
+    page = render_html(report)
+    assert "Tasks (lm-eval-harness)" in page and "arc_easy" in page and "acc_norm,none" in page
+    assert "Tasks (lm-eval-harness)" not in render_html(make_report())
