@@ -25,7 +25,6 @@ import copy
 import time
 from typing import Any
 
-import numpy as np
 
 DROPPED = (20, 21, 22, 23)
 TRAIN_ONLY = ["model.layers.1[6-9].*", "model.layers.2?.*", "model.norm.*"]  # after the drop: layers 16-25
@@ -49,21 +48,6 @@ def drop_layers(model: Any, layers: tuple[int, ...]) -> Any:
     return model
 
 
-class MemoRunner:
-    """The original model's logits, computed once per window and reused for every comparison."""
-
-    runtime = "pytorch"
-
-    def __init__(self, runner: Any) -> None:
-        self.runner, self.cache = runner, {}
-
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        key = ids.tobytes()
-        if key not in self.cache:
-            self.cache[key] = self.runner.logits(ids)
-        return self.cache[key]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="demo, or a local SmolLM2 folder")
@@ -81,7 +65,7 @@ def main() -> None:
 
     from llmopt.evaluation.calibration import calibration_batches
     from llmopt.evaluation.quality import compare_quality, token_windows
-    from llmopt.evaluation.runners import TorchRunner
+    from llmopt.evaluation.runners import CachedRunner, TorchRunner
     from llmopt.evaluation.text import builtin_text
     from llmopt.model import load_model, resolve_model
     from llmopt.passes.distill import DistillConfig, DistillPass
@@ -96,7 +80,7 @@ def main() -> None:
     samples = args.steps * args.batch_size + max(4, args.steps * args.batch_size // 10)
     windows, _ = calibration_batches(tokenizer, data="builtin", text_field="text", samples=samples,
                                      seq_len=args.seq_len, seed=0, skip_tokens=args.eval_tokens)
-    reference = MemoRunner(TorchRunner(original))
+    reference = CachedRunner(TorchRunner(original))
     damaged = drop_layers(original, DROPPED)
 
     rows = []

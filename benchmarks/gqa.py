@@ -27,11 +27,10 @@ import argparse
 import copy
 import time
 
-import numpy as np
 
 from llmopt.evaluation.calibration import calibration_batches
 from llmopt.evaluation.quality import compare_quality, token_windows
-from llmopt.evaluation.runners import TorchRunner
+from llmopt.evaluation.runners import CachedRunner, TorchRunner
 from llmopt.evaluation.text import builtin_text
 from llmopt.model import ArchInfo, load_model, resolve_model
 from llmopt.passes.distill import DistillConfig, DistillPass
@@ -41,20 +40,6 @@ from llmopt.state import ModelState, PassContext
 TARGET = 0.70  # activation-aware increase / mean-pooling increase, before training
 GAP_TARGET = 0.50  # share of the perplexity gap to the original that distillation closes
 TRAIN_ONLY = ["*.self_attn.*"]
-
-
-class CachedRunner(TorchRunner):
-    """The original model's logits are computed once and reused for every comparison."""
-
-    def __init__(self, model) -> None:
-        super().__init__(model)
-        self.cache: dict[bytes, np.ndarray] = {}
-
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        key = ids.tobytes()
-        if key not in self.cache:
-            self.cache[key] = super().logits(ids)
-        return self.cache[key]
 
 
 def main() -> None:
@@ -97,7 +82,7 @@ def main() -> None:
             steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(max(1, steps // 8), steps - 1),
             eval_every=max(1, steps // 2), eval_fraction=0.05, loss="forward_kl", train_only=TRAIN_ONLY,
             precision="fp32")
-    original = CachedRunner(base)
+    original = CachedRunner(TorchRunner(base))
     base_bytes = arch.kv_cache_bytes_per_token()
 
     rows, ppl, trained_ppl, increases, closed, info = [], {}, {}, {}, {}, None

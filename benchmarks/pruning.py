@@ -53,21 +53,6 @@ BASELINE = "baseline (fp32)"
 FREEZE = ["model.embed_tokens.*"]  # tied to lm_head: the largest matrix stays fixed
 
 
-class CachedRunner:
-    """The baseline's logits, computed once per window and reused for every variant."""
-
-    runtime = "pytorch"
-
-    def __init__(self, runner: Any) -> None:
-        self.runner, self.cache = runner, {}
-
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        key = ids.tobytes()
-        if key not in self.cache:
-            self.cache[key] = self.runner.logits(ids)
-        return self.cache[key]
-
-
 def export_onnx(model: Any, tokenizer: Any, folder: Path) -> Path:
     from optimum.exporters.onnx import onnx_export_from_model
 
@@ -123,7 +108,7 @@ def main() -> None:
 
     from llmopt.evaluation.calibration import calibration_batches
     from llmopt.evaluation.quality import compare_quality, token_windows
-    from llmopt.evaluation.runners import TorchRunner
+    from llmopt.evaluation.runners import CachedRunner, TorchRunner
     from llmopt.evaluation.text import builtin_text
     from llmopt.exporters.base import weight_bytes
     from llmopt.model import load_model, resolve_model

@@ -65,6 +65,23 @@ class TorchRunner:
         return out[0].numpy()
 
 
+class CachedRunner:
+    """Another runner's logits, computed once per window and reused: the reference when many variants are
+    compared with one model (the benchmarks)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner, self.runtime, self.cache = runner, runner.runtime, {}
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        key = ids.tobytes()
+        if key not in self.cache:
+            self.cache[key] = self.runner.logits(ids)
+        return self.cache[key]
+
+    def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+        return self.runner.generate(ids, new_tokens)
+
+
 class OrtRunner:
     runtime = "onnxruntime"
 
