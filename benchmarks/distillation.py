@@ -25,7 +25,6 @@ import copy
 import time
 from typing import Any
 
-
 DROPPED = (20, 21, 22, 23)
 TRAIN_ONLY = ["model.layers.1[6-9].*", "model.layers.2?.*", "model.norm.*"]  # after the drop: layers 16-25
 # Student layer outputs (1-based) -> the original's: the layer before the gap must now produce what the

@@ -27,7 +27,6 @@ import argparse
 import copy
 import time
 
-
 from llmopt.evaluation.calibration import calibration_batches
 from llmopt.evaluation.quality import compare_quality, token_windows
 from llmopt.evaluation.runners import CachedRunner, TorchRunner
