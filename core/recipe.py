@@ -169,9 +169,21 @@ def _raise_validation(exc: ValidationError, where: str, lines: dict[tuple, int],
     )
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a bigger file is a mistake (or an attack)
+
+
 def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
     """Parse and validate recipe YAML text. Raises RecipeError naming file, key path and line."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{where}: the recipe is larger than 1 MiB.", "A recipe is a short YAML file; check the path.")
+    if not text.strip():
+        raise RecipeError(f"{where}: the recipe is empty.", "Start from `llmopt recipes show int4-onnx`.")
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                # Aliases can make a tiny file expand into a huge structure (a "billion laughs"); recipes need none.
+                raise RecipeError(f"{where}:{event.start_mark.line + 1}: YAML aliases (*name) are not allowed in recipes.",
+                                  "Write the value out in full.")
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -181,8 +193,8 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
             f"{at}: the recipe is not valid YAML ({getattr(exc, 'problem', exc)}).",
             "Check indentation and quoting around that line.",
         ) from None
-    if data is None:
-        data = {}
+    if data is None:  # only comments
+        raise RecipeError(f"{where}: the recipe is empty.", "Start from `llmopt recipes show int4-onnx`.")
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}.",
                           "Start from `llmopt recipes show int4-onnx`.")
@@ -250,6 +262,8 @@ def load_recipe(spec: str | Path | Recipe) -> Recipe:
                 f"Give a path to a YAML file or one of: {', '.join(names)}.",
             )
         path = shipped
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"Recipe '{path}' is larger than 1 MiB.", "A recipe is a short YAML file; check the path.")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from llmopt.errors import RecipeError
@@ -77,3 +79,29 @@ def test_every_pass_is_documented_tested_and_used_by_a_shipped_recipe():
         assert (root / "tests" / "passes" / f"test_{pass_type}.py").is_file(), pass_type
         assert cls.__doc__ and len(cls.__doc__) > 40, f"{pass_type} needs a docstring"
         assert pass_type in used, f"no shipped recipe uses {pass_type}"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "the recipe is empty"),
+    ("   \n# only a comment\n", "the recipe is empty"),
+    ("a: &x [1, 2]\nb: [*x, *x]\n", "YAML aliases (*name) are not allowed"),
+    ("seed: 0\n" + "# padding\n" * 120_000, "larger than 1 MiB"),
+])
+def test_empty_huge_and_aliased_recipes_are_refused(text, message, tmp_path):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        parse_recipe(text)
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(path)
+
+
+def test_a_billion_laughs_is_refused_quickly():
+    import time
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+    started = time.perf_counter()
+    with pytest.raises(RecipeError, match="aliases"):
+        parse_recipe(bomb)
+    assert time.perf_counter() - started < 1.0
