@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -363,6 +364,14 @@ def recipes_show(name: str = typer.Argument(..., help="Shipped recipe name.")) -
 def main() -> None:
     """Entry point: run the app, turning library errors into one paragraph and an exit code."""
     debug = bool(os.environ.get("LLMOPT_DEBUG"))
+    terminated: list[int] = []
+
+    def on_sigterm(signum, frame) -> None:
+        # SIGTERM (a CI job cancelled, `kill`) unwinds like Ctrl-C, so partial work is removed the same way.
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         # Without standalone mode click returns typer.Exit's code instead of raising it.
         code = app(standalone_mode=False)
@@ -376,13 +385,14 @@ def main() -> None:
         print_error(exc)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print("Interrupted: nothing was written to the output (partial work is removed).", file=sys.stderr)
+        what = "Terminated (SIGTERM)" if terminated else "Interrupted"
+        print(f"{what}: nothing was written to the output (partial work is removed).", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         # Not sys.exit: when the interrupt arrived inside a C-level PyRun call (torch does some), CPython keeps
         # a flag that makes the process kill itself with SIGINT at exit, whatever code it exits with. The
         # pipeline's `finally` blocks have removed the partial work by now.
-        os._exit(ExitCode.INTERRUPTED)
+        os._exit(ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click's own usage errors and real bugs

@@ -31,6 +31,45 @@ def check_destination(output: Path, force: bool) -> None:
             raise RecipeError(f"Cannot create the output's parent folder '{parent}': {exc}.", "Choose a writable --output.") from None
 
 
+class OutputLock:
+    """`.NAME.lock` beside the output, holding the pid of the run writing it: two runs never share an output.
+
+    A lock whose process is gone (a run that was killed) is taken over.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.path = output.parent / f".{output.name}.lock"
+
+    def __enter__(self) -> "OutputLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None:
+                    raise RecipeError(
+                        f"Another llmopt run (pid {holder}) is writing '{self.path.parent / self.path.name[1:-5]}'.",
+                        "Wait for it to finish, or choose another --output.") from None
+                self.path.unlink(missing_ok=True)  # stale: its run is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise RecipeError(f"Cannot take the lock '{self.path}'.", "Remove it if no llmopt run is using that output.")
+
+    def _holder(self) -> int | None:
+        """The pid in the lock file if that process is alive, else None."""
+        try:
+            pid = int(self.path.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def new_staging(output: Path) -> Path:
     """A fresh folder beside `output` (same file system, so the final move is a rename)."""
     staging = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"

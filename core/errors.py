@@ -12,7 +12,8 @@ class ExitCode:
     INPUT_REJECTED = 3
     RESULT_INVALID = 4
     OUT_OF_RESOURCES = 5
-    INTERRUPTED = 130
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM: 128 + 15, as a shell reports a process ended by it
 
 
 class LlmoptError(Exception):

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from llmopt.artifact import check_destination, new_staging, promote, write_manifest
+from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
 from llmopt.errors import InputError, RecipeError, ResourceError, ResultValidationError
 from llmopt.model import ArchInfo, ModelSource, check_causal_lm, load_config, load_model, resolve_model
 from llmopt.recipe import Recipe, load_recipe
@@ -125,6 +125,17 @@ def _cpu_name() -> str:
 
 def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> Result:
     """Execute a plan. The artifact appears at `output` only when complete (report and manifest included)."""
+    progress = progress or SilentProgress()
+    out = Path(output) if output else plan.output
+    if out is None:
+        raise RecipeError("No output folder given.", "Pass --output DIR.")
+    check_destination(out, force)
+    started = time.perf_counter()
+    with OutputLock(out):
+        return _run_locked(plan, plan.recipe, out, progress, started)
+
+
+def _run_locked(plan: Plan, recipe: Recipe, out: Path, progress: Progress, started: float) -> Result:
     import numpy as np
     import torch
 
@@ -132,16 +143,8 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     from llmopt.evaluation.report import ModelMetrics, PassRecord, Report, SpeedSetup
     from llmopt.state import ModelState, PassContext
 
-    progress = progress or SilentProgress()
-    out = Path(output) if output else plan.output
-    if out is None:
-        raise RecipeError("No output folder given.", "Pass --output DIR.")
-    check_destination(out, force)
-    recipe = plan.recipe
-    started = time.perf_counter()
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
-
     staging = scratch = None
     try:  # entered before anything is created, so an interrupt at any point leaves nothing behind
         staging = new_staging(out)

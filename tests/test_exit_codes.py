@@ -69,7 +69,8 @@ def test_70_internal_error_says_it_is_a_bug(tiny_model_dir, tmp_path, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
-def test_130_interrupted_mid_run_removes_its_staging_folder(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")])
+def test_130_and_143_a_signal_mid_run_removes_its_staging_folder(sig, code, word, tiny_model_dir, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(INT4)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -80,7 +81,26 @@ def test_130_interrupted_mid_run_removes_its_staging_folder(tiny_model_dir, tmp_
     while not any(p.name.startswith(".out.staging-") for p in tmp_path.iterdir()):  # the run is under way
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Interrupted" in err and "Traceback" not in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+    assert proc.returncode == code and word in err and "Traceback" not in err, (proc.returncode, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no output, staging or lock left
+
+
+def test_two_runs_on_one_output_the_second_is_refused(tiny_model_dir, tmp_path):
+    import llmopt
+    from llmopt.errors import RecipeError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(INT4)
+    lock = tmp_path / ".out.lock"
+    lock.write_text(str(os.getpid()))  # a live run holds the output
+    with pytest.raises(RecipeError, match=rf"Another llmopt run \(pid {os.getpid()}\) is writing"):
+        llmopt.optimize(recipe, model=str(tiny_model_dir), output=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and lock.read_text() == str(os.getpid())
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(str(gone.pid))  # a run that was killed: its lock is stale and taken over
+    result = llmopt.optimize(recipe, model=str(tiny_model_dir), output=tmp_path / "out")
+    assert result.output.is_dir() and not lock.exists()
