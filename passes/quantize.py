@@ -31,6 +31,9 @@ class QuantizeConfig(PassConfig):
         default_factory=list, description="Module-name glob patterns to keep in float, e.g. ['lm_head', '*.down_proj']."
     )
     embeddings: bool = Field(False, description="Also quantize the token embedding table (ONNX: GatherBlockQuantized).")
+    awq: bool = Field(False, description="AWQ-style activation-aware scaling first (Lin et al. 2024): per input "
+                                         "channel, scales chosen on calibration activations and folded into the "
+                                         "preceding RMSNorm / up_proj; then rtn or gptq quantizes.")
     act_order: bool = Field(False, description="gptq: quantize columns in order of decreasing input energy (groups "
                                                "keep their RTN range, so they stay contiguous for MatMulNBits).")
     damp: float = Field(0.01, gt=0, le=1, description="gptq: damping added to the Hessian diagonal, as a fraction of "
@@ -74,7 +77,7 @@ class QuantizePass(Pass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.config.method == "gptq"
+        return self.config.method == "gptq" or self.config.awq
 
     def check(self, arch: ArchInfo, where: str) -> ArchInfo:
         g = self.config.group_size
@@ -109,6 +112,8 @@ class QuantizePass(Pass):
         targets = self.targets(model)
         self._untie_if_needed(model, {name for name, _ in targets})
         info: dict = {}
+        if self.config.awq:
+            info.update(self._run_awq(state, ctx, {name for name, m in targets if isinstance(m, torch.nn.Linear)}))
         rest = targets
         if self.config.method == "gptq":
             in_layers = {name: m for name, m in targets
@@ -140,6 +145,21 @@ class QuantizePass(Pass):
             **info,
         }
         return state
+
+    def _run_awq(self, state: ModelState, ctx: PassContext, linears: set[str]) -> dict:
+        """Activation-aware scales folded into the model (its float function unchanged), before quantizing."""
+        import torch
+
+        from llmopt.passes.quantize_awq import apply_awq
+
+        if ctx.calibration is None:
+            raise InputError("awq needs calibration data and none was given.",
+                             "Run it through llmopt.optimize, or pass PassContext(calibration=...).")
+
+        def fake_quantize(w: "torch.Tensor") -> "torch.Tensor":
+            return torch.from_numpy(quantize_rtn(w, "w", "linear", self.config).dequantized())
+
+        return apply_awq(state.model, ctx.calibration(), linears, fake_quantize, ctx.progress, seed=ctx.seed)
 
     def _run_gptq(self, state: ModelState, ctx: PassContext, linears: dict) -> dict:
         """GPTQ on the decoder layers' Linears, recording each one's codes in the state."""

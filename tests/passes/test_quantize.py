@@ -218,3 +218,84 @@ def test_gptq_options_need_method_gptq():
         QuantizeConfig(method="rtn", act_order=True)
     assert QuantizePass(QuantizeConfig(method="gptq")).needs_calibration
     assert not QuantizePass(QuantizeConfig(method="rtn")).needs_calibration
+
+
+# ---- AWQ -------------------------------------------------------------------------------------------------------
+
+def _windows(tokenizer, start: int, count: int, length: int = 64) -> list[np.ndarray]:
+    from llmopt.evaluation.text import builtin_text
+
+    ids = tokenizer(builtin_text()[start:start + 60_000])["input_ids"]
+    return [np.array(ids[i * length:(i + 1) * length], dtype=np.int64) for i in range(count)]
+
+
+def _with_outlier_channels(model):
+    """Real LLMs have a few input channels with huge activations; a random model gets them here."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] *= 20.0
+            layer.post_attention_layernorm.weight[:4] *= 20.0
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])
+def test_awq_scaling_leaves_the_float_model_unchanged(model_type, tiny_tokenizer):
+    from llmopt.passes.quantize_awq import apply_awq
+
+    if model_type == "llama":
+        model = _with_outlier_channels(tiny_llama())
+    else:
+        from transformers import GemmaConfig, GemmaForCausalLM
+
+        torch.manual_seed(0)
+        model = GemmaForCausalLM(GemmaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    ids = torch.from_numpy(_windows(tiny_tokenizer, 0, 1)[0][None])
+    with torch.no_grad():
+        before = model(ids).logits
+    chosen = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
+    config = QuantizeConfig(bits=4, group_size=32, symmetric=True)
+    info = apply_awq(model, _windows(tiny_tokenizer, 10_000, 4), chosen,
+                     lambda w: torch.from_numpy(quantize_rtn(w, "w", "linear", config).dequantized()), lambda *_: None)
+    with torch.no_grad():
+        after = model(ids).logits
+    diff = float((after - before).abs().max() / before.abs().max())
+    print(f"{model_type}: relative max logit change {diff:.2e}, alphas {info['awq_alpha_per_layer']}")
+    assert diff < 1e-4
+    assert len(info["awq_alpha_per_layer"]) == 2 and all(len(a) == 3 for a in info["awq_alpha_per_layer"])
+    assert info["awq_output_error_ratio"] <= 1.0  # alpha = 0 (no scaling) is among the candidates
+
+
+def test_awq_search_protects_channels_with_large_activations():
+    from llmopt.passes.quantize_awq import search_scale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 128, generator=g)
+    x[:, :4] *= 30.0  # outlier channels
+    weights = [torch.randn(64, 128, generator=g) * 0.05 for _ in range(2)]
+    config = QuantizeConfig(bits=4, group_size=32, symmetric=True)
+    s, alpha, plain, scaled = search_scale(x, weights, lambda w: torch.from_numpy(
+        quantize_rtn(w, "w", "linear", config).dequantized()))
+    print(f"alpha {alpha}, output error {plain:.3e} -> {scaled:.3e}")
+    assert alpha > 0 and scaled < 0.7 * plain
+    assert float(s[:4].min()) > float(s[4:].max())  # the outlier channels get the largest scales
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_awq_then_quantize_beats_quantize_alone(method, tiny_tokenizer):
+    from llmopt.evaluation.quality import compare_quality
+    from llmopt.evaluation.runners import TorchRunner
+
+    evaluation = _windows(tiny_tokenizer, 0, 8, 128)
+    calibration = _windows(tiny_tokenizer, 100_000, 16, 128)
+    reference = TorchRunner(_with_outlier_channels(tiny_llama()))
+    kl = {}
+    for awq in (False, True):
+        model = _with_outlier_channels(tiny_llama())
+        config = QuantizeConfig(method=method, awq=awq, bits=4, group_size=32, symmetric=True)
+        state = QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: calibration))
+        for qt in state.quantized.values():  # the exporters' codes are those of the scaled weights
+            np.testing.assert_array_equal(dict(model.named_parameters())[qt.name].detach().numpy(), qt.dequantized())
+        kl[awq] = compare_quality(reference, TorchRunner(model), evaluation).kl_divergence
+    print(f"{method}: KL vs float without / with AWQ: {kl[False]:.5f} / {kl[True]:.5f}")
+    assert kl[True] < 0.8 * kl[False], kl

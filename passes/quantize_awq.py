@@ -1,0 +1,121 @@
+"""AWQ-style activation-aware scaling for `type: quantize` (`awq: true`), before RTN or GPTQ.
+
+Model-running code, imported by QuantizePass.run only (torch at module scope is fine here).
+
+Lin et al. 2024, "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration": input
+channels that carry large activations matter most, and scaling a weight's input channel up by s (and the
+activation down by 1/s) shrinks its relative rounding error. Per group of Linears that read the same input,
+s = mean|x|^alpha, with alpha chosen on calibration activations by a grid search that minimises the output
+error of the quantized Linears; 1/s is folded into the op that produces the input (an RMSNorm's weight, or the
+rows of up_proj for down_proj), so the float model computes exactly the same function before quantization.
+Written here because the AWQ packages (autoawq, llm-compressor) bring their own model wrappers and kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from llmopt.passes.layerwise import capture_layer_inputs, decoder_layers, run_layer
+
+GRID = 20  # alpha in 0, 1/20, ..., 19/20 (the reference implementation's grid)
+MAX_ROWS = 1024  # calibration tokens used to score a scale: enough to rank 20 candidates, cheap to multiply
+
+
+def _groups(layer: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """(name of the op whose output is scaled by 1/s, that op, names of the Linears reading it) in one layer."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [("input_layernorm", layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            ("post_attention_layernorm", layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"]),
+            ("mlp.up_proj", mlp.up_proj, ["mlp.down_proj"])] if hasattr(attn, "q_proj") and hasattr(mlp, "up_proj") else []
+
+
+def _fold_into_previous(prev: nn.Module, s: torch.Tensor) -> None:
+    """Divide prev's output channel c by s[c]: an RMSNorm's weight, or a Linear's rows (and bias)."""
+    with torch.no_grad():
+        if isinstance(prev, nn.Linear):
+            prev.weight.div_(s[:, None])
+            if prev.bias is not None:
+                prev.bias.div_(s)
+        elif "Gemma" in type(prev).__name__:  # Gemma's RMSNorm multiplies by (1 + weight)
+            prev.weight.copy_((1 + prev.weight) / s - 1)
+        else:
+            prev.weight.div_(s)
+
+
+def search_scale(x: torch.Tensor, weights: list[torch.Tensor], fake_quantize: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> tuple[torch.Tensor, float, float, float]:
+    """The per-input-channel scale s (in,) that minimises sum ||x W^T - x (Q(W s) / s)^T||^2 over `weights`.
+
+    x: (N, in) calibration inputs. Returns s, the chosen alpha, the error at alpha = 0 (plain quantization)
+    and the error at the chosen alpha.
+    """
+    mean_abs = x.abs().mean(0).clamp_min(1e-8)  # (in,)
+    reference = [x @ w.T for w in weights]  # (N, out) each
+    best = (None, 0.0, float("inf"))
+    plain = None
+    for step in range(GRID):
+        alpha = step / GRID
+        s = mean_abs.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 (keeps the weights' range moderate)
+        error = sum(float(((x @ (fake_quantize(w * s) / s).T - ref) ** 2).sum()) for w, ref in zip(weights, reference))
+        if step == 0:
+            plain = error
+        if error < best[2]:
+            best = (s, alpha, error)
+    return best[0], best[1], plain, best[2]
+
+
+class _Inputs:
+    """Up to MAX_ROWS input rows of a Linear, gathered by a hook while the layer runs."""
+
+    def __init__(self, module: nn.Linear, seed: int) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.generator = torch.Generator().manual_seed(seed)
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().float().reshape(-1, module.in_features)  # (T, in)
+        self.rows.append(x[torch.randperm(len(x), generator=self.generator)[:MAX_ROWS]])
+
+    def sample(self) -> torch.Tensor:
+        x = torch.cat(self.rows)
+        return x[torch.randperm(len(x), generator=self.generator)[:MAX_ROWS]]
+
+
+def apply_awq(model: Any, batches: list[Any], chosen: set[str], fake_quantize: Callable[[torch.Tensor], torch.Tensor],
+              progress: Callable[[int, int], None], seed: int = 0) -> dict[str, Any]:
+    """Scale every group whose Linears are all in `chosen`, layer by layer; returns what the report records."""
+    layers = decoder_layers(model)
+    inputs = capture_layer_inputs(model, batches)
+    alphas: list[list[float]] = []
+    plain_total = scaled_total = 0.0
+    for i, layer in enumerate(layers):
+        prefix = f"model.layers.{i}."
+        groups = [g for g in _groups(layer) if all(prefix + n in chosen for n in g[2])]
+        hooks = {name: _Inputs(layer.get_submodule(names[0]), seed + i) for name, _, names in groups}
+        try:
+            with torch.no_grad():
+                run_layer(layer, inputs)  # the inputs of this layer's groups (the function is unchanged so far)
+        finally:
+            for hook in hooks.values():
+                hook.handle.remove()
+        layer_alphas = []
+        for name, prev, names in groups:
+            linears = [layer.get_submodule(n) for n in names]
+            s, alpha, plain, scaled = search_scale(hooks[name].sample(), [m.weight.detach().float() for m in linears],
+                                                   fake_quantize)
+            _fold_into_previous(prev, s)
+            with torch.no_grad():
+                for m in linears:
+                    m.weight.mul_(s[None, :])
+            layer_alphas.append(round(alpha, 2))
+            plain_total, scaled_total = plain_total + plain, scaled_total + scaled
+        alphas.append(layer_alphas)
+        with torch.no_grad():
+            inputs = run_layer(layer, inputs)
+        progress(i + 1, len(layers))
+    return {"awq_alpha_per_layer": alphas,
+            "awq_output_error_ratio": round(scaled_total / plain_total, 4) if plain_total else None}
