@@ -169,6 +169,44 @@ def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, **over
     console.print("Dry run: nothing was loaded or written.")
 
 
+def _can_ask() -> bool:
+    return sys.stdin.isatty()
+
+
+@app.command()
+def init(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Folder, .gguf file, hub id or 'demo' (asked for "
+                                        "when missing on a terminal)."),
+    goal: Optional[str] = typer.Option(None, "--goal", "-g", help="A shipped recipe to start from, e.g. int4-onnx "
+                                       "(`llmopt recipes` lists them; asked for when missing on a terminal)."),
+    output: Path = typer.Option(Path("recipe.yaml"), "--output", "-o", help="Recipe file to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Write a starting recipe for a model: a shipped recipe with `model:` set, checked against the model's config."""
+    from llmopt.cli.render import console
+    from llmopt.errors import RecipeError
+    from llmopt.init import init_recipe, write_new_file
+    from llmopt.recipe import find_shipped_recipe, shipped_recipe_names
+
+    if model is None or goal is None:
+        if not _can_ask():
+            raise RecipeError("llmopt init needs --model and --goal when it cannot ask (no terminal, e.g. in CI).",
+                              f"For example: llmopt init --model demo --goal int4-onnx. Goals: "
+                              f"{', '.join(shipped_recipe_names())}.")
+        if model is None:
+            model = typer.prompt("Model (folder, .gguf file, hub id or 'demo')")
+        if goal is None:
+            for name in shipped_recipe_names():
+                summary = find_shipped_recipe(name).read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+                console.print(f"  [bold]{name}[/]  {summary}", soft_wrap=True)
+            goal = typer.prompt("Goal (one of the recipes above)", default="int4-onnx")
+    text = init_recipe(model, goal, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    write_new_file(output, text, force)
+    console.print(f"Wrote {output} ({goal} for {model}); run it with `llmopt optimize {output} --output out/`.")
+
+
 @app.command()
 def inspect(
     model: str = typer.Argument(..., help="Folder, .gguf file, hub id or 'demo'."),
