@@ -90,3 +90,18 @@ def assert_report_matches_schema(folder: Path) -> None:
     schema = json.loads((Path(__file__).resolve().parents[1] / "docs" / "report.schema.json").read_text())
     report = json.loads((Path(folder) / "report.json").read_text())
     jsonschema.Draft202012Validator(schema).validate(report)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_report_matches_the_schema(tmp_path_factory):
+    """After the session: every report.json any test wrote validates against docs/report.schema.json."""
+    yield
+    reports = [p.parent for p in tmp_path_factory.getbasetemp().rglob("report.json")
+               if not p.parent.name.startswith(".")]
+    failures = []
+    for folder in reports:
+        try:
+            assert_report_matches_schema(folder)
+        except Exception as exc:  # jsonschema.ValidationError, or a report that is not JSON at all
+            failures.append(f"{folder}: {str(exc).splitlines()[0]}")
+    assert not failures, "reports that do not match docs/report.schema.json:\n" + "\n".join(failures)
