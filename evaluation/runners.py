@@ -44,6 +44,12 @@ class TorchRunner:
             # forward pass on a CPU, which no one serving the model would do.
             kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, **kwargs)
+        for module in model.modules():
+            if hasattr(module, "quantization_scheme"):
+                # compressed-tensors wraps each unpacked Linear's forward to fake-quantize its weight on every
+                # call; the weight is already on its grid, so the plain forward computes the same numbers
+                # (checked against the in-memory model at export) 2.5x faster on a CPU.
+                module.__dict__.pop("forward", None)
         return cls(model, threads)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
