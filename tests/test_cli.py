@@ -7,9 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 
 
 def llmopt(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -7,8 +7,8 @@ import json
 import pytest
 
 import llmopt
-from tests.conftest import assert_report_matches_schema
 from llmopt.recipe import ChecksConfig, EvaluationConfig, SpeedConfig, load_recipe, shipped_recipe_names
+from tests.conftest import assert_report_matches_schema
 
 SMALL_EVAL = EvaluationConfig(max_tokens=256, window=64, speed=SpeedConfig(prompt_tokens=8, new_tokens=4, runs=1))
 
