@@ -264,7 +264,7 @@ def compare(
 ) -> None:
     """Metrics of several runs side by side: change against the first, significance, and the Pareto front."""
     from llmopt.errors import RecipeError
-    from llmopt.evaluation.compare import compare_many, comparison_to_markdown
+    from llmopt.evaluation.compare import compare_many, comparison_to_markdown, format_value as fmt
 
     if format not in ("table", "md", "json", "html"):
         raise RecipeError(f"Unknown --format '{format}'.", "Use table, md, json or html.")
@@ -274,9 +274,6 @@ def compare(
     c = compare_many(reports, names)
     if format == "table":
         from llmopt.cli.render import console, table
-
-        def fmt(v):
-            return "–" if v is None else (f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}")
 
         body = []
         for i, row in enumerate(c.rows[0]):

@@ -38,6 +38,7 @@ class OutputLock:
     """
 
     def __init__(self, output: Path) -> None:
+        self.output = output
         self.path = output.parent / f".{output.name}.lock"
 
     def __enter__(self) -> "OutputLock":
@@ -48,7 +49,7 @@ class OutputLock:
                 holder = self._holder()
                 if holder is not None:
                     raise RecipeError(
-                        f"Another llmopt run (pid {holder}) is writing '{self.path.parent / self.path.name[1:-5]}'.",
+                        f"Another llmopt run (pid {holder}) is writing '{self.output}'.",
                         "Wait for it to finish, or choose another --output.") from None
                 self.path.unlink(missing_ok=True)  # stale: its run is gone
                 continue

@@ -16,6 +16,7 @@ def init_recipe(model: str, goal: str, *, allow_pickle: bool = False, trust_remo
     two that does (the only setting of the shipped recipes that depends on the model's shape).
     """
     from llmopt.model import ArchInfo, load_config, resolve_model
+    from llmopt.passes.quantize import input_widths
     from llmopt.pipeline import plan
     from llmopt.recipe import find_shipped_recipe, parse_recipe, shipped_recipe_names
 
@@ -27,7 +28,7 @@ def init_recipe(model: str, goal: str, *, allow_pickle: bool = False, trust_remo
     lines = shipped.read_text(encoding="utf-8").splitlines(keepends=True)
     header = [line for line in lines[:1] if line.startswith("#")]
     text = "".join(header) + f"model: {model}\n" + "".join(lines[len(header):])
-    widths = [arch.hidden_size, arch.intermediate_size, arch.num_heads * arch.head_dim]
+    widths = input_widths(arch).values()
 
     def fit(match: re.Match) -> str:
         size = int(match.group(2))
@@ -46,5 +47,9 @@ def write_new_file(path: Path, text: str, force: bool) -> None:
     if path.exists() and not force:
         raise RecipeError(f"'{path}' already exists.", "Pass --force to replace it, or choose another --output.")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RecipeError(f"Cannot write '{path}': {exc.strerror or exc}.", "Choose a writable --output.") from None

@@ -132,10 +132,10 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     check_destination(out, force)
     started = time.perf_counter()
     with OutputLock(out):
-        return _run_locked(plan, plan.recipe, out, progress, started)
+        return _run_locked(plan, out, progress, started)
 
 
-def _run_locked(plan: Plan, recipe: Recipe, out: Path, progress: Progress, started: float) -> Result:
+def _run_locked(plan: Plan, out: Path, progress: Progress, started: float) -> Result:
     import numpy as np
     import torch
 
@@ -143,6 +143,7 @@ def _run_locked(plan: Plan, recipe: Recipe, out: Path, progress: Progress, start
     from llmopt.evaluation.report import ModelMetrics, PassRecord, Report, SpeedSetup
     from llmopt.state import ModelState, PassContext
 
+    recipe = plan.recipe
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     staging = scratch = None
@@ -159,7 +160,8 @@ def _run_locked(plan: Plan, recipe: Recipe, out: Path, progress: Progress, start
             baseline_dir.mkdir()
             plan.exporter.export(ModelState(model, tokenizer), baseline_dir)
 
-        probe = _layer_probe(recipe, tokenizer)
+        windows, text_description = _evaluation_windows(recipe, tokenizer)
+        probe = windows[:2]  # for the per-layer error
         before = hidden_states(model, probe) if probe else None
         records = []
         calibration = _CalibrationSource(recipe, tokenizer)
@@ -181,7 +183,7 @@ def _run_locked(plan: Plan, recipe: Recipe, out: Path, progress: Progress, start
 
         layer_errors = relative_layer_errors(before, hidden_states(state.model, probe)) if before else None
         del before
-        evaluation = _evaluate(plan, state, baseline_dir, staging, timer)
+        evaluation = _evaluate(plan, state, baseline_dir, staging, timer, windows, text_description)
         tasks, task_notes = _tasks(plan, state, timer)
         arch_after = ArchInfo.from_config(state.model.config)
         optimized_params = _count_parameters(state.model)
@@ -290,15 +292,15 @@ def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
     return data
 
 
-def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, timer: _Steps) -> dict[str, Any]:
+def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, timer: _Steps, windows: list[Any],
+              description: str) -> dict[str, Any]:
     """Validate the artifact, then measure baseline and optimized on the artifact's runtime."""
     import gc
 
-    from llmopt.evaluation.quality import CONFIDENCE, compare_quality, generation_samples, token_windows
+    from llmopt.evaluation.quality import CONFIDENCE, compare_quality, generation_samples
     from llmopt.evaluation.report import QualityReport
     from llmopt.evaluation.runners import TorchRunner, load_runner
     from llmopt.evaluation.speed import PeakRss, measure_speed
-    from llmopt.evaluation.text import load_text
     from llmopt.evaluation.validate import validate_artifact
     from llmopt.exporters.base import weight_bytes
 
@@ -353,11 +355,6 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
     result["optimized"]["peak_memory_mb"] = rss_opt.added_mb
 
     with timer("quality (perplexity, KL, top-1)"):
-        text, description = load_text(ev.data, ev.text_field)
-        try:
-            windows = token_windows(tokenizer, text, ev.max_tokens, ev.window)
-        except ValueError as exc:
-            raise InputError(f"Evaluation data: {exc}.", "Use more text or a smaller `evaluation.window`.") from None
         scores = compare_quality(baseline, optimized, windows)
     with timer("generation samples"):
         result["samples"] = generation_samples(baseline, optimized, tokenizer)
@@ -395,18 +392,20 @@ def _tasks(plan: Plan, state: Any, timer: Any) -> tuple[dict[str, Any], list[str
     return scores, []
 
 
-def _layer_probe(recipe: Recipe, tokenizer: Any) -> list[Any]:
-    """The first two evaluation windows, for the per-layer error (none when evaluation is off)."""
+def _evaluation_windows(recipe: Recipe, tokenizer: Any) -> tuple[list[Any], str]:
+    """The evaluation windows and a description of their text, read and tokenized once per run, before the
+    passes (so a text too short for one window fails at once). None when evaluation is off."""
     from llmopt.evaluation.quality import token_windows
     from llmopt.evaluation.text import load_text
 
     ev = recipe.evaluation
     if not ev.enabled:
-        return []
+        return [], ""
+    text, description = load_text(ev.data, ev.text_field)
     try:
-        return token_windows(tokenizer, load_text(ev.data, ev.text_field)[0], 2 * ev.window, ev.window)
-    except ValueError:
-        return []  # too little text: the quality step reports it
+        return token_windows(tokenizer, text, ev.max_tokens, ev.window), description
+    except ValueError as exc:
+        raise InputError(f"Evaluation data: {exc}.", "Use more text or a smaller `evaluation.window`.") from None
 
 
 def _speed_prompt(tokenizer: Any, length: int):

@@ -30,3 +30,12 @@ class PassContext:
     # Returns the model as it was before the pipeline's first pass (torch, eval mode, not to be
     # modified); supplied when the pass sets needs_teacher.
     teacher: Callable[[], Any] | None = None
+
+    def calibration_windows(self, who: str) -> list[Any]:
+        """The calibration windows, or a clear error naming the pass when none were supplied."""
+        if self.calibration is None:
+            from llmopt.errors import InputError
+
+            raise InputError(f"{who} needs calibration data and none was given.",
+                             "Run it through llmopt.optimize, or pass PassContext(calibration=...).")
+        return self.calibration()

@@ -47,6 +47,11 @@ class CompareRow:
     significant: bool | None = None
 
 
+def format_value(v: float | None) -> str:
+    """A metric for a table: '–' when missing, thousands separators for large values, 4 significant digits."""
+    return "–" if v is None else (f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}")
+
+
 def _range(report: Report, metric: str) -> tuple[float, float] | None:
     if metric in INTERVALS and report.quality is not None:
         interval = report.quality.intervals.get(INTERVALS[metric])
@@ -133,9 +138,7 @@ def compare_many(paths: list[str | Path], names: list[str] | None = None) -> Com
 
 
 def rows_to_markdown(rows: list[CompareRow], name_a: str, name_b: str) -> str:
-    def fmt(v: float | None) -> str:
-        return "–" if v is None else (f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}")
-
+    fmt = format_value
     lines = [f"| metric | {name_a} | {name_b} | change | change % |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         mark = "" if r.better is None else (" ✅" if r.better else " ⚠️")
@@ -147,9 +150,7 @@ def rows_to_markdown(rows: list[CompareRow], name_a: str, name_b: str) -> str:
 
 def comparison_to_markdown(c: Comparison) -> str:
     """One table for N runs: each value with its change against the first; * marks a significant change."""
-    def fmt(v: float | None) -> str:
-        return "–" if v is None else (f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}")
-
+    fmt = format_value
     lines = ["| metric | " + " | ".join(c.names) + " |", "|---|" + "---:|" * len(c.names)]
     for i, (label, _, _) in enumerate(METRICS):
         cells = [fmt(c.rows[0][i].a)] if c.rows else []

@@ -85,11 +85,12 @@ def compare_quality(baseline: Runner, optimized: Runner, windows: list[np.ndarra
                      int((lp_base.argmax(-1) == lp_opt.argmax(-1)).sum()), len(ids) - 1))
     sums = WindowSums(*(np.array(column, dtype=np.float64) for column in zip(*rows)))
     predicted = float(sums.predicted.sum())
+    point = {name: float(value[0]) for name, value in sums.metrics().items()}  # every window once
     return QualityScores(
         baseline_perplexity=math.exp(sums.nll_base.sum() / predicted),
-        perplexity=math.exp(sums.nll_opt.sum() / predicted),
-        kl_divergence=float(sums.kl.sum() / predicted),
-        top1_agreement=float(sums.agree.sum() / predicted),
+        perplexity=point["perplexity"],
+        kl_divergence=point["kl_divergence"],
+        top1_agreement=point["top1_agreement"],
         tokens=int(predicted) + len(windows),
         windows=len(windows),
         intervals=bootstrap_intervals(sums),

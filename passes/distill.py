@@ -160,10 +160,7 @@ class DistillPass(Pass):
         return state
 
     def _windows(self, ctx: PassContext) -> list[Any]:
-        if ctx.calibration is None:
-            raise InputError("The distill pass was given no training text.",
-                             "Run it through the pipeline, or pass PassContext(calibration=...).")
-        windows = ctx.calibration()
+        windows = ctx.calibration_windows("The distill pass (its training text)")
         lengths = {len(w) for w in windows}
         if not windows or len(lengths) != 1 or min(lengths) < 2:
             raise InputError(f"distill needs token windows of one length of at least 2 tokens; got {len(windows)} "

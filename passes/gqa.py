@@ -114,10 +114,7 @@ class GqaPass(Pass):
         windows: list[Any] = []
         tokens = 0
         if method == "pca":
-            if ctx.calibration is None:
-                raise InputError("The gqa pass with method 'pca' needs calibration data and none was given.",
-                                 "Run it through llmopt.optimize, or pass PassContext(calibration=...).")
-            windows = ctx.calibration()
+            windows = ctx.calibration_windows("The gqa pass with method 'pca'")
         offset = len(_batches_of(windows, _BATCH))  # progress: calibration batches, then layers
         steps = offset + len(attns)
         if method == "pca":

@@ -218,10 +218,7 @@ class PrunePass(Pass):
             c.method, c.criterion == "magnitude")
         batches: list[Any] = []
         if not data_free:
-            if ctx.calibration is None:
-                raise RecipeError("The prune pass needs calibration data and none was given.",
-                                  "Run it through llmopt.optimize, or pass PassContext(calibration=...).")
-            batches = ctx.calibration()
+            batches = ctx.calibration_windows("The prune pass")
         with torch.no_grad():
             if c.method == "width":
                 info = prune_structured.prune_width(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llmopt.errors import InputError, RecipeError
+from llmopt.errors import RecipeError
 from llmopt.model import ArchInfo
 from llmopt.passes.base import Pass, PassConfig
 from llmopt.quantized import QuantizedTensor
@@ -81,9 +81,7 @@ class QuantizePass(Pass):
 
     def check(self, arch: ArchInfo, where: str) -> ArchInfo:
         g = self.config.group_size
-        dims = {"hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size,
-                "num_heads*head_dim": arch.num_heads * arch.head_dim}
-        bad = {name: dim for name, dim in dims.items() if dim % g}
+        bad = {name: dim for name, dim in input_widths(arch).items() if dim % g}
         if bad:
             raise RecipeError(
                 f"{where}.group_size: {g} does not divide the model's input widths "
@@ -152,14 +150,12 @@ class QuantizePass(Pass):
 
         from llmopt.passes.quantize_awq import apply_awq
 
-        if ctx.calibration is None:
-            raise InputError("awq needs calibration data and none was given.",
-                             "Run it through llmopt.optimize, or pass PassContext(calibration=...).")
 
         def fake_quantize(w: "torch.Tensor") -> "torch.Tensor":
             return torch.from_numpy(quantize_rtn(w, "w", "linear", self.config).dequantized())
 
-        return apply_awq(state.model, ctx.calibration(), linears, fake_quantize, ctx.progress, seed=ctx.seed)
+        return apply_awq(state.model, ctx.calibration_windows("quantize with awq"), linears, fake_quantize,
+                         ctx.progress, seed=ctx.seed)
 
     def _run_gptq(self, state: ModelState, ctx: PassContext, linears: dict) -> dict:
         """GPTQ on the decoder layers' Linears, recording each one's codes in the state."""
@@ -167,11 +163,8 @@ class QuantizePass(Pass):
 
         from llmopt.passes.quantize_gptq import gptq, gptq_decoder_layers
 
-        if ctx.calibration is None:
-            raise InputError("method 'gptq' needs calibration data and none was given.",
-                             "Run it through llmopt.optimize, or pass PassContext(calibration=...).")
         c = self.config
-        windows = ctx.calibration()
+        windows = ctx.calibration_windows("quantize with method 'gptq'")
 
         def quantize_one(name: str, module, hessian) -> float:
             r = gptq(module.weight, hessian, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric,
@@ -205,6 +198,12 @@ class QuantizePass(Pass):
         if (modules[id(head)] in names) != (modules[id(embedding)] in names):
             head.weight = torch.nn.Parameter(head.weight.detach().clone())
             model.config.tie_word_embeddings = False
+
+
+def input_widths(arch: ArchInfo) -> dict[str, int]:
+    """The input widths of the Linears a quantization group runs along: a group size must divide each."""
+    return {"hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size,
+            "num_heads*head_dim": arch.num_heads * arch.head_dim}
 
 
 def group_params(w: "torch.Tensor", bits: int, symmetric: bool) -> tuple["torch.Tensor", "torch.Tensor"]:

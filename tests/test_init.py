@@ -60,3 +60,9 @@ def test_every_kind_of_goal_plans_on_the_tiny_model(goal, tiny_model_dir):
     from llmopt.init import init_recipe
 
     assert f"model: {tiny_model_dir}" in init_recipe(str(tiny_model_dir), goal)
+
+
+def test_an_unwritable_output_is_a_clear_error(tiny_model_dir, tmp_path):
+    target = tmp_path / "missing-folder" / "r.yaml"
+    assert_clean_error(llmopt("init", "--model", str(tiny_model_dir), "--goal", "int4-onnx", "-o", str(target)), 2,
+                       "Cannot write")
