@@ -91,7 +91,8 @@ def _print_summary(report, console) -> None:
         rows += [["KL divergence (nats/token)", "", f"{report.quality.kl_divergence:.4f}"],
                  ["top-1 agreement", "", f"{report.quality.top1_agreement:.2%}"]]
     for check in report.checks:
-        rows.append([f"check {check.name} ≤/≥ {check.threshold}", "", "pass" if check.passed else "FAIL"])
+        sense = "≤" if check.name.startswith("max_") else "≥"  # max_* gates are upper bounds, min_* lower ones
+        rows.append([f"check {check.name} {sense} {check.threshold}", "", "pass" if check.passed else "FAIL"])
     console.print(table(f"llmopt — {report.model['spec']} → {report.export['format']}", ["metric", "baseline", "optimized"], rows))
     for note in report.notes:
         console.print(f"note: {note}", soft_wrap=True)
