@@ -7,7 +7,7 @@ Model-running code, imported inside pass run() methods only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -72,3 +72,31 @@ class InputMoments:
         x = args[0].detach().float().reshape(-1, module.in_features)  # (T, C)
         self.moment += x.T @ x if self.full else (x * x).sum(0)
         self.tokens += x.shape[0]
+
+
+def measured_layers(model: Any, batches: list[Any], attach: Callable[[int, nn.Module], dict[str, Any]],
+                    progress: Callable[[int, int], None]) -> Iterator[tuple[int, nn.Module, dict[str, Any]]]:
+    """Each decoder layer in turn, measured on its calibration inputs as the earlier, already transformed
+    layers produce them.
+
+    `attach(i, layer)` puts probes on the layer ({key: probe}, each with the `handle` of its hook); the
+    calibration inputs then run through the layer once, the probes are removed and yielded with the layer
+    for the caller to transform it, and the transformed layer's outputs become the next layer's inputs.
+    Memory is one layer plus the calibration activations, whatever the depth.
+    """
+    layers = decoder_layers(model)
+    inputs = capture_layer_inputs(model, batches) if batches else []
+    for i, layer in enumerate(layers):
+        probes = attach(i, layer) if inputs else {}
+        if probes:
+            try:
+                with torch.no_grad():
+                    run_layer(layer, inputs)
+            finally:
+                for probe in probes.values():
+                    probe.handle.remove()
+        yield i, layer, probes
+        if inputs:
+            with torch.no_grad():
+                inputs = run_layer(layer, inputs)
+        progress(i + 1, len(layers))

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmopt.passes.layerwise import InputMoments, capture_layer_inputs, run_layer
-from llmopt.passes.prune_structured import Progress, decoder_layers
+from llmopt.passes.layerwise import InputMoments, measured_layers
+from llmopt.passes.prune_structured import Progress
 
 SPARSEGPT_BLOCK = 128  # columns updated together (the paper's lazy batch size)
 SPARSEGPT_DAMP = 0.01  # dampening: 1% of the mean Hessian diagonal, as in the reference code
@@ -20,21 +20,16 @@ SPARSEGPT_DAMP = 0.01  # dampening: 1% of the mean Hessian diagonal, as in the r
 def sparsify(model: Any, batches: list[Any], *, two_four: bool, sparsity: float, criterion: str,
              progress: Progress) -> dict[str, Any]:
     """Zero weights of every Linear inside the decoder layers; returns what the report records."""
-    layers = decoder_layers(model)
-    inputs = capture_layer_inputs(model, batches) if criterion != "magnitude" and sparsity > 0 else []
+    def input_moments(i: int, layer: nn.Module) -> dict[str, InputMoments]:
+        return {name: InputMoments(m, full=criterion == "sparsegpt") for name, m in layer.named_modules()
+                if isinstance(m, nn.Linear)}
+
+    measured = criterion != "magnitude" and sparsity > 0  # magnitude needs no data
     per_layer = []
     zeros = total = 0
-    for i, layer in enumerate(layers):
+    for _, layer, moments in measured_layers(model, batches if measured else [], input_moments, progress):
         linears = [(name, m) for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
         if sparsity > 0:
-            moments = {}
-            if inputs:
-                moments = {name: InputMoments(m, full=criterion == "sparsegpt") for name, m in linears}
-                try:
-                    run_layer(layer, inputs)  # measure the inputs of the layer as it was
-                finally:
-                    for mo in moments.values():
-                        mo.handle.remove()
             for name, m in linears:
                 w = m.weight.detach()
                 if criterion == "sparsegpt":
@@ -45,13 +40,10 @@ def sparsify(model: Any, batches: list[Any], *, two_four: bool, sparsity: float,
                     if criterion == "wanda":
                         score = score * moments[name].moment.sqrt()[None, :]
                     w.masked_fill_(lowest_mask(score, sparsity, two_four, per_row=criterion == "wanda"), 0)
-            if inputs:
-                inputs = run_layer(layer, inputs)  # the next layer sees this layer's pruned output
         layer_zeros = sum(int((m.weight == 0).sum()) for _, m in linears)
         layer_total = sum(m.weight.numel() for _, m in linears)
         per_layer.append(round(layer_zeros / layer_total, 4))
         zeros, total = zeros + layer_zeros, total + layer_total
-        progress(i + 1, len(layers))
 
     achieved = zeros / total if total else 0.0
     record = {"pattern": "2:4" if two_four else "unstructured", "criterion": criterion, "target_sparsity": sparsity,

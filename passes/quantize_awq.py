@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llmopt.passes.layerwise import capture_layer_inputs, decoder_layers, run_layer
+from llmopt.passes.layerwise import measured_layers
 
 GRID = 20  # alpha in 0, 1/20, ..., 19/20 (the reference implementation's grid)
 MAX_ROWS = 1024  # calibration tokens used to score a scale: enough to rank 20 candidates, cheap to multiply
@@ -88,22 +88,15 @@ class _Inputs:
 def apply_awq(model: Any, batches: list[Any], chosen: set[str], fake_quantize: Callable[[torch.Tensor], torch.Tensor],
               progress: Callable[[int, int], None], seed: int = 0) -> dict[str, Any]:
     """Scale every group whose Linears are all in `chosen`, layer by layer; returns what the report records."""
-    layers = decoder_layers(model)
-    inputs = capture_layer_inputs(model, batches)
+    def group_inputs(i: int, layer: nn.Module) -> dict[str, _Inputs]:
+        return {name: _Inputs(layer.get_submodule(names[0]), seed + i) for name, _, names in _groups(layer)
+                if all(f"model.layers.{i}.{n}" in chosen for n in names)}
+
     alphas: list[list[float]] = []
     plain_total = scaled_total = 0.0
-    for i, layer in enumerate(layers):
-        prefix = f"model.layers.{i}."
-        groups = [g for g in _groups(layer) if all(prefix + n in chosen for n in g[2])]
-        hooks = {name: _Inputs(layer.get_submodule(names[0]), seed + i) for name, _, names in groups}
-        try:
-            with torch.no_grad():
-                run_layer(layer, inputs)  # the inputs of this layer's groups (the function is unchanged so far)
-        finally:
-            for hook in hooks.values():
-                hook.handle.remove()
+    for i, layer, hooks in measured_layers(model, batches, group_inputs, progress):
         layer_alphas = []
-        for name, prev, names in groups:
+        for name, prev, names in (g for g in _groups(layer) if g[0] in hooks):
             linears = [layer.get_submodule(n) for n in names]
             s, alpha, plain, scaled = search_scale(hooks[name].sample(), [m.weight.detach().float() for m in linears],
                                                    fake_quantize)
@@ -114,8 +107,5 @@ def apply_awq(model: Any, batches: list[Any], chosen: set[str], fake_quantize: C
             layer_alphas.append(round(alpha, 2))
             plain_total, scaled_total = plain_total + plain, scaled_total + scaled
         alphas.append(layer_alphas)
-        with torch.no_grad():
-            inputs = run_layer(layer, inputs)
-        progress(i + 1, len(layers))
     return {"awq_alpha_per_layer": alphas,
             "awq_output_error_ratio": round(scaled_total / plain_total, 4) if plain_total else None}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from llmopt.errors import InputError
-from llmopt.passes.layerwise import InputMoments, capture_layer_inputs, decoder_layers, run_layer
+from llmopt.passes.layerwise import InputMoments, measured_layers
 from llmopt.passes.quantize import group_params
 
 BLOCK = 128  # columns updated together before the rest of the matrix is (the paper's lazy batch)
@@ -110,25 +110,12 @@ def gptq_decoder_layers(model: Any, batches: list[Any], chosen: dict[str, nn.Lin
     later layers compensate for earlier errors; memory is one layer plus the calibration activations.
     `quantize(name, module, hessian)` quantizes one Linear in place. Returns the damping used per Linear.
     """
-    layers = decoder_layers(model)
-    prefix = {id(layer): f"model.layers.{i}." for i, layer in enumerate(layers)}
-    inputs = capture_layer_inputs(model, batches)
+    def hessians(i: int, layer: nn.Module) -> dict[str, InputMoments]:
+        return {f"model.layers.{i}.{n}": InputMoments(m, full=True) for n, m in layer.named_modules()
+                if isinstance(m, nn.Linear) and f"model.layers.{i}.{n}" in chosen}
+
     damping: dict[str, float] = {}
-    for i, layer in enumerate(layers):
-        linears = {prefix[id(layer)] + n: m for n, m in layer.named_modules()
-                   if isinstance(m, nn.Linear) and prefix[id(layer)] + n in chosen}
-        if linears:
-            moments = {name: InputMoments(m, full=True) for name, m in linears.items()}
-            try:
-                with torch.no_grad():
-                    run_layer(layer, inputs)  # the Hessians of the layer as it is
-            finally:
-                for mo in moments.values():
-                    mo.handle.remove()
-            for name, module in linears.items():
-                mo = moments[name]
-                damping[name] = quantize(name, module, mo.moment / max(mo.tokens, 1))
-        with torch.no_grad():
-            inputs = run_layer(layer, inputs)  # the next layer sees this layer's quantized output
-        progress(i + 1, len(layers))
+    for _, _, moments in measured_layers(model, batches, hessians, progress):
+        for name, mo in moments.items():
+            damping[name] = quantize(name, chosen[name], mo.moment / max(mo.tokens, 1))
     return damping
