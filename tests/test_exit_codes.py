@@ -76,7 +76,10 @@ def test_130_and_143_a_signal_mid_run_removes_its_staging_folder(sig, code, word
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "llmopt", "optimize", str(recipe), "--model", str(tiny_model_dir),
                              "--output", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env,
+                            # A test run started in the background (`cmd &`) ignores SIGINT, and a child inherits
+                            # that: give the child the default, as a terminal's Ctrl-C finds it.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".out.staging-") for p in tmp_path.iterdir()):  # the run is under way
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
