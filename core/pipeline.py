@@ -96,6 +96,8 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
         p = PASSES[pass_config.type](pass_config)
         planned = p.check(planned, where=f"passes[{i}]")
         passes.append(p)
+    for i, p in enumerate(passes):
+        p.check_export(recipe.export.format, where=f"passes[{i}]")
     exporter = EXPORTERS[recipe.export.format](recipe.export)
     exporter.check(planned)
     return Plan(recipe, source, arch, planned, passes, exporter, Path(output) if output else None)

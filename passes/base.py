@@ -32,5 +32,8 @@ class Pass:
         """
         return arch
 
+    def check_export(self, export_format: str, where: str) -> None:
+        """Raise RecipeError at plan time if this pass's result cannot be stored in `export_format`."""
+
     def run(self, state: ModelState, ctx: PassContext) -> ModelState:
         raise NotImplementedError
