@@ -7,8 +7,9 @@ own codes, scales and zero points (never a re-quantization by another tool).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 
@@ -28,6 +29,8 @@ class QuantizedTensor:
     codes: np.ndarray  # uint8 (rows, cols), unsigned codes in [0, 2**bits - 1]
     scales: np.ndarray  # float32 (rows, cols // group_size)
     zero_points: np.ndarray  # uint8 (rows, cols // group_size); 2**(bits-1) everywhere when symmetric
+    # "int8": the layer's input is quantized too, at run time (see dynamic_uint8); needs one group per row.
+    activations: Literal["float", "int8"] = "float"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -39,3 +42,40 @@ class QuantizedTensor:
         codes = self.codes.reshape(rows, groups, self.group_size).astype(np.float32)
         zeros = self.zero_points.astype(np.float32)[:, :, None]
         return ((codes - zeros) * self.scales[:, :, None]).reshape(rows, cols).astype(np.float32)
+
+
+_simulating = [True]  # False while an exporter traces the model: the runtime's own op quantizes instead
+
+
+def dynamic_uint8(x: Any) -> Any:
+    """x as onnxruntime's DynamicQuantizeMatMul sees it: quantized to uint8 with one scale and zero point for
+    the whole tensor, from its range extended to include 0, then dequantized (round half to even, as MLAS)."""
+    import torch
+
+    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    scale = (hi - lo) / 255
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def simulate_int8_activations(module: Any) -> Any:
+    """Make a torch Linear quantize its input as the ONNX artifact will (W8A8); returns the hook handle."""
+
+    def hook(mod: Any, args: tuple) -> tuple | None:
+        if not _simulating[0]:
+            return None
+        return (dynamic_uint8(args[0]), *args[1:])
+
+    return module.register_forward_pre_hook(hook)
+
+
+@contextmanager
+def float_activations() -> Iterator[None]:
+    """Inside: W8A8 layers take float inputs (for tracing the float graph an exporter then rewrites)."""
+    previous = _simulating[0]
+    _simulating[0] = False
+    try:
+        yield
+    finally:
+        _simulating[0] = previous

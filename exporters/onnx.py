@@ -32,7 +32,10 @@ class OnnxExporter(Exporter):
         from optimum.exporters.onnx import onnx_export_from_model
 
         # Validation against PyTorch is ours (after the MatMulNBits rewrite), so optimum's is skipped.
-        onnx_export_from_model(state.model, output=folder, task=TASK, do_validation=False)
+        from llmopt.quantized import float_activations
+
+        with float_activations():  # W8A8 layers: the float graph is traced, then its MatMuls are rewritten
+            onnx_export_from_model(state.model, output=folder, task=TASK, do_validation=False)
         state.tokenizer.save_pretrained(folder)
         info: dict = {"task": TASK, "execution_provider": "CPUExecutionProvider"}
         notes: list[str] = []
@@ -44,7 +47,8 @@ class OnnxExporter(Exporter):
                 folder / "model.onnx", state.quantized.values(),
                 accuracy_level=self.config.accuracy_level, external_data=external,
             )
-            info.update(matmul_nbits=stats.matmul_nbits, gather_block_quantized=stats.gather_block_quantized)
+            info.update(matmul_nbits=stats.matmul_nbits, gather_block_quantized=stats.gather_block_quantized,
+                        dynamic_quantize_matmul=stats.dynamic_quantize_matmul)
             if stats.unmatched:
                 notes.append(f"{len(stats.unmatched)} quantized tensors were not found in the graph and stay float: "
                              + ", ".join(stats.unmatched[:5]))

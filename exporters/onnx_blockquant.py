@@ -44,7 +44,8 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 @dataclass
 class BlockQuantStats:
-    matmul_nbits: int = 0  # MatMul nodes replaced
+    matmul_nbits: int = 0  # MatMul nodes replaced by MatMulNBits
+    dynamic_quantize_matmul: int = 0  # MatMul nodes replaced by DynamicQuantizeMatMul (W8A8)
     gather_block_quantized: int = 0  # Gather nodes replaced
     unmatched: list[str] = field(default_factory=list)  # tensors whose values are in no MatMul/Gather weight
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (tensor name, why it stays float)
@@ -96,6 +97,7 @@ def apply_block_quantization(
     stats.skipped = [(t.name, reasons[t.name]) for t in tensors if t.name in reasons and t.name not in stored]
     stats.unmatched = [t.name for t in tensors if t.name not in stored and t.name not in reasons]
     stats.matmul_nbits = rewriter.counts["MatMul"]
+    stats.dynamic_quantize_matmul = rewriter.counts["W8A8"]
     stats.gather_block_quantized = rewriter.counts["Gather"]
     rewriter.finish()
     if not any(op.domain == MS_DOMAIN for op in model.opset_import) and rewriter.changed:
@@ -141,7 +143,7 @@ class _Rewriter:
                 if init.data_type == TensorProto.FLOAT and len(init.dims) == 2:
                     self.index[op][_content_key(numpy_helper.to_array(init))] = name
         self.replaced: dict[tuple[str, str], str] = {}  # (op, float initializer) -> tensor that replaced it
-        self.counts = {"MatMul": 0, "Gather": 0}
+        self.counts = {"MatMul": 0, "Gather": 0, "W8A8": 0}
         self.changed = False
 
     def replace(self, t: QuantizedTensor, op: str) -> str | None:
@@ -154,6 +156,8 @@ class _Rewriter:
         fresh = [key for key in found if key not in self.replaced]
         if not fresh:
             return f"skip:same values as {self.replaced[found[0]]}, which is already stored in its place"
+        if t.activations == "int8":
+            return self._replace_w8a8(t, fresh) if op == "MatMul" else "skip:W8A8 applies to MatMul weights only"
         zero_points = _packed_zero_points(t)  # None -> ORT's default 2**(bits-1)
         problem = _layout_problem(t)
         if problem is None and op == "Gather":
@@ -187,6 +191,31 @@ class _Rewriter:
                                            domain=MS_DOMAIN, **attrs)
                 node.CopyFrom(new)
                 self.counts[op] += 1
+            self.replaced[key] = t.name
+        self.changed = True
+        return "ok"
+
+    def _replace_w8a8(self, t: QuantizedTensor, fresh: list[tuple[str, str]]) -> str:
+        """MatMul -> DynamicQuantizeMatMul: the input quantized to uint8 per call, the pass's 8-bit codes per column.
+
+        The codes go in as uint8 with their zero point (128 when symmetric) rather than as int8: on x86 CPUs
+        without VNNI, MLAS's u8s8 kernel sums pairs of products in int16 and saturates for full-range int8
+        weights (what onnxruntime's `reduce_range` works around by dropping a bit), while u8u8 is exact.
+        """
+        cols = t.shape[1]  # K
+        if t.bits != 8 or t.group_size != cols:
+            return f"skip:W8A8 needs 8-bit codes with one group per row (got {t.bits} bits, group_size {t.group_size})"
+        base = t.name + "_W8A8"
+        inputs = [self._add(base, np.ascontiguousarray(t.codes.T)),  # (K, N) uint8
+                  self._add(base + "_scale", np.ascontiguousarray(t.scales[:, 0])),  # (N,)
+                  self._add(base + "_zero_point", np.ascontiguousarray(t.zero_points[:, 0]))]  # (N,) uint8
+        for key in fresh:
+            for idx in self.consumers[key[0]][key[1]]:
+                node = self.graph.node[idx]
+                node.CopyFrom(helper.make_node("DynamicQuantizeMatMul", [node.input[0], *inputs], list(node.output),
+                                               name=node.name and node.name + "_DynamicQuantizeMatMul",
+                                               domain=MS_DOMAIN))
+                self.counts["W8A8"] += 1
             self.replaced[key] = t.name
         self.changed = True
         return "ok"

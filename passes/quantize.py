@@ -39,13 +39,49 @@ class QuantizeConfig(PassConfig):
     damp: float = Field(0.01, gt=0, le=1, description="gptq: damping added to the Hessian diagonal, as a fraction of "
                                                       "its mean; raised 10x (at most 3 times) when a Hessian is not "
                                                       "positive definite.")
+    activations: Literal["float", "int8"] = Field(
+        "float", description="int8: W8A8 for the ONNX path, run by onnxruntime's integer kernels "
+                             "(DynamicQuantizeMatMul): each Linear's input is quantized to uint8 at run time with one "
+                             "scale per call (dynamic, per tensor: per token while decoding), weights are int8 with "
+                             "one scale per output channel. Needs bits: 8; group_size does not apply.")
+    smoothquant: bool = Field(False, description="activations int8: SmoothQuant (Xiao et al. 2023) first: activation "
+                                                 "outlier channels scaled down and the weights up by the same factor, "
+                                                 "folded into the preceding RMSNorm / up_proj, migration strength "
+                                                 "searched per layer on calibration activations.")
+    target_bits_per_weight: float | None = Field(
+        None, gt=0, description="Mixed precision: each Linear gets `bits` or 8 bits, chosen by measured sensitivity "
+                                "(output KL on calibration text with only that layer quantized) so that the Linears "
+                                "average at most this many bits per weight, scales and zero points included "
+                                "(int4 g32 symmetric = 5.0, int8 g32 = 9.0). The report lists each layer's bits.")
 
     @model_validator(mode="after")
-    def _gptq_options(self) -> "QuantizeConfig":
+    def _options_that_go_together(self) -> "QuantizeConfig":
         for name in ("act_order", "damp"):
             if name in self.model_fields_set and self.method != "gptq":
                 raise ValueError(f"{name} applies to method: gptq only (method is '{self.method}')")
+        if self.activations == "int8":
+            if self.bits != 8:
+                raise ValueError("activations: int8 needs bits: 8 (onnxruntime's integer matmul is 8-bit)")
+            if "group_size" in self.model_fields_set:
+                raise ValueError("activations: int8 uses one weight scale per output channel; remove group_size")
+            if self.awq:
+                raise ValueError("awq is weight-only scaling; with activations: int8 use smoothquant: true instead")
+            if self.target_bits_per_weight is not None:
+                raise ValueError("target_bits_per_weight (mixed int4/int8) is for weight-only quantization")
+        elif self.smoothquant:
+            raise ValueError("smoothquant applies to activations: int8 only")
+        if self.target_bits_per_weight is not None:
+            low, high = self.bits_per_weight(self.bits), self.bits_per_weight(8)
+            if self.bits == 8:
+                raise ValueError("target_bits_per_weight mixes `bits` with 8 bits: set bits: 4")
+            if not low <= self.target_bits_per_weight <= high:
+                raise ValueError(f"target_bits_per_weight must lie between {low:g} (all {self.bits}-bit) and "
+                                 f"{high:g} (all 8-bit) for group_size {self.group_size}")
         return self
+
+    def bits_per_weight(self, bits: int) -> float:
+        """Storage per weight at `bits`: the code, plus a float32 scale (and a zero point) shared by a group."""
+        return bits + (32 + (0 if self.symmetric else bits)) / self.group_size
 
     @field_validator("group_size")
     @classmethod
@@ -77,9 +113,18 @@ class QuantizePass(Pass):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.config.method == "gptq" or self.config.awq
+        c = self.config
+        return c.method == "gptq" or c.awq or c.smoothquant or c.target_bits_per_weight is not None
+
+    def check_export(self, export_format: str, where: str) -> None:
+        if self.config.activations == "int8" and export_format != "onnx":
+            raise RecipeError(f"{where}.activations: int8 (W8A8) is realised by onnxruntime's integer kernels and "
+                              f"needs export.format: onnx (got {export_format}).",
+                              "Use `export: {format: onnx}`, or weight-only quantization (drop `activations`).")
 
     def check(self, arch: ArchInfo, where: str) -> ArchInfo:
+        if self.config.activations == "int8" and not self.config.embeddings:
+            return arch  # one scale per output channel: any width
         g = self.config.group_size
         bad = {name: dim for name, dim in input_widths(arch).items() if dim % g}
         if bad:
@@ -106,17 +151,24 @@ class QuantizePass(Pass):
     def run(self, state: ModelState, ctx: PassContext) -> ModelState:
         import torch
 
+        c = self.config
         model = state.model
         targets = self.targets(model)
         self._untie_if_needed(model, {name for name, _ in targets})
+        linears = {name for name, m in targets if isinstance(m, torch.nn.Linear)}
         info: dict = {}
-        if self.config.awq:
-            info.update(self._run_awq(state, ctx, {name for name, m in targets if isinstance(m, torch.nn.Linear)}))
+        if c.awq:
+            info.update(self._run_awq(state, ctx, linears))
+        if c.smoothquant:
+            info.update(self._run_smoothquant(state, ctx, linears))
+        bits: dict[str, int] = {}  # Linear name -> bits, when they differ per layer
+        if c.target_bits_per_weight is not None:
+            bits, mixed = self._choose_bits(state, ctx, [(n, m) for n, m in targets if n in linears])
+            info.update(mixed)
         rest = targets
-        if self.config.method == "gptq":
-            in_layers = {name: m for name, m in targets
-                         if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")}
-            info = self._run_gptq(state, ctx, in_layers)
+        if c.method == "gptq":
+            in_layers = {name: m for name, m in targets if name in linears and name.startswith("model.layers.")}
+            info.update(self._run_gptq(state, ctx, in_layers, bits))
             rest = [(name, m) for name, m in targets if name not in in_layers]  # embedding, lm_head: RTN
         embedding = model.get_input_embeddings()
         done: dict[int, QuantizedTensor] = {}  # id(parameter) -> codes: a tied tensor is quantized once
@@ -126,23 +178,39 @@ class QuantizePass(Pass):
                 shared = done.get(id(module.weight))
                 if shared is not None:
                     # Re-quantizing dequantized values is not exact for asymmetric groups; reuse the codes.
-                    qt = replace(shared, name=f"{name}.weight", kind=kind)
+                    qt = replace(shared, name=f"{name}.weight", kind=kind, activations=self._activations(kind))
                 else:
-                    qt = quantize_rtn(module.weight.detach(), f"{name}.weight", kind, self.config)
+                    qt = quantize_rtn(module.weight.detach(), f"{name}.weight", kind, c,
+                                      bits=bits.get(name, c.bits), group_size=self._group_size(module, kind))
+                    qt = replace(qt, activations=self._activations(kind))
                     module.weight.copy_(torch.from_numpy(qt.dequantized()))
                     done[id(module.weight)] = qt
                 state.quantized[qt.name] = qt
                 ctx.progress(i + 1, len(rest))
+        if c.activations == "int8":
+            from llmopt.quantized import simulate_int8_activations
+
+            for name, module in targets:
+                if name in linears:
+                    simulate_int8_activations(module)
         state.pass_info["quantize"] = {
-            "method": self.config.method,
-            "bits": self.config.bits,
-            "group_size": self.config.group_size,
-            "symmetric": self.config.symmetric,
+            "method": c.method,
+            "bits": c.bits,
+            "group_size": "per output channel" if c.activations == "int8" else c.group_size,
+            "symmetric": c.symmetric,
+            "activations": "int8, dynamic per tensor (uint8)" if c.activations == "int8" else "float",
             "quantized_tensors": len(targets),
             "quantized_parameters": int(sum(m.weight.numel() for _, m in targets)),
             **info,
         }
         return state
+
+    def _group_size(self, module, kind: str) -> int:
+        """W8A8 Linears have one group per row (the integer kernels take one scale per output channel)."""
+        return module.weight.shape[1] if self.config.activations == "int8" and kind == "linear" else self.config.group_size
+
+    def _activations(self, kind: str) -> str:
+        return self.config.activations if kind == "linear" else "float"
 
     def _run_awq(self, state: ModelState, ctx: PassContext, linears: set[str]) -> dict:
         """Activation-aware scales folded into the model (its float function unchanged), before quantizing."""
@@ -157,7 +225,7 @@ class QuantizePass(Pass):
         return apply_awq(state.model, ctx.calibration_windows("quantize with awq"), linears, fake_quantize,
                          ctx.progress, seed=ctx.seed)
 
-    def _run_gptq(self, state: ModelState, ctx: PassContext, linears: dict) -> dict:
+    def _run_gptq(self, state: ModelState, ctx: PassContext, linears: dict, bits: dict[str, int]) -> dict:
         """GPTQ on the decoder layers' Linears, recording each one's codes in the state."""
         import torch
 
@@ -167,11 +235,13 @@ class QuantizePass(Pass):
         windows = ctx.calibration_windows("quantize with method 'gptq'")
 
         def quantize_one(name: str, module, hessian) -> float:
-            r = gptq(module.weight, hessian, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric,
+            b, g = bits.get(name, c.bits), self._group_size(module, "linear")
+            r = gptq(module.weight, hessian, bits=b, group_size=g, symmetric=c.symmetric,
                      act_order=c.act_order, damp=c.damp, name=name)
-            qt = QuantizedTensor(name=f"{name}.weight", kind="linear", bits=c.bits, group_size=c.group_size,
+            qt = QuantizedTensor(name=f"{name}.weight", kind="linear", bits=b, group_size=g,
                                  symmetric=c.symmetric, codes=r["codes"].numpy(),
-                                 scales=r["scales"].numpy().astype("float32"), zero_points=r["zero_points"].numpy())
+                                 scales=r["scales"].numpy().astype("float32"), zero_points=r["zero_points"].numpy(),
+                                 activations=c.activations)
             with torch.no_grad():
                 module.weight.copy_(torch.from_numpy(qt.dequantized()))
             state.quantized[qt.name] = qt
@@ -181,6 +251,40 @@ class QuantizePass(Pass):
         retried = sorted(name for name, d in damping.items() if d > c.damp)
         return {"gptq_layers": len(damping), "calibration_tokens": int(sum(len(w) for w in windows)),
                 "act_order": c.act_order, "damp": c.damp, "damp_raised_for": retried}
+
+    def _run_smoothquant(self, state: ModelState, ctx: PassContext, linears: set[str]) -> dict:
+        """SmoothQuant scales folded into the model (its float function unchanged), before quantizing."""
+        import torch
+
+        from llmopt.passes.quantize_smooth import apply_smoothquant
+
+        def fake_quantize(w: "torch.Tensor") -> "torch.Tensor":
+            return torch.from_numpy(quantize_rtn(w, "w", "linear", self.config, group_size=w.shape[1]).dequantized())
+
+        return apply_smoothquant(state.model, ctx.calibration_windows("quantize with smoothquant"), linears,
+                                 fake_quantize, ctx.progress, seed=ctx.seed)
+
+    def _choose_bits(self, state: ModelState, ctx: PassContext, linears: list) -> tuple[dict[str, int], dict]:
+        """Mixed precision: 8 bits for the Linears whose low-bit quantization costs most KL per stored bit."""
+        from llmopt.passes.quantize_mixed import choose_bits, layer_sensitivity
+
+        c = self.config
+
+        def fake_quantize(w: "torch.Tensor", bits: int) -> "torch.Tensor":
+            import torch
+
+            return torch.from_numpy(quantize_rtn(w, "w", "linear", c, bits=bits).dequantized())
+
+        windows = ctx.calibration_windows("quantize with target_bits_per_weight")
+        kl = layer_sensitivity(state.model, windows, linears, lambda w: fake_quantize(w, c.bits), ctx.progress)
+        sizes = {name: m.weight.numel() for name, m in linears}
+        bits = choose_bits(kl, sizes, c.bits_per_weight(c.bits), c.bits_per_weight(8), c.target_bits_per_weight)
+        chosen = {name: (8 if name in bits else c.bits) for name, _ in linears}
+        stored = sum(sizes[n] * c.bits_per_weight(b) for n, b in chosen.items()) / sum(sizes.values())
+        return chosen, {"bits_per_layer": chosen, "bits_per_weight": round(stored, 3),
+                        "target_bits_per_weight": c.target_bits_per_weight,
+                        "sensitivity_kl": {n: round(v, 6) for n, v in kl.items()},
+                        "layers_at_8_bits": len(bits)}
 
     @staticmethod
     def _untie_if_needed(model, names: set[str]) -> None:
@@ -227,12 +331,13 @@ def group_params(w: "torch.Tensor", bits: int, symmetric: bool) -> tuple["torch.
     return scale, torch.clamp(torch.round(-lo / scale), 0, levels)
 
 
-def quantize_rtn(weight, name: str, kind: str, config: QuantizeConfig) -> QuantizedTensor:
-    """Round-to-nearest group quantization of a 2-D float tensor (rows, cols)."""
+def quantize_rtn(weight, name: str, kind: str, config: QuantizeConfig, *, bits: int | None = None,
+                 group_size: int | None = None) -> QuantizedTensor:
+    """Round-to-nearest group quantization of a 2-D float tensor (rows, cols); bits/group_size override the config's."""
     import torch
 
     rows, cols = weight.shape
-    g, bits = config.group_size, config.bits
+    g, bits = group_size or config.group_size, bits or config.bits
     w = weight.float().reshape(rows, cols // g, g)  # (rows, groups, g)
     scale, zeros = group_params(w, bits, config.symmetric)  # (rows, groups)
     codes = torch.clamp(torch.round(w / scale[..., None]) + zeros[..., None], 0, 2**bits - 1)

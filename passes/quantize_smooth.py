@@ -1,0 +1,91 @@
+"""SmoothQuant scaling for W8A8 (`type: quantize`, `activations: int8`, `smoothquant: true`).
+
+Model-running code, imported by QuantizePass.run only (torch at module scope is fine here).
+
+Xiao et al. 2023, "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language Models":
+a few input channels of a Linear carry activations 10-100x larger than the rest, so one activation scale per
+tensor wastes most of the 8-bit range on them. Dividing channel j of the input by s_j and multiplying the
+weight's column j by s_j leaves the float product unchanged and moves the range into the weights, which are
+quantized per output channel and absorb it easily. s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); alpha is
+chosen per group of Linears that read one input by a grid search minimising the output error of the
+quantized product (weights and activations both quantized as the runtime does), which the paper sets by
+hand. 1/s is folded into the op that produces the input, as for AWQ (same groups, same folding).
+Written here because the SmoothQuant implementations (smoothquant, llm-compressor) bring their own model
+wrappers and target other kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from llmopt.passes.layerwise import measured_layers
+from llmopt.passes.quantize_awq import _fold_into_previous, _groups, _Inputs
+from llmopt.quantized import dynamic_uint8
+
+ALPHAS = [i / 10 for i in range(10)]  # 0 = no smoothing
+
+
+class _InputRange(_Inputs):
+    """A sample of the Linear's input rows (for the error) and the max |x| of each channel over all rows."""
+
+    def __init__(self, module: torch.nn.Linear, seed: int) -> None:
+        super().__init__(module, seed)
+        self.channel_max = torch.zeros(module.in_features)
+
+    def _hook(self, module: torch.nn.Module, args: tuple) -> None:
+        super()._hook(module, args)
+        x = args[0].detach().float().reshape(-1, module.in_features)
+        self.channel_max = torch.maximum(self.channel_max, x.abs().amax(0))
+
+
+def search_smoothing(x: torch.Tensor, channel_max: torch.Tensor, weights: list[torch.Tensor],
+                     quantize_weight: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float, float, float]:
+    """The per-input-channel scale s (in,) minimising sum ||x W^T - A(x / s) Q(W s)^T||^2 over `weights`.
+
+    x: (N, in) calibration rows, quantized per tensor as one prefill call would be. Returns s, alpha, the error
+    without smoothing and the error with the chosen s.
+    """
+    weight_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0).clamp_min(1e-8)  # (in,)
+    act_max = channel_max.clamp_min(1e-8)
+    reference = [x @ w.T for w in weights]
+    best: tuple[torch.Tensor, float, float] = (torch.ones_like(act_max), 0.0, float("inf"))
+    plain = float("inf")
+    for alpha in ALPHAS:
+        s = (act_max.pow(alpha) / weight_max.pow(1 - alpha)).clamp_min(1e-5) if alpha else torch.ones_like(act_max)
+        xq = dynamic_uint8(x / s)
+        error = sum(float(((xq @ quantize_weight(w * s).T - ref) ** 2).sum()) for w, ref in zip(weights, reference))
+        if alpha == 0:
+            plain = error
+        if error < best[2]:
+            best = (s, alpha, error)
+    return best[0], best[1], plain, best[2]
+
+
+def apply_smoothquant(model: Any, batches: list[Any], chosen: set[str],
+                      quantize_weight: Callable[[torch.Tensor], torch.Tensor],
+                      progress: Callable[[int, int], None], seed: int = 0) -> dict[str, Any]:
+    """Smooth every group whose Linears are all in `chosen`, layer by layer; returns what the report records."""
+    def group_inputs(i: int, layer: torch.nn.Module) -> dict[str, _InputRange]:
+        return {name: _InputRange(layer.get_submodule(names[0]), seed + i) for name, _, names in _groups(layer)
+                if all(f"model.layers.{i}.{n}" in chosen for n in names)}
+
+    alphas: list[list[float]] = []
+    plain_total = smoothed_total = 0.0
+    for _, layer, probes in measured_layers(model, batches, group_inputs, progress):
+        layer_alphas = []
+        for name, prev, names in (g for g in _groups(layer) if g[0] in probes):
+            linears = [layer.get_submodule(n) for n in names]
+            s, alpha, plain, smoothed = search_smoothing(probes[name].sample(), probes[name].channel_max,
+                                                         [m.weight.detach().float() for m in linears], quantize_weight)
+            if alpha:
+                _fold_into_previous(prev, s)
+                with torch.no_grad():
+                    for m in linears:
+                        m.weight.mul_(s[None, :])
+            layer_alphas.append(alpha)
+            plain_total, smoothed_total = plain_total + plain, smoothed_total + smoothed
+        alphas.append(layer_alphas)
+    return {"smoothquant_alpha_per_layer": alphas,
+            "smoothquant_output_error_ratio": round(smoothed_total / plain_total, 4) if plain_total else None}
