@@ -22,7 +22,9 @@ def validate_artifact(reference: Runner, artifact: Runner, tokenizer, config: On
     for prompt in (PROMPTS * ((config.prompts // len(PROMPTS)) + 1))[: config.prompts]:
         ids = np.asarray(tokenizer(prompt)["input_ids"], dtype=np.int64)
         ref, got = reference.logits(ids), artifact.logits(ids)  # (T, V) each
-        max_diff = max(max_diff, float(np.abs(ref - got).max()))
+        # NaN/Inf (e.g. an fp16 overflow) must fail: Python's max() would silently skip a NaN difference.
+        diff = float(np.abs(ref - got).max()) if np.isfinite(got).all() else float("inf")
+        max_diff = max(max_diff, diff)
         agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
         total += len(ids)
     top1 = agree / total
