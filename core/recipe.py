@@ -220,7 +220,7 @@ def _parse_pass(raw: Any, index: int, where: str, lines: dict[tuple, int]) -> Ba
             "Write it as a mapping, e.g. `- type: quantize`.",
         )
     pass_type = raw["type"]
-    if pass_type not in PASSES:
+    if not isinstance(pass_type, str) or pass_type not in PASSES:  # `type: [..]` is unhashable
         line = lines.get(("passes", index, "type"), "?")
         raise RecipeError(
             f"{where}:{line}: passes[{index}].type: unknown pass type '{pass_type}'.{_closest(pass_type, list(PASSES))}"

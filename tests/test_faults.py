@@ -296,6 +296,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     ("checks: {min_top1_agreement: 1.5}\n", ("checks.min_top1_agreement: Input should be less than or equal to 1",)),
     ("- type: quantize\n", ("a recipe must be a YAML mapping (key: value), got list",)),
     ("passes:\n  - quantize\n", ("passes[0] needs a 'type'",)),
+    ("passes:\n  - type: [quantize]\n", ("r.yaml:2: passes[0].type: unknown pass type '['quantize']'",)),  # fuzz find
     ("", ("the recipe is empty",)),
     ("# nothing but a comment\n", ("the recipe is empty",)),
     (BOMB, ("YAML aliases (*name) are not allowed",)),
@@ -309,7 +310,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     (("passes:\n  - type: prune\n    method: width\n    mlp: 0.25\n    multiple_of: 16\n  - type: quantize\n"
       "    group_size: 64\n"), ("passes[1].group_size: 64 does not divide the model's input widths intermediate_size=96",)),
 ], ids=["wrong-type", "wrong-type-in-pass", "passes-not-a-list", "out-of-range", "out-of-range-check",
-        "not-a-mapping", "pass-without-type", "empty", "only-comments", "alias-bomb", "over-1-MiB", "python-tag",
+        "not-a-mapping", "pass-without-type", "type-is-a-list", "empty", "only-comments", "alias-bomb", "over-1-MiB", "python-tag",
         "prune-after-quantize", "gqa-after-quantize", "quantize-after-prune-misfits"])
 def test_bad_recipe(text, needles, monkeypatch, capsys, sandbox, tiny_model_dir):
     recipe = sandbox / "r.yaml"
