@@ -1,0 +1,238 @@
+"""Peer tools for the benchmarks: onnxruntime-genai's model builder and onnxruntime's dynamic int8 quantization.
+
+Imported by the benchmark scripts (not installed, not product code). What it offers, all stable:
+
+* `ensure_peer_venv()`: a separate virtual environment for the builder (it needs transformers >= 5 and the CPU
+  `onnxruntime`, which clash with llmopt's pins), created once under the cache folder.
+* `demo_hf_folder()`: the demo model (SmolLM2-135M-Instruct, dequantized from its GGUF) as a Hugging Face
+  folder (safetensors + tokenizer) that the builder, and llmopt, can read.
+* `export_optimum_fp32()`: optimum's fp32 ONNX export of a model folder (the format llmopt's ONNX exporter writes).
+* `build_with_genai_builder()`: run the builder in the peer venv; returns the wall time.
+* `ort_dynamic_int8()`: onnxruntime.quantization.quantize_dynamic on an optimum fp32 export; returns the wall time.
+* `GenaiRunner`: llmopt's runner interface (`logits`, `generate`) over a builder folder's model.onnx, driven
+  with onnxruntime.InferenceSession in llmopt's own venv, so builder artifacts are measured by llmopt's
+  metric code on the same onnxruntime as every other row.
+* `load_onnx_runner()`: GenaiRunner for a builder folder, llmopt's OrtRunner for an optimum-format folder.
+* `folder_mb()`: bytes on disk of an artifact folder's weights.
+
+The cache folder is ~/.cache/llmopt-bench (LLMOPT_BENCH_CACHE overrides it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path(os.environ.get("LLMOPT_BENCH_CACHE", "~/.cache/llmopt-bench")).expanduser()
+
+# Pinned to the versions this benchmark was run with, so a figure can be reproduced. torch first, on its own:
+# the CPU wheel of exactly this version is served locally; a bare `torch` would pull the CUDA build (GBs).
+PEER_TORCH = "torch==2.13.0"
+PEER_PACKAGES = (
+    "onnxruntime-genai==0.18.0",
+    "onnxruntime==1.32.0",
+    "transformers==5.23.0",
+    # what the builder imports beyond its declared dependencies (found by running it)
+    "onnx==1.23.2",
+    "onnx-ir==1.1.0",
+)
+BUILDER_PRECISIONS = ("int4", "int8", "fp32")
+
+
+def ensure_peer_venv() -> Path:
+    """The peer venv's python (created and filled once; a marker file records what was installed)."""
+    venv = CACHE / "peer-venv"
+    python = venv / "bin" / "python"
+    marker = venv / "llmopt-bench-packages.txt"
+    wanted = "\n".join((PEER_TORCH, *PEER_PACKAGES))
+    if python.is_file() and marker.is_file() and marker.read_text() == wanted:
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # sys._base_executable: the interpreter behind llmopt's venv, so the new venv does not nest in it.
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, PEER_TORCH], check=True)
+    subprocess.run([*pip, *PEER_PACKAGES], check=True)
+    marker.write_text(wanted)
+    return python
+
+
+def peer_versions() -> dict[str, str]:
+    """Installed versions of the peer venv's main packages."""
+    python = ensure_peer_venv()
+    code = ("import importlib.metadata as m, json; print(json.dumps({n: m.version(n) for n in "
+            "('onnxruntime-genai', 'onnxruntime', 'transformers', 'torch')}))")
+    return json.loads(subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout)
+
+
+def demo_hf_folder(spec: str = "demo") -> Path:
+    """The model `spec` resolves to, saved once as a Hugging Face folder (float32 safetensors + tokenizer).
+
+    For `demo` that is the GGUF dequantized by transformers, exactly what llmopt loads; saving it once also
+    spares every later load the GGUF dequantization (about 40 s on 2 cores).
+    """
+    from llmopt.model import load_model, resolve_model
+
+    source = resolve_model(spec)
+    name = Path(source.gguf_file or source.path).name
+    folder = CACHE / "hf" / name.replace(".", "_")
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    model, tokenizer = load_model(source)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)  # complete or absent: an interrupted save is never mistaken for a cached one
+    return folder
+
+
+def export_optimum_fp32(model_dir: Path, out_dir: Path) -> float:
+    """optimum's fp32 ONNX export (KV cache) of a model folder, with its tokenizer; returns the wall time."""
+    import torch
+    from optimum.exporters.onnx import onnx_export_from_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
+    onnx_export_from_model(model, output=Path(out_dir), task="text-generation-with-past", do_validation=False)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    return time.perf_counter() - start
+
+
+def build_with_genai_builder(hf_dir: Path, out_dir: Path, precision: str,
+                             extra_options: dict[str, object] | None = None) -> float:
+    """Build `out_dir` from `hf_dir` with onnxruntime-genai's builder for the CPU; returns the wall time.
+
+    extra_options are the builder's `--extra_options k=v` (e.g. {"block_size": 32}, {"is_symmetric": False},
+    {"algo_config": "k_quant"}); its int4/int8 default is symmetric RTN in blocks of 32 with accuracy_level 4
+    (int8 activations inside MatMulNBits) on the CPU.
+    """
+    if precision not in BUILDER_PRECISIONS:
+        raise ValueError(f"precision must be one of {BUILDER_PRECISIONS}, got {precision!r}")
+    python = ensure_peer_venv()
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    command = [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
+               "-p", precision, "-e", "cpu", "-c", str(CACHE / "builder-cache")]
+    if extra_options:
+        command += ["--extra_options", *(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                         for k, v in extra_options.items())]
+    start = time.perf_counter()
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0 or not (out_dir / "model.onnx").is_file():
+        raise RuntimeError(f"the genai builder failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def ort_dynamic_int8(fp32_onnx_dir: Path, out_dir: Path) -> float:
+    """onnxruntime's dynamic quantization of an optimum fp32 export: int8 weights per output channel,
+    activations quantized at run time (MatMulInteger / DynamicQuantizeLinear). Returns the wall time.
+
+    The other files of the export (config, tokenizer) are copied so that the folder loads like the original.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32_onnx_dir, out_dir = Path(fp32_onnx_dir), Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    for item in fp32_onnx_dir.iterdir():
+        if item.is_file() and not item.name.startswith("model.onnx"):
+            shutil.copy2(item, out_dir / item.name)
+    start = time.perf_counter()
+    quantize_dynamic(fp32_onnx_dir / "model.onnx", out_dir / "model.onnx", per_channel=True,
+                     weight_type=QuantType.QInt8)
+    return time.perf_counter() - start
+
+
+def folder_mb(folder: Path) -> float:
+    """MB (1e6 bytes) of the ONNX graph and weight files in `folder` (tokenizer and configs not counted)."""
+    from llmopt.exporters.base import weight_bytes
+
+    return weight_bytes(Path(folder)) / 1e6
+
+
+class GenaiRunner:
+    """llmopt's runner interface (evaluation/runners.py) over a builder folder, with plain onnxruntime.
+
+    Written by hand because llmopt's OrtRunner drives optimum's format, and onnxruntime-genai's own Generator
+    would put a second runtime (another onnxruntime build) under the timings. The layout comes from
+    genai_config.json: inputs input_ids (B, T) and attention_mask (B, past + T) — GroupQueryAttention derives
+    the positions from the mask — and per layer a KV cache (B, kv_heads, past, head_dim) in, present
+    (B, kv_heads, past + T, head_dim) out.
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(self, folder: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        decoder = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(folder / decoder["filename"]), options,
+                                            providers=["CPUExecutionProvider"])
+        self.threads = threads or len(os.sched_getaffinity(0))
+        names_in, names_out = decoder["inputs"], decoder["outputs"]
+        layers = decoder["num_hidden_layers"]
+        self.ids_name, self.mask_name = names_in["input_ids"], names_in["attention_mask"]
+        self.past_names = [names_in[k] % i for i in range(layers) for k in ("past_key_names", "past_value_names")]
+        self.present_names = [names_out[k] % i for i in range(layers)
+                              for k in ("present_key_names", "present_value_names")]
+        self.output_names = [names_out["logits"], *self.present_names]
+        declared = {i.name for i in self.session.get_inputs()}
+        missing = {self.ids_name, self.mask_name, *self.past_names} - declared
+        if missing or declared - {self.ids_name, self.mask_name, *self.past_names}:
+            raise ValueError(f"{folder}: model inputs {sorted(declared)} do not match genai_config.json "
+                             "(this runner handles the plain GroupQueryAttention layout only)")
+        cache_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
+        self.cache_dtype = np.float16 if "float16" in cache_type else np.float32
+        self.empty_cache_shape = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
+
+    def _forward(self, ids: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ids (1, T) after `cache` (past tokens) -> logits (1, T, V) float32 and the new cache."""
+        total = cache[0].shape[2] + ids.shape[1]
+        feeds = {self.ids_name: ids, self.mask_name: np.ones((1, total), dtype=np.int64),
+                 **dict(zip(self.past_names, cache))}
+        logits, *present = self.session.run(self.output_names, feeds)
+        return logits.astype(np.float32, copy=False), present
+
+    def _empty_cache(self) -> list[np.ndarray]:
+        return [np.zeros(self.empty_cache_shape, dtype=self.cache_dtype) for _ in self.past_names]
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        logits, _ = self._forward(ids[None].astype(np.int64), self._empty_cache())
+        return logits[0]  # (T, V)
+
+    def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+        """Greedy, with the KV cache, exactly `new_tokens` tokens (no stop at end-of-sequence, as TorchRunner)."""
+        out = [int(t) for t in ids]
+        logits, cache = self._forward(ids[None].astype(np.int64), self._empty_cache())
+        for step in range(new_tokens):
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            if step + 1 < new_tokens:
+                logits, cache = self._forward(np.array([[token]], dtype=np.int64), cache)
+        return np.asarray(out, dtype=np.int64)
+
+
+def load_onnx_runner(folder: Path, threads: int | None = None):
+    """A runner for an ONNX folder: GenaiRunner for the builder's format, llmopt's own for optimum's."""
+    if (Path(folder) / "genai_config.json").is_file():
+        return GenaiRunner(folder, threads)
+    from llmopt.evaluation.runners import load_runner
+
+    return load_runner(Path(folder), "onnx", threads)
