@@ -1,4 +1,4 @@
-"""ONNX: optimum's exporter (KV cache), then the pass's own quantized weights as MatMulNBits."""
+"""ONNX: optimum's exporter (KV cache), then the pass's own quantized weights as MatMulNBits, then fusions."""
 
 from __future__ import annotations
 
@@ -54,4 +54,20 @@ class OnnxExporter(Exporter):
                              + ", ".join(stats.unmatched[:5]))
             for name, reason in stats.skipped:
                 notes.append(f"{name} kept in float in the ONNX graph: {reason}")
+        if state.graph_fusions is not None:  # after MatMulNBits: its weights are found by their float values
+            notes += self._fuse(state, folder, info)
         return ExportResult(folder, notes, info)
+
+    def _fuse(self, state: ModelState, folder: Path, info: dict) -> list[str]:
+        from llmopt.exporters.onnx_fuse import attention_shape, fuse_file
+
+        external = {"auto": None, "always": True, "never": False}[self.config.external_data]
+        stats = fuse_file(folder / "model.onnx", attention_shape(state.model.config), external_data=external,
+                          **state.graph_fusions)
+        info["fused_ops"] = stats.counts
+        info["graph_nodes"] = {"before_fusion": stats.nodes_before, "after_fusion": stats.nodes_after}
+        notes = list(stats.unfused)
+        if stats.counts.get("GroupQueryAttention"):
+            notes.append("GroupQueryAttention derives the causal mask from attention_mask's row sums: batches must "
+                         "be right-padded (or batch 1), not left-padded.")
+        return notes

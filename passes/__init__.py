@@ -2,6 +2,7 @@
 
 from llmopt.passes.base import Pass, PassConfig
 from llmopt.passes.distill import DistillPass
+from llmopt.passes.fuse import FusePass
 from llmopt.passes.gqa import GqaPass
 from llmopt.passes.prune import PrunePass
 from llmopt.passes.quantize import QuantizePass
@@ -11,6 +12,7 @@ PASSES: dict[str, type[Pass]] = {
     "distill": DistillPass,
     "gqa": GqaPass,
     "prune": PrunePass,
+    "fuse": FusePass,
 }
 
 __all__ = ["PASSES", "Pass", "PassConfig"]

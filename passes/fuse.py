@@ -1,0 +1,49 @@
+"""`type: fuse` — the exported ONNX graph rewritten to onnxruntime's fused operators."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from llmopt.errors import RecipeError
+from llmopt.passes.base import Pass, PassConfig
+from llmopt.state import ModelState, PassContext
+
+
+class FuseConfig(PassConfig):
+    type: Literal["fuse"] = "fuse"
+    attention: bool = Field(True, description="Attention with its KV cache -> GroupQueryAttention (the cache keeps "
+                                              "optimum's layout, so ORTModelForCausalLM drives the fused model).")
+    rotary: bool = Field(True, description="Rotary position embedding -> RotaryEmbedding.")
+    norms: bool = Field(True, description="RMSNorm -> SimplifiedLayerNormalization, RMSNorm + residual -> "
+                                          "SkipSimplifiedLayerNormalization (LayerNorm likewise).")
+    activations: bool = Field(True, description="SiLU -> QuickGelu(alpha=1), tanh/erf GELU -> FastGelu/Gelu.")
+
+
+class FusePass(Pass):
+    """Operator fusion for onnxruntime, applied by the ONNX exporter to the graph it exports.
+
+    Nothing changes in the torch model: fusion is a property of the ONNX graph (a merged QKV projection
+    or a fused attention is no Hugging Face checkpoint format), so this pass records the request and the
+    exporter rewrites the graph after export (and after storing quantized weights as MatMulNBits). The
+    fused ops and what stayed unfused are listed in the report's export section and notes.
+    """
+
+    type = "fuse"
+    Config = FuseConfig
+    config: FuseConfig
+
+    def check_export(self, export_format: str, where: str) -> None:
+        if export_format != "onnx":
+            raise RecipeError(
+                f"{where}.type: fuse rewrites the exported ONNX graph to onnxruntime's fused operators and needs "
+                f"export.format: onnx (got {export_format}).",
+                "Use `export: {format: onnx}`, or remove the fuse pass: a safetensors checkpoint has no graph to fuse.")
+
+    def run(self, state: ModelState, ctx: PassContext) -> ModelState:
+        switches = self.config.model_dump(exclude={"type"})
+        state.graph_fusions = switches
+        state.pass_info["fuse"] = {"requested": [name for name, on in switches.items() if on],
+                                   "applied_by": "ONNX exporter"}
+        return state
