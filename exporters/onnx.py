@@ -39,6 +39,10 @@ class OnnxExporter(Exporter):
         state.tokenizer.save_pretrained(folder)
         info: dict = {"task": TASK, "execution_provider": "CPUExecutionProvider"}
         notes: list[str] = []
+        if state.graph_fusions is not None:
+            # Before MatMulNBits/GatherBlockQuantized: onnxruntime's fusions need its shape inference, which
+            # does not know GatherBlockQuantized. The fusions keep every MatMul weight, so those are still found.
+            notes += self._fuse(state, folder, info)
         if state.quantized:
             from llmopt.exporters.onnx_blockquant import apply_block_quantization
 
@@ -54,8 +58,6 @@ class OnnxExporter(Exporter):
                              + ", ".join(stats.unmatched[:5]))
             for name, reason in stats.skipped:
                 notes.append(f"{name} kept in float in the ONNX graph: {reason}")
-        if state.graph_fusions is not None:  # after MatMulNBits: its weights are found by their float values
-            notes += self._fuse(state, folder, info)
         return ExportResult(folder, notes, info)
 
     def _fuse(self, state: ModelState, folder: Path, info: dict) -> list[str]:
