@@ -26,8 +26,9 @@ class FusePass(Pass):
 
     Nothing changes in the torch model: fusion is a property of the ONNX graph (a merged QKV projection
     or a fused attention is no Hugging Face checkpoint format), so this pass records the request and the
-    exporter rewrites the graph after export (and after storing quantized weights as MatMulNBits). The
-    fused ops and what stayed unfused are listed in the report's export section and notes.
+    ONNX exporter rewrites the graph right after optimum's export; a quantize pass's weights are then
+    stored as MatMulNBits in the fused graph. The fused-op counts are in the report's export section, and
+    what stayed unfused (with why) in its notes.
     """
 
     type = "fuse"
