@@ -16,6 +16,8 @@ class ModelState:
     quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
     # Facts for the report (e.g. {"quantize": {"layers": 211, "bits": 4}}), keyed by pass type.
     pass_info: dict[str, Any] = field(default_factory=dict)
+    # Storage precision the exporter converts to, set by `half`: {"dtype": "float16", "keep_fp32": [module names]}.
+    precision: dict[str, Any] | None = None
     # ONNX graph fusions the fuse pass asked for ({"attention": True, ...}); the ONNX exporter applies them.
     graph_fusions: dict[str, bool] | None = None
 

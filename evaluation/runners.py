@@ -43,7 +43,10 @@ class TorchRunner:
             # Unpacked once at load into plain Linears: run_compressed would unpack every weight on every
             # forward pass on a CPU, which no one serving the model would do.
             kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True, **kwargs)
+        # A half-precision checkpoint is measured as it would run: in its own dtype.
+        stored = config.get("dtype") or config.get("torch_dtype")
+        dtype = getattr(torch, stored) if stored in ("float16", "bfloat16") else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, **kwargs)
         for module in model.modules():
             if hasattr(module, "quantization_scheme"):
                 # compressed-tensors wraps each unpacked Linear's forward to fake-quantize its weight on every

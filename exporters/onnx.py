@@ -58,6 +58,14 @@ class OnnxExporter(Exporter):
                              + ", ".join(stats.unmatched[:5]))
             for name, reason in stats.skipped:
                 notes.append(f"{name} kept in float in the ONNX graph: {reason}")
+        if state.precision is not None:  # last: the rewrites above find weights by their float32 values
+            from llmopt.exporters.onnx_fp16 import convert_to_fp16
+
+            external = {"auto": None, "always": True, "never": False}[self.config.external_data]
+            stats = convert_to_fp16(folder / "model.onnx", state.precision["keep_fp32"], external)
+            info.update(dtype="float16", fp32_nodes=stats["fp32_nodes"])
+            notes.append(f"fp16 graph: {stats['fp32_nodes']} of {stats['nodes']} nodes kept in fp32 (normalisations, "
+                         "softmax, overflowing modules); inputs and outputs stay float32.")
         return ExportResult(folder, notes, info)
 
     def _fuse(self, state: ModelState, folder: Path, info: dict) -> list[str]:

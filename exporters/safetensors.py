@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmopt.errors import InputError
 from llmopt.exporters.base import Exporter, ExportResult
 from llmopt.quantized import QuantizedTensor
 from llmopt.state import ModelState
@@ -23,11 +24,14 @@ class SafetensorsExporter(Exporter):
     def export(self, state: ModelState, folder: Path) -> ExportResult:
         packed, unpacked = split_packable(state)
         notes = []
+        dtype = self._storage_dtype(state)
         if packed:
-            self._write_packed(state, folder, packed)
+            self._write_packed(state, folder, packed, dtype)
         else:
             # save_pretrained handles tied weights and sharding, and writes config + generation config.
-            state.model.save_pretrained(folder, safe_serialization=True)
+            state.model.save_pretrained(folder, safe_serialization=True, state_dict=_cast(state.model.state_dict(), dtype))
+        if dtype is not None:
+            _set_config_dtype(folder, dtype)
         state.tokenizer.save_pretrained(folder)
         if unpacked:
             notes.append(
@@ -35,7 +39,7 @@ class SafetensorsExporter(Exporter):
                 "symmetric linear weights only; asymmetric groups and quantized embeddings stay float): those tensors "
                 "are not smaller on disk, the quality figures are those of the quantized model.")
         storage = "pack-quantized" if packed else ("dequantized" if unpacked else "none")
-        info: dict[str, Any] = {"dtype": "float32", "quantized_storage": storage, "packed_tensors": len(packed),
+        info: dict[str, Any] = {"dtype": str(dtype or "torch.float32").removeprefix("torch."), "quantized_storage": storage, "packed_tensors": len(packed),
                                 "dequantized_tensors": len(unpacked)}
         if packed:
             notes.append(f"{len(packed)} linear weights stored as compressed-tensors pack-quantized "
@@ -43,7 +47,24 @@ class SafetensorsExporter(Exporter):
         return ExportResult(folder, notes, info)
 
     @staticmethod
-    def _write_packed(state: ModelState, folder: Path, packed: dict[str, QuantizedTensor]) -> None:
+    def _storage_dtype(state: ModelState) -> Any:
+        """The dtype `half` asked for (None: as the model is); float16 is refused when it would overflow."""
+        if state.precision is None:
+            return None
+        import torch
+
+        overflow = state.pass_info.get("half", {}).get("overflowing_modules", {})
+        if state.precision["dtype"] == "float16" and overflow:
+            name, peak = max(overflow.items(), key=lambda kv: kv[1])
+            raise InputError(f"half: {len(overflow)} module(s) produce activations beyond fp16's safe range on the "
+                             f"calibration text (largest: {name}, {peak:,.0f}; fp16 ends at 65,504), and a "
+                             "safetensors checkpoint loads in one dtype, so nothing can stay fp32.",
+                             "Use dtype: bfloat16 (float32's range), or export.format: onnx, which keeps those "
+                             "modules in fp32.")
+        return getattr(torch, state.precision["dtype"])
+
+    @staticmethod
+    def _write_packed(state: ModelState, folder: Path, packed: dict[str, QuantizedTensor], dtype: Any = None) -> None:
         import torch
         from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
         from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
@@ -56,9 +77,9 @@ class SafetensorsExporter(Exporter):
             # compressed-tensors holds signed codes (q - 2^(bits-1)) with a zero point of 0 for symmetric groups.
             signed = torch.from_numpy(qt.codes.astype("int16") - 2 ** (qt.bits - 1)).to(torch.int8)
             tensors[f"{base}.weight_packed"] = pack_to_int32(signed, qt.bits)  # (out, in * bits / 32) int32
-            tensors[f"{base}.weight_scale"] = torch.from_numpy(qt.scales).to(model.dtype)  # (out, groups)
+            tensors[f"{base}.weight_scale"] = torch.from_numpy(qt.scales).to(dtype or model.dtype)  # (out, groups)
             tensors[f"{base}.weight_shape"] = torch.tensor(qt.shape, dtype=torch.int32)
-        model.save_pretrained(folder, state_dict=tensors, safe_serialization=True)
+        model.save_pretrained(folder, state_dict=_cast(tensors, dtype), safe_serialization=True)
 
         first = next(iter(packed.values()))
         linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -92,3 +113,30 @@ def split_packable(state: ModelState) -> tuple[dict[str, QuantizedTensor], dict[
     layout = Counter((qt.bits, qt.group_size) for qt in candidates.values()).most_common(1)[0][0]
     packed = {n: qt for n, qt in candidates.items() if (qt.bits, qt.group_size) == layout}
     return packed, {n: qt for n, qt in state.quantized.items() if n not in packed}
+
+
+def _cast(tensors: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """Float tensors cast to `dtype`, once per storage so that tied weights stay shared (saved once)."""
+    if dtype is None:
+        return tensors
+    done: dict[int, Any] = {}
+    out = {}
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            key = t.data_ptr()
+            if key not in done:
+                done[key] = t.detach().to(dtype)
+            out[name] = done[key]
+        else:
+            out[name] = t
+    return out
+
+
+def _set_config_dtype(folder: Path, dtype: Any) -> None:
+    path = folder / "config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    name = str(dtype).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):
+        if key in data or key == "torch_dtype":
+            data[key] = name
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

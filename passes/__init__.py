@@ -4,6 +4,7 @@ from llmopt.passes.base import Pass, PassConfig
 from llmopt.passes.distill import DistillPass
 from llmopt.passes.fuse import FusePass
 from llmopt.passes.gqa import GqaPass
+from llmopt.passes.half import HalfPass
 from llmopt.passes.prune import PrunePass
 from llmopt.passes.quantize import QuantizePass
 
@@ -13,6 +14,7 @@ PASSES: dict[str, type[Pass]] = {
     "gqa": GqaPass,
     "prune": PrunePass,
     "fuse": FusePass,
+    "half": HalfPass,
 }
 
 __all__ = ["PASSES", "Pass", "PassConfig"]
