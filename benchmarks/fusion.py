@@ -1,0 +1,155 @@
+"""Operator fusion on the demo model: optimum's fp32 export vs llmopt's fused fp32 and int4, and
+onnxruntime-genai's model builder fp32 and int4, side by side in one run.
+
+    python benchmarks/fusion.py [--threads 2] [--rounds 5] [--prompt-tokens 64] [--new-tokens 32]
+
+Every artifact is driven by the same plain onnxruntime loop (peers.plain_onnx_runner: InferenceSession and
+numpy, CPU EP; not transformers' generate(), whose per-step cost would hide the graphs' differences) and
+timed by llmopt's own measure_speed (prefill of one prompt at batch 1, greedy decode with the KV cache);
+`--reuse` measures the folders of an earlier run without building them again. The models take turns, one
+measurement each per round, and the median over rounds is printed, so load from other processes on the
+machine falls on all rows alike. int4 on both sides: symmetric RTN, blocks of 32, accuracy_level 4
+(the builder's CPU default). The last column is each artifact's largest logit difference from optimum's
+fp32 export on the validation prompts (same weights for the fp32 rows, quantization error for int4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import (  # noqa: E402  (the benchmarks folder is not a package)
+    CACHE,
+    build_with_genai_builder,
+    demo_hf_folder,
+    export_optimum_fp32,
+    folder_mb,
+    plain_onnx_runner,
+)
+
+
+def llmopt_export(model, tokenizer, out: Path, *, int4: bool) -> tuple[float, dict]:
+    """llmopt's ONNX exporter with the fuse pass (and RTN int4 first when asked); returns time and info."""
+    from llmopt.exporters.onnx import OnnxExporter
+    from llmopt.passes.fuse import FuseConfig, FusePass
+    from llmopt.passes.quantize import QuantizeConfig, QuantizePass
+    from llmopt.recipe import ExportConfig
+    from llmopt.state import ModelState, PassContext
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    state = ModelState(model, tokenizer)
+    if int4:
+        config = QuantizeConfig(bits=4, group_size=32, symmetric=True, embeddings=True)
+        state = QuantizePass(config).run(state, PassContext())
+    state = FusePass(FuseConfig()).run(state, PassContext())
+    result = OnnxExporter(ExportConfig(accuracy_level=4 if int4 else 0)).export(state, out)
+    return time.perf_counter() - start, result.info
+
+
+def logit_gap(reference, runner, tokenizer) -> float:
+    from llmopt.evaluation.validate import PROMPTS
+
+    worst = 0.0
+    for prompt in PROMPTS[:3]:
+        ids = np.asarray(tokenizer(prompt)["input_ids"], dtype=np.int64)
+        worst = max(worst, float(np.abs(reference.logits(ids) - runner.logits(ids)).max()))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--work", type=Path, default=CACHE / "fusion")
+    parser.add_argument("--reuse", action="store_true", help="measure the artifacts of an earlier run as they are")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = demo_hf_folder()
+    work = args.work
+    folders: dict[str, Path] = {}
+    build_s: dict[str, float] = {}
+    notes: list[str] = []
+
+    if args.reuse:
+        return measure(args, {name: work / sub for name, sub in FOLDERS.items()}, {}, [])
+    folders["optimum fp32 (unfused)"] = work / "optimum-fp32"
+    shutil.rmtree(folders["optimum fp32 (unfused)"], ignore_errors=True)
+    build_s["optimum fp32 (unfused)"] = export_optimum_fp32(hf, folders["optimum fp32 (unfused)"])
+
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, use_safetensors=True).eval()
+    for name, int4 in (("llmopt fp32 fused", False), ("llmopt int4 fused", True)):
+        folders[name] = work / name.replace(" ", "-")
+        seconds, info = llmopt_export(copy.deepcopy(model) if int4 else model, tokenizer, folders[name], int4=int4)
+        build_s[name] = seconds
+        notes.append(f"{name}: fused ops {info.get('fused_ops')}, graph nodes {info.get('graph_nodes')}"
+                     + (f", MatMulNBits {info['matmul_nbits']}, GatherBlockQuantized {info['gather_block_quantized']}"
+                        if int4 else ""))
+    del model
+    gc.collect()
+
+    for name, precision in (("genai builder fp32", "fp32"), ("genai builder int4", "int4")):
+        folders[name] = work / f"builder-{precision}"
+        build_s[name] = build_with_genai_builder(hf, folders[name], precision)
+
+    measure(args, folders, build_s, notes)
+
+
+FOLDERS = {"optimum fp32 (unfused)": "optimum-fp32", "llmopt fp32 fused": "llmopt-fp32-fused",
+           "llmopt int4 fused": "llmopt-int4-fused", "genai builder fp32": "builder-fp32",
+           "genai builder int4": "builder-int4"}
+
+
+def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: list[str]) -> None:
+    from transformers import AutoTokenizer
+
+    from llmopt.evaluation.speed import measure_speed
+    from llmopt.pipeline import _speed_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(folders["optimum fp32 (unfused)"])
+    runners = {name: plain_onnx_runner(folder, threads=args.threads) for name, folder in folders.items()}
+    reference = runners["optimum fp32 (unfused)"]
+    gaps = {name: logit_gap(reference, runner, tokenizer) for name, runner in runners.items()}
+    prompt = _speed_prompt(tokenizer, args.prompt_tokens)
+    decode: dict[str, list[float]] = {name: [] for name in runners}
+    prefill: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            scores = measure_speed(runner, prompt, args.new_tokens, runs=1)
+            decode[name].append(scores.decode_tokens_per_s)
+            prefill[name].append(scores.prefill_ms)
+
+    base = statistics.median(decode["optimum fp32 (unfused)"])
+    print(f"\nSmolLM2-135M-Instruct, onnxruntime CPU EP, {args.threads} threads, batch 1, prompt {len(prompt)} tokens, "
+          f"{args.new_tokens} new tokens, median of {args.rounds} alternating rounds\n")
+    print("| artifact | decode tok/s | vs optimum fp32 | prefill ms | size MB | max abs logit diff vs optimum fp32 "
+          "| build s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in runners:
+        d, p = statistics.median(decode[name]), statistics.median(prefill[name])
+        spread = f"{min(decode[name]):.1f}–{max(decode[name]):.1f}"
+        print(f"| {name} | {d:.1f} ({spread}) | {d / base:.2f}× | {p:.0f} | {folder_mb(folders[name]):.1f} "
+              f"| {gaps[name]:.3g} | {build_s.get(name, float('nan')):.0f} |")
+    print()
+    for note in notes:
+        print(note)
+
+
+if __name__ == "__main__":
+    main()
