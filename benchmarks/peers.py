@@ -12,6 +12,8 @@ Imported by the benchmark scripts (not installed, not product code). What it off
 * `GenaiRunner`: llmopt's runner interface (`logits`, `generate`) over a builder folder's model.onnx, driven
   with onnxruntime.InferenceSession in llmopt's own venv, so builder artifacts are measured by llmopt's
   metric code on the same onnxruntime as every other row.
+* `OptimumPlainRunner`: the same plain loop over an optimum-format folder (the graph timed without
+  transformers' generate() around it); `plain_onnx_runner()` picks one of the two by the folder's format.
 * `load_onnx_runner()`: GenaiRunner for a builder folder, llmopt's OrtRunner for an optimum-format folder.
 * `folder_mb()`: bytes on disk of an artifact folder's weights.
 
@@ -166,50 +168,48 @@ def folder_mb(folder: Path) -> float:
     return weight_bytes(Path(folder)) / 1e6
 
 
-class GenaiRunner:
-    """llmopt's runner interface (evaluation/runners.py) over a builder folder, with plain onnxruntime.
+class PlainOnnxRunner:
+    """llmopt's runner interface (evaluation/runners.py: `logits`, `generate`) over an ONNX decoder with an
+    explicit KV cache, driven by onnxruntime.InferenceSession and numpy alone.
 
-    Written by hand because llmopt's OrtRunner drives optimum's format, and onnxruntime-genai's own Generator
-    would put a second runtime (another onnxruntime build) under the timings. The layout comes from
-    genai_config.json: inputs input_ids (B, T) and attention_mask (B, past + T) — GroupQueryAttention derives
-    the positions from the mask — and per layer a KV cache (B, kv_heads, past, head_dim) in, present
-    (B, kv_heads, past + T, head_dim) out.
+    Written by hand because llmopt's OrtRunner drives optimum's format through transformers' generate(), and
+    onnxruntime-genai's own Generator would put a second runtime (another onnxruntime build) under the timings;
+    this loop is the same for both formats, so it times the graphs and not the harnesses. The cache of each
+    layer is (B, kv_heads, past, head_dim) in and (B, kv_heads, past + T, head_dim) out; the attention mask
+    covers past + T tokens.
     """
 
     runtime = "onnxruntime"
 
-    def __init__(self, folder: Path, threads: int | None = None) -> None:
+    def __init__(self, model_path: Path, threads: int | None, *, layers: int, kv_heads: int, head_dim: int,
+                 ids_name: str, mask_name: str, position_name: str | None, logits_name: str,
+                 past_formats: tuple[str, str], present_formats: tuple[str, str]) -> None:
         import onnxruntime as ort
 
-        folder = Path(folder)
-        decoder = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(folder / decoder["filename"]), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.threads = threads or len(os.sched_getaffinity(0))
-        names_in, names_out = decoder["inputs"], decoder["outputs"]
-        layers = decoder["num_hidden_layers"]
-        self.ids_name, self.mask_name = names_in["input_ids"], names_in["attention_mask"]
-        self.past_names = [names_in[k] % i for i in range(layers) for k in ("past_key_names", "past_value_names")]
-        self.present_names = [names_out[k] % i for i in range(layers)
-                              for k in ("present_key_names", "present_value_names")]
-        self.output_names = [names_out["logits"], *self.present_names]
+        self.ids_name, self.mask_name, self.position_name = ids_name, mask_name, position_name
+        self.past_names = [f % i for i in range(layers) for f in past_formats]
+        self.output_names = [logits_name, *(f % i for i in range(layers) for f in present_formats)]
+        expected = {ids_name, mask_name, *self.past_names} | ({position_name} if position_name else set())
         declared = {i.name for i in self.session.get_inputs()}
-        missing = {self.ids_name, self.mask_name, *self.past_names} - declared
-        if missing or declared - {self.ids_name, self.mask_name, *self.past_names}:
-            raise ValueError(f"{folder}: model inputs {sorted(declared)} do not match genai_config.json "
-                             "(this runner handles the plain GroupQueryAttention layout only)")
+        if declared != expected:
+            raise ValueError(f"{model_path}: inputs {sorted(declared - expected)} unexpected, "
+                             f"{sorted(expected - declared)} missing (this runner handles a plain KV-cache layout)")
         cache_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
         self.cache_dtype = np.float16 if "float16" in cache_type else np.float32
-        self.empty_cache_shape = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
+        self.empty_cache_shape = (1, kv_heads, 0, head_dim)
 
     def _forward(self, ids: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """ids (1, T) after `cache` (past tokens) -> logits (1, T, V) float32 and the new cache."""
-        total = cache[0].shape[2] + ids.shape[1]
-        feeds = {self.ids_name: ids, self.mask_name: np.ones((1, total), dtype=np.int64),
+        past = cache[0].shape[2]
+        feeds = {self.ids_name: ids, self.mask_name: np.ones((1, past + ids.shape[1]), dtype=np.int64),
                  **dict(zip(self.past_names, cache))}
+        if self.position_name:
+            feeds[self.position_name] = np.arange(past, past + ids.shape[1], dtype=np.int64)[None]
         logits, *present = self.session.run(self.output_names, feeds)
         return logits.astype(np.float32, copy=False), present
 
@@ -230,6 +230,47 @@ class GenaiRunner:
             if step + 1 < new_tokens:
                 logits, cache = self._forward(np.array([[token]], dtype=np.int64), cache)
         return np.asarray(out, dtype=np.int64)
+
+
+class GenaiRunner(PlainOnnxRunner):
+    """A builder folder: names and shapes from its genai_config.json. GroupQueryAttention derives the
+    positions from the attention mask, so there is no position_ids input."""
+
+    def __init__(self, folder: Path, threads: int | None = None) -> None:
+        decoder = json.loads((Path(folder) / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+        names_in, names_out = decoder["inputs"], decoder["outputs"]
+        super().__init__(
+            Path(folder) / decoder["filename"], threads, layers=decoder["num_hidden_layers"],
+            kv_heads=decoder["num_key_value_heads"], head_dim=decoder["head_size"],
+            ids_name=names_in["input_ids"], mask_name=names_in["attention_mask"], position_name=None,
+            logits_name=names_out["logits"],
+            past_formats=(names_in["past_key_names"], names_in["past_value_names"]),
+            present_formats=(names_out["present_key_names"], names_out["present_value_names"]),
+        )
+
+
+class OptimumPlainRunner(PlainOnnxRunner):
+    """An optimum-format folder (what llmopt's ONNX exporter writes) in the same plain loop as GenaiRunner:
+    shapes from config.json, optimum's input and output names."""
+
+    def __init__(self, folder: Path, threads: int | None = None) -> None:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        heads = config["num_attention_heads"]
+        super().__init__(
+            Path(folder) / "model.onnx", threads, layers=config["num_hidden_layers"],
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            ids_name="input_ids", mask_name="attention_mask", position_name="position_ids", logits_name="logits",
+            past_formats=("past_key_values.%d.key", "past_key_values.%d.value"),
+            present_formats=("present.%d.key", "present.%d.value"),
+        )
+
+
+def plain_onnx_runner(folder: Path, threads: int | None = None) -> PlainOnnxRunner:
+    """The same plain onnxruntime loop for either format (builder or optimum): times the graph alone."""
+    if (Path(folder) / "genai_config.json").is_file():
+        return GenaiRunner(folder, threads)
+    return OptimumPlainRunner(folder, threads)
 
 
 def load_onnx_runner(folder: Path, threads: int | None = None):
