@@ -1,7 +1,7 @@
 """Benchmark: weight quantization of SmolLM2-135M-Instruct to ONNX, llmopt against its peers, side by side.
 
     python benchmarks/quantization.py [--model demo] [--eval-tokens 4096] [--window 256] [--samples 32]
-                                      [--threads 2] [--out bench-out/quantization] [--only LABEL ...]
+                                      [--threads 2] [--out DIR] [--only LABEL ...]
 
 Rows: llmopt's quantizers (RTN, GPTQ, AWQ + GPTQ; int4 and int8), each run through llmopt's Python API with
 evaluation off and exported to ONNX (MatMulNBits, accuracy_level 4); onnxruntime-genai's model builder (its
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--speed-rounds", type=int, default=3)
-    parser.add_argument("--out", default="bench-out/quantization")
+    parser.add_argument("--out", default=str(peers.CACHE / "quantization"), help="artifacts (kept for inspection)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only rows whose label contains one of these strings (fp32 references always run)")
     args = parser.parse_args()
