@@ -128,6 +128,7 @@ def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, **over
     from llmopt.api import validate as run_validate
     from llmopt.artifact import check_destination
     from llmopt.cli.render import console
+    from llmopt.devices import device_name
     from llmopt.inspect import estimate_memory_bytes, tensor_headers
 
     the_plan = run_validate(recipe, **overrides)
@@ -151,6 +152,7 @@ def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, **over
         "evaluation": r.evaluation.model_dump() if r.evaluation.enabled else None,
         "checks": {k: v for k, v in r.checks.model_dump().items() if v is not None},
         "estimated_peak_memory_mb": round(memory / 1e6, 1),
+        "device": device_name(the_plan.provider),
         "kv_cache_bytes_per_token": {"before": the_plan.arch.kv_cache_bytes_per_token(),
                                      "after": the_plan.planned_arch.kv_cache_bytes_per_token()},
     }
@@ -163,7 +165,7 @@ def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, **over
     if plan["calibration"]:
         c = plan["calibration"]
         console.print(f"  calibration: {c['data']}, {c['samples']} x {c['seq_len']} tokens")
-    console.print(f"  export: {r.export.format}; evaluation: "
+    console.print(f"  export: {r.export.format}; evaluated on {plan['device']}; evaluation: "
                   + (f"{r.evaluation.data}, {r.evaluation.max_tokens} tokens" if r.evaluation.enabled else "off"))
     console.print(f"  checks: {plan['checks'] or 'none'}")
     console.print(f"  estimated peak memory: {plan['estimated_peak_memory_mb']:,.0f} MB (float32 copies in memory at once)")

@@ -15,6 +15,9 @@ from typing import Any, Protocol
 
 from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
 from llmopt.checkpoint import nonfinite_parameters
+from llmopt import devices
+
+_cpu_name = devices.cpu_name  # benchmarks/ imported it from here
 from llmopt.errors import InputError, RecipeError, ResourceError, ResultValidationError
 from llmopt.model import ArchInfo, ModelSource, check_causal_lm, load_config, load_model, resolve_model
 from llmopt.recipe import Recipe, load_recipe
@@ -43,6 +46,7 @@ class Plan:
     passes: list[Any]  # Pass instances, in order
     exporter: Any
     output: Path | None
+    provider: str = "CPUExecutionProvider"  # where the artifact is evaluated (onnxruntime execution provider)
 
 
 @dataclass
@@ -102,7 +106,8 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
         p.check_export(recipe.export.format, where=f"passes[{i}]")
     exporter = EXPORTERS[recipe.export.format](recipe.export)
     exporter.check(planned)
-    return Plan(recipe, source, arch, planned, passes, exporter, Path(output) if output else None)
+    provider = devices.resolve_provider(recipe.export.execution_provider)
+    return Plan(recipe, source, arch, planned, passes, exporter, Path(output) if output else None, provider)
 
 
 # Passes that rewrite weights: after quantize, the integer codes the exporters store would no longer match them.
@@ -129,16 +134,6 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> Result:
@@ -237,8 +232,9 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float) -> Re
             samples=evaluation["samples"],
             tasks=tasks,
             validation=evaluation["validation"],
-            environment={**versions, "cpu": _cpu_name(), "threads": str(evaluation["threads"])},
-            notes=exported.notes + task_notes
+            environment={**versions, "cpu": devices.cpu_name(), "device": devices.device_name(evaluation["provider"]),
+                         "threads": str(evaluation["threads"])},
+            notes=exported.notes + task_notes + _fallback_note(plan.provider, evaluation["provider"])
             + ([f"calibration data: {calibration.description}"] if calibration.description else []),
             total_seconds=time.perf_counter() - started,
         )
@@ -306,6 +302,13 @@ class _Steps:
         return step()
 
 
+def _fallback_note(planned: str, used: str) -> list[str]:
+    if planned == used:
+        return []
+    return [f"{planned} was chosen but the artifact ran on {used}: onnxruntime could not start the GPU provider "
+            "(missing CUDA/cuDNN libraries?), so the speed figures are the CPU's."]
+
+
 def _count_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
 
@@ -339,7 +342,7 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
     with timer("validate artifact"):
         rss_opt = PeakRss()
         with rss_opt:
-            optimized = load_runner(artifact_dir, fmt, threads)
+            optimized = load_runner(artifact_dir, fmt, threads, plan.provider)
         try:
             validation = validate_artifact(TorchRunner(state.model), optimized, tokenizer, recipe.export.validate_result)
         except Exception as exc:  # a runtime that cannot execute the artifact is a validation failure too
@@ -354,13 +357,14 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
             )
         result["validation"] = validation
     result["threads"] = getattr(optimized, "threads", threads)
+    result["provider"] = optimized.provider
     if not ev.enabled:
         return result
 
     result["optimized"]["peak_load_mb"] = rss_opt.added_mb
     rss_base = PeakRss()
     with rss_base:
-        baseline = load_runner(baseline_dir, fmt, threads)
+        baseline = load_runner(baseline_dir, fmt, threads, plan.provider)
     result["baseline"]["peak_load_mb"] = rss_base.added_mb
     if ev.speed.enabled:
         prompt = _speed_prompt(tokenizer, ev.speed.prompt_tokens)

@@ -32,6 +32,10 @@ class ExportConfig(StrictModel):
         0,
         description="ONNX only: MatMulNBits accuracy_level (0 = unset/fp32 compute, 4 = int8 compute, fastest).",
     )
+    execution_provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the artifact is validated and measured: cuda (onnxruntime's CUDA execution "
+                            "provider; torch on the GPU for safetensors), cpu, or auto (the GPU when one is "
+                            "present). The report names the device.")
     external_data: Literal["auto", "always", "never"] = Field(
         "auto", description="ONNX only: store weights in model.onnx.data (auto: when the model is over 1.8 GB)."
     )

@@ -30,8 +30,18 @@ class TorchRunner:
         self.model = model.eval()
         self.threads = torch.get_num_threads()
 
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    @property
+    def provider(self) -> str:
+        from llmopt.devices import CPU, CUDA
+
+        return CUDA if self.device.type == "cuda" else CPU
+
     @classmethod
-    def load(cls, folder: Path, threads: int | None = None) -> "TorchRunner":
+    def load(cls, folder: Path, threads: int | None = None, device: str = "cpu") -> "TorchRunner":
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -53,25 +63,25 @@ class TorchRunner:
                 # call; the weight is already on its grid, so the plain forward computes the same numbers
                 # (checked against the in-memory model at export) 2.5x faster on a CPU.
                 module.__dict__.pop("forward", None)
-        return cls(model, threads)
+        return cls(model.to(device), threads)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            out = self.model(input_ids=torch.from_numpy(ids[None].astype(np.int64)), use_cache=False)
-        return out.logits[0].float().numpy()  # (T, V)
+            out = self.model(input_ids=torch.from_numpy(ids[None].astype(np.int64)).to(self.device), use_cache=False)
+        return out.logits[0].float().cpu().numpy()  # (T, V)
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
         import torch
 
-        input_ids = torch.from_numpy(ids[None].astype(np.int64))
+        input_ids = torch.from_numpy(ids[None].astype(np.int64)).to(self.device)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
             )
-        return out[0].numpy()
+        return out[0].cpu().numpy()
 
 
 class CachedRunner:
@@ -103,25 +113,27 @@ class OrtRunner:
             options.intra_op_num_threads = threads
         self.model = ORTModelForCausalLM.from_pretrained(folder, provider=provider, session_options=options)
         self.threads = threads or _cpu_count()
-        self.provider = provider
+        # What the session runs on: onnxruntime falls back to the CPU when CUDA's libraries fail to load.
+        self.provider = (getattr(self.model, "providers", None) or [provider])[0]
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         import torch
 
-        input_ids = torch.from_numpy(ids[None].astype(np.int64))
+        # On the CUDA provider optimum binds inputs where they are: give them on the session's device.
+        input_ids = torch.from_numpy(ids[None].astype(np.int64)).to(self.model.device)
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-        return np.asarray(out.logits[0], dtype=np.float32)
+        return np.asarray(out.logits[0].float().cpu(), dtype=np.float32)
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
         import torch
 
-        input_ids = torch.from_numpy(ids[None].astype(np.int64))
+        input_ids = torch.from_numpy(ids[None].astype(np.int64)).to(self.model.device)
         out = self.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
         )
-        return np.asarray(out[0])
+        return np.asarray(out[0].cpu())
 
 
 def _cpu_count() -> int:
@@ -130,6 +142,10 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def load_runner(folder: Path, fmt: str, threads: int | None = None) -> Runner:
-    """A runner for an artifact folder written by one of the exporters."""
-    return OrtRunner(folder, threads) if fmt == "onnx" else TorchRunner.load(folder, threads)
+def load_runner(folder: Path, fmt: str, threads: int | None = None, provider: str = "CPUExecutionProvider") -> Runner:
+    """A runner for an artifact folder written by one of the exporters, on the provider's device."""
+    from llmopt.devices import torch_device
+
+    if fmt == "onnx":
+        return OrtRunner(folder, threads, provider)
+    return TorchRunner.load(folder, threads, torch_device(provider))

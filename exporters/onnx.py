@@ -37,7 +37,9 @@ class OnnxExporter(Exporter):
         with float_activations():  # W8A8 layers: the float graph is traced, then its MatMuls are rewritten
             onnx_export_from_model(state.model, output=folder, task=TASK, do_validation=False)
         state.tokenizer.save_pretrained(folder)
-        info: dict = {"task": TASK, "execution_provider": "CPUExecutionProvider"}
+        from llmopt.devices import resolve_provider
+
+        info: dict = {"task": TASK, "execution_provider": resolve_provider(self.config.execution_provider)}
         notes: list[str] = []
         if state.graph_fusions is not None:
             # Before MatMulNBits/GatherBlockQuantized: onnxruntime's fusions need its shape inference, which
