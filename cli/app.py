@@ -128,21 +128,15 @@ def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, **over
     from llmopt.api import validate as run_validate
     from llmopt.artifact import check_destination
     from llmopt.cli.render import console
+    from llmopt import preflight
     from llmopt.devices import device_name
-    from llmopt.inspect import estimate_memory_bytes, tensor_headers
 
     the_plan = run_validate(recipe, **overrides)
     if output.exists():  # only the "exists without --force" error; a dry run creates nothing
         check_destination(output, force)
     r = the_plan.recipe
-    parameters = 0
-    for _, shape, _, _ in tensor_headers(the_plan.source):
-        count = 1
-        for d in shape:
-            count *= d
-        parameters += count
-    memory = estimate_memory_bytes(parameters, needs_teacher=any(p.needs_teacher for p in the_plan.passes),
-                                   evaluate=r.evaluation.enabled)
+    need = preflight.estimate(the_plan, output)
+    parameters, memory = need.parameters, need.memory_bytes
     plan = {
         "model": the_plan.source.spec, "source": the_plan.source.kind, "model_type": the_plan.arch.model_type,
         "parameters": parameters, "output": str(output),
@@ -152,12 +146,16 @@ def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, **over
         "evaluation": r.evaluation.model_dump() if r.evaluation.enabled else None,
         "checks": {k: v for k, v in r.checks.model_dump().items() if v is not None},
         "estimated_peak_memory_mb": round(memory / 1e6, 1),
+        "available_memory_mb": round(need.available_memory_bytes / 1e6, 1),
+        "estimated_disk_mb": round(need.disk_bytes / 1e6, 1),
+        "fits": need.fits_memory and need.fits_disk,
         "device": device_name(the_plan.provider),
         "kv_cache_bytes_per_token": {"before": the_plan.arch.kv_cache_bytes_per_token(),
                                      "after": the_plan.planned_arch.kv_cache_bytes_per_token()},
     }
     if as_json:
         print(json.dumps(plan, indent=2))
+        preflight.check(need)
         return
     console.print(f"[bold]Plan[/] for {plan['model']} ({plan['model_type']}, {parameters:,} parameters) -> {output}")
     for i, p in enumerate(plan["passes"]):
@@ -168,8 +166,10 @@ def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, **over
     console.print(f"  export: {r.export.format}; evaluated on {plan['device']}; evaluation: "
                   + (f"{r.evaluation.data}, {r.evaluation.max_tokens} tokens" if r.evaluation.enabled else "off"))
     console.print(f"  checks: {plan['checks'] or 'none'}")
-    console.print(f"  estimated peak memory: {plan['estimated_peak_memory_mb']:,.0f} MB (float32 copies in memory at once)")
+    console.print(f"  estimated peak memory: {plan['estimated_peak_memory_mb']:,.0f} MB (float32 copies in memory at once; "
+                  f"{plan['available_memory_mb']:,.0f} MB available), disk: {plan['estimated_disk_mb']:,.0f} MB")
     console.print("Dry run: nothing was loaded or written.")
+    preflight.check(need)  # a plan that cannot fit fails the dry run too (exit 5), after showing it
 
 
 def _can_ask() -> bool:

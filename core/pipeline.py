@@ -143,6 +143,9 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     if out is None:
         raise RecipeError("No output folder given.", "Pass --output DIR.")
     check_destination(out, force)
+    from llmopt import preflight
+
+    preflight.check(preflight.estimate(plan, out))
     started = time.perf_counter()
     with OutputLock(out):
         return _run_locked(plan, out, progress, started)
