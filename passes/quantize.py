@@ -258,8 +258,10 @@ class QuantizePass(Pass):
 
         from llmopt.passes.quantize_smooth import apply_smoothquant
 
-        def fake_quantize(w: "torch.Tensor") -> "torch.Tensor":
-            return torch.from_numpy(quantize_rtn(w, "w", "linear", self.config, group_size=w.shape[1]).dequantized())
+        def fake_quantize(w: "torch.Tensor") -> "torch.Tensor":  # per output channel, as quantize_rtn does below
+            scale, zero = group_params(w, 8, self.config.symmetric)  # (out,) each
+            codes = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 255)
+            return (codes - zero[:, None]) * scale[:, None]
 
         return apply_smoothquant(state.model, ctx.calibration_windows("quantize with smoothquant"), linears,
                                  fake_quantize, ctx.progress, seed=ctx.seed)
