@@ -1,14 +1,25 @@
-"""Atomic artifact output: staging folder beside the destination, manifest last, then one rename."""
+"""Atomic artifact output: staging folder beside the destination, manifest last, then one atomic swap.
+
+A run can be killed (SIGKILL, power cut of the process) at any instant, so no cleanup code can be relied on: the
+output is only ever changed by one rename or exchange, and every folder a run creates carries its pid in its name
+(`.NAME.staging-PID-*`, `.NAME.old-PID-*`, `llmopt-PID-*` in TMPDIR) so that a later run can tell a dead run's
+leftovers from a live run's work and remove only the former.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
+import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from llmopt.errors import RecipeError, ResourceError
 
@@ -16,6 +27,7 @@ MANIFEST = "manifest.json"
 
 
 def check_destination(output: Path, force: bool) -> None:
+    _restore_backup(output)
     if output.exists() and not force:
         raise RecipeError(
             f"Output '{output}' already exists; llmopt never overwrites an artifact unless asked.",
@@ -41,7 +53,7 @@ class OutputLock:
         self.output = output
         self.path = output.parent / f".{output.name}.lock"
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> Self:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -65,18 +77,77 @@ class OutputLock:
         """The pid in the lock file if that process is alive, else None."""
         try:
             pid = int(self.path.read_text().strip())
-            os.kill(pid, 0)
         except (OSError, ValueError):
             return None
-        return pid
+        return pid if _alive(pid) else None
 
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)
 
 
+def _alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0, ...) would address our own process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _dead_runs(folder: Path, prefix: str) -> list[Path]:
+    """Entries `PREFIX<pid>-*` in `folder` whose run is gone (a pid that is alive again, reused, keeps its entry)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-")
+    found = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    for path in entries:
+        match = pattern.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            found.append(path)
+    return found
+
+
+def _restore_backup(output: Path) -> None:
+    """Put back the previous artifact when a run was killed between the two renames of `promote`'s fallback."""
+    if output.exists():
+        return
+    for backup in _dead_runs(output.parent, f".{output.name}.old-"):
+        if verify_manifest(backup):  # its removal had begun (the swap was done, then the output was deleted)
+            continue
+        try:
+            os.rename(backup, output)
+            return
+        except OSError:  # another run restored it first, or it is not ours to move
+            continue
+
+
+def _remove_dead_runs_leftovers(output: Path) -> None:
+    """Staging folders of killed runs, and backups whose output is in place (a kill while the backup was removed)."""
+    leftovers = _dead_runs(output.parent, f".{output.name}.staging-")
+    if output.exists():
+        leftovers += _dead_runs(output.parent, f".{output.name}.old-")
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def new_scratch() -> Path:
+    """A fresh scratch folder in the temp folder (TMPDIR), after removing those of killed runs."""
+    temp = Path(tempfile.gettempdir())
+    for path in _dead_runs(temp, "llmopt-"):
+        shutil.rmtree(path, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"llmopt-{os.getpid()}-"))
+
+
 def new_staging(output: Path) -> Path:
-    """A fresh folder beside `output` (same file system, so the final move is a rename)."""
-    staging = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
+    """A fresh folder beside `output` (same file system, so the final move is a rename). Called under the output's
+    lock: what killed runs left beside `output` is removed first."""
+    _remove_dead_runs_leftovers(output)
+    staging = output.parent / f".{output.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()
     except OSError as exc:
@@ -124,17 +195,44 @@ def verify_manifest(folder: Path) -> list[str]:
     return problems
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step: Linux's renameat2(RENAME_EXCHANGE). os.replace cannot replace a non-empty
+    folder, and Python has no binding for renameat2, hence ctypes. False where the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without the wrapper (glibc < 2.28)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # e.g. an older kernel, NFS
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def promote(staging: Path, output: Path) -> None:
-    """Move the complete staging folder into place; an existing output is swapped out, then removed."""
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(output, old)
+    """Put the complete staging folder in place so that at every instant `output` is the previous artifact or the
+    new one; the previous one is then removed."""
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    if _exchange(staging, output):
+        shutil.rmtree(staging, ignore_errors=True)  # it now holds the previous artifact
+        return
+    # Without an atomic exchange: two renames. A kill between them leaves no output but the backup, which the next
+    # run's check_destination puts back (its name carries our pid, so it is restored only once we are gone).
+    old = output.parent / f".{output.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.replace(output, old)
     try:
         os.replace(staging, output)
     except OSError:
-        if old is not None:
-            os.replace(old, output)  # put the previous artifact back
+        os.replace(old, output)  # put the previous artifact back
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

@@ -6,14 +6,13 @@ import copy
 import errno
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
+from llmopt.artifact import OutputLock, check_destination, new_scratch, new_staging, promote, write_manifest
 from llmopt.checkpoint import nonfinite_parameters
 from llmopt import devices
 
@@ -165,7 +164,7 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float) -> Re
     staging = scratch = None
     try:  # entered before anything is created, so an interrupt at any point leaves nothing behind
         staging = new_staging(out)
-        scratch = Path(tempfile.mkdtemp(prefix="llmopt-"))
+        scratch = new_scratch()  # its name carries our pid: a later run removes it if we are killed
         timer = _Steps(progress)
         with timer("load model"):
             model, tokenizer = load_model(plan.source)
