@@ -47,6 +47,9 @@ LLMOPT_ROWS: list[tuple[str, list[dict]]] = [
     ("llmopt int4 GPTQ, symmetric", [quantize(method="gptq", bits=4, symmetric=True)]),
     ("llmopt int4 AWQ + GPTQ, symmetric", [quantize(method="gptq", awq=True, bits=4, symmetric=True)]),
     ("llmopt int8 RTN, symmetric", [quantize(method="rtn", bits=8, symmetric=True)]),
+    ("llmopt W8A8, SmoothQuant (dynamic int8 activations)", [quantize(bits=8, activations="int8", smoothquant=True)]),
+    ("llmopt int4/int8 mixed RTN, symmetric, 6.0 bits/weight",
+     [quantize(method="rtn", bits=4, symmetric=True, target_bits_per_weight=6.0)]),
 ]
 
 # onnxruntime-genai builder rows: (label, precision, --extra_options, fallback options when the first build's
@@ -106,7 +109,11 @@ def llmopt_recipe(model_dir: Path, passes: list[dict], calibration_txt: Path, ar
         # accuracy_level 4 (int8 activations inside MatMulNBits) as the builder's CPU default, so kernels match;
         # it moves logits by ~1 against the fp32-compute PyTorch model, hence the export check's wider bound.
         "export": {"format": "onnx", "accuracy_level": 4,
-                   "validate": {"prompts": 3, "min_top1_agreement": 0.95, "max_abs_logit_diff": 3.0}},
+                   "validate": {"prompts": 3, "min_top1_agreement": 0.95, "max_abs_logit_diff": 3.0}
+                   if not any(p.get("activations") == "int8" for p in passes)
+                   # W8A8: as the shipped int8-w8a8-onnx recipe says, torch and onnxruntime realise the per-call
+                   # activation rounding differently; the quality columns are measured on the artifact.
+                   else {"prompts": 3, "min_top1_agreement": 0.8, "max_abs_logit_diff": 10.0}},
         "calibration": {"data": str(calibration_txt), "samples": args.samples, "seq_len": args.seq_len},
         "evaluation": {"enabled": False},  # measured by this script, the same way for every row
     }
