@@ -86,15 +86,18 @@ class OutputLock:
 
 
 def _alive(pid: int) -> bool:
-    if pid <= 0:  # os.kill(0, ...) would address our own process group
+    """Whether process `pid` runs. psutil, not os.kill(pid, 0): that would terminate the process on Windows, and a
+    killed run its parent has not reaped yet (a zombie) is dead for our purposes."""
+    import psutil
+
+    if pid <= 0 or not psutil.pid_exists(pid):  # 0 is the kernel's, never a run's
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # another user's process: alive
+    except psutil.AccessDenied:  # another user's process: alive
         return True
-    return True
 
 
 def _dead_runs(folder: Path, prefix: str) -> list[Path]:

@@ -120,7 +120,7 @@ def kill_round(runs: dict[str, Run], triggers: dict[str, tuple[str, Trigger]],
                 killed[fmt] = run.elapsed()
         time.sleep(0.001)
     for run in runs.values():
-        run.proc.wait(timeout=60)  # reaped: a zombie would still count as alive to the next run
+        run.proc.wait(timeout=60)
         run.proc.stderr.close()
     return killed
 
@@ -167,7 +167,9 @@ def test_sigkill_at_any_point_keeps_the_previous_artifact(tmp_path, tiny_model_d
     schedule = {fmt: [after_seconds(0.2), *map(after_fraction, FRACTIONS[fmt]),
                       when_staging_has("report written", "report.json"),
                       when_staging_has("export writing", MODEL_FILE[fmt])] for fmt in FORMATS}
-    rounds = [{"onnx": SWAP_DONE, "safetensors": when_staging_has("manifest written", "manifest.json")}]
+    # The manifest is written microseconds before the swap: if the poll misses that instant, kill just after it.
+    manifest_written = ("manifest written", lambda run, length: run.staging_has("manifest.json") or run.swapped())
+    rounds = [{"onnx": SWAP_DONE, "safetensors": manifest_written}]
     rounds += [dict(zip(FORMATS, pair)) for pair in zip(*(schedule[fmt] for fmt in FORMATS))]
     t1 = time.monotonic()
     length: dict[str, float] = {}
@@ -299,3 +301,21 @@ def test_promote_without_an_atomic_exchange(tmp_path, monkeypatch):
     new = artifact(tmp_path / ".out.staging-1-x", "new")
     llmopt.artifact.promote(tmp_path / ".out.staging-1-x", out)
     assert tree(out) == new and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_killed_runs_staging_goes_even_before_its_parent_reaps_it(tmp_path):
+    import psutil
+    from llmopt.artifact import new_staging
+
+    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        zombie.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        (tmp_path / f".out.staging-{zombie.pid}-0e0e0e0e").mkdir()  # not reaped yet: its pid still exists
+        staging = new_staging(tmp_path / "out")
+        assert [p.name for p in tmp_path.iterdir()] == [staging.name]
+    finally:
+        zombie.wait()
