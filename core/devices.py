@@ -29,11 +29,14 @@ def resolve_provider(requested: Literal["auto", "cpu", "cuda"]) -> str:
     """
     if requested == "cpu":
         return CPU
+    gpu = cuda_available()
+    if not gpu and requested == "auto":
+        return CPU  # without importing onnxruntime at plan time (it writes a telemetry file on import)
     providers = ort_providers()
-    usable = CUDA in providers and cuda_available()
+    usable = gpu and CUDA in providers
     if requested == "cuda" and not usable:
-        why = ("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)" if CUDA not in providers
-               else "torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+        why = ("torch sees no CUDA GPU (torch.cuda.is_available() is False)" if not gpu
+               else "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
         raise ResourceError(f"export.execution_provider: cuda was asked for, but {why}.",
                             "Run on a machine with an NVIDIA GPU and its driver, or set execution_provider: auto "
                             "(the GPU when there is one, else the CPU) or cpu.")

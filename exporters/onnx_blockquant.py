@@ -49,6 +49,7 @@ class BlockQuantStats:
     gather_block_quantized: int = 0  # Gather nodes replaced
     unmatched: list[str] = field(default_factory=list)  # tensors whose values are in no MatMul/Gather weight
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (tensor name, why it stays float)
+    shared_bytes: int = 0  # bytes of quantized tensors stored once for two readers (tied embedding / lm_head)
     bytes_before: int = 0  # initializer bytes before the rewrite
     bytes_after: int = 0
 
@@ -100,6 +101,7 @@ def apply_block_quantization(
     stats.dynamic_quantize_matmul = rewriter.counts["W8A8"]
     stats.gather_block_quantized = rewriter.counts["Gather"]
     rewriter.finish()
+    stats.shared_bytes = rewriter.share_identical()
     if not any(op.domain == MS_DOMAIN for op in model.opset_import) and rewriter.changed:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
@@ -144,6 +146,7 @@ class _Rewriter:
                     self.index[op][_content_key(numpy_helper.to_array(init))] = name
         self.replaced: dict[tuple[str, str], str] = {}  # (op, float initializer) -> tensor that replaced it
         self.counts = {"MatMul": 0, "Gather": 0, "W8A8": 0}
+        self.added: list[str] = []  # initializers this rewrite created
         self.changed = False
 
     def replace(self, t: QuantizedTensor, op: str) -> str | None:
@@ -226,7 +229,48 @@ class _Rewriter:
             unique, i = f"{name}_{i}", i + 1
         self.names.add(unique)
         self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), unique))
+        self.added.append(unique)
         return unique
+
+    def share_identical(self) -> int:
+        """Store each of our quantized tensors once: a later copy with the same bytes is read from the first.
+
+        A tied embedding and lm_head quantized alike give the same codes, scales and zero points twice, as
+        GatherBlockQuantized data (vocab, hidden * bits / 8) and as MatMulNBits B (vocab, blocks, blob): the
+        same bytes in another shape. The copy becomes a Reshape of the first (onnxruntime folds it at load),
+        as onnxruntime-genai's builder shares its embedding table. Returns the bytes saved.
+        """
+        inits = {init.name: init for init in self.graph.initializer}
+        first: dict[tuple, str] = {}
+        alias: dict[str, str] = {}  # duplicate name -> name of the tensor kept
+        for name in self.added:
+            init = inits[name]
+            key = (init.data_type, hashlib.sha256(init.raw_data).hexdigest()) if init.raw_data else None
+            if key is None or key not in first:
+                if key is not None:
+                    first[key] = name
+                continue
+            alias[name] = first[key]
+        saved = 0
+        reshapes = []
+        for name, kept in alias.items():
+            duplicate = inits[name]
+            saved += len(duplicate.raw_data)
+            if list(duplicate.dims) == list(inits[kept].dims):
+                for node in self.graph.node:
+                    node.input[:] = [kept if i == name else i for i in node.input]
+            else:
+                shape = self._add(name + "_shape", np.asarray(duplicate.dims, dtype=np.int64))
+                reshapes.append(helper.make_node("Reshape", [kept, shape], [name], name=name + "_Reshape"))
+        if alias:
+            kept_inits = [i for i in self.graph.initializer if i.name not in alias]
+            del self.graph.initializer[:]
+            self.graph.initializer.extend(kept_inits)
+            # Before their readers: ONNX graphs list nodes in topological order.
+            nodes = reshapes + list(self.graph.node)
+            del self.graph.node[:]
+            self.graph.node.extend(nodes)
+        return saved
 
     def finish(self) -> None:
         """Drop replaced float weights (and their Transposes) that nothing reads anymore."""

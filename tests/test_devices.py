@@ -34,7 +34,7 @@ def test_the_provider_follows_the_machine_and_the_recipe(machine, requested, exp
 
 
 @pytest.mark.parametrize("machine, reason", [(GPU_LIBRARY_ONLY, "torch sees no CUDA GPU"),
-                                             (CPU_PACKAGE, "install onnxruntime-gpu")])
+                                             ((["CPUExecutionProvider"], True), "install onnxruntime-gpu")])
 def test_cuda_without_a_gpu_is_refused_with_the_reason(machine, reason, monkeypatch):
     _machine(monkeypatch, *machine)
     with pytest.raises(ResourceError, match=reason) as exc:

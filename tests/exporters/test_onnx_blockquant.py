@@ -207,6 +207,19 @@ def test_tied_embedding(tmp_path, given):
     graph = onnx.load(str(out)).graph
     assert "model.embed_tokens.weight" not in {i.name for i in graph.initializer}  # float table dropped
     assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] == "model.embed_tokens.weight"]
+    # The pair's codes, scales (and zero points) are stored once: MatMulNBits B and GatherBlockQuantized data are
+    # one initializer (the table through a Reshape), the scales the same initializer.
+    packed = [i for i in graph.initializer if i.data_type == TensorProto.UINT8 and len(i.raw_data) >= 64 * 256 // 2]
+    assert len(packed) == 1, [i.name for i in packed]
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    matmul = next(n for n in graph.node if n.op_type == "MatMulNBits")
+    assert gather.input[2] == matmul.input[2]  # scales
+    producers = {n.output[0]: n for n in graph.node}
+    table = [gather.input[0], matmul.input[1]]  # one is the initializer, the other a Reshape of it
+    reshaped = [producers[name] for name in table if name in producers]
+    assert len(reshaped) == 1 and reshaped[0].op_type == "Reshape" and packed[0].name in table
+    assert reshaped[0].input[0] == packed[0].name
+    assert stats.shared_bytes >= 64 * 256 // 2
 
 
 # ---- small hand-built graphs: layouts, sharing, saving -------------------------------------------------
