@@ -144,9 +144,9 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     check_destination(out, force)
     from llmopt import preflight
 
-    preflight.check(preflight.estimate(plan, out))
     started = time.perf_counter()
-    with OutputLock(out):
+    with OutputLock(out):  # first: an output that cannot be written is the problem to name, not its free space
+        preflight.check(preflight.estimate(plan, out))
         return _run_locked(plan, out, progress, started)
 
 
