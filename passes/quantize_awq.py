@@ -85,27 +85,42 @@ class _Inputs:
         return x[torch.randperm(len(x), generator=self.generator)[:MAX_ROWS]]
 
 
-def apply_awq(model: Any, batches: list[Any], chosen: set[str], fake_quantize: Callable[[torch.Tensor], torch.Tensor],
-              progress: Callable[[int, int], None], seed: int = 0) -> dict[str, Any]:
-    """Scale every group whose Linears are all in `chosen`, layer by layer; returns what the report records."""
-    def group_inputs(i: int, layer: nn.Module) -> dict[str, _Inputs]:
-        return {name: _Inputs(layer.get_submodule(names[0]), seed + i) for name, _, names in _groups(layer)
+def scale_groups(model: Any, batches: list[Any], chosen: set[str], make_probe: Callable[[nn.Linear, int], Any],
+                 search: Callable[[Any, list[torch.Tensor]], tuple], progress: Callable[[int, int], None],
+                 seed: int = 0) -> tuple[list[list[float]], float | None]:
+    """Layer by layer, for every group whose Linears are all in `chosen`: probe the group's input, let `search`
+    choose per-input-channel scales s, fold 1/s into the op before and s into the Linears (the float model is
+    unchanged). Shared by AWQ and SmoothQuant, which differ in what they probe and how they choose s.
+
+    `search(probe, weights)` returns (s, alpha, error without scaling, error with s). Returns the alphas per
+    layer and the ratio of the summed errors with and without scaling.
+    """
+    def group_inputs(i: int, layer: nn.Module) -> dict[str, Any]:
+        return {name: make_probe(layer.get_submodule(names[0]), seed + i) for name, _, names in _groups(layer)
                 if all(f"model.layers.{i}.{n}" in chosen for n in names)}
 
     alphas: list[list[float]] = []
     plain_total = scaled_total = 0.0
-    for i, layer, hooks in measured_layers(model, batches, group_inputs, progress):
+    for _, layer, probes in measured_layers(model, batches, group_inputs, progress):
         layer_alphas = []
-        for name, prev, names in (g for g in _groups(layer) if g[0] in hooks):
+        for name, prev, names in (g for g in _groups(layer) if g[0] in probes):
             linears = [layer.get_submodule(n) for n in names]
-            s, alpha, plain, scaled = search_scale(hooks[name].sample(), [m.weight.detach().float() for m in linears],
-                                                   fake_quantize)
-            _fold_into_previous(prev, s)
-            with torch.no_grad():
-                for m in linears:
-                    m.weight.mul_(s[None, :])
+            s, alpha, plain, scaled = search(probes[name], [m.weight.detach().float() for m in linears])
+            if alpha:  # alpha 0 is s = 1: nothing to fold
+                _fold_into_previous(prev, s)
+                with torch.no_grad():
+                    for m in linears:
+                        m.weight.mul_(s[None, :])
             layer_alphas.append(round(alpha, 2))
             plain_total, scaled_total = plain_total + plain, scaled_total + scaled
         alphas.append(layer_alphas)
-    return {"awq_alpha_per_layer": alphas,
-            "awq_output_error_ratio": round(scaled_total / plain_total, 4) if plain_total else None}
+    return alphas, (round(scaled_total / plain_total, 4) if plain_total else None)
+
+
+def apply_awq(model: Any, batches: list[Any], chosen: set[str], fake_quantize: Callable[[torch.Tensor], torch.Tensor],
+              progress: Callable[[int, int], None], seed: int = 0) -> dict[str, Any]:
+    """Scale every group whose Linears are all in `chosen`, layer by layer; returns what the report records."""
+    alphas, ratio = scale_groups(model, batches, chosen, _Inputs,
+                                 lambda probe, weights: search_scale(probe.sample(), weights, fake_quantize),
+                                 progress, seed)
+    return {"awq_alpha_per_layer": alphas, "awq_output_error_ratio": ratio}

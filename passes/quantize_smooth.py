@@ -9,7 +9,7 @@ weight's column j by s_j leaves the float product unchanged and moves the range 
 quantized per output channel and absorb it easily. s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); alpha is
 chosen per group of Linears that read one input by a grid search minimising the output error of the
 quantized product (weights and activations both quantized as the runtime does), which the paper sets by
-hand. 1/s is folded into the op that produces the input, as for AWQ (same groups, same folding).
+hand. 1/s is folded into the op that produces the input, as for AWQ (`scale_groups`: same groups, same folding).
 Written here because the SmoothQuant implementations (smoothquant, llm-compressor) bring their own model
 wrappers and target other kernels.
 """
@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from llmopt.passes.layerwise import measured_layers
-from llmopt.passes.quantize_awq import _fold_into_previous, _groups, _Inputs
+from llmopt.passes.quantize_awq import _Inputs, scale_groups
 from llmopt.quantized import dynamic_uint8
 
 ALPHAS = [i / 10 for i in range(10)]  # 0 = no smoothing
@@ -71,25 +70,8 @@ def apply_smoothquant(model: Any, batches: list[Any], chosen: set[str],
                       quantize_weight: Callable[[torch.Tensor], torch.Tensor],
                       progress: Callable[[int, int], None], seed: int = 0) -> dict[str, Any]:
     """Smooth every group whose Linears are all in `chosen`, layer by layer; returns what the report records."""
-    def group_inputs(i: int, layer: torch.nn.Module) -> dict[str, _InputRange]:
-        return {name: _InputRange(layer.get_submodule(names[0]), seed + i) for name, _, names in _groups(layer)
-                if all(f"model.layers.{i}.{n}" in chosen for n in names)}
-
-    alphas: list[list[float]] = []
-    plain_total = smoothed_total = 0.0
-    for _, layer, probes in measured_layers(model, batches, group_inputs, progress):
-        layer_alphas = []
-        for name, prev, names in (g for g in _groups(layer) if g[0] in probes):
-            linears = [layer.get_submodule(n) for n in names]
-            s, alpha, plain, smoothed = search_smoothing(probes[name].sample(), probes[name].channel_max,
-                                                         [m.weight.detach().float() for m in linears], quantize_weight)
-            if alpha:
-                _fold_into_previous(prev, s)
-                with torch.no_grad():
-                    for m in linears:
-                        m.weight.mul_(s[None, :])
-            layer_alphas.append(alpha)
-            plain_total, smoothed_total = plain_total + plain, smoothed_total + smoothed
-        alphas.append(layer_alphas)
-    return {"smoothquant_alpha_per_layer": alphas,
-            "smoothquant_output_error_ratio": round(smoothed_total / plain_total, 4) if plain_total else None}
+    alphas, ratio = scale_groups(
+        model, batches, chosen, _InputRange,
+        lambda probe, weights: search_smoothing(probe.sample(), probe.channel_max, weights, quantize_weight),
+        progress, seed)
+    return {"smoothquant_alpha_per_layer": alphas, "smoothquant_output_error_ratio": ratio}
