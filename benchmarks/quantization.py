@@ -307,11 +307,11 @@ def _yaml(data: dict) -> str:
 
 def print_table(rows: list[Row], args, versions: dict[str, str], total_s: float) -> None:
     import onnxruntime
-    from llmopt.pipeline import _cpu_name
+    from llmopt.devices import cpu_name
 
     done = [r for r in rows if r.quality is not None]
     q0 = done[0].quality if done else None
-    print(f"\nSmolLM2-135M-Instruct ({args.model}) on {_cpu_name()}, onnxruntime {onnxruntime.__version__} CPU, "
+    print(f"\nSmolLM2-135M-Instruct ({args.model}) on {cpu_name()}, onnxruntime {onnxruntime.__version__} CPU, "
           f"{args.threads} threads, batch 1. Quality: {q0.tokens if q0 else '?'} tokens of the built-in text in "
           f"windows of {args.window}, against PyTorch fp32 (perplexity "
           f"{q0.baseline_perplexity:.2f}); speed: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "

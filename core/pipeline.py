@@ -12,11 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from llmopt import devices
 from llmopt.artifact import OutputLock, check_destination, new_scratch, new_staging, promote, write_manifest
 from llmopt.checkpoint import nonfinite_parameters
-from llmopt import devices
-
-_cpu_name = devices.cpu_name  # benchmarks/ imported it from here
 from llmopt.errors import InputError, RecipeError, ResourceError, ResultValidationError
 from llmopt.model import ArchInfo, ModelSource, check_causal_lm, load_config, load_model, resolve_model
 from llmopt.recipe import Recipe, load_recipe

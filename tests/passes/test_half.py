@@ -66,7 +66,9 @@ def test_overflowing_modules_are_found_on_calibration_text_and_kept_fp32(tiny_to
     from tests.passes.test_quantize import _windows
 
     folder = _overflowing_model_dir(tmp_path, tiny_tokenizer)
-    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(folder).eval()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
     peaks = overflowing_modules(model, _windows(tiny_tokenizer, 100_000, 2, 64))
     assert "model.layers.0.mlp.up_proj" in peaks and all(v > 32752 for v in peaks.values())
     assert not any(name.startswith("model.layers.1") for name in peaks)
