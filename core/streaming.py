@@ -1,0 +1,268 @@
+"""Memory-bounded RTN quantization: a safetensors checkpoint read, quantized and written one decoder layer at a time.
+
+    from llmopt.passes.quantize import QuantizeConfig
+    from llmopt.streaming import quantize_checkpoint
+    quantize_checkpoint("llama-7b/", "out/", QuantizeConfig(method="rtn", group_size=32), export_format="onnx")
+
+Peak memory is about one decoder layer in float32 (plus the embedding table while it is copied, and the
+lm_head while it is quantized), whatever the depth: the torch model is never built. The codes are those of
+the `quantize` pass (`quantize_rtn`), so the artifacts match what the non-streaming pipeline writes.
+
+Why tensors are read by hand: safetensors' `safe_open` memory-maps the file, and every page of the map that a
+read touches is counted in the process's resident memory until the kernel evicts it, so reading a 27 GB
+checkpoint through it shows a resident size near the file's, whatever we hold. Each tensor is read here with
+explicit `pread`s into a buffer of its own, freed when the layer is done; the page cache stays the kernel's.
+The files are validated by safetensors' own reader first (`check_checkpoint`), so the header offsets used
+here are trusted.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from llmopt.errors import InputError, RecipeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmopt.passes.quantize import QuantizeConfig
+
+# Plain decoder blocks (q/k/v/o, gate/up/down, RMSNorm, rotary): what the streaming ONNX graph describes.
+STREAMING_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2)}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# Buffers older checkpoints saved that transformers recomputes (never weights).
+_SKIPPED = re.compile(r"\.rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    path: Path
+    dtype: str  # safetensors dtype name: F32, F16, BF16
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+class CheckpointReader:
+    """The tensors of a safetensors checkpoint folder (one file or a sharded index), read one at a time."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from llmopt.checkpoint import SAFETENSORS_INDEX, check_checkpoint, read_shard_index
+
+        self.folder = Path(folder)
+        config_path = self.folder / "config.json"
+        try:
+            self.config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"Cannot read '{config_path}': {exc}.",
+                             "Point the streaming path at a Hugging Face checkpoint folder (config.json and "
+                             "*.safetensors).") from None
+        if (self.folder / SAFETENSORS_INDEX).exists():
+            files = [self.folder / shard for shard in read_shard_index(self.folder, SAFETENSORS_INDEX)]
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise InputError(f"'{self.folder}' has no *.safetensors weights; the streaming path reads safetensors only.",
+                             "Convert the checkpoint to safetensors, or use the non-streaming pipeline.")
+        check_checkpoint(self.folder, self.config, allow_pickle=False)  # safetensors' own validation of every header
+        self.entries: dict[str, TensorEntry] = {}
+        for path in files:
+            self.entries.update(_header_entries(path))
+        unsupported = {e.dtype for e in self.entries.values()} - set(_DTYPES)
+        if unsupported:
+            raise InputError(f"'{self.folder}' holds tensors of dtype {', '.join(sorted(unsupported))}; the streaming "
+                             "path reads float32, float16 and bfloat16 checkpoints.",
+                             "Dequantize the checkpoint to a float dtype first.")
+
+    def names(self) -> list[str]:
+        return [n for n in self.entries if not _SKIPPED.search(n)]
+
+    def layer_names(self, index: int) -> list[str]:
+        prefix = f"model.layers.{index}."
+        return [n for n in self.names() if n.startswith(prefix)]
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor in float32, from a buffer of its own (no memory map): (shape) float32."""
+        import torch
+
+        entry = self.entries[name]
+        buffer = bytearray(entry.end - entry.start)
+        view = memoryview(buffer)
+        with open(entry.path, "rb", buffering=0) as fh:
+            done = 0
+            while done < len(buffer):
+                got = os.preadv(fh.fileno(), [view[done:]], entry.start + done)
+                if got <= 0:
+                    raise InputError(f"'{entry.path}' ended while reading '{name}'.",
+                                     "Re-download or re-save the checkpoint; the file is damaged.")
+                done += got
+        dtype = getattr(torch, _DTYPES[entry.dtype][0])
+        tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+        return tensor.reshape(entry.shape).float()  # float32 input: no copy, the tensor owns the buffer
+
+
+def _header_entries(path: Path) -> dict[str, TensorEntry]:
+    # The format is 8 bytes (little-endian header length), a JSON header, then the data; offsets are
+    # relative to the end of the header.
+    with open(path, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(length))
+    base = 8 + length
+    return {name: TensorEntry(path, info["dtype"], tuple(info["shape"]), base + info["data_offsets"][0],
+                              base + info["data_offsets"][1])
+            for name, info in header.items() if name != "__metadata__"}
+
+
+@dataclass
+class Block:
+    """What a writer receives at a time: the embedding, one decoder layer, or the final norm and lm_head."""
+
+    kind: Literal["embedding", "layer", "final"]
+    index: int  # layer number (0 for the other kinds)
+    tensors: dict[str, Any] = field(default_factory=dict)  # name -> float32 torch.Tensor or QuantizedTensor
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What will be quantized, decided from the config and tensor headers before any weight is read."""
+
+    config: dict[str, Any]
+    quantize: QuantizeConfig
+    num_layers: int
+    quantized: frozenset[str]  # weight names stored as codes
+    tied: bool  # lm_head shares the embedding table in the input
+    untie: bool  # the output gets an lm_head of its own (the pass's `_untie_if_needed`)
+    extra_names: tuple[str, ...]  # top-level tensors other than embedding, norm and lm_head, copied as they are
+
+    def blocks(self, reader: CheckpointReader) -> Iterator[Block]:
+        """Embedding, each decoder layer, then final norm and lm_head; each block's tensors read when it is due."""
+        names = reader.names()
+        yield Block("embedding", 0, {"model.embed_tokens.weight": reader.read("model.embed_tokens.weight")})
+        for i in range(self.num_layers):
+            yield Block("layer", i, {name: self._load(reader, name, name) for name in reader.layer_names(i)})
+        final = Block("final", 0, {name: reader.read(name) for name in (*self.extra_names, "model.norm.weight")})
+        if "lm_head.weight" in names:
+            final.tensors["lm_head.weight"] = self._load(reader, "lm_head.weight", "lm_head.weight")
+        elif self.untie:
+            final.tensors["lm_head.weight"] = self._load(reader, "model.embed_tokens.weight", "lm_head.weight")
+        yield final
+
+    def _load(self, reader: CheckpointReader, source: str, name: str) -> Any:
+        from llmopt.passes.quantize import quantize_rtn
+
+        weight = reader.read(source)
+        if name not in self.quantized:
+            return weight
+        return quantize_rtn(weight, name, "linear", self.quantize)
+
+
+def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: str = "onnx") -> tuple[StreamPlan, CheckpointReader]:
+    """Check that the checkpoint and the quantization suit the streaming path; RecipeError / InputError if not."""
+    from transformers import AutoConfig
+
+    from llmopt.model import ArchInfo
+    from llmopt.passes.quantize import QuantizePass
+
+    reader = CheckpointReader(folder)
+    config = reader.config
+    model_type = config.get("model_type")
+    if model_type not in STREAMING_MODEL_TYPES:
+        raise InputError(f"The streaming path handles model types {', '.join(STREAMING_MODEL_TYPES)}; "
+                         f"'{folder}' is '{model_type}'.", "Use the non-streaming pipeline for this model.")
+    q = quantize
+    unsupported = [name for name, value in (("method", q.method != "rtn"), ("awq", q.awq), ("embeddings", q.embeddings),
+                                            ("activations", q.activations != "float"),
+                                            ("target_bits_per_weight", q.target_bits_per_weight is not None)) if value]
+    if unsupported:
+        raise RecipeError(f"quantize.{unsupported[0]}: the streaming path runs weight-only RTN (method: rtn), with no "
+                          "calibration and a float embedding table.",
+                          "Remove the option, or use the non-streaming pipeline (the model must then fit in memory).")
+    if export_format == "safetensors" and not q.symmetric:
+        raise RecipeError("quantize.symmetric: false cannot be streamed to safetensors: compressed-tensors "
+                          "pack-quantized holds symmetric groups only.", "Use symmetric: true, or export.format: onnx.")
+    arch = ArchInfo.from_config(AutoConfig.from_pretrained(folder))
+    QuantizePass(q).check(arch, "quantize")  # group_size divides every input width
+    names = set(reader.names())
+    missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in names]
+    if missing:
+        raise InputError(f"'{folder}' has no tensor '{missing[0]}', which every {model_type} checkpoint has.",
+                         "Re-download or re-save the checkpoint.")
+    excluded = lambda name: any(fnmatch.fnmatchcase(name.removesuffix(".weight"), p) for p in q.exclude)
+    layer_linears = {n for n in names if _LAYER.match(n) and n.endswith("_proj.weight")}
+    tied = "lm_head.weight" not in names
+    head_quantized = not excluded("lm_head.weight")
+    quantized = {n for n in layer_linears if not excluded(n)} | ({"lm_head.weight"} if head_quantized else set())
+    extra = tuple(n for n in sorted(names) if not _LAYER.match(n)
+                  and n not in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"))
+    plan = StreamPlan(config=config, quantize=q, num_layers=arch.num_layers, quantized=frozenset(quantized),
+                      tied=tied, untie=tied and head_quantized, extra_names=extra)
+    return plan, reader
+
+
+@dataclass
+class StreamResult:
+    output: Path
+    files: dict[str, int]  # file name -> bytes
+    quantized_tensors: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(self.files.values())
+
+
+def quantize_checkpoint(model: str | Path, output: str | Path, quantize: QuantizeConfig, *,
+                        export_format: Literal["onnx", "safetensors"] = "onnx", accuracy_level: int = 0,
+                        max_shard_bytes: int = 5_000_000_000, force: bool = False) -> StreamResult:
+    """RTN-quantize a local safetensors checkpoint layer by layer into an ONNX or safetensors artifact folder.
+
+    The folder appears at `output` only when complete (staged beside it, then renamed), with a manifest.
+    """
+    from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
+
+    plan, reader = plan_stream(model, quantize, export_format=export_format)
+    out = Path(output)
+    check_destination(out, force)
+    with OutputLock(out):
+        staging = new_staging(out)
+        try:
+            if export_format == "onnx":
+                from llmopt.exporters.onnx_stream import write_onnx
+
+                info = write_onnx(plan, reader, staging, accuracy_level=accuracy_level)
+            else:
+                from llmopt.exporters.safetensors_stream import write_safetensors
+
+                info = write_safetensors(plan, reader, staging, max_shard_bytes=max_shard_bytes)
+            _copy_tokenizer(Path(model), staging)
+            recipe = {"model": str(model), "passes": [quantize.model_dump(mode="json")],
+                      "export": {"format": export_format, "streaming": True}}
+            write_manifest(staging, recipe=recipe, versions={}, seed=0)
+            files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+            promote(staging, out)
+        finally:
+            if staging.exists():
+                import shutil
+
+                shutil.rmtree(staging, ignore_errors=True)
+    return StreamResult(out, files, len(plan.quantized), info)
+
+
+def _copy_tokenizer(model: Path, folder: Path) -> None:
+    """The tokenizer and generation config next to the weights, as the exporters write them."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    try:
+        AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+    except (OSError, ValueError):  # a checkpoint without a tokenizer: the weights are still the artifact
+        pass
+    if (model / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(model).save_pretrained(folder)
