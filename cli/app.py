@@ -36,6 +36,10 @@ def optimize(
     format: Optional[str] = typer.Option(None, "--format", "-f", help=f"{OVERRIDE_HELP} export.format: onnx or safetensors."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help=f"{OVERRIDE_HELP} evaluation.data."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output (swapped in only when complete)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a run on this --output that was killed (SIGKILL, "
+                                "out of memory) after some passes, from its last completed pass: the same artifact as "
+                                "an uninterrupted run. Without a checkpoint it starts afresh; a checkpoint of another "
+                                "recipe, model or version is refused (exit 2). Ctrl-C and errors remove checkpoints."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (unsafe)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -55,7 +59,8 @@ def optimize(
     try:
         with ConsoleProgress() as progress:
             result = run_optimize(recipe, model=model, output=output, force=force, format=format, eval_data=eval_data,
-                                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
+                                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
+                                  resume=resume)
     except LlmoptError as exc:
         if junit_xml is not None:
             from llmopt.evaluation.junit import junit_xml as to_junit

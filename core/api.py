@@ -11,15 +11,20 @@ from llmopt.recipe import Recipe
 
 def optimize(recipe: str | Path | Recipe, *, model: str | None = None, output: str | Path, force: bool = False,
              format: str | None = None, eval_data: str | None = None, allow_pickle: bool | None = None,
-             trust_remote_code: bool | None = None, progress: Progress | None = None) -> Result:
+             trust_remote_code: bool | None = None, progress: Progress | None = None, resume: bool = False) -> Result:
     """Run a recipe (path, shipped name, or Recipe) on a model and write the artifact and report to `output`.
 
     Returns a Result; `result.passed` is False when a quality check of the recipe failed (the artifact
     is still written, as in CI one wants to read the report of a failed gate).
+
+    `resume=True` continues a run of the same recipe and model on the same `output` that was killed (SIGKILL,
+    out of memory, power cut) after completing some passes: those passes are not run again, and the artifact is
+    the same as an uninterrupted run's. With no checkpoint to continue from the run starts afresh; a checkpoint
+    of another recipe, model or version is refused with a RecipeError (exit 2).
     """
     the_plan = plan(recipe, output=output, model=model, format=format, eval_data=eval_data,
                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    return run(the_plan, force=force, progress=progress)
+    return run(the_plan, force=force, progress=progress, resume=resume)
 
 
 def validate(recipe: str | Path | Recipe, **overrides: Any) -> Plan:

@@ -133,8 +133,12 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> Result:
-    """Execute a plan. The artifact appears at `output` only when complete (report and manifest included)."""
+def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, progress: Progress | None = None,
+        resume: bool = False) -> Result:
+    """Execute a plan. The artifact appears at `output` only when complete (report and manifest included).
+
+    `resume`: continue a killed run of the same recipe and model from its last completed pass (llmopt.resume).
+    """
     progress = progress or SilentProgress()
     out = Path(output) if output else plan.output
     if out is None:
@@ -145,23 +149,29 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     started = time.perf_counter()
     with OutputLock(out):  # first: an output that cannot be written is the problem to name, not its free space
         preflight.check(preflight.estimate(plan, out))
-        return _run_locked(plan, out, progress, started)
+        return _run_locked(plan, out, progress, started, resume)
 
 
-def _run_locked(plan: Plan, out: Path, progress: Progress, started: float) -> Result:
+def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resume: bool = False) -> Result:
     import numpy as np
     import torch
 
     from llmopt.evaluation.quality import hidden_states, relative_layer_errors
     from llmopt.evaluation.report import ModelMetrics, PassRecord, Report, SpeedSetup
+    from llmopt.resume import ResumeStore, fingerprint
     from llmopt.state import ModelState, PassContext
 
     recipe = plan.recipe
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
-    staging = scratch = None
+    staging = scratch = checkpoints = None
     try:  # entered before anything is created, so an interrupt at any point leaves nothing behind
         staging = new_staging(out)
+        # --- resume: checkpoints after each pass, kept only by a run that could not unwind (llmopt.resume) ---
+        store = ResumeStore(out, fingerprint(_recipe_dict(recipe), plan.source, _versions()))
+        resuming = store.start(resume)  # a mismatch raises before `checkpoints` is set: the folder stays
+        checkpoints = store
+        # --- end resume ---
         scratch = new_scratch()  # its name carries our pid: a later run removes it if we are killed
         timer = _Steps(progress)
         with timer("load model"):
@@ -180,7 +190,19 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float) -> Re
         calibration = _CalibrationSource(recipe, tokenizer)
         # A frozen copy of the input model for passes that learn from it (distillation).
         original = copy.deepcopy(model).eval() if any(p.needs_teacher for p in plan.passes) else None
-        for p in plan.passes:
+        # --- resume: the state after the passes a killed run completed ---
+        passes_done, resume_notes = 0, []
+        if resuming and store.latest() is not None:
+            restored = store.restore(state)
+            state, passes_done = restored.state, restored.passes_done
+            records = [PassRecord(**r) for r in restored.records]
+            resume_notes = [(f"resumed after {passes_done} completed pass(es) of a killed run "
+                             f"({', '.join(r.type for r in records)}): their records are that run's.")]
+        # --- end resume ---
+        for index, p in enumerate(plan.passes):
+            if index < passes_done:
+                continue
+            p = store.checkpointing(p, index)
             progress.step(f"pass {p.type}")
             t0 = time.perf_counter()
             ctx = PassContext(seed=recipe.seed, progress=progress.advance,
@@ -196,6 +218,7 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float) -> Re
             seconds = time.perf_counter() - t0
             progress.done(f"pass {p.type}", seconds)
             records.append(PassRecord(type=p.type, seconds=seconds, info=state.pass_info.get(p.type, {})))
+            store.save(index + 1, state, [r.model_dump(mode="json") for r in records])
 
         with timer(f"export {recipe.export.format}"):
             exported = plan.exporter.export(state, staging)
@@ -235,7 +258,7 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float) -> Re
             environment={**versions, "cpu": devices.cpu_name(), "device": devices.device_name(evaluation["provider"]),
                          "threads": str(evaluation["threads"])},
             notes=exported.notes + task_notes + _fallback_note(plan.provider, evaluation["provider"])
-            + ([f"calibration data: {calibration.description}"] if calibration.description else []),
+            + ([f"calibration data: {calibration.description}"] if calibration.description else []) + resume_notes,
             total_seconds=time.perf_counter() - started,
         )
         from llmopt.evaluation.checks import evaluate_checks
@@ -260,6 +283,8 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float) -> Re
         for folder in (staging, scratch):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
+        if checkpoints is not None:  # done, failed or interrupted: only a killed run leaves its checkpoints
+            checkpoints.remove()
     return Result(out, report, [c for c in report.checks if not c.passed])
 
 
