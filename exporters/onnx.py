@@ -60,6 +60,8 @@ class OnnxExporter(Exporter):
                              + ", ".join(stats.unmatched[:5]))
             for name, reason in stats.skipped:
                 notes.append(f"{name} kept in float in the ONNX graph: {reason}")
+        if state.graph_fusions and state.graph_fusions.get("pack_projections"):
+            notes += self._pack(folder, info)
         if state.precision is not None:  # last: the rewrites above find weights by their float32 values
             from llmopt.exporters.onnx_fp16 import convert_to_fp16
 
@@ -74,8 +76,9 @@ class OnnxExporter(Exporter):
         from llmopt.exporters.onnx_fuse import attention_shape, fuse_file
 
         external = {"auto": None, "always": True, "never": False}[self.config.external_data]
+        switches = {k: v for k, v in state.graph_fusions.items() if k != "pack_projections"}
         stats = fuse_file(folder / "model.onnx", attention_shape(state.model.config), external_data=external,
-                          **state.graph_fusions)
+                          **switches)
         info["fused_ops"] = stats.counts
         info["graph_nodes"] = {"before_fusion": stats.nodes_before, "after_fusion": stats.nodes_after}
         notes = list(stats.unfused)
@@ -83,3 +86,13 @@ class OnnxExporter(Exporter):
             notes.append("GroupQueryAttention derives the causal mask from attention_mask's row sums: batches must "
                          "be right-padded (or batch 1), not left-padded.")
         return notes
+
+    def _pack(self, folder: Path, info: dict) -> list[str]:
+        """After MatMulNBits: packing concatenates the stored integers of sibling projections."""
+        from llmopt.exporters.onnx_fuse import rewrite_file
+        from llmopt.exporters.onnx_pack import pack_graph
+
+        external = {"auto": None, "always": True, "never": False}[self.config.external_data]
+        stats = rewrite_file(folder / "model.onnx", pack_graph, external)
+        info["packed_projections"] = {"qkv": stats.qkv, "gate_up": stats.gate_up}
+        return stats.unpacked

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -51,6 +51,7 @@ class AttentionShape:
     kv_heads: int
     head_dim: int
     sliding_window: int | None = None  # tokens a query attends to, when the model uses a local window
+    max_positions: int | None = None  # the config's max_position_embeddings: rows the rotary tables need
 
 
 @dataclass
@@ -69,6 +70,8 @@ def fuse_graph(model: onnx.ModelProto, shape: AttentionShape, *, attention: bool
     stats = FuseStats(nodes_before=len(model.graph.node))
     library_fusions(model, norms=norms, rotary=rotary, gelu=activations)
     graph = OnnxModel(model)
+    if rotary and shape.max_positions:
+        trim_rotary_tables(graph, shape.max_positions)
     if activations:
         fuse_silu(graph)
     if attention:
@@ -85,13 +88,18 @@ def fuse_graph(model: onnx.ModelProto, shape: AttentionShape, *, attention: bool
 
 def fuse_file(path: Path, shape: AttentionShape, *, external_data: bool | None = None, **switches: bool) -> FuseStats:
     """Load ``path`` (with its external data), fuse, and write it back in place."""
+    return rewrite_file(path, lambda model: fuse_graph(model, shape, **switches), external_data)
+
+
+def rewrite_file(path: Path, rewrite: Callable[[onnx.ModelProto], Any], external_data: bool | None = None) -> Any:
+    """Load ``path`` with its external data, apply ``rewrite`` in place, write it back; returns what it returned."""
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=True)
     old_data = {e.value for init in model.graph.initializer if init.data_location == TensorProto.EXTERNAL
                 for e in init.external_data if e.key == "location"}
-    stats = fuse_graph(model, shape, **switches)
+    result = rewrite(model)
     for init in model.graph.initializer:  # loaded in memory now; saving decides where they go
         init.data_location = TensorProto.DEFAULT
         del init.external_data[:]
@@ -106,7 +114,7 @@ def fuse_file(path: Path, shape: AttentionShape, *, external_data: bool | None =
         written = path.with_name(path.stem + ".onnx.data")
         if written.exists():
             written.rename(data_file)
-    return stats
+    return result
 
 
 def library_fusions(model: onnx.ModelProto, *, norms: bool, rotary: bool, gelu: bool) -> None:
@@ -127,6 +135,24 @@ def library_fusions(model: onnx.ModelProto, *, norms: bool, rotary: bool, gelu: 
     fused = optimize_by_fusion(model, model_type="bert", num_heads=0, hidden_size=0, optimization_options=options)
     if fused.model is not model:
         model.CopyFrom(fused.model)
+
+
+def trim_rotary_tables(graph: Any, max_positions: int) -> int:
+    """Cut RotaryEmbedding's cos/sin tables to the model's positions; returns the bytes saved.
+
+    onnxruntime's rotary fusion writes tables for a fixed 131,072 positions (16 MB each at head_dim 64),
+    far beyond what a model's config allows (8,192 for SmolLM2); the op reads row ``position`` only.
+    """
+    saved = 0
+    tables = {name for node in graph.model.graph.node if node.op_type == "RotaryEmbedding" for name in node.input[2:4]}
+    for name in tables:
+        table = graph.get_initializer(name)
+        if table is None or len(table.dims) != 2 or table.dims[0] <= max_positions:
+            continue
+        array = numpy_helper.to_array(table)
+        saved += array.nbytes - array[:max_positions].nbytes
+        table.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array[:max_positions]), name))
+    return saved
 
 
 def fuse_silu(graph: Any) -> int:
@@ -356,7 +382,8 @@ def attention_shape(config: Any) -> AttentionShape:
     # Qwen2-style configs carry a window they do not use unless use_sliding_window is set.
     if getattr(config, "use_sliding_window", True) is False or not isinstance(window, int):
         window = None
-    return AttentionShape(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, window)
+    return AttentionShape(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, window,
+                          getattr(config, "max_position_embeddings", None))
 
 
-__all__ = ["FUSED_OPS", "AttentionShape", "FuseStats", "attention_shape", "fuse_file", "fuse_graph"]
+__all__ = ["FUSED_OPS", "AttentionShape", "FuseStats", "attention_shape", "fuse_file", "fuse_graph", "rewrite_file"]

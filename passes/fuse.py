@@ -19,6 +19,10 @@ class FuseConfig(PassConfig):
     norms: bool = Field(True, description="RMSNorm -> SimplifiedLayerNormalization, RMSNorm + residual -> "
                                           "SkipSimplifiedLayerNormalization (LayerNorm likewise).")
     activations: bool = Field(True, description="SiLU -> QuickGelu(alpha=1), tanh/erf GELU -> FastGelu/Gelu.")
+    pack_projections: bool = Field(True, description="Q/K/V -> one matmul read by GroupQueryAttention (rotary inside "
+                                                     "it), gate/up -> one matmul and a Split; done after the weights "
+                                                     "are stored (MatMulNBits weights are concatenated, not "
+                                                     "re-quantized).")
 
 
 class FusePass(Pass):

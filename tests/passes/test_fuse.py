@@ -16,7 +16,8 @@ import torch
 
 import llmopt
 from llmopt.errors import RecipeError
-from llmopt.exporters.onnx_fuse import attention_shape, fuse_file
+from llmopt.exporters.onnx_fuse import attention_shape, fuse_file, rewrite_file
+from llmopt.exporters.onnx_pack import pack_graph
 from llmopt.pipeline import plan
 from tests.conftest import TINY_VOCAB, tiny_llama
 
@@ -72,6 +73,12 @@ def _fused_copy(src: Path, dst: Path, **switches: bool):
 
     stats = fuse_file(dst / "model.onnx", attention_shape(AutoConfig.from_pretrained(src)), **switches)
     return dst, stats
+
+
+def _packed_copy(src: Path, dst: Path, **switches: bool):
+    """Fused (all rewrites) then packed, as the exporter does."""
+    _fused_copy(src, dst)
+    return dst, rewrite_file(dst / "model.onnx", lambda model: pack_graph(model, **switches))
 
 
 def _decode(folder: Path, prompt: np.ndarray, steps: int) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
@@ -170,6 +177,59 @@ def test_unsupported_attention_is_left_as_it_was_and_reported(llama_export, tmp_
     _assert_same_outputs(src, fused)
 
 
+def test_packed_qkv_and_gate_up_keep_the_logits(llama_export, tmp_path):
+    """Q/K/V -> one MatMul read by GroupQueryAttention with its own rotary; gate/up -> one MatMul and a Split."""
+    packed, stats = _packed_copy(llama_export, tmp_path / "packed")
+    print(stats)
+    assert (stats.qkv, stats.gate_up, stats.unpacked) == (2, 2, [])
+    ops = _op_counts(packed)
+    assert ops["MatMul"] == 2 * 4 + 1 and ops["Split"] == 2 and "RotaryEmbedding" not in ops
+    model = onnx.load(str(packed / "model.onnx"))
+    attention = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in attention.attribute}
+    assert attrs["do_rotary"] == 1 and list(attention.input[1:3]) == ["", ""]
+    cos = next(i for i in model.graph.initializer if i.name == attention.input[7])
+    assert list(cos.dims) == [512, 8]  # trimmed to max_position_embeddings rows, head_dim / 2 columns
+    assert "position_ids" in {i.name for i in model.graph.input}  # ORTModelForCausalLM still feeds it
+    _assert_same_outputs(llama_export, packed)
+
+
+def test_packing_concatenates_projection_biases(tmp_path):
+    export = _export(_randomize_norms(tiny_llama(attention_bias=True, mlp_bias=True)), tmp_path / "biased")
+    packed, stats = _packed_copy(export, tmp_path / "biased-packed")
+    assert (stats.qkv, stats.gate_up) == (2, 2)
+    _assert_same_outputs(export, packed)
+
+
+def test_packing_only_qkv_leaves_the_mlp(llama_export, tmp_path):
+    packed, stats = _packed_copy(llama_export, tmp_path / "qkv", gate_up=False)
+    assert (stats.qkv, stats.gate_up) == (2, 0)
+    assert _op_counts(packed)["MatMul"] == 2 * 5 + 1 and "Split" not in _op_counts(packed)
+    _assert_same_outputs(llama_export, packed)
+
+
+def test_gemma_packs_around_fast_gelu(gemma_export, tmp_path):
+    packed, stats = _packed_copy(gemma_export, tmp_path / "gemma-packed")
+    assert (stats.qkv, stats.gate_up, stats.unpacked) == (2, 2, [])
+    _assert_same_outputs(gemma_export, packed)
+
+
+def test_qkv_read_elsewhere_is_left_unpacked_and_reported(llama_export, tmp_path):
+    """A projection whose output has a second reader cannot disappear into a packed matmul."""
+    src = tmp_path / "extra-reader"
+    _fused_copy(llama_export, src)
+    model = onnx.load(str(src / "model.onnx"))
+    attention = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    value = attention.input[2]
+    model.graph.node.append(onnx.helper.make_node("Identity", [value], ["v_probe"], name="probe"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("v_probe", onnx.TensorProto.FLOAT, None))
+    onnx.save(model, str(src / "model.onnx"))
+    stats = rewrite_file(src / "model.onnx", pack_graph)
+    assert stats.qkv == 1 and len(stats.unpacked) == 1
+    assert stats.unpacked[0] == (f"{attention.name}: Q/K/V kept as separate projections: "
+                                 "a projection's output is read elsewhere too")
+
+
 def test_ort_model_for_causal_lm_generates_the_same_tokens(llama_export, tmp_path):
     from llmopt.evaluation.runners import OrtRunner
 
@@ -194,11 +254,21 @@ def test_fuse_and_quantize_end_to_end(tiny_model_dir, fast_recipe, tmp_path):
     assert export["fused_ops"]["GroupQueryAttention"] == 2
     assert export["fused_ops"]["SkipSimplifiedLayerNormalization"] == 4
     assert export["fused_ops"]["QuickGelu"] == 2
+    assert export["packed_projections"] == {"qkv": 2, "gate_up": 2}
     ops = _op_counts(tmp_path / "out")
-    assert ops["MatMulNBits"] == 15 and ops["GroupQueryAttention"] == 2 and "MatMul" not in ops
+    # Packed: qkv, o, gate_up, down per layer, and the lm_head.
+    assert ops["MatMulNBits"] == 2 * 4 + 1 and ops["GroupQueryAttention"] == 2 and "MatMul" not in ops
     assert result.report.validation.passed and result.report.validation.max_abs_logit_diff < 1e-3
     assert any("right-padded" in note for note in result.report.notes)
     assert result.report.passes[1].type == "fuse"
+    # Packing concatenates the stored integers: the same logits as the unpacked graph, to the last bit.
+    unpacked = llmopt.optimize(fast_recipe(FUSE_INT4 + "    pack_projections: false\n"), model=str(tiny_model_dir),
+                               output=tmp_path / "unpacked")
+    assert _op_counts(tmp_path / "unpacked")["MatMulNBits"] == 15
+    prompt = np.arange(3, 40, dtype=np.int64)
+    from llmopt.evaluation.runners import OrtRunner
+
+    assert np.array_equal(OrtRunner(result.output).logits(prompt), OrtRunner(unpacked.output).logits(prompt))
 
 
 def test_fuse_with_safetensors_is_refused_at_plan_time(tiny_model_dir, fast_recipe):
