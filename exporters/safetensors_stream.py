@@ -112,28 +112,23 @@ def write_safetensors(plan: StreamPlan, reader: CheckpointReader, folder: Path, 
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     shard_of_block = {b: s for s, blocks in enumerate(shards) for b in blocks}
 
-    handles: dict[int, Any] = {}
     offsets: dict[str, int] = {}
-    try:
-        for b, block in enumerate(plan.blocks(reader)):
-            s = shard_of_block[b]
-            if s not in handles:
-                for old in handles.values():
-                    old.close()
-                handles = {s: open(folder / names[s], "wb")}
-                header, offsets = _header([e for i in shards[s] for e in layout[i]])
-                handles[s].write(header)
-            stored = [pair for name in sorted(block.tensors) for pair in _serialize(name, block.tensors[name])]
-            if [n for n, _ in stored] != [e[0] for e in layout[b]]:
-                raise RuntimeError(f"block {b}: the tensors read differ from the planned layout")  # a bug, not input
+    started: set[int] = set()
+    for b, block in enumerate(plan.blocks(reader)):
+        s = shard_of_block[b]
+        if s not in started:  # the shard's first block: its header first
+            header, offsets = _header([e for i in shards[s] for e in layout[i]])
+            (folder / names[s]).write_bytes(header)
+            started.add(s)
+        stored = [pair for name in sorted(block.tensors) for pair in _serialize(name, block.tensors[name])]
+        if [n for n, _ in stored] != [e[0] for e in layout[b]]:
+            raise RuntimeError(f"block {b}: the tensors read differ from the planned layout")  # a bug, not input
+        with open(folder / names[s], "r+b") as fh:
             for name, tensor in stored:
                 if tensor.dtype not in (torch.float32, torch.int32):
                     raise RuntimeError(f"{name}: unexpected dtype {tensor.dtype}")  # a bug, not input
-                _write_at(handles[s].fileno(), memoryview(tensor.numpy()).cast("B"), offsets[name])
-            del block, stored
-    finally:
-        for handle in handles.values():
-            handle.close()
+                _write_at(fh.fileno(), memoryview(tensor.numpy()).cast("B"), offsets[name])
+        del block, stored
     _check_written(folder, names)
     if len(shards) > 1:
         weight_map = {e[0]: names[s] for s, blocks in enumerate(shards) for b in blocks for e in layout[b]}
