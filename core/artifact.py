@@ -46,43 +46,80 @@ def check_destination(output: Path, force: bool) -> None:
 class OutputLock:
     """`.NAME.lock` beside the output, holding the pid of the run writing it: two runs never share an output.
 
-    A lock whose process is gone (a run that was killed) is taken over.
+    The exclusion is an advisory lock (flock) on that file, not the file's existence: the kernel drops it when its
+    process dies, however it dies, so a killed run's lock is free at once, and there is no moment (a file created
+    but its pid not yet written, a stale lock being removed) when two runs can both think it theirs. The pid inside
+    is for the message; a live pid there also holds the output (a run without the flock, such as an older llmopt).
     """
 
     def __init__(self, output: Path) -> None:
         self.output = output
         self.path = output.parent / f".{output.name}.lock"
+        self.fd: int | None = None
 
     def __enter__(self) -> Self:
-        for _ in range(2):
+        for _ in range(10):  # a retry only when a finishing holder removed the file between our open and lock
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None:
-                    raise RecipeError(
-                        f"Another llmopt run (pid {holder}) is writing '{self.output}'.",
-                        "Wait for it to finish, or choose another --output.") from None
-                self.path.unlink(missing_ok=True)  # stale: its run is gone
-                continue
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:  # the output's folder is read-only, not ours, or not a folder
                 raise RecipeError(f"Cannot write next to '{self.output}': {exc.strerror or exc}.",
                                   "Choose an --output in a folder you can write to.") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+            if not _try_flock(fd):
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise self._held(holder)
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:  # we locked a file its holder has just unlinked: lock the one now at the path
+                os.close(fd)
+                continue
+            holder = _read_pid(fd)
+            if holder is not None and _alive(holder):
+                os.close(fd)
+                raise self._held(holder)
+            self._write_pid(fd)  # the previous content, if any, was a killed run's
+            self.fd = fd
             return self
         raise RecipeError(f"Cannot take the lock '{self.path}'.", "Remove it if no llmopt run is using that output.")
 
-    def _holder(self) -> int | None:
-        """The pid in the lock file if that process is alive, else None."""
-        try:
-            pid = int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+    def _held(self, holder: int | None) -> RecipeError:
+        who = f"pid {holder}" if holder is not None else "just starting"
+        return RecipeError(f"Another llmopt run ({who}) is writing '{self.output}'.",
+                           "Wait for it to finish, or choose another --output.")
+
+    def _write_pid(self, fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
 
     def __exit__(self, *exc) -> None:
+        # Unlinked while still locked, then released: a run waiting on this file finds it gone and retries.
         self.path.unlink(missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _try_flock(fd: int) -> bool:
+    """Lock `fd` exclusively without waiting; False when another process holds it. Where the system has no flock
+    (not POSIX), True: the pid in the file is then the only guard."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):  # empty: its holder has not written it yet
+        return None
 
 
 def _alive(pid: int) -> bool:

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from llmopt.artifact import new_scratch
 from llmopt.errors import InputError
 from llmopt.passes.distill import DistillConfig, hidden_loss, kl_loss, lm_loss, topk_kl_loss, topk_targets
 
@@ -195,7 +195,9 @@ def train(model: Any, objective: Objective, c: DistillConfig, trainable: list[st
     key = fingerprint(objective.windows, model, objective.teacher, c.model_dump_json(
         exclude={"checkpoint_dir", "checkpoint_every"}), seed, accelerator.num_processes, trainable)
     model.to(accelerator.device)
-    scratch = Path(tempfile.mkdtemp(prefix="llmopt-distill-")) if c.cache_teacher and root is None else None
+    # The teacher cache without a checkpoint_dir: a scratch folder named with our pid, which a later run removes
+    # if this one is killed (the pipeline gives distill a checkpoint_dir in the output's resume folder instead).
+    scratch = new_scratch() if c.cache_teacher and root is None else None
     try:
         objective.start(accelerator, root or scratch)
         decay = [p for p in chosen.values() if p.ndim >= 2]  # matrices; norms and biases are not decayed

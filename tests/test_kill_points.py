@@ -319,3 +319,103 @@ def test_a_killed_runs_staging_goes_even_before_its_parent_reaps_it(tmp_path):
         assert [p.name for p in tmp_path.iterdir()] == [staging.name]
     finally:
         zombie.wait()
+
+
+# A child that takes the output's lock; with HOLD_AT_WRITE it stops at the instant the lock is taken but its pid not
+# yet written (the file exists and is empty), where the lock used to be taken for a stale one.
+LOCKER = """
+import os, sys, time
+from pathlib import Path
+from llmopt.artifact import OutputLock
+from llmopt.errors import RecipeError
+
+out, go = Path(sys.argv[1]), Path(sys.argv[2])
+if os.environ.get("HOLD_AT_WRITE"):
+    def hold(self, fd):
+        print("locked", flush=True)
+        time.sleep(60)
+    OutputLock._write_pid = hold
+while not go.exists():
+    time.sleep(0.001)
+try:
+    with OutputLock(out):
+        print("held", flush=True)
+        time.sleep(3)
+except RecipeError as exc:
+    print(exc.message, flush=True)
+"""
+
+
+def test_a_lock_whose_pid_is_not_written_yet_is_held(tmp_path):
+    from llmopt.artifact import OutputLock
+    from llmopt.errors import RecipeError
+
+    out, go = tmp_path / "out", tmp_path / "go"
+    go.touch()
+    child = subprocess.Popen([sys.executable, "-c", LOCKER, str(out), str(go)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "HOLD_AT_WRITE": "1"})
+    try:
+        assert child.stdout.readline() == "locked\n"
+        assert (tmp_path / ".out.lock").read_text() == ""  # the moment a second run took the lock as stale
+        with pytest.raises(RecipeError) as refused:
+            OutputLock(out).__enter__()
+        assert refused.value.message == f"Another llmopt run (just starting) is writing '{out}'."
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.communicate(timeout=60)
+    with OutputLock(out):  # killed with its lock empty: the lock is free at once
+        assert (tmp_path / ".out.lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".out.lock").exists()
+
+
+def test_of_runs_started_together_one_takes_the_lock(tmp_path):
+    out, go = tmp_path / "out", tmp_path / "go"
+    children = [subprocess.Popen([sys.executable, "-c", LOCKER, str(out), str(go)], stdout=subprocess.PIPE, text=True)
+                for _ in range(6)]
+    time.sleep(3)  # let them all import and wait at the start line
+    go.touch()
+    said = [child.communicate(timeout=120)[0].strip() for child in children]
+    print(f"\n{said}")
+    assert said.count("held") == 1, said
+    pattern = re.compile(rf"Another llmopt run \((pid \d+|just starting)\) is writing '{re.escape(str(out))}'\.")
+    assert all(pattern.fullmatch(s) for s in said if s != "held"), said
+
+
+# distill's teacher cache without a checkpoint_dir, in a scratch folder of the temp folder.
+DISTILLER = """
+import sys
+import numpy as np
+from transformers import AutoModelForCausalLM
+from llmopt.passes.distill import DistillConfig, DistillPass
+from llmopt.state import ModelState, PassContext
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+teacher = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+windows = [np.random.default_rng(i).integers(0, 300, 32) for i in range(8)]
+config = DistillConfig(steps=100000, batch_size=2, loss="topk_kl", top_k=8, cache_teacher=True, precision="fp32")
+DistillPass(config).run(ModelState(model, None), PassContext(calibration=lambda: windows, teacher=lambda: teacher))
+"""
+
+
+def test_a_killed_distill_runs_scratch_is_removed_by_the_next_run(tmp_path, tiny_model_dir, monkeypatch):
+    import tempfile
+
+    from llmopt.artifact import new_scratch
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", DISTILLER, str(tiny_model_dir)], stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "TMPDIR": str(temp)})
+    deadline = time.monotonic() + 120
+    while not list(temp.glob("llmopt-*/teacher-topk.safetensors")):  # the cache is written: training begins
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()[1]
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.communicate(timeout=60)
+    left = [p.name for p in temp.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f"llmopt-{child.pid}-"), left  # named with the killed run's pid
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    mine = new_scratch()  # what the next run (or distill pass) does first
+    assert [p.name for p in temp.iterdir()] == [mine.name]
+    mine.rmdir()
