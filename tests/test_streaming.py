@@ -1,0 +1,162 @@
+"""Streaming RTN (llmopt.streaming): a checkpoint quantized layer by layer into safetensors or ONNX, checked
+against the non-streaming path (the quantize pass on the loaded model, then the exporters)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llmopt.errors import InputError, RecipeError
+from llmopt.evaluation.runners import OrtRunner, TorchRunner
+from llmopt.exporters.safetensors import SafetensorsExporter
+from llmopt.model import load_model, resolve_model
+from llmopt.passes.quantize import QuantizeConfig, QuantizePass
+from llmopt.recipe import ExportConfig
+from llmopt.state import ModelState, PassContext
+from llmopt.streaming import CheckpointReader, quantize_checkpoint
+from tests.conftest import tiny_llama
+
+
+def _checkpoint(folder, tokenizer, *, tie=False, **save):
+    model = tiny_llama(tie=tie)
+    model.save_pretrained(folder, safe_serialization=True, **save)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def _quantized_in_memory(model, tokenizer, config):
+    """The non-streaming path: the quantize pass on the whole torch model."""
+    return QuantizePass(config).run(ModelState(model, tokenizer), PassContext())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_safetensors_stream_writes_the_exporters_file_byte_for_byte(tie, tiny_tokenizer, tmp_path):
+    model = _checkpoint(tmp_path / "in", tiny_tokenizer, tie=tie)
+    config = QuantizeConfig(group_size=32)
+    state = _quantized_in_memory(model, tiny_tokenizer, config)
+    (tmp_path / "ref").mkdir()
+    SafetensorsExporter(ExportConfig(format="safetensors")).export(state, tmp_path / "ref")
+
+    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config, export_format="safetensors")
+
+    assert (tmp_path / "out/model.safetensors").read_bytes() == (tmp_path / "ref/model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "out/config.json").read_text()) == json.loads((tmp_path / "ref/config.json").read_text())
+    ids = np.array(tiny_tokenizer("def f(x):\n    return x")["input_ids"])
+    diff = np.abs(TorchRunner.load(tmp_path / "out").logits(ids) - TorchRunner(state.model).logits(ids)).max()
+    print(f"tie {tie}: {result.quantized_tensors} packed, {result.size_bytes} bytes, max |dlogit| {diff:.2e}")
+    assert diff == 0
+    assert result.quantized_tensors == 15  # 7 Linears x 2 layers + lm_head (untied from the table when tied)
+
+
+def test_sharded_bf16_input_to_sharded_output(tiny_tokenizer, tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "in", safe_serialization=True, max_shard_size="60KB")
+    tiny_tokenizer.save_pretrained(tmp_path / "in")
+    assert (tmp_path / "in/model.safetensors.index.json").is_file()
+    config = QuantizeConfig(group_size=32)
+    loaded, _ = load_model(resolve_model(str(tmp_path / "in")))  # as the pipeline loads it: float32
+    state = _quantized_in_memory(loaded, tiny_tokenizer, config)
+
+    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config, export_format="safetensors",
+                                 max_shard_bytes=60_000)
+
+    index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert result.info["shards"] == len(shards) > 2
+    assert shards == sorted(p.name for p in (tmp_path / "out").glob("model-*.safetensors"))
+    ids = np.array(tiny_tokenizer("import os\nprint(os.sep)")["input_ids"])
+    diff = np.abs(TorchRunner.load(tmp_path / "out").logits(ids) - TorchRunner(state.model).logits(ids)).max()
+    print(f"{len(shards)} shards, max |dlogit| {diff:.2e}")
+    assert diff == 0
+
+
+def _run_with_cache(folder, ids, prompt):
+    """The ONNX graph driven as optimum drives it: a prefill of `prompt` tokens, then one token at a time."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    config = json.loads((folder / "config.json").read_text())
+    kv_heads, head_dim = config["num_key_value_heads"], config["hidden_size"] // config["num_attention_heads"]
+    past = {f"past_key_values.{i}.{kind}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
+            for i in range(config["num_hidden_layers"]) for kind in ("key", "value")}
+    names = [o.name for o in session.get_outputs()]
+    logits, start = [], 0
+    for end in [prompt, *range(prompt + 1, len(ids) + 1)]:
+        feed = {"input_ids": ids[None, start:end], "attention_mask": np.ones((1, end), np.int64),
+                "position_ids": np.arange(start, end)[None], **past}
+        outputs = session.run(None, feed)
+        logits.append(outputs[0][0])  # (end - start, vocab)
+        past = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], outputs[1:], strict=True)}
+        assert past["past_key_values.0.key"].shape == (1, kv_heads, end, head_dim)
+        start = end
+    return np.concatenate(logits)
+
+
+@pytest.mark.parametrize("tie,symmetric,exclude", [(False, True, []), (True, True, []),
+                                                   (False, False, ["*.down_proj"]), (True, True, ["lm_head"])])
+def test_onnx_stream_matches_the_quantized_torch_model_with_kv_cache(tie, symmetric, exclude, tiny_tokenizer, tmp_path):
+    model = _checkpoint(tmp_path / "in", tiny_tokenizer, tie=tie)
+    config = QuantizeConfig(group_size=32, symmetric=symmetric, exclude=exclude)
+    state = _quantized_in_memory(model, tiny_tokenizer, config)
+
+    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config, export_format="onnx")
+
+    ids = np.array(tiny_tokenizer("for i in range(10):\n    print(i * 2)")["input_ids"], dtype=np.int64)
+    with torch.no_grad():
+        reference = state.model(torch.from_numpy(ids[None])).logits[0].numpy()  # (T, vocab)
+    got = _run_with_cache(tmp_path / "out", ids, prompt=len(ids) - 4)  # prefill, then 4 decode steps
+    diff = np.abs(got - reference).max()
+    print(f"tie {tie} symmetric {symmetric} exclude {exclude}: {result.info['matmul_nbits']} MatMulNBits, "
+          f"{len(ids)} tokens, max |dlogit| {diff:.2e} (logits up to {np.abs(reference).max():.2f})")
+    assert diff < 1e-4
+    assert result.info["matmul_nbits"] == len(state.quantized)  # the float Linears (excluded) as plain MatMul
+    assert result.info["group_query_attention"] == 2
+
+
+def test_onnx_stream_generates_as_torch_through_optimum(tiny_tokenizer, tmp_path):
+    model = _checkpoint(tmp_path / "in", tiny_tokenizer)
+    config = QuantizeConfig(group_size=32)
+    state = _quantized_in_memory(model, tiny_tokenizer, config)
+    quantize_checkpoint(tmp_path / "in", tmp_path / "out", config)
+    prompt = np.array(tiny_tokenizer("while True:")["input_ids"])
+
+    onnx_tokens = OrtRunner(tmp_path / "out").generate(prompt, 8)  # ORTModelForCausalLM's own cache loop
+    torch_tokens = TorchRunner(state.model).generate(prompt, 8)
+    print(f"onnx {onnx_tokens.tolist()}\ntorch {torch_tokens.tolist()}")
+    assert onnx_tokens.tolist() == torch_tokens.tolist()
+
+
+def test_reader_reads_one_tensor_at_a_time_exactly(tiny_tokenizer, tmp_path):
+    model = _checkpoint(tmp_path / "in", tiny_tokenizer)
+    reader = CheckpointReader(tmp_path / "in")
+    assert reader.layer_names(1) == sorted(n for n in model.state_dict() if n.startswith("model.layers.1."))
+    weight = reader.read("model.layers.1.mlp.down_proj.weight")
+    assert torch.equal(weight, model.model.layers[1].mlp.down_proj.weight)
+
+
+@pytest.mark.parametrize("options,fmt,message", [
+    ({"method": "gptq"}, "onnx", "quantize.method: the streaming path runs weight-only RTN (method: rtn)"),
+    ({"awq": True}, "onnx", "quantize.awq: the streaming path runs weight-only RTN"),
+    ({"symmetric": False}, "safetensors", "quantize.symmetric: false cannot be streamed to safetensors"),
+    ({"group_size": 256}, "onnx", "quantize.group_size: 256 does not divide"),
+])
+def test_unsupported_options_are_refused_before_writing(options, fmt, message, tiny_tokenizer, tmp_path):
+    _checkpoint(tmp_path / "in", tiny_tokenizer)
+    with pytest.raises(RecipeError) as caught:
+        quantize_checkpoint(tmp_path / "in", tmp_path / "out", QuantizeConfig(**options), export_format=fmt)
+    assert str(caught.value.message).startswith(message), caught.value.message
+    assert caught.value.exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_architectures_are_refused(tiny_tokenizer, tmp_path):
+    _checkpoint(tmp_path / "in", tiny_tokenizer)
+    config = json.loads((tmp_path / "in/config.json").read_text())
+    (tmp_path / "in/config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
+    with pytest.raises(InputError) as caught:
+        quantize_checkpoint(tmp_path / "in", tmp_path / "out", QuantizeConfig())
+    assert "The streaming path handles model types llama, mistral, qwen2" in caught.value.message
+    assert caught.value.exit_code == 3
