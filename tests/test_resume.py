@@ -175,3 +175,75 @@ def test_a_killed_distill_pass_continues_from_its_step_checkpoint(sandbox, tiny_
     assert info["loss_curve"] == info_whole["loss_curve"]  # the same steps, the same losses
     assert digests(whole.output) == digests(out)
     assert not (sandbox / ".out.resume").exists()
+
+
+def test_a_checkpoint_restores_w8a8_hooks_tied_weights_and_the_generators(tmp_path, tiny_tokenizer):
+    """The in-memory round trip the resumed run relies on: the same logits (activation quantization is a forward
+    hook, not a weight), the same codes, and the random numbers the next pass would have drawn."""
+    import random
+
+    import numpy as np
+    import torch
+    from llmopt.passes.quantize import QuantizeConfig, QuantizePass
+    from llmopt.quantized import float_activations
+    from llmopt.resume import ResumeStore
+    from llmopt.state import ModelState, PassContext
+
+    from tests.conftest import tiny_llama
+
+    state = QuantizePass(QuantizeConfig(bits=8, activations="int8")).run(
+        ModelState(tiny_llama(tie=True), tiny_tokenizer), PassContext())
+    state.pass_info["extra"] = {"seen": [1, 2]}
+    store = ResumeStore(tmp_path / "out", "key")
+    assert store.start(resume=False) is False
+    store.save(1, state, [{"type": "quantize", "seconds": 1.5, "info": state.pass_info["quantize"]}])
+    expected_draws = (torch.rand(4), np.random.rand(4), random.random())
+
+    torch.manual_seed(123)  # move every generator on: restore must put them back
+    np.random.seed(123)
+    random.seed(123)
+    fresh = ModelState(tiny_llama(tie=True), tiny_tokenizer)
+    assert ResumeStore(tmp_path / "out", "key").start(resume=True) is True
+    restored = ResumeStore(tmp_path / "out", "key").restore(fresh)
+    assert torch.equal(restored.state.model(torch.arange(24)[None]).logits, state.model(torch.arange(24)[None]).logits)
+    with float_activations():  # without the hooks the logits differ: the comparison above saw them
+        plain = restored.state.model(torch.arange(24)[None]).logits
+    assert not torch.equal(plain, state.model(torch.arange(24)[None]).logits)
+    assert restored.passes_done == 1 and restored.records[0]["seconds"] == 1.5
+    assert restored.state.pass_info == state.pass_info and set(restored.state.quantized) == set(state.quantized)
+    for name, qt in state.quantized.items():
+        again = restored.state.quantized[name]
+        assert (again.bits, again.kind, again.activations) == (qt.bits, qt.kind, qt.activations)
+        assert np.array_equal(again.codes, qt.codes) and np.array_equal(again.scales, qt.scales)
+    # W8A8 leaves the embedding float: quantizing the tied lm_head untied it, so the model was rebuilt untied.
+    model, original = restored.state.model, state.model
+    assert original.lm_head.weight is not original.model.embed_tokens.weight and model is not fresh.model
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    draws = (torch.rand(4), np.random.rand(4), random.random())
+    assert torch.equal(draws[0], expected_draws[0]) and np.array_equal(draws[1], expected_draws[1])
+    assert draws[2] == expected_draws[2]
+
+
+def test_a_checkpoint_of_an_unchanged_architecture_loads_into_the_loaded_model(tmp_path, tiny_tokenizer):
+    import torch
+    from llmopt.passes.quantize import QuantizeConfig, QuantizePass
+    from llmopt.resume import ResumeStore
+    from llmopt.state import ModelState, PassContext
+
+    from tests.conftest import tiny_llama
+
+    state = QuantizePass(QuantizeConfig(bits=4, group_size=16, embeddings=True)).run(
+        ModelState(tiny_llama(tie=True), tiny_tokenizer), PassContext())
+    store = ResumeStore(tmp_path / "out", "key")
+    store.start(resume=False)
+    store.save(1, state, [])
+    fresh = ModelState(tiny_llama(tie=True), tiny_tokenizer)
+    torch.nn.init.zeros_(fresh.model.model.norm.weight)  # a norm weight the checkpoint must overwrite
+    restored = store.restore(fresh).state
+    model = restored.model
+    assert model is fresh.model and model.lm_head.weight is model.model.embed_tokens.weight  # tied, as quantized
+    ids = torch.arange(24)[None]
+    assert torch.equal(model(ids).logits, state.model(ids).logits)
+    assert sorted(p.name for p in (tmp_path / ".out.resume").iterdir()) == ["pass-01", "run.json"]
+    store.save(2, restored, [])  # the next pass's checkpoint replaces it
+    assert sorted(p.name for p in (tmp_path / ".out.resume").iterdir()) == ["pass-02", "run.json"]
