@@ -23,11 +23,12 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmopt.errors import InputError, RecipeError
+from llmopt.quantized import QuantizedTensor
 
 if TYPE_CHECKING:
     import torch
@@ -156,12 +157,30 @@ class StreamPlan:
         yield final
 
     def _load(self, reader: CheckpointReader, source: str, name: str) -> Any:
-        from llmopt.passes.quantize import quantize_rtn
-
         weight = reader.read(source)
         if name not in self.quantized:
             return weight
-        return quantize_rtn(weight, name, "linear", self.quantize)
+        return quantize_rows(weight, name, self.quantize)
+
+
+_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 per quantize_rtn call
+
+
+def quantize_rows(weight: torch.Tensor, name: str, config: QuantizeConfig) -> QuantizedTensor:
+    """The pass's `quantize_rtn`, a block of rows at a time: groups run along rows, so the codes are the same, and
+    its float temporaries (several copies of its input) are a block's, not a 500 MB lm_head's."""
+    import numpy as np
+
+    from llmopt.passes.quantize import quantize_rtn
+
+    rows, cols = weight.shape  # (out, in)
+    step = max(1, _CHUNK_ELEMENTS // cols)
+    parts = [quantize_rtn(weight[r:r + step], name, "linear", config) for r in range(0, rows, step)]
+    if len(parts) == 1:
+        return parts[0]
+    return replace(parts[0], codes=np.concatenate([p.codes for p in parts]),
+                   scales=np.concatenate([p.scales for p in parts]),
+                   zero_points=np.concatenate([p.zero_points for p in parts]))
 
 
 def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: str = "onnx") -> tuple[StreamPlan, CheckpointReader]:
@@ -260,9 +279,7 @@ def _copy_tokenizer(model: Path, folder: Path) -> None:
     """The tokenizer and generation config next to the weights, as the exporters write them."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    try:
+    if any((model / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         AutoTokenizer.from_pretrained(model).save_pretrained(folder)
-    except (OSError, ValueError):  # a checkpoint without a tokenizer: the weights are still the artifact
-        pass
     if (model / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(model).save_pretrained(folder)

@@ -160,3 +160,16 @@ def test_other_architectures_are_refused(tiny_tokenizer, tmp_path):
         quantize_checkpoint(tmp_path / "in", tmp_path / "out", QuantizeConfig())
     assert "The streaming path handles model types llama, mistral, qwen2" in caught.value.message
     assert caught.value.exit_code == 3
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_row_blocks_give_the_pass_codes(symmetric, monkeypatch):
+    from llmopt import streaming
+    from llmopt.passes.quantize import quantize_rtn
+
+    monkeypatch.setattr(streaming, "_CHUNK_ELEMENTS", 64 * 7)  # 7 rows per block: 15 blocks, the last one short
+    weight = torch.randn(100, 64, generator=torch.Generator().manual_seed(0))
+    config = QuantizeConfig(group_size=32, symmetric=symmetric)
+    blocked, whole = streaming.quantize_rows(weight, "w", config), quantize_rtn(weight, "w", "linear", config)
+    assert np.array_equal(blocked.codes, whole.codes) and blocked.codes.shape == (100, 64)
+    assert np.array_equal(blocked.scales, whole.scales) and np.array_equal(blocked.zero_points, whole.zero_points)

@@ -1,0 +1,260 @@
+"""Benchmark: int4 RTN of a checkpoint bigger than this machine's memory, streamed layer by layer.
+
+    python benchmarks/scale.py [--dir ~/.cache/llmopt-bench/scale] [--kv-heads 32] [--group-size 32]
+                               [--keep] [--skip-7b] [--skip-smollm2] [--skip-onnx-check]
+
+1. Writes a random-weight, 7B-shaped Llama checkpoint in float32 (hidden 4096, 32 layers, 32 heads,
+   intermediate 11008, vocab 32000: ~27 GB) as one safetensors shard per layer, generated a layer at a time
+   with numpy (never the whole model in memory). Free disk is checked first; the folder is deleted at the end
+   unless --keep.
+2. Streams it through `llmopt.streaming.quantize_checkpoint` to ONNX (MatMulNBits + GroupQueryAttention) and to
+   safetensors (compressed-tensors pack-quantized), each in a fresh child process, and prints each run's peak
+   resident memory (the child's own `getrusage` ru_maxrss), wall time and output size. The ONNX artifact is
+   then loaded by onnxruntime and run for a prefill and two decode steps (finite logits of the right shape),
+   in its own child, whose peak is printed apart: it is the runtime's, holding the whole int4 model.
+3. The same streaming runs for the real SmolLM2-135M (`demo`, converted to float32 safetensors first), with its
+   size on disk next to the peaks.
+
+A child that only imports what the streaming run imports is measured too: its peak is the fixed cost
+(Python, torch, transformers, onnx) that every row includes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GB = 1e9
+SHAPE_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008,
+            "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+
+
+# ---- children: each step runs in its own process so that its ru_maxrss is its own ----
+
+def _child_report(started: float, **extra) -> None:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(json.dumps({"peak_rss_bytes": peak, "wall_s": time.perf_counter() - started, **extra}))
+
+
+def child_generate(folder: Path, kv_heads: int, seed: int) -> None:
+    """A random Llama checkpoint, one layer per safetensors shard, each generated and written before the next."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    from transformers import LlamaConfig
+
+    started = time.perf_counter()
+    config = LlamaConfig(**SHAPE_7B, num_key_value_heads=kv_heads, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = kv_heads * hidden // config.num_attention_heads
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape: int) -> np.ndarray:
+        out = rng.standard_normal(shape, dtype=np.float32)
+        out *= 0.02  # in place: the std of Llama's initializer
+        return out
+
+    shards: list[dict] = [{"model.embed_tokens.weight": lambda: normal(vocab, hidden)}]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shards.append({p + "input_layernorm.weight": lambda: np.ones(hidden, np.float32),
+                       p + "post_attention_layernorm.weight": lambda: np.ones(hidden, np.float32),
+                       p + "self_attn.q_proj.weight": lambda: normal(hidden, hidden),
+                       p + "self_attn.k_proj.weight": lambda: normal(kv, hidden),
+                       p + "self_attn.v_proj.weight": lambda: normal(kv, hidden),
+                       p + "self_attn.o_proj.weight": lambda: normal(hidden, hidden),
+                       p + "mlp.gate_proj.weight": lambda: normal(inter, hidden),
+                       p + "mlp.up_proj.weight": lambda: normal(inter, hidden),
+                       p + "mlp.down_proj.weight": lambda: normal(hidden, inter)})
+    shards.append({"model.norm.weight": lambda: np.ones(hidden, np.float32),
+                   "lm_head.weight": lambda: normal(vocab, hidden)})
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for s, makers in enumerate(shards):
+        name = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {key: make() for key, make in makers.items()}
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        total += sum(t.nbytes for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(folder)
+    _child_report(started, bytes=total)
+
+
+def child_stream(model: Path, output: Path, fmt: str, group_size: int) -> None:
+    from llmopt.passes.quantize import QuantizeConfig
+    from llmopt.streaming import quantize_checkpoint
+
+    started = time.perf_counter()
+    result = quantize_checkpoint(model, output, QuantizeConfig(method="rtn", bits=4, group_size=group_size),
+                                 export_format=fmt, force=True)
+    weights = sum(size for name, size in result.files.items() if name.endswith((".onnx", ".data", ".safetensors")))
+    _child_report(started, weights_bytes=weights, quantized_tensors=result.quantized_tensors)
+
+
+def child_imports() -> None:
+    started = time.perf_counter()
+    import compressed_tensors  # noqa: F401
+    import onnx  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import llmopt.exporters.onnx_stream
+    import llmopt.streaming  # noqa: F401
+    _child_report(started)
+
+
+def child_run_onnx(folder: Path) -> None:
+    """Load the artifact in onnxruntime, prefill 8 tokens then decode 2 with the KV cache."""
+    import numpy as np
+    import onnxruntime as ort
+
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    loaded = time.perf_counter() - started
+    config = json.loads((folder / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    kv_heads, head_dim = config.get("num_key_value_heads") or heads, config["hidden_size"] // heads
+    past = {f"past_key_values.{i}.{k}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
+            for i in range(config["num_hidden_layers"]) for k in ("key", "value")}
+    names = [o.name for o in session.get_outputs()]
+    ids = np.arange(100, 110, dtype=np.int64)
+    start, finite, shapes = 0, True, []
+    for end in (8, 9, 10):
+        outputs = session.run(None, {"input_ids": ids[None, start:end], "attention_mask": np.ones((1, end), np.int64),
+                                     "position_ids": np.arange(start, end)[None], **past})
+        past = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], outputs[1:], strict=True)}
+        finite &= bool(np.isfinite(outputs[0]).all())
+        shapes.append(list(outputs[0].shape))
+        start = end
+    _child_report(started, load_s=loaded, finite=finite, logits_shapes=shapes)
+
+
+def child_convert_demo(folder: Path) -> None:
+    from llmopt.model import load_model, resolve_model
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(resolve_model("demo"))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    _child_report(started)
+
+
+# ---- parent ----
+
+def run_child(*args: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False)
+    if done.returncode:
+        sys.exit(f"child {args} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def stream_rows(model: Path, work: Path, group_size: int, check_onnx: bool) -> list[tuple[str, dict]]:
+    rows = []
+    for fmt in ("onnx", "safetensors"):
+        out = work / f"out-{fmt}"
+        r = run_child("stream", str(model), str(out), fmt, str(group_size))
+        rows.append((f"stream int4 RTN g{group_size} -> {fmt}", r))
+        if fmt == "onnx" and check_onnx:
+            rows.append(("onnxruntime: load the ONNX artifact, prefill 8 + decode 2", run_child("run-onnx", str(out))))
+        shutil.rmtree(out)
+    return rows
+
+
+def print_rows(title: str, model_bytes: int, rows: list[tuple[str, dict]]) -> None:
+    print(f"\n{title}: input checkpoint {model_bytes / GB:.2f} GB on disk")
+    print(f"{'step':58s} {'peak RSS GB':>11s} {'/ input':>8s} {'wall s':>8s} {'output GB':>10s}")
+    for label, r in rows:
+        out = r.get("weights_bytes") or r.get("bytes")
+        print(f"{label:58s} {r['peak_rss_bytes'] / GB:11.2f} {r['peak_rss_bytes'] / model_bytes:8.3f} "
+              f"{r['wall_s']:8.1f} {(f'{out / GB:.2f}' if out else ''):>10s}")
+        extra = {k: v for k, v in r.items() if k not in ("peak_rss_bytes", "wall_s", "weights_bytes", "bytes")}
+        if extra:
+            print(f"{'':58s} {extra}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, args = sys.argv[2], sys.argv[3:]
+        if kind == "generate":
+            child_generate(Path(args[0]), int(args[1]), int(args[2]))
+        elif kind == "stream":
+            child_stream(Path(args[0]), Path(args[1]), args[2], int(args[3]))
+        elif kind == "imports":
+            child_imports()
+        elif kind == "run-onnx":
+            child_run_onnx(Path(args[0]))
+        elif kind == "convert-demo":
+            child_convert_demo(Path(args[0]))
+        return
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path.home() / ".cache/llmopt-bench/scale")
+    parser.add_argument("--kv-heads", type=int, default=32, help="32: Llama-2-7B; 8: grouped-query attention")
+    parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--skip-onnx-check", action="store_true")
+    args = parser.parse_args()
+
+    import psutil
+
+    memory = psutil.virtual_memory().total
+    print(f"machine: {memory / GB:.1f} GB RAM, {os.cpu_count()} CPUs; work folder {args.dir}")
+    args.dir.mkdir(parents=True, exist_ok=True)
+    imports = run_child("imports")
+    print(f"fixed cost (a child importing python, torch, transformers, onnx, llmopt): "
+          f"peak RSS {imports['peak_rss_bytes'] / GB:.2f} GB")
+
+    if not args.skip_smollm2:
+        demo = args.dir / "smollm2-f32"
+        if not demo.exists():
+            run_child("convert-demo", str(demo))
+        size = sum(p.stat().st_size for p in demo.glob("*.safetensors"))
+        print_rows("SmolLM2-135M (demo, float32 safetensors)", size,
+                   stream_rows(demo, args.dir, args.group_size, not args.skip_onnx_check))
+        shutil.rmtree(demo)
+
+    if not args.skip_7b:
+        model = args.dir / f"llama-7b-shaped-kv{args.kv_heads}"
+        h, i, v, layers = 4096, 11008, 32000, 32
+        kv = args.kv_heads * h // 32
+        planned = 4 * (2 * v * h + layers * (2 * h * h + 2 * kv * h + 3 * h * i + 2 * h) + h)
+        outputs = planned // 5  # int4 + scales + the float embedding: under a fifth of float32
+        free = shutil.disk_usage(args.dir).free
+        if not model.exists() and free < planned + outputs + 5 * GB:
+            sys.exit(f"not enough disk in {args.dir}: {free / GB:.1f} GB free, {(planned + outputs) / GB:.1f} GB "
+                     "needed (checkpoint + one artifact at a time) plus 5 GB to spare")
+        try:
+            if not model.exists():
+                gen = run_child("generate", str(model), str(args.kv_heads), str(args.seed))
+                print(f"\ngenerated {model.name}: {gen['bytes'] / GB:.2f} GB in {gen['wall_s']:.0f} s, "
+                      f"peak RSS {gen['peak_rss_bytes'] / GB:.2f} GB")
+            size = folder_bytes(model)
+            print(f"checkpoint {size / GB:.2f} GB vs {memory / GB:.1f} GB RAM: "
+                  f"{'larger' if size > memory else 'NOT larger'} than memory")
+            print_rows(f"7B-shaped Llama (kv heads {args.kv_heads}, float32, random)", size,
+                       stream_rows(model, args.dir, args.group_size, not args.skip_onnx_check))
+        finally:
+            if not args.keep and model.exists():
+                shutil.rmtree(model)
+                print(f"deleted {model}")
+
+
+if __name__ == "__main__":
+    main()
