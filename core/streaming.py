@@ -240,17 +240,22 @@ class StreamResult:
 
 def quantize_checkpoint(model: str | Path, output: str | Path, quantize: QuantizeConfig, *,
                         export_format: Literal["onnx", "safetensors"] = "onnx", accuracy_level: int = 0,
-                        max_shard_bytes: int = 5_000_000_000, force: bool = False) -> StreamResult:
+                        max_shard_bytes: int = 5_000_000_000, force: bool = False,
+                        recipe: dict[str, Any] | None = None) -> StreamResult:
     """RTN-quantize a local safetensors checkpoint layer by layer into an ONNX or safetensors artifact folder.
 
-    The folder appears at `output` only when complete (staged beside it, then renamed), with a manifest.
+    The folder appears at `output` only when complete (staged beside it, then renamed), with a manifest that
+    records `recipe` (by default, the quantize pass and export format this call ran).
     """
+    import shutil
+
     from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
 
     plan, reader = plan_stream(model, quantize, export_format=export_format)
     out = Path(output)
     check_destination(out, force)
     with OutputLock(out):
+        _check_disk(plan, reader, out)
         staging = new_staging(out)
         try:
             if export_format == "onnx":
@@ -262,17 +267,71 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
 
                 info = write_safetensors(plan, reader, staging, max_shard_bytes=max_shard_bytes)
             _copy_tokenizer(Path(model), staging)
-            recipe = {"model": str(model), "passes": [quantize.model_dump(mode="json")],
-                      "export": {"format": export_format, "streaming": True}}
+            recipe = recipe or {"model": str(model), "passes": [quantize.model_dump(mode="json")],
+                                "export": {"format": export_format}, "streaming": True}
             write_manifest(staging, recipe=recipe, versions={}, seed=0)
             files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
             promote(staging, out)
         finally:
-            if staging.exists():
-                import shutil
-
-                shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
     return StreamResult(out, files, len(plan.quantized), info)
+
+
+def estimated_output_bytes(plan: StreamPlan, reader: CheckpointReader) -> int:
+    """The artifact's weight bytes: float32 for what stays float, codes + float32 scales for the rest."""
+    q = plan.quantize
+    total = 0
+    for name, entry in reader.entries.items():
+        count = 1
+        for d in entry.shape:
+            count *= d
+        total += count * (q.bits / 8 + 4 / q.group_size) if name in plan.quantized else count * 4
+    if plan.untie:  # lm_head's codes, from the embedding table
+        rows, cols = reader.entries["model.embed_tokens.weight"].shape
+        total += rows * cols * (q.bits / 8 + 4 / q.group_size)
+    return int(total)
+
+
+def _check_disk(plan: StreamPlan, reader: CheckpointReader, out: Path) -> None:
+    import shutil
+
+    from llmopt.errors import ResourceError
+    from llmopt.preflight import SKIP_ENV
+
+    needed, free = estimated_output_bytes(plan, reader), shutil.disk_usage(out.resolve().parent).free
+    if needed > free and os.environ.get(SKIP_ENV) != "1":
+        raise ResourceError(f"The artifact needs about {needed / 1e9:.1f} GB next to '{out}' and "
+                            f"{free / 1e9:.1f} GB is free; nothing was started.",
+                            f"Free disk space or choose another output folder; set {SKIP_ENV}=1 to try anyway.")
+
+
+def streaming_problem(plan: Any) -> str | None:
+    """Why a pipeline plan (llmopt.pipeline.Plan) cannot take the streaming path, or None when it can: a single
+    weight-only RTN `quantize` pass on a local or hub safetensors checkpoint of a Llama-family model."""
+    from llmopt.errors import LlmoptError
+
+    passes = plan.recipe.passes
+    if len(passes) != 1 or passes[0].type != "quantize":
+        return "the streaming path runs recipes made of one `quantize` pass"
+    if plan.source.kind not in ("local", "hub"):
+        return f"the streaming path reads safetensors checkpoint folders (the model is a {plan.source.kind} source)"
+    try:
+        plan_stream(plan.source.path, passes[0], export_format=plan.recipe.export.format)
+    except LlmoptError as exc:
+        return exc.message
+    return None
+
+
+def run_plan(plan: Any, output: str | Path, *, force: bool = False) -> StreamResult:
+    """Run a pipeline plan through the streaming path (no evaluation: the model is not loaded whole)."""
+    problem = streaming_problem(plan)
+    if problem:
+        raise RecipeError(f"This recipe cannot be streamed: {problem}.",
+                          "Use one `quantize` pass with method: rtn on a safetensors Llama/Mistral/Qwen2 checkpoint.")
+    recipe = plan.recipe.model_dump(mode="json", by_alias=True, exclude={"source"})
+    recipe["passes"] = [p.model_dump(mode="json") for p in plan.recipe.passes]
+    return quantize_checkpoint(plan.source.path, output, plan.recipe.passes[0], export_format=plan.recipe.export.format,
+                               accuracy_level=plan.recipe.export.accuracy_level, force=force, recipe=recipe)
 
 
 def _copy_tokenizer(model: Path, folder: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmopt.errors import InputError, RecipeError
+from llmopt.errors import InputError, RecipeError, ResourceError
 from llmopt.evaluation.runners import OrtRunner, TorchRunner
 from llmopt.exporters.safetensors import SafetensorsExporter
 from llmopt.model import load_model, resolve_model
@@ -173,3 +173,48 @@ def test_row_blocks_give_the_pass_codes(symmetric, monkeypatch):
     blocked, whole = streaming.quantize_rows(weight, "w", config), quantize_rtn(weight, "w", "linear", config)
     assert np.array_equal(blocked.codes, whole.codes) and blocked.codes.shape == (100, 64)
     assert np.array_equal(blocked.scales, whole.scales) and np.array_equal(blocked.zero_points, whole.zero_points)
+
+
+def test_a_pipeline_plan_runs_through_the_streaming_path(tiny_model_dir, fast_recipe, tmp_path):
+    from llmopt.pipeline import plan
+    from llmopt.streaming import run_plan, streaming_problem
+
+    recipe = fast_recipe(f"model: {tiny_model_dir}\npasses:\n  - type: quantize\n    method: rtn\n"
+                         "export:\n  format: safetensors\n")
+    the_plan = plan(recipe, output=tmp_path / "out")
+    assert streaming_problem(the_plan) is None
+
+    result = run_plan(the_plan, tmp_path / "out")
+
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["recipe"]["passes"][0]["method"] == "rtn" and manifest["recipe"]["model"] == str(tiny_model_dir)
+    assert set(manifest["files"]) == set(result.files) - {"manifest.json"}
+    assert "model.safetensors" in result.files and result.quantized_tensors == 15
+
+
+@pytest.mark.parametrize("passes,problem", [
+    ("  - type: quantize\n    method: gptq\n", "quantize.method: the streaming path runs weight-only RTN"),
+    ("  - type: prune\n    method: depth\n    num_layers: 1\n  - type: quantize\n", "the streaming path runs recipes made of one"),
+])
+def test_plans_that_cannot_stream_say_why(passes, problem, tiny_model_dir, fast_recipe, tmp_path):
+    from llmopt.pipeline import plan
+    from llmopt.streaming import run_plan, streaming_problem
+
+    the_plan = plan(fast_recipe(f"model: {tiny_model_dir}\npasses:\n{passes}"), output=tmp_path / "out")
+    assert streaming_problem(the_plan).startswith(problem)
+    with pytest.raises(RecipeError, match="This recipe cannot be streamed: "):
+        run_plan(the_plan, tmp_path / "out")
+
+
+def test_too_little_disk_is_refused_before_writing(tiny_tokenizer, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    _checkpoint(tmp_path / "in", tiny_tokenizer)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ResourceError) as caught:
+        quantize_checkpoint(tmp_path / "in", tmp_path / "out", QuantizeConfig())
+    assert caught.value.message.startswith("The artifact needs about 0.0 GB next to")
+    assert caught.value.exit_code == 5
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))
