@@ -218,3 +218,51 @@ def test_too_little_disk_is_refused_before_writing(tiny_tokenizer, tmp_path, mon
     assert caught.value.message.startswith("The artifact needs about 0.0 GB next to")
     assert caught.value.exit_code == 5
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))
+
+
+def _tiny(model_type):
+    """A tiny Mistral (no sliding window) or Qwen2 (q/k/v biases) with tiny_llama's sizes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=384, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, tie_word_embeddings=False, sliding_window=None)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # transformers initializes biases to zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_onnx_stream_other_llama_family_models(model_type, tiny_tokenizer, tmp_path):
+    model = _tiny(model_type)
+    model.save_pretrained(tmp_path / "in", safe_serialization=True)
+    config = QuantizeConfig(group_size=32)
+    state = _quantized_in_memory(model, tiny_tokenizer, config)
+
+    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config)
+
+    ids = np.array(tiny_tokenizer("x = [i for i in range(3)]")["input_ids"], dtype=np.int64)
+    with torch.no_grad():
+        reference = state.model(torch.from_numpy(ids[None])).logits[0].numpy()
+    diff = np.abs(_run_with_cache(tmp_path / "out", ids, prompt=len(ids) - 3) - reference).max()
+    biases = sum(n.endswith("bias") for n, _ in model.named_parameters())
+    print(f"{model_type}: {biases} biases, max |dlogit| {diff:.2e} (logits up to {np.abs(reference).max():.2f})")
+    assert diff < 1e-4
+    assert result.info["matmul_nbits"] == 15
+    assert biases == (6 if model_type == "qwen2" else 0)
+
+
+def test_sliding_window_attention_is_refused_for_onnx_only(tiny_tokenizer, tmp_path):
+    _tiny("mistral").save_pretrained(tmp_path / "in", safe_serialization=True)
+    config = json.loads((tmp_path / "in/config.json").read_text())
+    (tmp_path / "in/config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    with pytest.raises(InputError) as caught:
+        quantize_checkpoint(tmp_path / "in", tmp_path / "onnx", QuantizeConfig())
+    assert "uses sliding-window attention (16 tokens)" in caught.value.message
+    assert not (tmp_path / "onnx").exists() and not list(tmp_path.glob(".onnx.staging-*"))
+    quantize_checkpoint(tmp_path / "in", tmp_path / "st", QuantizeConfig(), export_format="safetensors")
+    assert (tmp_path / "st/model.safetensors").is_file()
