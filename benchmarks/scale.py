@@ -75,7 +75,9 @@ def child_generate(folder: Path, kv_heads: int, seed: int) -> None:
                        p + "mlp.down_proj.weight": lambda: normal(hidden, inter)})
     shards.append({"model.norm.weight": lambda: np.ones(hidden, np.float32),
                    "lm_head.weight": lambda: normal(vocab, hidden)})
-    folder.mkdir(parents=True, exist_ok=True)
+    final, folder = folder, folder.with_name(folder.name + ".partial")  # renamed when complete
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     weight_map, total = {}, 0
     for s, makers in enumerate(shards):
         name = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -87,6 +89,7 @@ def child_generate(folder: Path, kv_heads: int, seed: int) -> None:
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.save_pretrained(folder)
+    folder.rename(final)
     _child_report(started, bytes=total)
 
 
@@ -162,28 +165,28 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def stream_rows(model: Path, work: Path, group_size: int, check_onnx: bool) -> list[tuple[str, dict]]:
-    rows = []
+def stream_rows(title: str, model: Path, work: Path, group_size: int, check_onnx: bool) -> None:
+    """Stream `model` to each format in a child; each row is printed as soon as it is measured."""
+    size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    print(f"\n{title}: input checkpoint {size / GB:.2f} GB on disk")
+    print(f"{'step':58s} {'peak RSS GB':>11s} {'/ input':>8s} {'wall s':>8s} {'output GB':>10s}", flush=True)
     for fmt in ("onnx", "safetensors"):
         out = work / f"out-{fmt}"
-        r = run_child("stream", str(model), str(out), fmt, str(group_size))
-        rows.append((f"stream int4 RTN g{group_size} -> {fmt}", r))
+        print_row(f"stream int4 RTN g{group_size} -> {fmt}", size,
+                  run_child("stream", str(model), str(out), fmt, str(group_size)))
         if fmt == "onnx" and check_onnx:
-            rows.append(("onnxruntime: load the ONNX artifact, prefill 8 + decode 2", run_child("run-onnx", str(out))))
+            print_row("onnxruntime: load the ONNX artifact, prefill 8 + decode 2", size, run_child("run-onnx", str(out)))
         shutil.rmtree(out)
-    return rows
 
 
-def print_rows(title: str, model_bytes: int, rows: list[tuple[str, dict]]) -> None:
-    print(f"\n{title}: input checkpoint {model_bytes / GB:.2f} GB on disk")
-    print(f"{'step':58s} {'peak RSS GB':>11s} {'/ input':>8s} {'wall s':>8s} {'output GB':>10s}")
-    for label, r in rows:
-        out = r.get("weights_bytes") or r.get("bytes")
-        print(f"{label:58s} {r['peak_rss_bytes'] / GB:11.2f} {r['peak_rss_bytes'] / model_bytes:8.3f} "
-              f"{r['wall_s']:8.1f} {(f'{out / GB:.2f}' if out else ''):>10s}")
-        extra = {k: v for k, v in r.items() if k not in ("peak_rss_bytes", "wall_s", "weights_bytes", "bytes")}
-        if extra:
-            print(f"{'':58s} {extra}")
+def print_row(label: str, model_bytes: int, r: dict) -> None:
+    out = r.get("weights_bytes")
+    print(f"{label:58s} {r['peak_rss_bytes'] / GB:11.2f} {r['peak_rss_bytes'] / model_bytes:8.3f} "
+          f"{r['wall_s']:8.1f} {(f'{out / GB:.2f}' if out else ''):>10s}")
+    extra = {k: v for k, v in r.items() if k not in ("peak_rss_bytes", "wall_s", "weights_bytes")}
+    if extra:
+        print(f"{'':58s} {extra}")
+    print(f"{'':58s} load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
 
 
 def main() -> None:
@@ -219,15 +222,14 @@ def main() -> None:
     args.dir.mkdir(parents=True, exist_ok=True)
     imports = run_child("imports")
     print(f"fixed cost (a child importing python, torch, transformers, onnx, llmopt): "
-          f"peak RSS {imports['peak_rss_bytes'] / GB:.2f} GB")
+          f"peak RSS {imports['peak_rss_bytes'] / GB:.2f} GB", flush=True)
 
     if not args.skip_smollm2:
         demo = args.dir / "smollm2-f32"
         if not demo.exists():
             run_child("convert-demo", str(demo))
-        size = sum(p.stat().st_size for p in demo.glob("*.safetensors"))
-        print_rows("SmolLM2-135M (demo, float32 safetensors)", size,
-                   stream_rows(demo, args.dir, args.group_size, not args.skip_onnx_check))
+        stream_rows("SmolLM2-135M (demo, float32 safetensors)", demo, args.dir, args.group_size,
+                    not args.skip_onnx_check)
         shutil.rmtree(demo)
 
     if not args.skip_7b:
@@ -244,16 +246,17 @@ def main() -> None:
             if not model.exists():
                 gen = run_child("generate", str(model), str(args.kv_heads), str(args.seed))
                 print(f"\ngenerated {model.name}: {gen['bytes'] / GB:.2f} GB in {gen['wall_s']:.0f} s, "
-                      f"peak RSS {gen['peak_rss_bytes'] / GB:.2f} GB")
+                      f"peak RSS {gen['peak_rss_bytes'] / GB:.2f} GB", flush=True)
             size = folder_bytes(model)
             print(f"checkpoint {size / GB:.2f} GB vs {memory / GB:.1f} GB RAM: "
-                  f"{'larger' if size > memory else 'NOT larger'} than memory")
-            print_rows(f"7B-shaped Llama (kv heads {args.kv_heads}, float32, random)", size,
-                       stream_rows(model, args.dir, args.group_size, not args.skip_onnx_check))
+                  f"{'larger' if size > memory else 'NOT larger'} than memory", flush=True)
+            stream_rows(f"7B-shaped Llama (kv heads {args.kv_heads}, float32, random)", model, args.dir,
+                        args.group_size, not args.skip_onnx_check)
         finally:
-            if not args.keep and model.exists():
-                shutil.rmtree(model)
-                print(f"deleted {model}")
+            for folder in (model, model.with_name(model.name + ".partial")):
+                if folder.exists() and (not args.keep or folder != model):
+                    shutil.rmtree(folder)
+                    print(f"deleted {folder}")
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ class StreamPlan:
         return quantize_rows(weight, name, self.quantize)
 
 
-_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 per quantize_rtn call
+_CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 per quantize_rtn call
 
 
 def quantize_rows(weight: torch.Tensor, name: str, config: QuantizeConfig) -> QuantizedTensor:
