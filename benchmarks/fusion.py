@@ -9,7 +9,8 @@ timed by llmopt's own measure_speed (prefill of one prompt at batch 1, greedy de
 `--reuse` measures the folders of an earlier run without building them again. The models take turns, one
 measurement each per round, and the median over rounds is printed, so load from other processes on the
 machine falls on all rows alike. int4 on both sides: symmetric RTN, blocks of 32, accuracy_level 4
-(the builder's CPU default). The last column is each artifact's largest logit difference from optimum's
+(the builder's CPU default); the "unpacked" row is llmopt's int4 graph with Q/K/V and gate/up left as
+separate matmuls (`fuse: {pack_projections: false}`), to show what packing adds. The last column is each artifact's largest logit difference from optimum's
 fp32 export on the validation prompts (same weights for the fp32 rows, quantization error for int4).
 """
 
@@ -37,8 +38,9 @@ from peers import (  # noqa: E402  (the benchmarks folder is not a package)
 )
 
 
-def llmopt_export(model, tokenizer, out: Path, *, int4: bool) -> tuple[float, dict]:
-    """llmopt's ONNX exporter with the fuse pass (and RTN int4 first when asked); returns time and info."""
+def llmopt_export(model, tokenizer, out: Path, *, int4: bool, pack: bool = True) -> tuple[float, dict]:
+    """llmopt's ONNX exporter with the fuse pass (and RTN int4 first when asked); returns time and info.
+    ``pack``: Q/K/V and gate/up packed into one matmul each (the fuse pass's default)."""
     from llmopt.exporters.onnx import OnnxExporter
     from llmopt.passes.fuse import FuseConfig, FusePass
     from llmopt.passes.quantize import QuantizeConfig, QuantizePass
@@ -52,7 +54,7 @@ def llmopt_export(model, tokenizer, out: Path, *, int4: bool) -> tuple[float, di
     if int4:
         config = QuantizeConfig(bits=4, group_size=32, symmetric=True, embeddings=True)
         state = QuantizePass(config).run(state, PassContext())
-    state = FusePass(FuseConfig()).run(state, PassContext())
+    state = FusePass(FuseConfig(pack_projections=pack)).run(state, PassContext())
     result = OnnxExporter(ExportConfig(accuracy_level=4 if int4 else 0)).export(state, out)
     return time.perf_counter() - start, result.info
 
@@ -94,13 +96,15 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, use_safetensors=True).eval()
-    for name, int4 in (("llmopt fp32 fused", False), ("llmopt int4 fused", True)):
-        folders[name] = work / name.replace(" ", "-")
-        seconds, info = llmopt_export(copy.deepcopy(model) if int4 else model, tokenizer, folders[name], int4=int4)
+    for name, int4, pack in (("llmopt fp32 fused", False, True), ("llmopt int4 fused", True, True),
+                             ("llmopt int4 fused, unpacked", True, False)):
+        folders[name] = work / FOLDERS[name]
+        seconds, info = llmopt_export(copy.deepcopy(model) if int4 else model, tokenizer, folders[name], int4=int4,
+                                      pack=pack)
         build_s[name] = seconds
         notes.append(f"{name}: fused ops {info.get('fused_ops')}, graph nodes {info.get('graph_nodes')}"
                      + (f", MatMulNBits {info['matmul_nbits']}, GatherBlockQuantized {info['gather_block_quantized']}"
-                        if int4 else ""))
+                        if int4 else "") + f", packed {info.get('packed_projections')}")
     del model
     gc.collect()
 
@@ -112,7 +116,8 @@ def main() -> None:
 
 
 FOLDERS = {"optimum fp32 (unfused)": "optimum-fp32", "llmopt fp32 fused": "llmopt-fp32-fused",
-           "llmopt int4 fused": "llmopt-int4-fused", "genai builder fp32": "builder-fp32",
+           "llmopt int4 fused": "llmopt-int4-fused", "llmopt int4 fused, unpacked": "llmopt-int4-fused-unpacked",
+           "genai builder fp32": "builder-fp32",
            "genai builder int4": "builder-int4"}
 
 

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from llmopt.evaluation.runners import PlainOnnxLoop
 
 CACHE = Path(os.environ.get("LLMOPT_BENCH_CACHE", "~/.cache/llmopt-bench")).expanduser()
 
@@ -168,68 +168,23 @@ def folder_mb(folder: Path) -> float:
     return weight_bytes(Path(folder)) / 1e6
 
 
-class PlainOnnxRunner:
-    """llmopt's runner interface (evaluation/runners.py: `logits`, `generate`) over an ONNX decoder with an
-    explicit KV cache, driven by onnxruntime.InferenceSession and numpy alone.
+class PlainOnnxRunner(PlainOnnxLoop):
+    """llmopt's plain onnxruntime loop (evaluation/runners.py PlainOnnxLoop) over a graph file, on the CPU EP:
+    the same loop for optimum's format and the builder's, so it times the graphs and not the harnesses
+    (onnxruntime-genai's own Generator would put a second runtime, another onnxruntime build, under them)."""
 
-    Written by hand because llmopt's OrtRunner drives optimum's format through transformers' generate(), and
-    onnxruntime-genai's own Generator would put a second runtime (another onnxruntime build) under the timings;
-    this loop is the same for both formats, so it times the graphs and not the harnesses. The cache of each
-    layer is (B, kv_heads, past, head_dim) in and (B, kv_heads, past + T, head_dim) out; the attention mask
-    covers past + T tokens.
-    """
-
-    runtime = "onnxruntime"
-
-    def __init__(self, model_path: Path, threads: int | None, *, layers: int, kv_heads: int, head_dim: int,
-                 ids_name: str, mask_name: str, position_name: str | None, logits_name: str,
-                 past_formats: tuple[str, str], present_formats: tuple[str, str]) -> None:
+    def __init__(self, model_path: Path, threads: int | None, **layout) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.threads = threads or len(os.sched_getaffinity(0))
-        self.ids_name, self.mask_name, self.position_name = ids_name, mask_name, position_name
-        self.past_names = [f % i for i in range(layers) for f in past_formats]
-        self.output_names = [logits_name, *(f % i for i in range(layers) for f in present_formats)]
-        expected = {ids_name, mask_name, *self.past_names} | ({position_name} if position_name else set())
-        declared = {i.name for i in self.session.get_inputs()}
-        if declared != expected:
-            raise ValueError(f"{model_path}: inputs {sorted(declared - expected)} unexpected, "
-                             f"{sorted(expected - declared)} missing (this runner handles a plain KV-cache layout)")
-        cache_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
-        self.cache_dtype = np.float16 if "float16" in cache_type else np.float32
-        self.empty_cache_shape = (1, kv_heads, 0, head_dim)
-
-    def _forward(self, ids: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """ids (1, T) after `cache` (past tokens) -> logits (1, T, V) float32 and the new cache."""
-        past = cache[0].shape[2]
-        feeds = {self.ids_name: ids, self.mask_name: np.ones((1, past + ids.shape[1]), dtype=np.int64),
-                 **dict(zip(self.past_names, cache))}
-        if self.position_name:
-            feeds[self.position_name] = np.arange(past, past + ids.shape[1], dtype=np.int64)[None]
-        logits, *present = self.session.run(self.output_names, feeds)
-        return logits.astype(np.float32, copy=False), present
-
-    def _empty_cache(self) -> list[np.ndarray]:
-        return [np.zeros(self.empty_cache_shape, dtype=self.cache_dtype) for _ in self.past_names]
-
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        logits, _ = self._forward(ids[None].astype(np.int64), self._empty_cache())
-        return logits[0]  # (T, V)
-
-    def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
-        """Greedy, with the KV cache, exactly `new_tokens` tokens (no stop at end-of-sequence, as TorchRunner)."""
-        out = [int(t) for t in ids]
-        logits, cache = self._forward(ids[None].astype(np.int64), self._empty_cache())
-        for step in range(new_tokens):
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            if step + 1 < new_tokens:
-                logits, cache = self._forward(np.array([[token]], dtype=np.int64), cache)
-        return np.asarray(out, dtype=np.int64)
+        try:
+            super().__init__(session, **layout)
+        except ValueError as why:
+            raise ValueError(f"{model_path}: {why}") from None
 
 
 class GenaiRunner(PlainOnnxRunner):

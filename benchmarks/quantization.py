@@ -4,7 +4,7 @@
                                       [--threads 2] [--out DIR] [--only LABEL ...]
 
 Rows: llmopt's quantizers (RTN, GPTQ, AWQ + GPTQ; int4 and int8), each run through llmopt's Python API with
-evaluation off and exported to ONNX (MatMulNBits, accuracy_level 4); onnxruntime-genai's model builder (its
+evaluation off, the fuse pass after it, and exported to ONNX (MatMulNBits, accuracy_level 4); onnxruntime-genai's model builder (its
 own venv, see peers.py) at int4 (default symmetric RTN, asymmetric, k_quant) and int8; onnxruntime's dynamic
 int8 quantization of optimum's fp32 export; and two fp32 references (optimum's export, the builder's fp32).
 
@@ -12,9 +12,8 @@ Every artifact is measured here by the same code, on the same onnxruntime, in th
 perplexity and KL / top-1 agreement against the float32 PyTorch model on the same evaluation windows (llmopt's
 compare_quality), decode tokens/s and prefill latency at batch 1 (llmopt's measure_speed; speed rounds
 alternate between the artifacts, so drift on a shared machine spreads over all rows). optimum-format folders
-run in llmopt's own OrtRunner (transformers' generate() over onnxruntime), builder folders in
-peers.GenaiRunner (a plain numpy loop over InferenceSession); the "plain loop" speed columns run every
-artifact in that same plain loop, so they compare the graphs without the harnesses. The fp32 rows must
+run in llmopt's own OrtRunner, builder folders in peers.GenaiRunner: both the same plain numpy loop over
+InferenceSession (evaluation/runners.py PlainOnnxLoop), so the speed columns compare the graphs, not harnesses. The fp32 rows must
 reproduce PyTorch in both runners (logits and greedy tokens; the script stops otherwise).
 
 Calibration (GPTQ, AWQ) draws from the built-in text after the evaluation tokens, so the two never overlap.
@@ -39,17 +38,23 @@ def quantize(**fields) -> dict:
     return {"type": "quantize", "embeddings": True, **fields}
 
 
-# llmopt rows: (label, the recipe's passes). HOOK: add rows here (W8A8: `quantize` with int8 activations;
-# mixed precision) — each runs through llmopt.optimize with the export settings of `llmopt_recipe` below.
+# The fuse pass after every llmopt quantizer, as the shipped int4-fused-onnx recipe: fused attention, norms and
+# rotary, Q/K/V and gate/up packed into one MatMulNBits each — the graph the builder emits.
+FUSE = {"type": "fuse"}
+
+# llmopt rows: (label, the recipe's passes); each runs through llmopt.optimize with the export settings of
+# `llmopt_recipe` below.
 LLMOPT_ROWS: list[tuple[str, list[dict]]] = [
-    ("llmopt int4 RTN, symmetric", [quantize(method="rtn", bits=4, symmetric=True)]),
-    ("llmopt int4 RTN, asymmetric", [quantize(method="rtn", bits=4, symmetric=False)]),
-    ("llmopt int4 GPTQ, symmetric", [quantize(method="gptq", bits=4, symmetric=True)]),
-    ("llmopt int4 AWQ + GPTQ, symmetric", [quantize(method="gptq", awq=True, bits=4, symmetric=True)]),
-    ("llmopt int8 RTN, symmetric", [quantize(method="rtn", bits=8, symmetric=True)]),
-    ("llmopt W8A8, SmoothQuant (dynamic int8 activations)", [quantize(bits=8, activations="int8", smoothquant=True)]),
+    ("llmopt int4 RTN, symmetric", [quantize(method="rtn", bits=4, symmetric=True), FUSE]),
+    ("llmopt int4 RTN, asymmetric", [quantize(method="rtn", bits=4, symmetric=False), FUSE]),
+    ("llmopt int4 GPTQ, symmetric", [quantize(method="gptq", bits=4, symmetric=True), FUSE]),
+    ("llmopt int4 AWQ + GPTQ, symmetric", [quantize(method="gptq", awq=True, bits=4, symmetric=True), FUSE]),
+    ("llmopt int4 AWQ + GPTQ, asymmetric", [quantize(method="gptq", awq=True, bits=4, symmetric=False), FUSE]),
+    ("llmopt int8 RTN, symmetric", [quantize(method="rtn", bits=8, symmetric=True), FUSE]),
+    ("llmopt W8A8, SmoothQuant (dynamic int8 activations)",
+     [quantize(bits=8, activations="int8", smoothquant=True), FUSE]),
     ("llmopt int4/int8 mixed RTN, symmetric, 6.0 bits/weight",
-     [quantize(method="rtn", bits=4, symmetric=True, target_bits_per_weight=6.0)]),
+     [quantize(method="rtn", bits=4, symmetric=True, target_bits_per_weight=6.0), FUSE]),
 ]
 
 # onnxruntime-genai builder rows: (label, precision, --extra_options, fallback options when the first build's
@@ -76,10 +81,7 @@ class Row:
     quality: object = None  # llmopt.evaluation.quality.QualityScores
     prefill_ms: list[float] = field(default_factory=list)
     decode_tps: list[float] = field(default_factory=list)
-    plain_prefill_ms: list[float] = field(default_factory=list)  # in peers' plain loop (same for every row)
-    plain_decode_tps: list[float] = field(default_factory=list)
     runner: object = None  # llmopt's OrtRunner (optimum format) or peers.GenaiRunner (builder format)
-    plain: object = None  # peers.plain_onnx_runner: the same numpy loop for both formats
     note: str = ""
 
 
@@ -128,24 +130,24 @@ def calibration_text(tokenizer, text: str, skip_tokens: int, path: Path) -> Path
 
 
 def check_fp32(row: Row, reference, window) -> None:
-    """Stop when an fp32 artifact does not reproduce PyTorch in either runner: their figures would mean nothing.
+    """Stop when an fp32 artifact does not reproduce PyTorch in its runner: its figures would mean nothing.
     Logits over a window and greedy decoding with the KV cache are both checked."""
     import numpy as np
 
     theirs = reference.logits(window)
     prompt = window[:32]
     expected = reference.generate(prompt, 16)
-    for name, runner in (("runner", row.runner), ("plain loop", row.plain)):
-        ours = runner.logits(window)
-        diff = float(np.abs(ours - theirs).max())
-        top1 = float((ours.argmax(-1) == theirs.argmax(-1)).mean())
-        same = bool((runner.generate(prompt, 16) == expected).all())
-        print(f"  {row.label} ({name}) vs PyTorch fp32 on {len(window)} tokens: max |Δlogit| {diff:.2e}, "
-              f"top-1 {top1:.1%}; 16 greedy tokens with the KV cache identical: {same}", flush=True)
-        if diff > FP32_MAX_ABS_LOGIT_DIFF or top1 < FP32_MIN_TOP1 or not same:
-            raise SystemExit(f"{row.label} ({name}): the fp32 artifact does not match PyTorch fp32 (max |Δlogit| "
-                             f"{diff:.3g}, limit {FP32_MAX_ABS_LOGIT_DIFF}; top-1 {top1:.3f}, minimum "
-                             f"{FP32_MIN_TOP1}; greedy tokens identical: {same}): the runner is wrong.")
+    runner = row.runner
+    ours = runner.logits(window)
+    diff = float(np.abs(ours - theirs).max())
+    top1 = float((ours.argmax(-1) == theirs.argmax(-1)).mean())
+    same = bool((runner.generate(prompt, 16) == expected).all())
+    print(f"  {row.label} vs PyTorch fp32 on {len(window)} tokens: max |Δlogit| {diff:.2e}, "
+          f"top-1 {top1:.1%}; 16 greedy tokens with the KV cache identical: {same}", flush=True)
+    if diff > FP32_MAX_ABS_LOGIT_DIFF or top1 < FP32_MIN_TOP1 or not same:
+        raise SystemExit(f"{row.label}: the fp32 artifact does not match PyTorch fp32 (max |Δlogit| "
+                         f"{diff:.3g}, limit {FP32_MAX_ABS_LOGIT_DIFF}; top-1 {top1:.3f}, minimum "
+                         f"{FP32_MIN_TOP1}; greedy tokens identical: {same}): the runner is wrong.")
 
 
 def main() -> None:
@@ -199,8 +201,6 @@ def main() -> None:
     def measure(row: Row) -> None:
         row.size_mb = peers.folder_mb(row.folder)
         row.runner = peers.load_onnx_runner(row.folder, args.threads)
-        row.plain = row.runner if isinstance(row.runner, peers.PlainOnnxRunner) else \
-            peers.plain_onnx_runner(row.folder, args.threads)
         row.quality = compare_quality(reference, row.runner, windows)
         print(f"  {row.label}: {row.size_mb:.1f} MB, perplexity {row.quality.perplexity:.2f}, "
               f"top-1 {row.quality.top1_agreement:.1%}, made in {row.seconds:.0f} s", flush=True)
@@ -217,7 +217,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001  (a failing peer or recipe is a finding: the other rows go on)
             traceback.print_exc()
             row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            row.runner = row.plain = None
+            row.runner = None
         rows.append(row)
 
     # fp32 references
@@ -286,10 +286,6 @@ def main() -> None:
             s = measure_speed(row.runner, prompt, args.new_tokens, runs=1)
             row.prefill_ms.append(s.prefill_ms)
             row.decode_tps.append(s.decode_tokens_per_s)
-            if row.plain is not row.runner:
-                s = measure_speed(row.plain, prompt, args.new_tokens, runs=1)
-            row.plain_prefill_ms.append(s.prefill_ms)
-            row.plain_decode_tps.append(s.decode_tokens_per_s)
 
     print_table(rows, args, versions, time.perf_counter() - started)
 
@@ -315,13 +311,12 @@ def print_table(rows: list[Row], args, versions: dict[str, str], total_s: float)
           f"{args.threads} threads, batch 1. Quality: {q0.tokens if q0 else '?'} tokens of the built-in text in "
           f"windows of {args.window}, against PyTorch fp32 (perplexity "
           f"{q0.baseline_perplexity:.2f}); speed: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
-          f"median of {args.speed_rounds} alternating rounds, in llmopt's OrtRunner (optimum-format rows) or "
-          f"peers.GenaiRunner (builder rows), and in one plain numpy + InferenceSession loop for every row (the "
-          f"'plain loop' columns). int4/int8 groups of {args.group_size}; llmopt "
+          f"median of {args.speed_rounds} alternating rounds, in one plain numpy + InferenceSession loop for every "
+          f"row (llmopt's OrtRunner for optimum-format rows, peers.GenaiRunner for the builder's). int4/int8 groups of {args.group_size}; llmopt "
           f"calibration {args.samples} × {args.seq_len} tokens after the evaluation text. Builder: onnxruntime-genai "
           f"{versions['onnxruntime-genai']} (transformers {versions['transformers']}).\n")
     header = ("artifact", "size MB", "perplexity", "vs fp32 [95% CI]", "KL", "top-1", "decode tok/s", "prefill ms",
-              "decode tok/s, plain loop", "prefill ms, plain loop", "artifact s")
+              "artifact s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
@@ -332,8 +327,7 @@ def print_table(rows: list[Row], args, versions: dict[str, str], total_s: float)
         low, high = (q.intervals or {}).get("perplexity_increase_pct", (float("nan"), float("nan")))
         increase = (q.perplexity / q.baseline_perplexity - 1) * 100
         speed = [f"{statistics.median(values):.{digits}f}" if values else ""
-                 for values, digits in ((r.decode_tps, 1), (r.prefill_ms, 0), (r.plain_decode_tps, 1),
-                                        (r.plain_prefill_ms, 0))]
+                 for values, digits in ((r.decode_tps, 1), (r.prefill_ms, 0))]
         print(f"| {r.label} | {r.size_mb:.1f} | {q.perplexity:.2f} | {increase:+.1f}% [{low:+.1f}, {high:+.1f}] | "
               f"{q.kl_divergence:.3f} | {q.top1_agreement:.1%} | {' | '.join(speed)} | {r.seconds:.0f} |")
     notes = [f"{r.label}: {r.note}" for r in rows if r.note]
