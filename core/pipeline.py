@@ -144,6 +144,10 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     if out is None:
         raise RecipeError("No output folder given.", "Pass --output DIR.")
     check_destination(out, force)
+    if plan.recipe.export.streaming:  # layer by layer from the checkpoint, never the whole model (llmopt.streaming)
+        from llmopt.streaming import run_plan
+
+        return run_plan(plan, out, force=force, progress=progress)
     from llmopt import preflight
 
     started = time.perf_counter()

@@ -39,6 +39,10 @@ class ExportConfig(StrictModel):
     external_data: Literal["auto", "always", "never"] = Field(
         "auto", description="ONNX only: store weights in model.onnx.data (auto: when the model is over 1.8 GB)."
     )
+    streaming: bool = Field(
+        False, description="Quantize and write one decoder layer at a time from the safetensors checkpoint (peak "
+                           "memory about one layer, for models bigger than RAM): one `quantize` pass, method rtn, on "
+                           "a Llama/Mistral/Qwen2 checkpoint. The artifact is not validated nor evaluated.")
     validate_result: OnnxValidation = Field(
         default_factory=OnnxValidation,
         alias="validate",

@@ -22,7 +22,7 @@ import fnmatch
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -163,6 +163,8 @@ class StreamPlan:
         return quantize_rows(weight, name, self.quantize)
 
 
+STREAMING_NOTE = ("Quantized and written layer by layer from the safetensors checkpoint (export.streaming): the model "
+                  "was never whole in memory, so the artifact was not validated against it nor evaluated.")
 _CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 per quantize_rtn call
 
 
@@ -241,11 +243,13 @@ class StreamResult:
 def quantize_checkpoint(model: str | Path, output: str | Path, quantize: QuantizeConfig, *,
                         export_format: Literal["onnx", "safetensors"] = "onnx", accuracy_level: int = 0,
                         max_shard_bytes: int = 5_000_000_000, force: bool = False,
-                        recipe: dict[str, Any] | None = None) -> StreamResult:
+                        recipe: dict[str, Any] | None = None,
+                        before_manifest: Callable[[Path, StreamResult], None] | None = None) -> StreamResult:
     """RTN-quantize a local safetensors checkpoint layer by layer into an ONNX or safetensors artifact folder.
 
     The folder appears at `output` only when complete (staged beside it, then renamed), with a manifest that
-    records `recipe` (by default, the quantize pass and export format this call ran).
+    records `recipe` (by default, the quantize pass and export format this call ran); `before_manifest` may add
+    files to the staged folder first (the pipeline's report).
     """
     import shutil
 
@@ -269,12 +273,15 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
             _copy_tokenizer(Path(model), staging)
             recipe = recipe or {"model": str(model), "passes": [quantize.model_dump(mode="json")],
                                 "export": {"format": export_format}, "streaming": True}
-            write_manifest(staging, recipe=recipe, versions={}, seed=0)
             files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+            result = StreamResult(out, files, len(plan.quantized), info)
+            if before_manifest is not None:
+                before_manifest(staging, result)
+            write_manifest(staging, recipe=recipe, versions={}, seed=0)
             promote(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return StreamResult(out, files, len(plan.quantized), info)
+    return result
 
 
 def estimated_output_bytes(plan: StreamPlan, reader: CheckpointReader) -> int:
@@ -307,7 +314,8 @@ def _check_disk(plan: StreamPlan, reader: CheckpointReader, out: Path) -> None:
 
 def streaming_problem(plan: Any) -> str | None:
     """Why a pipeline plan (llmopt.pipeline.Plan) cannot take the streaming path, or None when it can: a single
-    weight-only RTN `quantize` pass on a local or hub safetensors checkpoint of a Llama-family model."""
+    weight-only RTN `quantize` pass on a local or hub safetensors checkpoint of a Llama-family model, and no
+    quality or speed checks (nothing is evaluated: that would need the whole model)."""
     from llmopt.errors import LlmoptError
 
     passes = plan.recipe.passes
@@ -315,6 +323,11 @@ def streaming_problem(plan: Any) -> str | None:
         return "the streaming path runs recipes made of one `quantize` pass"
     if plan.source.kind not in ("local", "hub"):
         return f"the streaming path reads safetensors checkpoint folders (the model is a {plan.source.kind} source)"
+    checks = plan.recipe.checks
+    unmeasured = [n for n in ("max_perplexity_increase_pct", "min_top1_agreement", "max_kl", "min_decode_speedup")
+                  if getattr(checks, n) is not None]
+    if unmeasured:
+        return f"a streamed artifact is not evaluated, so checks.{unmeasured[0]} cannot be judged (size checks can)"
     try:
         plan_stream(plan.source.path, passes[0], export_format=plan.recipe.export.format)
     except LlmoptError as exc:
@@ -322,16 +335,73 @@ def streaming_problem(plan: Any) -> str | None:
     return None
 
 
-def run_plan(plan: Any, output: str | Path, *, force: bool = False) -> StreamResult:
-    """Run a pipeline plan through the streaming path (no evaluation: the model is not loaded whole)."""
+def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: Any = None) -> Any:
+    """Run a pipeline plan through the streaming path; returns the pipeline's Result, whose report has sizes and
+    timings but no quality or speed figures (evaluating needs the whole model in memory)."""
+    import time
+    from datetime import datetime, timezone
+
+    from llmopt.devices import cpu_name
+    from llmopt.evaluation.checks import evaluate_checks
+    from llmopt.evaluation.report import ModelMetrics, PassRecord, Report
+    from llmopt.model import ArchInfo, load_config
+    from llmopt.pipeline import Result, _recipe_dict, _versions
+
     problem = streaming_problem(plan)
     if problem:
-        raise RecipeError(f"This recipe cannot be streamed: {problem}.",
-                          "Use one `quantize` pass with method: rtn on a safetensors Llama/Mistral/Qwen2 checkpoint.")
-    recipe = plan.recipe.model_dump(mode="json", by_alias=True, exclude={"source"})
-    recipe["passes"] = [p.model_dump(mode="json") for p in plan.recipe.passes]
-    return quantize_checkpoint(plan.source.path, output, plan.recipe.passes[0], export_format=plan.recipe.export.format,
-                               accuracy_level=plan.recipe.export.accuracy_level, force=force, recipe=recipe)
+        raise RecipeError(f"export.streaming: this recipe cannot be streamed: {problem}.",
+                          "Use one `quantize` pass with method: rtn on a safetensors Llama/Mistral/Qwen2 checkpoint, "
+                          "with size checks only; or remove export.streaming.")
+    started = time.perf_counter()
+    if progress is not None:
+        progress.step("quantize and export, layer by layer")
+    recipe, quantize, fmt = _recipe_dict(plan.recipe), plan.recipe.passes[0], plan.recipe.export.format
+    arch = ArchInfo.from_config(load_config(plan.source))
+    input_bytes = sum(p.stat().st_size for p in Path(plan.source.path).glob("*.safetensors"))
+    reports: list[Any] = []
+
+    def write_report(folder: Path, result: StreamResult) -> None:
+        from llmopt.exporters.base import weight_bytes
+
+        versions = _versions()
+        runtime = "onnxruntime" if fmt == "onnx" else "pytorch"
+        parameters = sum(_count(e.shape) for e in CheckpointReader(plan.source.path).entries.values())
+        seconds = time.perf_counter() - started
+        report = Report(
+            llmopt_version=versions.get("llmopt", "dev"),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            model={"spec": plan.source.spec, "kind": plan.source.kind, "model_type": arch.model_type},
+            recipe=recipe,
+            export={"format": fmt, "runtime": runtime, "files": sorted(result.files), **result.info},
+            baseline=ModelMetrics(runtime="safetensors checkpoint (not run)", parameters=parameters,
+                                  size_bytes=input_bytes, kv_cache_bytes_per_token=arch.kv_cache_bytes_per_token()),
+            optimized=ModelMetrics(runtime=runtime, parameters=parameters, size_bytes=weight_bytes(folder),
+                                   kv_cache_bytes_per_token=arch.kv_cache_bytes_per_token()),
+            passes=[PassRecord(type="quantize", seconds=seconds, info={
+                "method": quantize.method, "bits": quantize.bits, "group_size": quantize.group_size,
+                "symmetric": quantize.symmetric, "quantized_tensors": result.quantized_tensors, "streaming": True})],
+            kv_cache_context_tokens=arch.extra.get("max_position_embeddings"),
+            environment={**versions, "cpu": cpu_name()},
+            notes=[STREAMING_NOTE],
+            total_seconds=seconds,
+        )
+        report.checks = evaluate_checks(plan.recipe.checks, report)
+        report.write(folder)
+        reports.append(report)
+
+    quantize_checkpoint(plan.source.path, output, quantize, export_format=fmt,
+                        accuracy_level=plan.recipe.export.accuracy_level, force=force, recipe=recipe,
+                        before_manifest=write_report)
+    if progress is not None:
+        progress.done("quantize and export, layer by layer", time.perf_counter() - started)
+    return Result(Path(output), reports[0], [c for c in reports[0].checks if not c.passed])
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
 
 
 def _copy_tokenizer(model: Path, folder: Path) -> None:

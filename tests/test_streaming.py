@@ -175,35 +175,44 @@ def test_row_blocks_give_the_pass_codes(symmetric, monkeypatch):
     assert np.array_equal(blocked.scales, whole.scales) and np.array_equal(blocked.zero_points, whole.zero_points)
 
 
-def test_a_pipeline_plan_runs_through_the_streaming_path(tiny_model_dir, fast_recipe, tmp_path):
-    from llmopt.pipeline import plan
-    from llmopt.streaming import run_plan, streaming_problem
+def test_export_streaming_runs_a_recipe_layer_by_layer(tiny_model_dir, tmp_path):
+    import llmopt
+    from llmopt.artifact import verify_manifest
 
-    recipe = fast_recipe(f"model: {tiny_model_dir}\npasses:\n  - type: quantize\n    method: rtn\n"
-                         "export:\n  format: safetensors\n")
-    the_plan = plan(recipe, output=tmp_path / "out")
-    assert streaming_problem(the_plan) is None
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny_model_dir}\npasses:\n  - type: quantize\n    method: rtn\n"
+                      "export:\n  format: safetensors\n  streaming: true\nchecks:\n  max_size_ratio: 0.4\n")
 
-    result = run_plan(the_plan, tmp_path / "out")
+    result = llmopt.optimize(recipe, output=tmp_path / "out")
 
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert report["passes"][0]["info"]["streaming"] is True and report["passes"][0]["info"]["quantized_tensors"] == 15
+    assert report["optimized"]["size_bytes"] == (tmp_path / "out/model.safetensors").stat().st_size
+    assert report["baseline"]["size_bytes"] == (tiny_model_dir / "model.safetensors").stat().st_size
+    assert report["quality"] is None and "not validated against it nor evaluated" in report["notes"][0]
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
-    assert manifest["recipe"]["passes"][0]["method"] == "rtn" and manifest["recipe"]["model"] == str(tiny_model_dir)
-    assert set(manifest["files"]) == set(result.files) - {"manifest.json"}
-    assert "model.safetensors" in result.files and result.quantized_tensors == 15
+    assert manifest["recipe"]["export"]["streaming"] is True and "report.json" in manifest["files"]
+    assert verify_manifest(tmp_path / "out") == []
+    ratio = report["optimized"]["size_bytes"] / report["baseline"]["size_bytes"]
+    print(f"size ratio {ratio:.3f}")
+    assert result.passed and report["checks"][0]["value"] == pytest.approx(ratio) and ratio < 0.4
 
 
 @pytest.mark.parametrize("passes,problem", [
     ("  - type: quantize\n    method: gptq\n", "quantize.method: the streaming path runs weight-only RTN"),
-    ("  - type: prune\n    method: depth\n    num_layers: 1\n  - type: quantize\n", "the streaming path runs recipes made of one"),
+    ("  - type: prune\n    method: depth\n    num_layers: 1\n  - type: quantize\n",
+     "the streaming path runs recipes made of one"),
+    ("  - type: quantize\nchecks:\n  max_kl: 0.1\n", "a streamed artifact is not evaluated, so checks.max_kl"),
 ])
-def test_plans_that_cannot_stream_say_why(passes, problem, tiny_model_dir, fast_recipe, tmp_path):
-    from llmopt.pipeline import plan
-    from llmopt.streaming import run_plan, streaming_problem
+def test_recipes_that_cannot_stream_say_why(passes, problem, tiny_model_dir, tmp_path):
+    import llmopt
 
-    the_plan = plan(fast_recipe(f"model: {tiny_model_dir}\npasses:\n{passes}"), output=tmp_path / "out")
-    assert streaming_problem(the_plan).startswith(problem)
-    with pytest.raises(RecipeError, match="This recipe cannot be streamed: "):
-        run_plan(the_plan, tmp_path / "out")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny_model_dir}\nexport:\n  streaming: true\npasses:\n{passes}")
+    with pytest.raises(RecipeError) as caught:
+        llmopt.optimize(recipe, output=tmp_path / "out")
+    assert caught.value.message.startswith(f"export.streaming: this recipe cannot be streamed: {problem}")
+    assert not (tmp_path / "out").exists()
 
 
 def test_too_little_disk_is_refused_before_writing(tiny_tokenizer, tmp_path, monkeypatch):
