@@ -346,6 +346,7 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
     from llmopt.evaluation.report import ModelMetrics, PassRecord, Report
     from llmopt.model import ArchInfo, load_config
     from llmopt.pipeline import Result, _recipe_dict, _versions
+    from llmopt.preflight import parameter_count
 
     problem = streaming_problem(plan)
     if problem:
@@ -365,7 +366,7 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
 
         versions = _versions()
         runtime = "onnxruntime" if fmt == "onnx" else "pytorch"
-        parameters = sum(_count(e.shape) for e in CheckpointReader(plan.source.path).entries.values())
+        parameters = parameter_count(plan.source)
         seconds = time.perf_counter() - started
         report = Report(
             llmopt_version=versions.get("llmopt", "dev"),
@@ -395,13 +396,6 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
     if progress is not None:
         progress.done("quantize and export, layer by layer", time.perf_counter() - started)
     return Result(Path(output), reports[0], [c for c in reports[0].checks if not c.passed])
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count
 
 
 def _copy_tokenizer(model: Path, folder: Path) -> None:
