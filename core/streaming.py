@@ -243,7 +243,7 @@ class StreamResult:
 def quantize_checkpoint(model: str | Path, output: str | Path, quantize: QuantizeConfig, *,
                         export_format: Literal["onnx", "safetensors"] = "onnx", accuracy_level: int = 0,
                         max_shard_bytes: int = 5_000_000_000, force: bool = False,
-                        recipe: dict[str, Any] | None = None,
+                        recipe: dict[str, Any] | None = None, seed: int = 0,
                         before_manifest: Callable[[Path, StreamResult], None] | None = None) -> StreamResult:
     """RTN-quantize a local safetensors checkpoint layer by layer into an ONNX or safetensors artifact folder.
 
@@ -254,6 +254,7 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
     import shutil
 
     from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
+    from llmopt.pipeline import _versions
 
     plan, reader = plan_stream(model, quantize, export_format=export_format)
     out = Path(output)
@@ -277,7 +278,7 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
             result = StreamResult(out, files, len(plan.quantized), info)
             if before_manifest is not None:
                 before_manifest(staging, result)
-            write_manifest(staging, recipe=recipe, versions={}, seed=0)
+            write_manifest(staging, recipe=recipe, versions=_versions(), seed=seed)
             promote(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -392,7 +393,7 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
 
     quantize_checkpoint(plan.source.path, output, quantize, export_format=fmt,
                         accuracy_level=plan.recipe.export.accuracy_level, force=force, recipe=recipe,
-                        before_manifest=write_report)
+                        seed=plan.recipe.seed, before_manifest=write_report)
     if progress is not None:
         progress.done("quantize and export, layer by layer", time.perf_counter() - started)
     return Result(Path(output), reports[0], [c for c in reports[0].checks if not c.passed])

@@ -192,6 +192,7 @@ def test_export_streaming_runs_a_recipe_layer_by_layer(tiny_model_dir, tmp_path)
     assert report["quality"] is None and "not validated against it nor evaluated" in report["notes"][0]
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert manifest["recipe"]["export"]["streaming"] is True and "report.json" in manifest["files"]
+    assert "torch" in manifest["versions"] and manifest["seed"] == 0
     assert verify_manifest(tmp_path / "out") == []
     ratio = report["optimized"]["size_bytes"] / report["baseline"]["size_bytes"]
     print(f"size ratio {ratio:.3f}")
