@@ -36,8 +36,8 @@ def resume_folder(output: Path) -> Path:
     return output.parent / f".{output.name}.resume"
 
 
-def fingerprint(recipe: dict[str, Any], source: Any, versions: dict[str, str]) -> str:
-    """Digest of the resolved recipe, the model's files and the versions that shape the passes' numbers."""
+def fingerprint(recipe: dict[str, Any], source: Any, versions: dict[str, str]) -> dict[str, str]:
+    """Digests of what shapes the passes' numbers: the resolved recipe, the model's files, the library versions."""
     model_files: list[Any] = []
     root = Path(source.path)
     if root.is_dir():
@@ -45,13 +45,19 @@ def fingerprint(recipe: dict[str, Any], source: Any, versions: dict[str, str]) -
             if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
                 st = path.stat()  # follows a hub snapshot's symlinks to the blobs
                 model_files.append([str(path.relative_to(root)), st.st_size, st.st_mtime_ns])
-    key = {
+    parts = {
         "recipe": recipe,
         "model": {"path": str(root.resolve()) if root.exists() else source.path, "gguf_file": source.gguf_file,
                   "revision": source.revision, "files": model_files},
         "versions": {name: versions.get(name) for name in ("llmopt", "torch", "transformers")},
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return {name: hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for name, part in parts.items()}
+
+
+# How a changed part of the fingerprint is named in the error.
+_CHANGED = {"recipe": "the recipe (its passes, export, evaluation, seed or model)", "model": "the model's files",
+            "versions": "the llmopt, torch or transformers version"}
 
 
 @dataclass
@@ -64,7 +70,7 @@ class Restored:
 class ResumeStore:
     """The resume folder of one output, owned by the run that holds the output's lock."""
 
-    def __init__(self, output: Path, key: str) -> None:
+    def __init__(self, output: Path, key: dict[str, str]) -> None:
         self.output, self.key = output, key
         self.folder = resume_folder(output)
 
@@ -76,20 +82,22 @@ class ResumeStore:
         """
         if resume and self.folder.is_dir():
             try:
-                found = json.loads((self.folder / RUN_FILE).read_text(encoding="utf-8")).get("key")
-            except (OSError, ValueError):  # killed before run.json was complete: nothing of value to continue
+                found = json.loads((self.folder / RUN_FILE).read_text(encoding="utf-8"))["key"]
+            except (OSError, ValueError, KeyError, TypeError):  # killed before run.json was complete: nothing to
+                found = None  # continue from
+            if not isinstance(found, dict):
                 found = None
             if found is not None and found != self.key:
+                changed = [_CHANGED.get(name, name) for name in self.key if found.get(name) != self.key[name]]
                 raise RecipeError(
                     f"Cannot resume into '{self.output}': the checkpoint in '{self.folder}' was made by a different "
-                    "run (the recipe, the model's files, the seed or the llmopt, torch or transformers version "
-                    "changed since), and continuing it would mix the two.",
+                    f"run ({', '.join(changed)} changed since), and continuing it would mix the two.",
                     "Run again with the original recipe and model, or without --resume to start afresh (the old "
                     "checkpoint is then removed).")
             if found == self.key:
                 return True
         shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir()
+        self.folder.mkdir(exist_ok=True)
         tmp = self.folder / f"{RUN_FILE}.tmp"
         tmp.write_text(json.dumps({"key": self.key}) + "\n", encoding="utf-8")
         os.replace(tmp, self.folder / RUN_FILE)

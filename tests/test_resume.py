@@ -98,8 +98,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_artifact(sandbox, tiny_mode
     code, err = run_main(monkeypatch, capsys, "optimize", str(changed), "--model", str(tiny_model_dir),
                          "--output", str(out), "--resume")
     assert code == 2 and "Traceback" not in err, err
-    assert f"Cannot resume into '{out}': the checkpoint in '{resume_dir}' was made by a different run" in " ".join(
-        err.split()), err
+    assert (f"Cannot resume into '{out}': the checkpoint in '{resume_dir}' was made by a different run (the recipe "
+            "(its passes, export, evaluation, seed or model) changed since)") in " ".join(err.split()), err
     assert sorted(p.name for p in resume_dir.iterdir()) == ["pass-01", "run.json"]
 
     # Resume: the prune pass is not run again (it would raise), the artifact equals the uninterrupted one.
@@ -194,7 +194,7 @@ def test_a_checkpoint_restores_w8a8_hooks_tied_weights_and_the_generators(tmp_pa
     state = QuantizePass(QuantizeConfig(bits=8, activations="int8")).run(
         ModelState(tiny_llama(tie=True), tiny_tokenizer), PassContext())
     state.pass_info["extra"] = {"seen": [1, 2]}
-    store = ResumeStore(tmp_path / "out", "key")
+    store = ResumeStore(tmp_path / "out", {"recipe": "r"})
     assert store.start(resume=False) is False
     store.save(1, state, [{"type": "quantize", "seconds": 1.5, "info": state.pass_info["quantize"]}])
     expected_draws = (torch.rand(4), np.random.rand(4), random.random())
@@ -203,8 +203,8 @@ def test_a_checkpoint_restores_w8a8_hooks_tied_weights_and_the_generators(tmp_pa
     np.random.seed(123)
     random.seed(123)
     fresh = ModelState(tiny_llama(tie=True), tiny_tokenizer)
-    assert ResumeStore(tmp_path / "out", "key").start(resume=True) is True
-    restored = ResumeStore(tmp_path / "out", "key").restore(fresh)
+    assert ResumeStore(tmp_path / "out", {"recipe": "r"}).start(resume=True) is True
+    restored = ResumeStore(tmp_path / "out", {"recipe": "r"}).restore(fresh)
     assert torch.equal(restored.state.model(torch.arange(24)[None]).logits, state.model(torch.arange(24)[None]).logits)
     with float_activations():  # without the hooks the logits differ: the comparison above saw them
         plain = restored.state.model(torch.arange(24)[None]).logits
@@ -234,7 +234,7 @@ def test_a_checkpoint_of_an_unchanged_architecture_loads_into_the_loaded_model(t
 
     state = QuantizePass(QuantizeConfig(bits=4, group_size=16, embeddings=True)).run(
         ModelState(tiny_llama(tie=True), tiny_tokenizer), PassContext())
-    store = ResumeStore(tmp_path / "out", "key")
+    store = ResumeStore(tmp_path / "out", {"recipe": "r"})
     store.start(resume=False)
     store.save(1, state, [])
     fresh = ModelState(tiny_llama(tie=True), tiny_tokenizer)
