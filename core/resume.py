@@ -12,7 +12,8 @@ The folder is tied to the output (one run at a time holds the output's lock) and
 decides the passes' results: the recipe, the model files (paths, sizes and modification times: hashing a 28 GB
 checkpoint would take minutes), and the versions of llmopt, torch and transformers. A run that unwinds (success,
 error, Ctrl-C, SIGTERM) removes the folder, as it removes its staging folder; only a run that could not unwind
-(SIGKILL, the OOM killer, a power cut) leaves it for `--resume`.
+(SIGKILL, the OOM killer) leaves it for `--resume`. Checkpoints are not fsynced (that would stall every pass on
+the disk): after a power cut a checkpoint may be cut short, and resuming from it is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -167,6 +168,17 @@ class ResumeStore:
 
     def restore(self, state: Any) -> Restored:
         """The latest checkpoint applied to `state` (the freshly loaded input model), generators included."""
+        from safetensors import SafetensorError
+
+        folder = self.latest()
+        try:
+            return self._read(folder, state)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+            # Files cut short: written but not yet on disk when the machine lost power, or edited by hand.
+            raise InputError(f"The checkpoint '{folder}' cannot be loaded: {type(exc).__name__}: {exc}",
+                             "Run again without --resume to start afresh.") from None
+
+    def _read(self, folder: Path, state: Any) -> Restored:
         import numpy as np
         import torch
         from safetensors.numpy import load_file as load_numpy
@@ -175,17 +187,11 @@ class ResumeStore:
         from llmopt.quantized import QuantizedTensor, simulate_int8_activations
         from llmopt.state import ModelState
 
-        folder = self.latest()
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         if meta["key"] != self.key:  # run.json said otherwise: a folder edited by hand
-            raise InputError(f"The checkpoint '{folder}' does not belong to this run.",
-                             "Run again without --resume to start afresh.")
+            raise ValueError("it belongs to another run")
         model = _model_for_config(state.model, meta["config"])
-        try:
-            load_model(model, str(folder / "model.safetensors"))  # strict: every tensor present, shapes equal
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise InputError(f"The checkpoint '{folder}' cannot be loaded: {exc}",
-                             "Run again without --resume to start afresh.") from None
+        load_model(model, str(folder / "model.safetensors"))  # strict: every tensor present, shapes equal
         model.eval()
         arrays = load_numpy(str(folder / "quantized.safetensors"))
         quantized = {name: QuantizedTensor(name=name, codes=arrays[f"{name}.codes"], scales=arrays[f"{name}.scales"],
@@ -227,8 +233,7 @@ def _model_for_config(model: Any, saved: dict[str, Any]) -> Any:
     for key in set(current) - set(saved):
         delattr(config, key)
     if _config_json(config) != saved:
-        raise InputError(f"The checkpoint's model config cannot be rebuilt ({type(config).__name__}).",
-                         "Run again without --resume to start afresh.")
+        raise ValueError(f"its model config cannot be rebuilt as a {type(config).__name__}")
     with no_init_weights():  # the checkpoint overwrites every weight: skip the random initialization
         rebuilt = type(model)(config)
     rebuilt.generation_config = copy.deepcopy(model.generation_config)

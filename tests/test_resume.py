@@ -247,3 +247,21 @@ def test_a_checkpoint_of_an_unchanged_architecture_loads_into_the_loaded_model(t
     assert sorted(p.name for p in (tmp_path / ".out.resume").iterdir()) == ["pass-01", "run.json"]
     store.save(2, restored, [])  # the next pass's checkpoint replaces it
     assert sorted(p.name for p in (tmp_path / ".out.resume").iterdir()) == ["pass-02", "run.json"]
+
+
+def test_a_damaged_checkpoint_is_refused_with_a_clear_error(tmp_path, tiny_tokenizer):
+    from llmopt.errors import InputError
+    from llmopt.resume import ResumeStore
+    from llmopt.state import ModelState
+
+    from tests.conftest import tiny_llama
+
+    store = ResumeStore(tmp_path / "out", {"recipe": "r"})
+    store.start(resume=False)
+    store.save(1, ModelState(tiny_llama(), tiny_tokenizer), [])
+    weights = tmp_path / ".out.resume" / "pass-01" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # cut short, as by a power cut before the page cache was flushed
+    with pytest.raises(InputError) as refused:
+        store.restore(ModelState(tiny_llama(), tiny_tokenizer))
+    assert refused.value.message.startswith(f"The checkpoint '{weights.parent}' cannot be loaded: ")
+    assert refused.value.hint == "Run again without --resume to start afresh."
