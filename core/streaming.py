@@ -4,8 +4,9 @@
     from llmopt.streaming import quantize_checkpoint
     quantize_checkpoint("llama-7b/", "out/", QuantizeConfig(method="rtn", group_size=32), export_format="onnx")
 
-Peak memory is about one decoder layer in float32 (plus the embedding table while it is copied, and the
-lm_head while it is quantized), whatever the depth: the torch model is never built. The codes are those of
+or, from a recipe, `export: {streaming: true}` with one `quantize` pass (the pipeline hands the plan to
+`run_plan`). Peak memory is about one decoder layer in float32 (or the embedding table, when larger), whatever
+the depth: the torch model is never built, and nothing is evaluated (that would need the whole model). The codes are those of
 the `quantize` pass (`quantize_rtn`), so the artifacts match what the non-streaming pipeline writes.
 
 Why tensors are read by hand: safetensors' `safe_open` memory-maps the file, and every page of the map that a
