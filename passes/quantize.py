@@ -315,16 +315,25 @@ def input_widths(arch: ArchInfo) -> dict[str, int]:
 def group_params(w: "torch.Tensor", bits: int, symmetric: bool) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Scale and zero point of each row of `w` (..., g) so that codes = clamp(round(w / s) + z, 0, 2^bits - 1).
 
-    Symmetric groups use the largest |w| with z = 2^(bits-1); asymmetric ones the min/max range, which
-    always includes 0 so that exact zeros stay exact.
+    Symmetric groups have z = 2^(bits-1). At 4 bits the group's largest-magnitude value, with its sign, maps
+    to code 0 (s = w_extreme / -8, negative when that value is positive), so all 16 levels are used and the
+    step is 8/7 finer than max|w| / 7 over 15 levels — onnxruntime's own blockwise quantizer (MLAS) does
+    the same; the stored scale carries the sign, so every runtime's dequantization (code - z) * s is
+    unchanged. At 8 bits the 256th level gains little, and W8A8's integer kernels keep to positive scales:
+    s = max|w| / 127. Asymmetric groups use the min/max range, which always includes 0 so that exact
+    zeros stay exact.
     """
     import torch
 
     levels = 2**bits - 1
     if symmetric:
         mid = 2 ** (bits - 1)
-        scale = w.abs().amax(dim=-1) / (mid - 1)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if bits <= 4:
+            extreme = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+            scale = extreme / -mid
+        else:
+            scale = w.abs().amax(dim=-1) / (mid - 1)
+        scale = torch.where(scale != 0, scale, torch.ones_like(scale))
         return scale, torch.full_like(scale, mid)
     lo = torch.clamp(w.amin(dim=-1), max=0.0)
     hi = torch.clamp(w.amax(dim=-1), min=0.0)

@@ -20,7 +20,12 @@ def reference_rtn(w: np.ndarray, bits: int, group: int, symmetric: bool) -> np.n
     for r in range(rows):
         for g in range(cols // group):
             block = w[r, g * group:(g + 1) * group].astype(np.float64)
-            if symmetric:
+            if symmetric and bits == 4:  # all 16 levels: the signed extreme maps to -8 (as onnxruntime's MLAS)
+                extreme = block[np.abs(block).argmax()]
+                scale = np.float32(extreme / -8) or 1.0
+                q = np.clip(np.round(block / scale), -8, 7)
+                out[r, g * group:(g + 1) * group] = q * scale
+            elif symmetric:
                 qmax = 2 ** (bits - 1) - 1
                 scale = np.float32(np.abs(block).max() / qmax) or 1.0
                 q = np.clip(np.round(block / scale), -qmax - 1, qmax)
@@ -47,9 +52,28 @@ def test_rtn_matches_reference(bits, group, symmetric):
     assert err < 1e-6
     assert qt.codes.dtype == np.uint8 and qt.codes.max() <= 2**bits - 1
     assert qt.scales.shape == (24, 128 // group) and qt.zero_points.shape == (24, 128 // group)
-    # Round-to-nearest never errs by more than half a step.
-    step = np.repeat(qt.scales, group, axis=1)
-    assert np.all(np.abs(got - w.numpy()) <= step / 2 + 1e-6)
+    # Round-to-nearest never errs by more than half a step, except where a code is clipped: symmetric int4's
+    # top level (+7), where values up to -extreme (which would need +8) land.
+    step = np.repeat(np.abs(qt.scales), group, axis=1)
+    clipped = (qt.codes == 15) if symmetric and bits == 4 else np.zeros(w.shape, bool)
+    assert np.all(np.abs(got - w.numpy()) <= np.where(clipped, step, step / 2) + 1e-6)
+
+
+def test_symmetric_int4_uses_all_16_levels_and_errs_less_than_15():
+    torch.manual_seed(2)
+    w = torch.randn(64, 256) * 0.05
+    qt = quantize_rtn(w, "x.weight", "linear", QuantizeConfig(bits=4, group_size=32, symmetric=True))
+    groups = w.numpy().reshape(64, 8, 32)
+    extremes = np.take_along_axis(groups, np.abs(groups).argmax(-1)[..., None], -1)[..., 0]
+    assert np.array_equal(np.sign(qt.scales), -np.sign(extremes))  # the scale carries the extreme's sign
+    codes = qt.codes.reshape(64, 8, 32)
+    assert np.all(codes.min(-1) == 0)  # every group's extreme lands on -8
+    assert np.all(qt.zero_points == 8)
+    fifteen = np.abs(groups).max(-1, keepdims=True) / 7  # max|w| / 7: codes -7..7
+    mse_15 = float(((np.clip(np.round(groups / fifteen), -7, 7) * fifteen - groups) ** 2).mean())
+    mse_16 = float(((qt.dequantized() - w.numpy()) ** 2).mean())
+    print(f"weight MSE: 15 levels {mse_15:.3e}, 16 levels {mse_16:.3e}")
+    assert mse_16 < 0.85 * mse_15
 
 
 def test_int8_is_more_accurate_than_int4():
@@ -206,7 +230,9 @@ def test_gptq_pass_beats_rtn_on_a_tiny_model_and_records_its_codes(tiny_tokenize
         results[method] = (compare_quality(TorchRunner(base), TorchRunner(model), evaluation), state.pass_info)
     kl = {m: r[0].kl_divergence for m, r in results.items()}
     print(f"KL vs float on held-out text: {kl}")
-    assert kl["gptq"] < 0.8 * kl["rtn"], kl
+    # Measured: RTN 2.3e-4, GPTQ 1.9e-4 (with 15-level symmetric groups they were 3.3e-4 and 2.2e-4: the
+    # 16-level grid helps RTN more). The real-model test (tests/slow) checks perplexity on SmolLM2.
+    assert kl["gptq"] < 0.9 * kl["rtn"], kl
     info = results["gptq"][1]["quantize"]
     assert info["gptq_layers"] == 3 * 7 and info["calibration_tokens"] == 32 * 128 and info["damp_raised_for"] == []
 
