@@ -8,10 +8,13 @@ the code the CLI would return (0 passed, 1 a quality gate failed, 2-5 an llmopt 
 printed as they finish and the table is rewritten to OUTPUT/table.md after each recipe, so an interrupted
 run keeps its finished rows.
 
-Budget on a 2-core CPU (measured by one run of this script; 4,096 evaluation tokens each): the export-only
-recipes (int4-*, int8-w8a8-onnx, fp16-onnx-gpu, prune-*, sparse-2of4) take 3 to 7 minutes each; the three
-that train take 100 distillation steps of batch 4 x 256 tokens: draft-model ~20 min, prune-width-distill
-~20 min, gqa-distill ~12 min (it trains only the attention). All twelve: about 1 h 40 min.
+Budget, 2-core CPU: an export-only recipe takes one load, export and two evaluations of 4,096 tokens: int4-onnx
+4 to 5 minutes on an idle VM (the README's first command), 10.5 min and int4-fused-onnx 24 min measured by this
+script on the shared VM at a load average of about 10. The three recipes that train add 100 distillation
+steps of batch 4 x 256 tokens: ~9 s a step for draft-model (15 layers, its recipe's note), so ~15 min of
+training; gqa-distill (attention weights only) and prune-width-distill (every weight but the embedding) run
+the full model forward and back each step, so expect 15 to 30 min each (estimated from those step times, not
+measured). Run it on an idle machine, or expect the wall column to say how busy it was.
 
 fp16-onnx-gpu asks for `execution_provider: auto`: without a GPU the artifact runs on onnxruntime's CPU
 provider, which runs fp16 graphs slowly; the device and the report's notes are printed under the table.
