@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py [--dir ~/.cache/llmopt-bench/scale] [--kv-heads 32] [--group-size 32]
                                [--keep] [--skip-7b] [--skip-smollm2] [--skip-onnx-check]
+                               [--formats onnx safetensors]
 
 1. Writes a random-weight, 7B-shaped Llama checkpoint in float32 (hidden 4096, 32 layers, 32 heads,
    intermediate 11008, vocab 32000: ~27 GB) as one safetensors shard per layer, generated a layer at a time
@@ -165,12 +166,13 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def stream_rows(title: str, model: Path, work: Path, group_size: int, check_onnx: bool) -> None:
+def stream_rows(title: str, model: Path, work: Path, group_size: int, check_onnx: bool,
+                formats: tuple[str, ...] = ("onnx", "safetensors")) -> None:
     """Stream `model` to each format in a child; each row is printed as soon as it is measured."""
     size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     print(f"\n{title}: input checkpoint {size / GB:.2f} GB on disk")
     print(f"{'step':58s} {'peak RSS GB':>11s} {'/ input':>8s} {'wall s':>8s} {'output GB':>10s}", flush=True)
-    for fmt in ("onnx", "safetensors"):
+    for fmt in formats:
         out = work / f"out-{fmt}"
         print_row(f"stream int4 RTN g{group_size} -> {fmt}", size,
                   run_child("stream", str(model), str(out), fmt, str(group_size)))
@@ -213,6 +215,7 @@ def main() -> None:
     parser.add_argument("--skip-7b", action="store_true")
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-onnx-check", action="store_true")
+    parser.add_argument("--formats", nargs="+", choices=["onnx", "safetensors"], default=["onnx", "safetensors"])
     args = parser.parse_args()
 
     import psutil
@@ -229,7 +232,7 @@ def main() -> None:
         if not demo.exists():
             run_child("convert-demo", str(demo))
         stream_rows("SmolLM2-135M (demo, float32 safetensors)", demo, args.dir, args.group_size,
-                    not args.skip_onnx_check)
+                    not args.skip_onnx_check, tuple(args.formats))
         shutil.rmtree(demo)
 
     if not args.skip_7b:
@@ -251,7 +254,7 @@ def main() -> None:
             print(f"checkpoint {size / GB:.2f} GB vs {memory / GB:.1f} GB RAM: "
                   f"{'larger' if size > memory else 'NOT larger'} than memory", flush=True)
             stream_rows(f"7B-shaped Llama (kv heads {args.kv_heads}, float32, random)", model, args.dir,
-                        args.group_size, not args.skip_onnx_check)
+                        args.group_size, not args.skip_onnx_check, tuple(args.formats))
         finally:
             for folder in (model, model.with_name(model.name + ".partial")):
                 if folder.exists() and (not args.keep or folder != model):

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 INDEX = "model.safetensors.index.json"
 _ITEM = {"F32": 4, "I32": 4}
+_PACK_ELEMENTS = 1 << 22  # codes packed per pack_to_int32 call
 
 
 def _entries(name: str, shape: tuple[int, ...], plan: StreamPlan) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -86,9 +87,14 @@ def _serialize(name: str, item: Any) -> list[tuple[str, Any]]:
     from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
 
     base = name.removesuffix(".weight")
-    # compressed-tensors holds signed codes (q - 2^(bits-1)) with a zero point of 0, as exporters/safetensors.py.
-    signed = torch.from_numpy(item.codes.astype("int16") - 2 ** (item.bits - 1)).to(torch.int8)
-    return [(f"{base}.weight_packed", pack_to_int32(signed, item.bits)),  # (out, in * bits / 32) int32
+    rows, cols = item.shape
+    step = max(1, _PACK_ELEMENTS // cols)
+    packed = []
+    for r in range(0, rows, step):  # a block of rows at a time: pack_to_int32 needs ~10x its input in temporaries
+        # compressed-tensors holds signed codes (q - 2^(bits-1)) with a zero point of 0, as exporters/safetensors.py.
+        signed = torch.from_numpy(item.codes[r:r + step].astype("int16") - 2 ** (item.bits - 1)).to(torch.int8)
+        packed.append(pack_to_int32(signed, item.bits))  # (rows, cols * bits / 32) int32, packed along each row
+    return [(f"{base}.weight_packed", torch.cat(packed) if len(packed) > 1 else packed[0]),
             (f"{base}.weight_scale", torch.from_numpy(item.scales)),  # (out, groups) float32
             (f"{base}.weight_shape", torch.tensor(item.shape, dtype=torch.int32))]
 
