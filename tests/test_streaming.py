@@ -276,3 +276,18 @@ def test_sliding_window_attention_is_refused_for_onnx_only(tiny_tokenizer, tmp_p
     assert not (tmp_path / "onnx").exists() and not list(tmp_path.glob(".onnx.staging-*"))
     quantize_checkpoint(tmp_path / "in", tmp_path / "st", QuantizeConfig(), export_format="safetensors")
     assert (tmp_path / "st/model.safetensors").is_file()
+
+
+def test_row_blocks_pack_as_compressed_tensors_does(monkeypatch):
+    from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
+
+    from llmopt.exporters import safetensors_stream
+    from llmopt.quantized import QuantizedTensor
+
+    monkeypatch.setattr(safetensors_stream, "_PACK_ELEMENTS", 64 * 7)  # 7 rows per call: 43 blocks, the last short
+    codes = np.random.default_rng(0).integers(0, 16, (300, 64)).astype(np.uint8)
+    qt = QuantizedTensor("a.weight", "linear", 4, 32, True, codes, np.ones((300, 2), np.float32),
+                         np.full((300, 2), 8, np.uint8))
+    (name, packed), *_ = safetensors_stream._serialize("a.weight", qt)
+    whole = pack_to_int32(torch.from_numpy(codes.astype(np.int16) - 8).to(torch.int8), 4)  # (300, 8) int32
+    assert name == "a.weight_packed" and torch.equal(packed, whole)
