@@ -95,4 +95,6 @@ class OnnxExporter(Exporter):
         external = {"auto": None, "always": True, "never": False}[self.config.external_data]
         stats = rewrite_file(folder / "model.onnx", pack_graph, external)
         info["packed_projections"] = {"qkv": stats.qkv, "gate_up": stats.gate_up}
+        info["fused_ops"] = stats.counts  # rotary now inside GroupQueryAttention where Q/K/V were packed
+        info["graph_nodes"]["after_packing"] = stats.nodes_after
         return stats.unpacked

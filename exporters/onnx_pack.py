@@ -20,6 +20,7 @@ GroupQueryAttention computes rotary positions from ``seqlens_k`` (tokens so far)
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from llmopt.exporters.onnx_fuse import MS_DOMAIN
+from llmopt.exporters.onnx_fuse import FUSED_OPS, MS_DOMAIN
 
 
 @dataclass
@@ -35,6 +36,8 @@ class PackStats:
     qkv: int = 0  # layers whose Q, K, V became one projection read by GroupQueryAttention
     gate_up: int = 0  # MLPs whose gate and up became one projection
     unpacked: list[str] = field(default_factory=list)  # attentions left as they were, and why
+    counts: dict[str, int] = field(default_factory=dict)  # fused op type -> nodes in the packed graph
+    nodes_after: int = 0
 
 
 @dataclass
@@ -62,6 +65,9 @@ def pack_graph(model: onnx.ModelProto, *, qkv: bool = True, gate_up: bool = True
     graph.prune_graph(allow_remove_graph_inputs=False)  # position_ids stays in the interface, unread
     graph.remove_unused_constant()
     graph.topological_sort()
+    counts = Counter(n.op_type for n in model.graph.node)
+    stats.counts = {op: counts[op] for op in FUSED_OPS if counts[op]}
+    stats.nodes_after = len(model.graph.node)
     return stats
 
 
