@@ -19,10 +19,15 @@ class Estimate:
     parameters: int
     memory_bytes: int  # peak resident memory of the run
     available_memory_bytes: int
-    disk_bytes: int  # baseline export in the temp folder + the artifact being written next to the output
+    output_disk_bytes: int  # next to the output: the artifact being written and the resume checkpoints
+    temp_disk_bytes: int  # the baseline export in the temp folder
     free_output_bytes: int
     free_temp_bytes: int
     same_disk: bool  # output and temp folder on one file system: the two disk needs add up
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.output_disk_bytes + self.temp_disk_bytes
 
     @property
     def fits_memory(self) -> bool:
@@ -32,7 +37,7 @@ class Estimate:
     def fits_disk(self) -> bool:
         if self.same_disk:
             return self.disk_bytes <= self.free_output_bytes
-        return self.disk_bytes / 2 <= min(self.free_output_bytes, self.free_temp_bytes)
+        return self.output_disk_bytes <= self.free_output_bytes and self.temp_disk_bytes <= self.free_temp_bytes
 
 
 def parameter_count(source: Any) -> int:
@@ -49,8 +54,9 @@ def parameter_count(source: Any) -> int:
 
 def estimate(plan: Any, output: Path) -> Estimate:
     """Float32 copies in memory at once (working model, teacher, baseline and artifact side by side when
-    evaluating), and two float32-sized exports on disk (the baseline, kept for comparison, and the artifact,
-    which is at most that size)."""
+    evaluating), and float32-sized files on disk: the baseline export (kept for comparison) in the temp
+    folder; beside the output the artifact (at most that size) and the resume checkpoint of the last pass
+    (core/resume.py; two for a moment while the next one replaces it)."""
     import psutil
 
     from llmopt.inspect import estimate_memory_bytes
@@ -64,7 +70,8 @@ def estimate(plan: Any, output: Path) -> Estimate:
     temp = Path(tempfile.gettempdir())
     return Estimate(parameters=parameters, memory_bytes=memory,
                     available_memory_bytes=int(psutil.virtual_memory().available),
-                    disk_bytes=2 * 4 * parameters, free_output_bytes=shutil.disk_usage(existing).free,
+                    output_disk_bytes=4 * parameters * (1 + min(2, len(plan.passes))),
+                    temp_disk_bytes=4 * parameters, free_output_bytes=shutil.disk_usage(existing).free,
                     free_temp_bytes=shutil.disk_usage(temp).free, same_disk=os.stat(existing).st_dev == os.stat(temp).st_dev)
 
 
@@ -82,7 +89,7 @@ def check(found: Estimate) -> None:
             f"bigger machine; set {SKIP_ENV}=1 to try anyway.")
     if not found.fits_disk:
         raise ResourceError(
-            f"This run writes about {found.disk_bytes / gb:.1f} GB (a float32 baseline export in the temp folder and "
-            f"the artifact next to --output); free: {found.free_output_bytes / gb:.1f} GB at the output, "
+            f"This run writes about {found.disk_bytes / gb:.1f} GB (a float32 baseline export in the temp folder; "
+            f"the artifact and a resume checkpoint after each pass next to --output); free: {found.free_output_bytes / gb:.1f} GB at the output, "
             f"{found.free_temp_bytes / gb:.1f} GB in the temp folder; nothing was started.",
             f"Free disk space, choose another --output, or point TMPDIR elsewhere; set {SKIP_ENV}=1 to try anyway.")

@@ -20,11 +20,13 @@ def test_the_estimate_counts_parameters_and_copies(tiny_model_dir, fast_recipe, 
     found = preflight.estimate(plan(fast_recipe(), model=str(tiny_model_dir)), tmp_path / "o")
     assert found.parameters == parameters
     assert found.memory_bytes == 4 * parameters * 3  # working model + baseline and artifact for evaluation
-    assert found.disk_bytes == 2 * 4 * parameters
+    # The baseline export; the artifact; no resume checkpoint without passes.
+    assert (found.temp_disk_bytes, found.output_disk_bytes) == (4 * parameters, 4 * parameters)
     assert found.fits_memory and found.fits_disk
     teacher = preflight.estimate(plan(fast_recipe("passes:\n  - {type: distill, steps: 2}\n", name="d.yaml"),
                                       model=str(tiny_model_dir)), tmp_path / "o")
     assert teacher.memory_bytes == 4 * parameters * 4  # + the teacher's copy
+    assert teacher.output_disk_bytes == 4 * parameters * 2  # + the distilled model's resume checkpoint
 
 
 def test_too_little_memory_exits_5_before_anything_starts(tiny_model_dir, fast_recipe, tmp_path, monkeypatch, capsys):
@@ -50,8 +52,10 @@ def test_too_little_disk_fails_the_dry_run_after_showing_the_plan(tiny_model_dir
 
 
 @pytest.mark.parametrize("same_disk, free_output, free_temp, fits", [
-    (True, 99, 10**9, False), (True, 10**9, 0, True), (False, 60, 60, True), (False, 60, 40, False)])
+    (True, 99, 10**9, False), (True, 10**9, 0, True), (False, 60, 60, True), (False, 60, 40, False),
+    (False, 40, 60, False)])
 def test_disk_needs_add_up_only_on_one_file_system(same_disk, free_output, free_temp, fits):
-    found = preflight.Estimate(parameters=1, memory_bytes=0, available_memory_bytes=1, disk_bytes=100,
+    found = preflight.Estimate(parameters=1, memory_bytes=0, available_memory_bytes=1, output_disk_bytes=50,
+                               temp_disk_bytes=50,
                                free_output_bytes=free_output, free_temp_bytes=free_temp, same_disk=same_disk)
     assert found.fits_disk is fits
