@@ -1,7 +1,7 @@
 """Benchmark: int4 RTN of a checkpoint bigger than this machine's memory, streamed layer by layer.
 
     python benchmarks/scale.py [--dir ~/.cache/llmopt-bench/scale] [--kv-heads 32] [--group-size 32]
-                               [--keep] [--skip-7b] [--skip-smollm2] [--skip-onnx-check]
+                               [--layers 32] [--keep] [--skip-7b] [--skip-smollm2] [--skip-onnx-check]
                                [--formats onnx safetensors]
 
 1. Writes a random-weight, 7B-shaped Llama checkpoint in float32 (hidden 4096, 32 layers, 32 heads,
@@ -44,14 +44,14 @@ def _child_report(started: float, **extra) -> None:
     print(json.dumps({"peak_rss_bytes": peak, "wall_s": time.perf_counter() - started, **extra}))
 
 
-def child_generate(folder: Path, kv_heads: int, seed: int) -> None:
+def child_generate(folder: Path, kv_heads: int, seed: int, layers: int) -> None:
     """A random Llama checkpoint, one layer per safetensors shard, each generated and written before the next."""
     import numpy as np
     from safetensors.numpy import save_file
     from transformers import LlamaConfig
 
     started = time.perf_counter()
-    config = LlamaConfig(**SHAPE_7B, num_key_value_heads=kv_heads, tie_word_embeddings=False,
+    config = LlamaConfig(**{**SHAPE_7B, "num_hidden_layers": layers}, num_key_value_heads=kv_heads, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2, torch_dtype="float32")
     hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     kv = kv_heads * hidden // config.num_attention_heads
@@ -195,7 +195,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, args = sys.argv[2], sys.argv[3:]
         if kind == "generate":
-            child_generate(Path(args[0]), int(args[1]), int(args[2]))
+            child_generate(Path(args[0]), int(args[1]), int(args[2]), int(args[3]))
         elif kind == "stream":
             child_stream(Path(args[0]), Path(args[1]), args[2], int(args[3]))
         elif kind == "imports":
@@ -209,6 +209,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache/llmopt-bench/scale")
     parser.add_argument("--kv-heads", type=int, default=32, help="32: Llama-2-7B; 8: grouped-query attention")
+    parser.add_argument("--layers", type=int, default=32, help="fewer: the same layer shapes, to show the peak does "
+                                                                "not grow with depth")
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
@@ -236,8 +238,8 @@ def main() -> None:
         shutil.rmtree(demo)
 
     if not args.skip_7b:
-        model = args.dir / f"llama-7b-shaped-kv{args.kv_heads}"
-        h, i, v, layers = 4096, 11008, 32000, 32
+        model = args.dir / f"llama-7b-shaped-kv{args.kv_heads}-{args.layers}layers"
+        h, i, v, layers = 4096, 11008, 32000, args.layers
         kv = args.kv_heads * h // 32
         planned = 4 * (2 * v * h + layers * (2 * h * h + 2 * kv * h + 3 * h * i + 2 * h) + h)
         outputs = planned // 5  # int4 + scales + the float embedding: under a fifth of float32
@@ -247,13 +249,13 @@ def main() -> None:
                      "needed (checkpoint + one artifact at a time) plus 5 GB to spare")
         try:
             if not model.exists():
-                gen = run_child("generate", str(model), str(args.kv_heads), str(args.seed))
+                gen = run_child("generate", str(model), str(args.kv_heads), str(args.seed), str(args.layers))
                 print(f"\ngenerated {model.name}: {gen['bytes'] / GB:.2f} GB in {gen['wall_s']:.0f} s, "
                       f"peak RSS {gen['peak_rss_bytes'] / GB:.2f} GB", flush=True)
             size = folder_bytes(model)
             print(f"checkpoint {size / GB:.2f} GB vs {memory / GB:.1f} GB RAM: "
                   f"{'larger' if size > memory else 'NOT larger'} than memory", flush=True)
-            stream_rows(f"7B-shaped Llama (kv heads {args.kv_heads}, float32, random)", model, args.dir,
+            stream_rows(f"7B-shaped Llama ({layers} layers, kv heads {args.kv_heads}, float32, random)", model, args.dir,
                         args.group_size, not args.skip_onnx_check, tuple(args.formats))
         finally:
             for folder in (model, model.with_name(model.name + ".partial")):
