@@ -109,9 +109,9 @@ def llmopt_recipe(model_dir: Path, passes: list[dict], calibration_txt: Path, ar
         "seed": 0,
         "passes": passes,
         # accuracy_level 4 (int8 activations inside MatMulNBits) as the builder's CPU default, so kernels match;
-        # it moves logits by ~1 against the fp32-compute PyTorch model, hence the export check's wider bound.
+        # it moves logits by 1-3 against the fp32-compute PyTorch model, hence the export check's wider bound.
         "export": {"format": "onnx", "accuracy_level": 4,
-                   "validate": {"prompts": 3, "min_top1_agreement": 0.95, "max_abs_logit_diff": 3.0}
+                   "validate": {"prompts": 3, "min_top1_agreement": 0.95, "max_abs_logit_diff": 4.0}
                    if not any(p.get("activations") == "int8" or p.get("target_bits_per_weight") for p in passes)
                    # W8A8 and mixed: as the shipped int8-w8a8-onnx / int4-mixed-onnx recipes say, torch and
                    # onnxruntime realise activation rounding differently; the quality columns are the artifact's.
