@@ -10,7 +10,9 @@ run keeps its finished rows.
 
 Budget, 2-core CPU: an export-only recipe takes one load, export and two evaluations of 4,096 tokens: int4-onnx
 4 to 5 minutes on an idle VM (the README's first command), 10.5 min and int4-fused-onnx 24 min measured by this
-script on the shared VM at a load average of about 10. The three recipes that train add 100 distillation
+script on the shared VM at a load average of about 10; int4-mixed-onnx, which first measures each of the 211
+Linears' sensitivity with its own forward passes and then runs GPTQ, was still running after 56 min there
+(load 4 to 10). The three recipes that train add 100 distillation
 steps of batch 4 x 256 tokens: ~9 s a step for draft-model (15 layers, its recipe's note), so ~15 min of
 training; gqa-distill (attention weights only) and prune-width-distill (every weight but the embedding) run
 the full model forward and back each step, so expect 15 to 30 min each (estimated from those step times, not
