@@ -121,7 +121,7 @@ def _check_after_quantize(pass_configs: list[Any], i: int) -> None:
             f"Move quantize after {kind} (distill may follow quantize: it trains only the float weights).")
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
@@ -171,11 +171,11 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
     staging = scratch = checkpoints = None
     try:  # entered before anything is created, so an interrupt at any point leaves nothing behind
         staging = new_staging(out)
-        # --- resume: checkpoints after each pass, kept only by a run that could not unwind (llmopt.resume) ---
-        store = ResumeStore(out, fingerprint(_recipe_dict(recipe), plan.source, _versions()))
+        recipe_json, versions = recipe_dict(recipe), library_versions()
+        # Checkpoints after each pass, kept only by a run that could not unwind (llmopt.resume).
+        store = ResumeStore(out, fingerprint(recipe_json, plan.source, versions))
         resuming = store.start(resume)  # a mismatch raises before `checkpoints` is set: the folder stays
         checkpoints = store
-        # --- end resume ---
         scratch = new_scratch()  # its name carries our pid: a later run removes it if we are killed
         timer = _Steps(progress)
         with timer("load model"):
@@ -194,7 +194,7 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
         calibration = _CalibrationSource(recipe, tokenizer)
         # A frozen copy of the input model for passes that learn from it (distillation).
         original = copy.deepcopy(model).eval() if any(p.needs_teacher for p in plan.passes) else None
-        # --- resume: the state after the passes a killed run completed ---
+        # The state after the passes a killed run completed.
         passes_done, resume_notes = 0, []
         if resuming and store.latest() is not None:
             restored = store.restore(state)
@@ -202,7 +202,6 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
             records = [PassRecord(**r) for r in restored.records]
             resume_notes = [(f"resumed after {passes_done} completed pass(es) of a killed run "
                              f"({', '.join(r.type for r in records)}): their records are that run's.")]
-        # --- end resume ---
         for index, p in enumerate(plan.passes):
             if index < passes_done:
                 continue
@@ -235,12 +234,11 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
         optimized_params = _count_parameters(state.model)
         del state, model, original  # free the torch copies before the report is written
 
-        versions = _versions()
         report = Report(
             llmopt_version=versions.get("llmopt", "dev"),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             model={"spec": plan.source.spec, "kind": plan.source.kind, "model_type": plan.arch.model_type},
-            recipe=_recipe_dict(recipe),
+            recipe=recipe_json,
             export={"format": recipe.export.format, "runtime": plan.exporter.runtime,
                     "files": sorted(p.name for p in staging.iterdir()), **exported.info},
             baseline=ModelMetrics(runtime=plan.exporter.runtime, parameters=baseline_params,
@@ -272,7 +270,7 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
         from llmopt.evaluation.model_card import render_model_card
 
         (staging / "README.md").write_text(render_model_card(report), encoding="utf-8")
-        write_manifest(staging, recipe=_recipe_dict(recipe), versions=versions, seed=recipe.seed)
+        write_manifest(staging, recipe=recipe_json, versions=versions, seed=recipe.seed)
         promote(staging, out)
     except MemoryError:
         raise ResourceError("Ran out of memory while optimizing; nothing was written.",
@@ -342,7 +340,7 @@ def _count_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
 
 
-def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
     data = recipe.model_dump(mode="json", by_alias=True, exclude={"source"})
     data["passes"] = [p.model_dump(mode="json") for p in recipe.passes]
     return data

@@ -255,7 +255,7 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
     import shutil
 
     from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
-    from llmopt.pipeline import _versions
+    from llmopt.pipeline import library_versions
 
     plan, reader = plan_stream(model, quantize, export_format=export_format)
     out = Path(output)
@@ -279,7 +279,7 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
             result = StreamResult(out, files, len(plan.quantized), info)
             if before_manifest is not None:
                 before_manifest(staging, result)
-            write_manifest(staging, recipe=recipe, versions=_versions(), seed=seed)
+            write_manifest(staging, recipe=recipe, versions=library_versions(), seed=seed)
             promote(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -347,7 +347,7 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
     from llmopt.evaluation.checks import evaluate_checks
     from llmopt.evaluation.report import ModelMetrics, PassRecord, Report
     from llmopt.model import ArchInfo, load_config
-    from llmopt.pipeline import Result, _recipe_dict, _versions
+    from llmopt.pipeline import Result, library_versions, recipe_dict
     from llmopt.preflight import parameter_count
 
     problem = streaming_problem(plan)
@@ -358,7 +358,7 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
     started = time.perf_counter()
     if progress is not None:
         progress.step("quantize and export, layer by layer")
-    recipe, quantize, fmt = _recipe_dict(plan.recipe), plan.recipe.passes[0], plan.recipe.export.format
+    recipe, quantize, fmt = recipe_dict(plan.recipe), plan.recipe.passes[0], plan.recipe.export.format
     arch = ArchInfo.from_config(load_config(plan.source))
     input_bytes = sum(p.stat().st_size for p in Path(plan.source.path).glob("*.safetensors"))
     reports: list[Any] = []
@@ -366,7 +366,7 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
     def write_report(folder: Path, result: StreamResult) -> None:
         from llmopt.exporters.base import weight_bytes
 
-        versions = _versions()
+        versions = library_versions()
         runtime = "onnxruntime" if fmt == "onnx" else "pytorch"
         parameters = parameter_count(plan.source)
         seconds = time.perf_counter() - started
