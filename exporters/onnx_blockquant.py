@@ -167,10 +167,8 @@ class _Rewriter:
             problem = _gather_problem(t.bits, t.group_size, zero_points is not None)
         if problem:
             return f"skip:{problem}"
-        rows, cols = t.shape  # MatMul: (N, K) output, input features; Gather: (vocab, hidden)
         if op == "MatMul":
-            blob = t.group_size * t.bits // 8
-            data = _pack(t.codes, t.bits).reshape(rows, cols // t.group_size, blob)  # (N, k_blocks, blob)
+            (data, *_), matmul_attrs = matmul_nbits_parts(t, self.accuracy_level)
         else:
             data = _pack(t.codes, t.bits)  # (vocab, hidden * bits / 8)
         base = t.name + (f"_Q{t.bits}" if op == "MatMul" else f"_GBQ{t.bits}")
@@ -181,12 +179,9 @@ class _Rewriter:
             for idx in self.consumers[key[0]][key[1]]:
                 node = self.graph.node[idx]
                 if op == "MatMul":
-                    attrs = {"K": cols, "N": rows, "bits": t.bits, "block_size": t.group_size}
-                    # As ORT's own quantizer: accuracy_level only when set, some EPs reject the attribute.
-                    if self.accuracy_level:
-                        attrs["accuracy_level"] = self.accuracy_level
                     new = helper.make_node("MatMulNBits", [node.input[0], *inputs], list(node.output),
-                                           name=node.name and node.name + "_MatMulNBits", domain=MS_DOMAIN, **attrs)
+                                           name=node.name and node.name + "_MatMulNBits", domain=MS_DOMAIN,
+                                           **matmul_attrs)
                 else:
                     attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": t.group_size, "bits": t.bits}
                     new = helper.make_node("GatherBlockQuantized", [inputs[0], node.input[1], *inputs[1:]],
@@ -337,6 +332,21 @@ def _gather_problem(bits: int, block_size: int, with_zero_points: bool) -> str |
     if out.shape != (1, 3, cols) or not np.allclose(out[0], probe.dequantized()[[2, 0, 3]], rtol=1e-6, atol=1e-6):
         return f"GatherBlockQuantized (bits={bits}, block_size={block_size}) gives wrong values on this onnxruntime"
     return None
+
+
+def matmul_nbits_parts(t: QuantizedTensor, accuracy_level: int = 0) -> tuple[list[np.ndarray], dict[str, int]]:
+    """MatMulNBits' stored inputs for ``t`` — B (N, k_blocks, blob), scales (N, k_blocks) and, unless ORT's
+    default 2**(bits-1) applies, packed zero points — and its attributes."""
+    rows, cols = t.shape  # (N, K): output, input features
+    blob = t.group_size * t.bits // 8
+    arrays = [_pack(t.codes, t.bits).reshape(rows, cols // t.group_size, blob), t.scales]
+    zero_points = _packed_zero_points(t)
+    if zero_points is not None:
+        arrays.append(zero_points)
+    attrs = {"K": cols, "N": rows, "bits": t.bits, "block_size": t.group_size}
+    if accuracy_level:  # as ORT's own quantizer: only when set, some EPs reject the attribute
+        attrs["accuracy_level"] = accuracy_level
+    return arrays, attrs
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:

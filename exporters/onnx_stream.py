@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from llmopt.errors import InputError
-from llmopt.exporters.onnx_blockquant import MS_DOMAIN, _pack, _packed_zero_points
+from llmopt.exporters.onnx_blockquant import MS_DOMAIN, matmul_nbits_parts
 from llmopt.quantized import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -83,17 +83,9 @@ class _Graph:
     def linear(self, x: str, name: str, weight: Any, bias: Any = None) -> str:
         """x @ W.T (+ b): MatMulNBits with the pass's codes, or a float MatMul for a weight kept in float."""
         if isinstance(weight, QuantizedTensor):
-            rows, cols = weight.shape  # (N, K)
-            blob = weight.group_size * weight.bits // 8
-            inputs = [x, self.weight(f"{name}.weight_Q{weight.bits}",
-                                     _pack(weight.codes, weight.bits).reshape(rows, cols // weight.group_size, blob)),
-                      self.weight(f"{name}.weight_scales", weight.scales)]  # (N, k_blocks, blob), (N, k_blocks)
-            zero_points = _packed_zero_points(weight)  # None: ORT's default 2**(bits-1)
-            if zero_points is not None:
-                inputs.append(self.weight(f"{name}.weight_zero_points", zero_points))
-            attrs = {"K": cols, "N": rows, "bits": weight.bits, "block_size": weight.group_size}
-            if self.accuracy_level:
-                attrs["accuracy_level"] = self.accuracy_level
+            arrays, attrs = matmul_nbits_parts(weight, self.accuracy_level)
+            suffixes = (f".weight_Q{weight.bits}", ".weight_scales", ".weight_zero_points")
+            inputs = [x, *(self.weight(name + suffix, array) for suffix, array in zip(suffixes, arrays))]
             (out,) = self.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, **attrs)
         else:
             w = weight.numpy().T  # (K, N)
