@@ -355,23 +355,33 @@ def _to_bsh(graph: Any, bnsh: str, heads: int, prefix: str) -> str:
 
 
 def _sequence_lengths(graph: Any) -> tuple[str, str]:
+    """The sequence-length inputs of GroupQueryAttention, added to ``graph`` (see sequence_length_nodes)."""
+    nodes, initializers, seqlens, total = sequence_length_nodes("fuse")
+    for init in initializers:
+        graph.add_initializer(init)
+    for node in nodes:
+        graph.add_node(node)
+    return seqlens, total
+
+
+def sequence_length_nodes(prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str, str]:
     """GroupQueryAttention's seqlens_k (B,) int32 = tokens per row - 1, and total_sequence_length int32
-    scalar = the mask's width (past + new), both from ``attention_mask``."""
-    one = "fuse_one_i64"
-    graph.add_initializer(numpy_helper.from_array(np.array(1, dtype=np.int64), one))
-    graph.add_initializer(numpy_helper.from_array(np.array([1], dtype=np.int64), "fuse_axis_1"))
+    scalar = the mask's width (past + new), both from ``attention_mask``: the nodes, their constants, and the
+    two output names."""
+    one, axis = f"{prefix}_one_i64", f"{prefix}_axis_1"
+    initializers = [numpy_helper.from_array(np.array(1, dtype=np.int64), one),
+                    numpy_helper.from_array(np.array([1], dtype=np.int64), axis)]
     nodes = [
-        helper.make_node("ReduceSum", ["attention_mask", "fuse_axis_1"], ["fuse_mask_tokens"], keepdims=0),
-        helper.make_node("Sub", ["fuse_mask_tokens", one], ["fuse_seqlens_i64"]),
-        helper.make_node("Cast", ["fuse_seqlens_i64"], ["fuse_seqlens_k"], to=TensorProto.INT32),
-        helper.make_node("Shape", ["attention_mask"], ["fuse_mask_shape"]),
-        helper.make_node("Gather", ["fuse_mask_shape", one], ["fuse_total_i64"], axis=0),
-        helper.make_node("Cast", ["fuse_total_i64"], ["fuse_total_sequence_length"], to=TensorProto.INT32),
+        helper.make_node("ReduceSum", ["attention_mask", axis], [f"{prefix}_mask_tokens"], keepdims=0),
+        helper.make_node("Sub", [f"{prefix}_mask_tokens", one], [f"{prefix}_seqlens_i64"]),
+        helper.make_node("Cast", [f"{prefix}_seqlens_i64"], [f"{prefix}_seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], [f"{prefix}_mask_shape"]),
+        helper.make_node("Gather", [f"{prefix}_mask_shape", one], [f"{prefix}_total_i64"], axis=0),
+        helper.make_node("Cast", [f"{prefix}_total_i64"], [f"{prefix}_total_sequence_length"], to=TensorProto.INT32),
     ]
     for node in nodes:
         node.name = node.output[0] + "_node"
-        graph.add_node(node)
-    return "fuse_seqlens_k", "fuse_total_sequence_length"
+    return nodes, initializers, f"{prefix}_seqlens_k", f"{prefix}_total_sequence_length"
 
 
 def attention_shape(config: Any) -> AttentionShape:
@@ -386,4 +396,5 @@ def attention_shape(config: Any) -> AttentionShape:
                           getattr(config, "max_position_embeddings", None))
 
 
-__all__ = ["FUSED_OPS", "AttentionShape", "FuseStats", "attention_shape", "fuse_file", "fuse_graph", "rewrite_file"]
+__all__ = ["FUSED_OPS", "AttentionShape", "FuseStats", "attention_shape", "fuse_file", "fuse_graph", "rewrite_file",
+           "sequence_length_nodes"]

@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llmopt.errors import InputError
 from llmopt.exporters.onnx_blockquant import MS_DOMAIN, matmul_nbits_parts
+from llmopt.exporters.onnx_fuse import sequence_length_nodes
 from llmopt.quantized import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -146,13 +147,9 @@ def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accu
                                                          [batch, kv_heads, total, head_dim]))
 
     # GroupQueryAttention's view of the mask: per row, the index of its last token (int32), and the total length.
-    (mask_sum,) = g.node("ReduceSum", ["attention_mask", g.constant("axis_1", np.array([1], np.int64))],
-                         "/model/attn_mask/ReduceSum", keepdims=0)  # (batch,)
-    (last,) = g.node("Sub", [mask_sum, g.constant("one_i64", np.array(1, np.int64))], "/model/attn_mask/Sub")
-    (seqlens_k,) = g.node("Cast", [last], "/model/attn_mask/seqlens_k", to=TensorProto.INT32)
-    (shape,) = g.node("Shape", ["attention_mask"], "/model/attn_mask/Shape")
-    (length,) = g.node("Gather", [shape, g.constant("index_1", np.array(1, np.int64))], "/model/attn_mask/Gather")
-    (total_len,) = g.node("Cast", [length], "/model/attn_mask/total_seq_len", to=TensorProto.INT32)
+    mask_nodes, mask_constants, seqlens_k, total_len = sequence_length_nodes("attn_mask")
+    g.nodes += mask_nodes
+    g.initializers += mask_constants
 
     hidden = residual = ""
     for block in plan.blocks(reader):
