@@ -191,7 +191,7 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
         probe = windows[:2]  # for the per-layer error
         before = hidden_states(model, probe) if probe else None
         records = []
-        calibration = _CalibrationSource(recipe, tokenizer)
+        calibration = CalibrationSource(recipe, tokenizer)
         # A frozen copy of the input model for passes that learn from it (distillation).
         original = copy.deepcopy(model).eval() if any(p.needs_teacher for p in plan.passes) else None
         # The state after the passes a killed run completed.
@@ -290,7 +290,7 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
     return Result(out, report, [c for c in report.checks if not c.passed])
 
 
-class _CalibrationSource:
+class CalibrationSource:
     """Calibration windows, tokenized once on first use and shared by every pass that asks."""
 
     def __init__(self, recipe: Recipe, tokenizer: Any) -> None:

@@ -1,13 +1,15 @@
-"""Memory-bounded RTN quantization: a safetensors checkpoint read, quantized and written one decoder layer at a time.
+"""Memory-bounded quantization: a safetensors checkpoint read, quantized and written one decoder layer at a time.
 
     from llmopt.passes.quantize import QuantizeConfig
     from llmopt.streaming import quantize_checkpoint
-    quantize_checkpoint("llama-7b/", "out/", QuantizeConfig(method="rtn", group_size=32), export_format="onnx")
+    quantize_checkpoint("llama-7b/", "out/", QuantizeConfig(method="gptq", awq=True), export_format="onnx")
 
 or, from a recipe, `export: {streaming: true}` with one `quantize` pass (the pipeline hands the plan to
-`run_plan`). Peak memory is about one decoder layer in float32 (or the embedding table, when larger), whatever
-the depth: the torch model is never built, and nothing is evaluated (that would need the whole model). The codes are those of
-the `quantize` pass (`quantize_rtn`), so the artifacts match what the non-streaming pipeline writes.
+`run_plan`). RTN needs nothing but each layer's tensors: peak memory is about one decoder layer in float32 (or
+the embedding table, when larger), whatever the depth. GPTQ and AWQ add the calibration activations and each
+layer's module (llmopt.streaming_calibrated). The whole model is never built, and nothing is evaluated (that
+would need it whole). The codes are those of the `quantize` pass, so the artifacts match what the
+non-streaming pipeline writes for the same recipe.
 
 Why tensors are read by hand: safetensors' `safe_open` memory-maps the file, and every page of the map that a
 read touches is counted in the process's resident memory until the kernel evicts it, so reading a 27 GB
@@ -143,13 +145,28 @@ class StreamPlan:
     tied: bool  # lm_head shares the embedding table in the input
     untie: bool  # the output gets an lm_head of its own (the pass's `_untie_if_needed`)
     extra_names: tuple[str, ...]  # top-level tensors other than embedding, norm and lm_head, copied as they are
+    # GPTQ / AWQ: the calibration token windows and the pipeline's seed (llmopt.streaming_calibrated).
+    windows: tuple[Any, ...] | None = None
+    seed: int = 0
+    pass_info: dict[str, Any] = field(default_factory=dict)  # what calibration recorded, for the report
+
+    @property
+    def calibrated(self) -> bool:
+        return self.quantize.method == "gptq" or self.quantize.awq
 
     def blocks(self, reader: CheckpointReader) -> Iterator[Block]:
         """Embedding, each decoder layer, then final norm and lm_head; each block's tensors read when it is due."""
         names = reader.names()
-        yield Block("embedding", 0, {"model.embed_tokens.weight": reader.read("model.embed_tokens.weight")})
-        for i in range(self.num_layers):
-            yield Block("layer", i, {name: self._load(reader, name, name) for name in reader.layer_names(i)})
+        if self.calibrated:
+            from llmopt.streaming_calibrated import calibrated_layer_blocks
+
+            if self.windows is None:
+                raise RuntimeError("a calibrated stream plan needs its windows")  # a bug, not input
+            yield from calibrated_layer_blocks(self, reader, list(self.windows), self.pass_info, seed=self.seed)
+        else:
+            yield Block("embedding", 0, {"model.embed_tokens.weight": reader.read("model.embed_tokens.weight")})
+            for i in range(self.num_layers):
+                yield Block("layer", i, {name: self._load(reader, name, name) for name in reader.layer_names(i)})
         final = Block("final", 0, {name: reader.read(name) for name in (*self.extra_names, "model.norm.weight")})
         if "lm_head.weight" in names:
             final.tensors["lm_head.weight"] = self._load(reader, "lm_head.weight", "lm_head.weight")
@@ -166,6 +183,7 @@ class StreamPlan:
 
 STREAMING_NOTE = ("Quantized and written layer by layer from the safetensors checkpoint (export.streaming): the model "
                   "was never whole in memory, so the artifact was not validated against it nor evaluated.")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 per quantize_rtn call
 
 
@@ -200,12 +218,12 @@ def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: 
         raise InputError(f"The streaming path handles model types {', '.join(STREAMING_MODEL_TYPES)}; "
                          f"'{folder}' is '{model_type}'.", "Use the non-streaming pipeline for this model.")
     q = quantize
-    unsupported = [name for name, value in (("method", q.method != "rtn"), ("awq", q.awq), ("embeddings", q.embeddings),
-                                            ("activations", q.activations != "float"),
+    unsupported = [name for name, value in (("embeddings", q.embeddings), ("activations", q.activations != "float"),
                                             ("target_bits_per_weight", q.target_bits_per_weight is not None)) if value]
     if unsupported:
-        raise RecipeError(f"quantize.{unsupported[0]}: the streaming path runs weight-only RTN (method: rtn), with no "
-                          "calibration and a float embedding table.",
+        raise RecipeError(f"quantize.{unsupported[0]}: the streaming path runs weight-only quantization (RTN or GPTQ, "
+                          "with or without AWQ) of the decoder layers and lm_head, with a float embedding table; "
+                          "mixed precision needs the whole model's sensitivities.",
                           "Remove the option, or use the non-streaming pipeline (the model must then fit in memory).")
     if export_format == "safetensors" and not q.symmetric:
         raise RecipeError("quantize.symmetric: false cannot be streamed to safetensors: compressed-tensors "
@@ -234,7 +252,8 @@ class StreamResult:
     output: Path
     files: dict[str, int]  # file name -> bytes
     quantized_tensors: int
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # the export's
+    pass_info: dict[str, Any] = field(default_factory=dict)  # GPTQ / AWQ's, as the quantize pass reports them
 
     @property
     def size_bytes(self) -> int:
@@ -244,13 +263,14 @@ class StreamResult:
 def quantize_checkpoint(model: str | Path, output: str | Path, quantize: QuantizeConfig, *,
                         export_format: Literal["onnx", "safetensors"] = "onnx", accuracy_level: int = 0,
                         max_shard_bytes: int = 5_000_000_000, force: bool = False,
-                        recipe: dict[str, Any] | None = None, seed: int = 0,
+                        recipe: dict[str, Any] | None = None, seed: int = 0, calibration: list[Any] | None = None,
                         before_manifest: Callable[[Path, StreamResult], None] | None = None) -> StreamResult:
-    """RTN-quantize a local safetensors checkpoint layer by layer into an ONNX or safetensors artifact folder.
+    """Quantize a local safetensors checkpoint layer by layer into an ONNX or safetensors artifact folder.
 
-    The folder appears at `output` only when complete (staged beside it, then renamed), with a manifest that
-    records `recipe` (by default, the quantize pass and export format this call ran); `before_manifest` may add
-    files to the staged folder first (the pipeline's report).
+    GPTQ and AWQ calibrate on `calibration` (token id arrays; by default the recipe defaults' windows of the
+    built-in text: 32 x 256 tokens drawn with `seed`). The folder appears at `output` only when complete (staged
+    beside it, then renamed), with a manifest that records `recipe` (by default, the quantize pass and export
+    format this call ran); `before_manifest` may add files to the staged folder first (the pipeline's report).
     """
     import shutil
 
@@ -258,6 +278,9 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
     from llmopt.pipeline import library_versions
 
     plan, reader = plan_stream(model, quantize, export_format=export_format)
+    if plan.calibrated:
+        plan = replace(plan, windows=tuple(calibration if calibration is not None
+                                           else default_calibration(Path(model), seed)), seed=seed)
     out = Path(output)
     check_destination(out, force)
     with OutputLock(out):
@@ -276,7 +299,7 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
             recipe = recipe or {"model": str(model), "passes": [quantize.model_dump(mode="json")],
                                 "export": {"format": export_format}, "streaming": True}
             files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
-            result = StreamResult(out, files, len(plan.quantized), info)
+            result = StreamResult(out, files, len(plan.quantized), info, plan.pass_info)
             if before_manifest is not None:
                 before_manifest(staging, result)
             write_manifest(staging, recipe=recipe, versions=library_versions(), seed=seed)
@@ -284,6 +307,32 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def default_calibration(model: Path, seed: int) -> list[Any]:
+    """The windows a recipe's default `calibration` section gives, from the checkpoint's tokenizer."""
+    from llmopt.evaluation.calibration import calibration_batches
+    from llmopt.recipe import CalibrationConfig
+
+    c = CalibrationConfig()
+    windows, _ = calibration_batches(checkpoint_tokenizer(model), data=c.data, text_field=c.text_field,
+                                     samples=c.samples, seq_len=c.seq_len, seed=seed)
+    return windows
+
+
+def checkpoint_tokenizer(model: Path) -> Any:
+    """The checkpoint's tokenizer, which GPTQ and AWQ need to turn calibration text into token ids."""
+    from transformers import AutoTokenizer
+
+    hint = "Put the model's tokenizer files next to its weights, or use method: rtn without awq."
+    if not any((model / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"GPTQ and AWQ calibrate on text, and '{model}' has no tokenizer "
+                         f"({', '.join(TOKENIZER_FILES)}).", hint)
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"GPTQ and AWQ calibrate on text, and the tokenizer of '{model}' cannot be loaded: "
+                         f"{str(exc).splitlines()[0]}", hint) from None
 
 
 def estimated_output_bytes(plan: StreamPlan, reader: CheckpointReader) -> int:
@@ -316,7 +365,7 @@ def _check_disk(plan: StreamPlan, reader: CheckpointReader, out: Path) -> None:
 
 def streaming_problem(plan: Any) -> str | None:
     """Why a pipeline plan (llmopt.pipeline.Plan) cannot take the streaming path, or None when it can: a single
-    weight-only RTN `quantize` pass on a local or hub safetensors checkpoint of a Llama-family model, and no
+    weight-only `quantize` pass (RTN or GPTQ, with or without AWQ) on a local or hub safetensors checkpoint of a Llama-family model, and no
     quality or speed checks (nothing is evaluated: that would need the whole model)."""
     from llmopt.errors import LlmoptError
 
@@ -353,7 +402,7 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
     problem = streaming_problem(plan)
     if problem:
         raise RecipeError(f"export.streaming: this recipe cannot be streamed: {problem}.",
-                          "Use one `quantize` pass with method: rtn on a safetensors Llama/Mistral/Qwen2 checkpoint, "
+                          "Use one weight-only `quantize` pass on a safetensors Llama/Mistral/Qwen2 checkpoint, "
                           "with size checks only; or remove export.streaming.")
     started = time.perf_counter()
     if progress is not None:
@@ -362,6 +411,11 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
     arch = ArchInfo.from_config(load_config(plan.source))
     input_bytes = sum(p.stat().st_size for p in Path(plan.source.path).glob("*.safetensors"))
     reports: list[Any] = []
+    calibration = None
+    if quantize.method == "gptq" or quantize.awq:  # the windows the in-memory pipeline would give the pass
+        from llmopt.pipeline import CalibrationSource
+
+        calibration = CalibrationSource(plan.recipe, checkpoint_tokenizer(Path(plan.source.path)))
 
     def write_report(folder: Path, result: StreamResult) -> None:
         from llmopt.exporters.base import weight_bytes
@@ -382,10 +436,11 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
                                    kv_cache_bytes_per_token=arch.kv_cache_bytes_per_token()),
             passes=[PassRecord(type="quantize", seconds=seconds, info={
                 "method": quantize.method, "bits": quantize.bits, "group_size": quantize.group_size,
-                "symmetric": quantize.symmetric, "quantized_tensors": result.quantized_tensors, "streaming": True})],
+                "symmetric": quantize.symmetric, "quantized_tensors": result.quantized_tensors, "streaming": True,
+                **result.pass_info})],
             kv_cache_context_tokens=arch.extra.get("max_position_embeddings"),
             environment={**versions, "cpu": cpu_name()},
-            notes=[STREAMING_NOTE],
+            notes=[STREAMING_NOTE] + ([f"calibration data: {calibration.description}"] if calibration else []),
             total_seconds=seconds,
         )
         report.checks = evaluate_checks(plan.recipe.checks, report)
@@ -394,7 +449,8 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
 
     quantize_checkpoint(plan.source.path, output, quantize, export_format=fmt,
                         accuracy_level=plan.recipe.export.accuracy_level, force=force, recipe=recipe,
-                        seed=plan.recipe.seed, before_manifest=write_report)
+                        seed=plan.recipe.seed, calibration=calibration() if calibration else None,
+                        before_manifest=write_report)
     if progress is not None:
         progress.done("quantize and export, layer by layer", time.perf_counter() - started)
     return Result(Path(output), reports[0], [c for c in reports[0].checks if not c.passed])
@@ -404,7 +460,7 @@ def _copy_tokenizer(model: Path, folder: Path) -> None:
     """The tokenizer and generation config next to the weights, as the exporters write them."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    if any((model / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if any((model / name).is_file() for name in TOKENIZER_FILES):
         AutoTokenizer.from_pretrained(model).save_pretrained(folder)
     if (model / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(model).save_pretrained(folder)

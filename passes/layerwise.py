@@ -58,6 +58,18 @@ def run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[
     return outputs
 
 
+def probe_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]], probes: dict[str, Any]) -> None:
+    """Run the calibration inputs through one layer so that its probes' hooks see them, then remove the hooks."""
+    if not probes:
+        return
+    try:
+        with torch.no_grad():
+            run_layer(layer, inputs)
+    finally:
+        for probe in probes.values():
+            probe.handle.remove()
+
+
 class InputMoments:
     """Sum over calibration tokens of x_j^2 (Wanda) or of x x^T (SparseGPT's Hessian) for one Linear."""
 
@@ -88,13 +100,7 @@ def measured_layers(model: Any, batches: list[Any], attach: Callable[[int, nn.Mo
     inputs = capture_layer_inputs(model, batches) if batches else []
     for i, layer in enumerate(layers):
         probes = attach(i, layer) if inputs else {}
-        if probes:
-            try:
-                with torch.no_grad():
-                    run_layer(layer, inputs)
-            finally:
-                for probe in probes.values():
-                    probe.handle.remove()
+        probe_layer(layer, inputs, probes)
         yield i, layer, probes
         if inputs:
             with torch.no_grad():

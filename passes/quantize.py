@@ -214,40 +214,54 @@ class QuantizePass(Pass):
 
     def _run_awq(self, state: ModelState, ctx: PassContext, linears: set[str]) -> dict:
         """Activation-aware scales folded into the model (its float function unchanged), before quantizing."""
-        import torch
-
         from llmopt.passes.quantize_awq import apply_awq
 
-
-        def fake_quantize(w: "torch.Tensor") -> "torch.Tensor":
-            return torch.from_numpy(quantize_rtn(w, "w", "linear", self.config).dequantized())
-
-        return apply_awq(state.model, ctx.calibration_windows("quantize with awq"), linears, fake_quantize,
+        return apply_awq(state.model, ctx.calibration_windows("quantize with awq"), linears, self.awq_fake_quantize,
                          ctx.progress, seed=ctx.seed)
+
+    def awq_fake_quantize(self, w: "torch.Tensor") -> "torch.Tensor":
+        """What AWQ scores its scales against: the weight RTN-quantized and dequantized."""
+        import torch
+
+        return torch.from_numpy(quantize_rtn(w, "w", "linear", self.config).dequantized())
+
+    def gptq_linear(self, name: str, module, hessian: "torch.Tensor", bits: int | None = None
+                    ) -> tuple[QuantizedTensor, float]:
+        """GPTQ codes of one Linear from its input Hessian; the module's weight becomes their dequantized values
+        (what the next layer's calibration inputs are computed with). Returns the codes and the damping used."""
+        import torch
+
+        from llmopt.passes.quantize_gptq import gptq
+
+        c = self.config
+        b, g = bits or c.bits, self._group_size(module, "linear")
+        r = gptq(module.weight, hessian, bits=b, group_size=g, symmetric=c.symmetric,
+                 act_order=c.act_order, damp=c.damp, name=name)
+        qt = QuantizedTensor(name=f"{name}.weight", kind="linear", bits=b, group_size=g,
+                             symmetric=c.symmetric, codes=r["codes"].numpy(),
+                             scales=r["scales"].numpy().astype("float32"), zero_points=r["zero_points"].numpy(),
+                             activations=c.activations)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(qt.dequantized()))
+        return qt, r["damp"]
 
     def _run_gptq(self, state: ModelState, ctx: PassContext, linears: dict, bits: dict[str, int]) -> dict:
         """GPTQ on the decoder layers' Linears, recording each one's codes in the state."""
-        import torch
+        from llmopt.passes.quantize_gptq import gptq_decoder_layers
 
-        from llmopt.passes.quantize_gptq import gptq, gptq_decoder_layers
-
-        c = self.config
         windows = ctx.calibration_windows("quantize with method 'gptq'")
 
         def quantize_one(name: str, module, hessian) -> float:
-            b, g = bits.get(name, c.bits), self._group_size(module, "linear")
-            r = gptq(module.weight, hessian, bits=b, group_size=g, symmetric=c.symmetric,
-                     act_order=c.act_order, damp=c.damp, name=name)
-            qt = QuantizedTensor(name=f"{name}.weight", kind="linear", bits=b, group_size=g,
-                                 symmetric=c.symmetric, codes=r["codes"].numpy(),
-                                 scales=r["scales"].numpy().astype("float32"), zero_points=r["zero_points"].numpy(),
-                                 activations=c.activations)
-            with torch.no_grad():
-                module.weight.copy_(torch.from_numpy(qt.dequantized()))
+            qt, damp = self.gptq_linear(name, module, hessian, bits.get(name))
             state.quantized[qt.name] = qt
-            return r["damp"]
+            return damp
 
         damping = gptq_decoder_layers(state.model, windows, linears, quantize_one, ctx.progress)
+        return self.gptq_info(damping, windows)
+
+    def gptq_info(self, damping: dict[str, float], windows: list) -> dict:
+        """What the report records of a GPTQ run: Linears done, calibration tokens, where damping was raised."""
+        c = self.config
         retried = sorted(name for name, d in damping.items() if d > c.damp)
         return {"gptq_layers": len(damping), "calibration_tokens": int(sum(len(w) for w in windows)),
                 "act_order": c.act_order, "damp": c.damp, "damp_raised_for": retried}

@@ -13,6 +13,8 @@ Written here because the AWQ packages (autoawq, llm-compressor) bring their own 
 
 from __future__ import annotations
 
+from collections.abc import Container
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -68,7 +70,7 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], fake_quantize: Ca
     return best[0], best[1], plain, best[2]
 
 
-class _Inputs:
+class AwqInputs:
     """Up to MAX_ROWS input rows of a Linear, gathered by a hook while the layer runs."""
 
     def __init__(self, module: nn.Linear, seed: int) -> None:
@@ -87,40 +89,71 @@ class _Inputs:
 
 def scale_groups(model: Any, batches: list[Any], chosen: set[str], make_probe: Callable[[nn.Linear, int], Any],
                  search: Callable[[Any, list[torch.Tensor]], tuple], progress: Callable[[int, int], None],
-                 seed: int = 0) -> tuple[list[list[float]], float | None]:
+                 seed: int = 0) -> ScaleTotals:
     """Layer by layer, for every group whose Linears are all in `chosen`: probe the group's input, let `search`
     choose per-input-channel scales s, fold 1/s into the op before and s into the Linears (the float model is
     unchanged). Shared by AWQ and SmoothQuant, which differ in what they probe and how they choose s.
 
     `search(probe, weights)` returns (s, alpha, error without scaling, error with s). Returns the alphas per
-    layer and the ratio of the summed errors with and without scaling.
+    layer and the summed errors with and without scaling.
     """
-    def group_inputs(i: int, layer: nn.Module) -> dict[str, Any]:
-        return {name: make_probe(layer.get_submodule(names[0]), seed + i) for name, _, names in _groups(layer)
-                if all(f"model.layers.{i}.{n}" in chosen for n in names)}
+    totals = ScaleTotals()
+    attach = lambda i, layer: group_probes(i, layer, chosen, make_probe, seed)  # noqa: E731
+    for _, layer, probes in measured_layers(model, batches, attach, progress):
+        totals.add(*scale_layer(layer, probes, search))
+    return totals
 
-    alphas: list[list[float]] = []
-    plain_total = scaled_total = 0.0
-    for _, layer, probes in measured_layers(model, batches, group_inputs, progress):
-        layer_alphas = []
-        for name, prev, names in (g for g in _groups(layer) if g[0] in probes):
-            linears = [layer.get_submodule(n) for n in names]
-            s, alpha, plain, scaled = search(probes[name], [m.weight.detach().float() for m in linears])
-            if alpha:  # alpha 0 is s = 1: nothing to fold
-                _fold_into_previous(prev, s)
-                with torch.no_grad():
-                    for m in linears:
-                        m.weight.mul_(s[None, :])
-            layer_alphas.append(round(alpha, 2))
-            plain_total, scaled_total = plain_total + plain, scaled_total + scaled
-        alphas.append(layer_alphas)
-    return alphas, (round(scaled_total / plain_total, 4) if plain_total else None)
+
+def group_probes(i: int, layer: nn.Module, chosen: Container[str], make_probe: Callable[[nn.Linear, int], Any],
+                 seed: int = 0) -> dict[str, Any]:
+    """A probe on the input of every group of decoder layer i whose Linears are all in `chosen`."""
+    return {name: make_probe(layer.get_submodule(names[0]), seed + i) for name, _, names in _groups(layer)
+            if all(f"model.layers.{i}.{n}" in chosen for n in names)}
+
+
+def scale_layer(layer: nn.Module, probes: dict[str, Any], search: Callable[[Any, list[torch.Tensor]], tuple]
+                ) -> tuple[list[float], float, float]:
+    """Choose and fold the scales of one layer's probed groups; returns their alphas and the summed output
+    errors without and with scaling."""
+    alphas, plain_total, scaled_total = [], 0.0, 0.0
+    for name, prev, names in (g for g in _groups(layer) if g[0] in probes):
+        linears = [layer.get_submodule(n) for n in names]
+        s, alpha, plain, scaled = search(probes[name], [m.weight.detach().float() for m in linears])
+        if alpha:  # alpha 0 is s = 1: nothing to fold
+            _fold_into_previous(prev, s)
+            with torch.no_grad():
+                for m in linears:
+                    m.weight.mul_(s[None, :])
+        alphas.append(round(alpha, 2))
+        plain_total, scaled_total = plain_total + plain, scaled_total + scaled
+    return alphas, plain_total, scaled_total
+
+
+@dataclass
+class ScaleTotals:
+    """What scale_layer returned for each layer so far, summed for the report."""
+
+    alphas: list[list[float]] = field(default_factory=list)
+    plain: float = 0.0
+    scaled: float = 0.0
+
+    def add(self, alphas: list[float], plain: float, scaled: float) -> None:
+        self.alphas.append(alphas)
+        self.plain, self.scaled = self.plain + plain, self.scaled + scaled
+
+    def ratio(self) -> float | None:
+        return round(self.scaled / self.plain, 4) if self.plain else None
+
+    def awq_info(self) -> dict[str, Any]:
+        return {"awq_alpha_per_layer": self.alphas, "awq_output_error_ratio": self.ratio()}
+
+
+def awq_search(fake_quantize: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Any, list[torch.Tensor]], tuple]:
+    """AWQ's choice of scales for scale_layer, from the inputs its probes (AwqInputs) gathered."""
+    return lambda probe, weights: search_scale(probe.sample(), weights, fake_quantize)
 
 
 def apply_awq(model: Any, batches: list[Any], chosen: set[str], fake_quantize: Callable[[torch.Tensor], torch.Tensor],
               progress: Callable[[int, int], None], seed: int = 0) -> dict[str, Any]:
     """Scale every group whose Linears are all in `chosen`, layer by layer; returns what the report records."""
-    alphas, ratio = scale_groups(model, batches, chosen, _Inputs,
-                                 lambda probe, weights: search_scale(probe.sample(), weights, fake_quantize),
-                                 progress, seed)
-    return {"awq_alpha_per_layer": alphas, "awq_output_error_ratio": ratio}
+    return scale_groups(model, batches, chosen, AwqInputs, awq_search(fake_quantize), progress, seed).awq_info()

@@ -9,6 +9,7 @@ scales and zero points that our exporters store as MatMulNBits. The algorithm it
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any, Callable
 
 import torch
@@ -110,12 +111,21 @@ def gptq_decoder_layers(model: Any, batches: list[Any], chosen: dict[str, nn.Lin
     later layers compensate for earlier errors; memory is one layer plus the calibration activations.
     `quantize(name, module, hessian)` quantizes one Linear in place. Returns the damping used per Linear.
     """
-    def hessians(i: int, layer: nn.Module) -> dict[str, InputMoments]:
-        return {f"model.layers.{i}.{n}": InputMoments(m, full=True) for n, m in layer.named_modules()
-                if isinstance(m, nn.Linear) and f"model.layers.{i}.{n}" in chosen}
-
     damping: dict[str, float] = {}
-    for _, _, moments in measured_layers(model, batches, hessians, progress):
-        for name, mo in moments.items():
-            damping[name] = quantize(name, chosen[name], mo.moment / max(mo.tokens, 1))
+    for i, layer, moments in measured_layers(model, batches, lambda i, layer: layer_hessians(i, layer, chosen), progress):
+        damping.update(quantize_layer(i, layer, moments, quantize))
     return damping
+
+
+def layer_hessians(i: int, layer: nn.Module, chosen: Container[str]) -> dict[str, InputMoments]:
+    """Input-moment probes on the Linears of decoder layer i whose full names are in `chosen`."""
+    return {f"model.layers.{i}.{n}": InputMoments(m, full=True) for n, m in layer.named_modules()
+            if isinstance(m, nn.Linear) and f"model.layers.{i}.{n}" in chosen}
+
+
+def quantize_layer(i: int, layer: nn.Module, moments: dict[str, InputMoments], quantize: Callable) -> dict[str, float]:
+    """`quantize(name, module, hessian)` on each probed Linear of layer i, once the calibration inputs have run
+    through it; returns the damping used per Linear."""
+    prefix = f"model.layers.{i}."
+    return {name: quantize(name, layer.get_submodule(name.removeprefix(prefix)), mo.moment / max(mo.tokens, 1))
+            for name, mo in moments.items()}

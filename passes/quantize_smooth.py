@@ -20,14 +20,14 @@ from typing import Any, Callable
 
 import torch
 
-from llmopt.passes.quantize_awq import _Inputs, scale_groups
+from llmopt.passes.quantize_awq import AwqInputs, scale_groups
 from llmopt.quantized import dynamic_uint8
 
 ALPHAS = [i / 10 for i in range(10)]  # 0 = no smoothing
 SCORED_OUTPUTS = 256  # output channels per weight used to score a candidate: the error is a sum over them
 
 
-class _InputRange(_Inputs):
+class _InputRange(AwqInputs):
     """A sample of the Linear's input rows (for the error) and the max |x| of each channel over all rows."""
 
     def __init__(self, module: torch.nn.Linear, seed: int) -> None:
@@ -70,8 +70,8 @@ def apply_smoothquant(model: Any, batches: list[Any], chosen: set[str],
                       quantize_weight: Callable[[torch.Tensor], torch.Tensor],
                       progress: Callable[[int, int], None], seed: int = 0) -> dict[str, Any]:
     """Smooth every group whose Linears are all in `chosen`, layer by layer; returns what the report records."""
-    alphas, ratio = scale_groups(
+    totals = scale_groups(
         model, batches, chosen, _InputRange,
         lambda probe, weights: search_smoothing(probe.sample(), probe.channel_max, weights, quantize_weight),
         progress, seed)
-    return {"smoothquant_alpha_per_layer": alphas, "smoothquant_output_error_ratio": ratio}
+    return {"smoothquant_alpha_per_layer": totals.alphas, "smoothquant_output_error_ratio": totals.ratio()}

@@ -1,5 +1,6 @@
-"""Streaming RTN (llmopt.streaming): a checkpoint quantized layer by layer into safetensors or ONNX, checked
-against the non-streaming path (the quantize pass on the loaded model, then the exporters)."""
+"""Streaming quantization (llmopt.streaming): a checkpoint quantized layer by layer (RTN, GPTQ, AWQ) into
+safetensors or ONNX, checked against the non-streaming path (the quantize pass on the loaded model, then the
+exporters)."""
 
 from __future__ import annotations
 
@@ -137,9 +138,62 @@ def test_reader_reads_one_tensor_at_a_time_exactly(tiny_tokenizer, tmp_path):
     assert torch.equal(weight, model.model.layers[1].mlp.down_proj.weight)
 
 
+CALIBRATED = [{"method": "gptq"}, {"awq": True}, {"method": "gptq", "awq": True},
+              {"method": "gptq", "act_order": True, "exclude": ["*.down_proj"]}]
+
+
+def _windows(count=4, length=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 200, size=length).astype(np.int64) for _ in range(count)]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("options", CALIBRATED, ids=["gptq", "awq", "awq+gptq", "gptq-act-order-exclude"])
+def test_streamed_gptq_and_awq_write_the_in_memory_pass_file_byte_for_byte(options, tie, tiny_tokenizer, tmp_path):
+    model = _checkpoint(tmp_path / "in", tiny_tokenizer, tie=tie)
+    config, windows = QuantizeConfig(group_size=32, **options), _windows()
+    state = QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: windows))
+    (tmp_path / "ref").mkdir()
+    SafetensorsExporter(ExportConfig(format="safetensors")).export(state, tmp_path / "ref")
+
+    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config, export_format="safetensors",
+                                 calibration=windows)
+
+    assert (tmp_path / "out/model.safetensors").read_bytes() == (tmp_path / "ref/model.safetensors").read_bytes()
+    expected = {k: v for k, v in state.pass_info["quantize"].items() if k.startswith(("gptq", "awq", "damp"))}
+    assert expected and {k: result.pass_info[k] for k in expected} == expected
+    print(f"{options} tie {tie}: {result.pass_info.get('gptq_layers')} GPTQ Linears, "
+          f"AWQ error ratio {result.pass_info.get('awq_output_error_ratio')}")
+
+
+def test_streamed_asymmetric_awq_gptq_onnx_matches_the_quantized_torch_model(tiny_tokenizer, tmp_path):
+    model = _checkpoint(tmp_path / "in", tiny_tokenizer, tie=True)
+    config, windows = QuantizeConfig(group_size=32, symmetric=False, method="gptq", awq=True), _windows()
+    state = QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: windows))
+
+    quantize_checkpoint(tmp_path / "in", tmp_path / "out", config, export_format="onnx", calibration=windows)
+
+    ids = np.array(tiny_tokenizer("for i in range(10):\n    print(i * 2)")["input_ids"], dtype=np.int64)
+    with torch.no_grad():
+        reference = state.model(torch.from_numpy(ids[None])).logits[0].numpy()  # (T, vocab)
+    diff = np.abs(_run_with_cache(tmp_path / "out", ids, prompt=len(ids) - 4) - reference).max()
+    print(f"max |dlogit| {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_streamed_gptq_without_a_tokenizer_is_refused_before_writing(tiny_tokenizer, tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "in", safe_serialization=True)  # weights and config only
+    with pytest.raises(InputError) as caught:
+        quantize_checkpoint(tmp_path / "in", tmp_path / "out", QuantizeConfig(method="gptq"))
+    assert caught.value.message.startswith(f"GPTQ and AWQ calibrate on text, and '{tmp_path / 'in'}' has no tokenizer")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("options,fmt,message", [
-    ({"method": "gptq"}, "onnx", "quantize.method: the streaming path runs weight-only RTN (method: rtn)"),
-    ({"awq": True}, "onnx", "quantize.awq: the streaming path runs weight-only RTN"),
+    ({"embeddings": True}, "onnx", "quantize.embeddings: the streaming path runs weight-only quantization (RTN or "
+                                   "GPTQ, with or without AWQ)"),
+    ({"bits": 8, "activations": "int8"}, "onnx", "quantize.activations: the streaming path runs weight-only"),
+    ({"target_bits_per_weight": 6.0}, "onnx", "quantize.target_bits_per_weight: the streaming path runs weight-only"),
     ({"symmetric": False}, "safetensors", "quantize.symmetric: false cannot be streamed to safetensors"),
     ({"group_size": 256}, "onnx", "quantize.group_size: 256 does not divide"),
 ])
@@ -199,8 +253,32 @@ def test_export_streaming_runs_a_recipe_layer_by_layer(tiny_model_dir, tmp_path)
     assert result.passed and report["checks"][0]["value"] == pytest.approx(ratio) and ratio < 0.4
 
 
+def test_export_streaming_runs_a_gptq_recipe_as_the_in_memory_pipeline_does(tiny_model_dir, tmp_path):
+    import llmopt
+
+    # The same evaluation section in both: calibration text is taken after the evaluation tokens.
+    body = (f"model: {tiny_model_dir}\npasses:\n  - type: quantize\n    method: gptq\n    awq: true\n"
+            "calibration:\n  samples: 4\n  seq_len: 32\nevaluation:\n  max_tokens: 256\n  window: 64\n"
+            "  speed: {prompt_tokens: 8, new_tokens: 4, runs: 1}\nexport:\n  format: safetensors\n")
+    (tmp_path / "streamed.yaml").write_text(body + "  streaming: true\n")
+    (tmp_path / "in-memory.yaml").write_text(body)
+
+    llmopt.optimize(tmp_path / "streamed.yaml", output=tmp_path / "streamed")
+    llmopt.optimize(tmp_path / "in-memory.yaml", output=tmp_path / "in-memory")
+
+    weights = [(tmp_path / f"{run}/model.safetensors").read_bytes() for run in ("streamed", "in-memory")]
+    assert weights[0] == weights[1]
+    reports = [json.loads((tmp_path / f"{run}/report.json").read_text()) for run in ("streamed", "in-memory")]
+    streamed, in_memory = (r["passes"][0]["info"] for r in reports)
+    assert streamed["streaming"] is True and streamed["gptq_layers"] == in_memory["gptq_layers"] == 14
+    assert streamed["awq_alpha_per_layer"] == in_memory["awq_alpha_per_layer"]
+    assert streamed["calibration_tokens"] == 4 * 32
+    assert any(n.startswith("calibration data: ") and "4 samples x 32 tokens" in n for n in reports[0]["notes"])
+
+
 @pytest.mark.parametrize("passes,problem", [
-    ("  - type: quantize\n    method: gptq\n", "quantize.method: the streaming path runs weight-only RTN"),
+    ("  - type: quantize\n    target_bits_per_weight: 6.0\n",
+     "quantize.target_bits_per_weight: the streaming path runs weight-only quantization"),
     ("  - type: prune\n    method: depth\n    num_layers: 1\n  - type: quantize\n",
      "the streaming path runs recipes made of one"),
     ("  - type: quantize\nchecks:\n  max_kl: 0.1\n", "a streamed artifact is not evaluated, so checks.max_kl"),

@@ -1,0 +1,99 @@
+"""GPTQ and AWQ on a streamed checkpoint: each decoder layer built alone from its tensors, calibrated, quantized,
+handed to the writer and freed.
+
+The model is instantiated without weights (`accelerate.init_empty_weights`: parameters on the meta device, the
+rotary buffers real); the embedding table is read to turn the calibration windows into the first layer's
+inputs, then each layer's tensors are read into its module, which runs on the calibration activations as the
+earlier layers produced them. Peak memory is one layer in float32 plus the activations (samples x seq_len x
+hidden, two sets with AWQ + GPTQ), whatever the depth.
+
+The codes are those of the in-memory `quantize` pass, computed the same way in the same order: AWQ's scales are
+searched on the float model's activations (the in-memory pass scales every layer before GPTQ starts), GPTQ's
+Hessians on the activations of the already-quantized earlier layers. The two runs share one read of each layer,
+with a set of activations each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from llmopt.passes.layerwise import capture_layer_inputs, probe_layer, run_layer
+from llmopt.passes.quantize import QuantizePass
+from llmopt.passes.quantize_awq import AwqInputs, ScaleTotals, awq_search, group_probes, scale_layer
+from llmopt.passes.quantize_gptq import layer_hessians, quantize_layer
+
+if TYPE_CHECKING:
+    from llmopt.streaming import Block, CheckpointReader, StreamPlan
+
+
+def empty_model(folder: Any) -> Any:
+    """The checkpoint's causal-LM module tree with its weights on the meta device (no memory) and its buffers
+    (rotary frequencies) real, in float32 and eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def calibrated_layer_blocks(plan: StreamPlan, reader: CheckpointReader, windows: list[Any], info: dict[str, Any], *,
+                            seed: int = 0) -> Iterator[Block]:
+    """The embedding block, then each decoder layer's block with its Linears quantized by AWQ (+ RTN) or
+    (AWQ +) GPTQ on `windows` (token id arrays); `seed` as the pipeline's. `info` receives, once the last layer
+    is done, what the report records (the pass's own keys)."""
+    from llmopt.streaming import Block, quantize_rows
+
+    q = plan.quantize
+    quantizer = QuantizePass(q)
+    model = empty_model(reader.folder)
+    embedding = reader.read("model.embed_tokens.weight")
+    model.model.embed_tokens.weight = torch.nn.Parameter(embedding, requires_grad=False)
+    with torch.no_grad():
+        first_inputs = capture_layer_inputs(model, windows)
+    model.model.embed_tokens.to("meta")
+    yield Block("embedding", 0, {"model.embed_tokens.weight": embedding})
+    del embedding
+
+    float_inputs = first_inputs if q.awq else None  # AWQ: the float model's activations
+    quant_inputs = first_inputs if q.method == "gptq" else None  # GPTQ: the quantized earlier layers'
+    del first_inputs
+    awq_totals, damping = ScaleTotals(), {}
+    for i in range(plan.num_layers):
+        prefix = f"model.layers.{i}."
+        layer = model.model.layers[i]
+        names = reader.layer_names(i)
+        layer.load_state_dict({n.removeprefix(prefix): reader.read(n) for n in names}, strict=True, assign=True)
+        chosen = {n.removesuffix(".weight") for n in names if n in plan.quantized}
+        last = i == plan.num_layers - 1
+        with torch.no_grad():
+            if q.awq:
+                probes = group_probes(i, layer, chosen, AwqInputs, seed=seed)
+                probe_layer(layer, float_inputs, probes)
+                awq_totals.add(*scale_layer(layer, probes, awq_search(quantizer.awq_fake_quantize)))
+                float_inputs = None if last else run_layer(layer, float_inputs)
+            codes = {}
+            if q.method == "gptq":
+                moments = layer_hessians(i, layer, chosen)
+                probe_layer(layer, quant_inputs, moments)
+
+                def quantize_one(name: str, module: Any, hessian: torch.Tensor) -> float:
+                    codes[f"{name}.weight"], damp = quantizer.gptq_linear(name, module, hessian)
+                    return damp
+
+                damping.update(quantize_layer(i, layer, moments, quantize_one))
+                quant_inputs = None if last else run_layer(layer, quant_inputs)
+        tensors = {f"{prefix}{n}": t.detach() for n, t in layer.state_dict().items()}
+        block = Block("layer", i, {n: codes[n] if n in codes else quantize_rows(t, n, q) if n in plan.quantized else t
+                                   for n, t in tensors.items()})
+        del tensors
+        layer.to("meta")  # frees the layer's float weights once the writer has the block
+        yield block
+    if q.awq:
+        info.update(awq_totals.awq_info())
+    if q.method == "gptq":
+        info.update(quantizer.gptq_info(damping, windows))
