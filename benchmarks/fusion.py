@@ -6,7 +6,8 @@ onnxruntime-genai's model builder fp32 and int4, side by side in one run.
 Every artifact is driven by the same plain onnxruntime loop (peers.plain_onnx_runner: InferenceSession and
 numpy, CPU EP; not transformers' generate(), whose per-step cost would hide the graphs' differences) and
 timed by llmopt's own measure_speed (prefill of one prompt at batch 1, greedy decode with the KV cache);
-`--reuse` measures the folders of an earlier run without building them again. The models take turns, one
+`--reuse` measures the folders of an earlier run without building them again, and `--add LABEL=FOLDER` more
+folders beside them. The models take turns, one
 measurement each per round, and the median over rounds is printed, so load from other processes on the
 machine falls on all rows alike. int4 on both sides: symmetric RTN, blocks of 32, accuracy_level 4
 (the builder's CPU default); the "unpacked" row is llmopt's int4 graph with Q/K/V and gate/up left as
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--work", type=Path, default=CACHE / "fusion")
     parser.add_argument("--reuse", action="store_true", help="measure the artifacts of an earlier run as they are")
+    parser.add_argument("--add", nargs="+", default=[], metavar="LABEL=FOLDER",
+                        help="with --reuse: more ONNX folders to time in the same rounds (e.g. the quantization "
+                             "benchmark's artifacts)")
     args = parser.parse_args()
 
     import torch
@@ -89,7 +93,9 @@ def main() -> None:
     notes: list[str] = []
 
     if args.reuse:
-        return measure(args, {name: work / sub for name, sub in FOLDERS.items()}, {}, [])
+        extra = dict(item.split("=", 1) for item in args.add)
+        return measure(args, {**{name: work / sub for name, sub in FOLDERS.items()},
+                              **{label: Path(folder).expanduser() for label, folder in extra.items()}}, {}, [])
     folders["optimum fp32 (unfused)"] = work / "optimum-fp32"
     shutil.rmtree(folders["optimum fp32 (unfused)"], ignore_errors=True)
     build_s["optimum fp32 (unfused)"] = export_optimum_fp32(hf, folders["optimum fp32 (unfused)"])

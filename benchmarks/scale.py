@@ -1,8 +1,9 @@
-"""Benchmark: int4 RTN of a checkpoint bigger than this machine's memory, streamed layer by layer.
+"""Benchmark: int4 RTN, GPTQ or AWQ of a checkpoint bigger than this machine's memory, streamed layer by layer.
 
     python benchmarks/scale.py [--dir ~/.cache/llmopt-bench/scale] [--kv-heads 32] [--group-size 32]
                                [--layers 32] [--keep] [--skip-7b] [--skip-smollm2] [--skip-onnx-check]
-                               [--formats onnx safetensors]
+                               [--formats onnx safetensors] [--method rtn|gptq] [--awq]
+                               [--calibration-samples 32] [--calibration-len 256]
 
 1. Writes a random-weight, 7B-shaped Llama checkpoint in float32 (hidden 4096, 32 layers, 32 heads,
    intermediate 11008, vocab 32000: ~27 GB) as one safetensors shard per layer, generated a layer at a time
@@ -15,6 +16,11 @@
    in its own child, whose peak is printed apart: it is the runtime's, holding the whole int4 model.
 3. The same streaming runs for the real SmolLM2-135M (`demo`, converted to float32 safetensors first), with its
    size on disk next to the peaks.
+
+With `--method gptq` and/or `--awq` the runs calibrate on random token ids (`--calibration-samples` windows of
+`--calibration-len`): peak memory then adds the activations and each layer's Hessians, and the wall time grows
+with the calibration tokens (on 2 cores, minutes per 7B-shaped layer: use `--layers 2` and `--layers 4` to show
+that the peak does not grow with depth).
 
 A child that only imports what the streaming run imports is measured too: its peak is the fixed cost
 (Python, torch, transformers, onnx) that every row includes.
@@ -94,13 +100,21 @@ def child_generate(folder: Path, kv_heads: int, seed: int, layers: int) -> None:
     _child_report(started, bytes=total)
 
 
-def child_stream(model: Path, output: Path, fmt: str, group_size: int) -> None:
+def child_stream(model: Path, output: Path, fmt: str, group_size: int, method: str, awq: bool, samples: int,
+                 seq_len: int) -> None:
+    import numpy as np
+
     from llmopt.passes.quantize import QuantizeConfig
     from llmopt.streaming import quantize_checkpoint
 
     started = time.perf_counter()
-    result = quantize_checkpoint(model, output, QuantizeConfig(method="rtn", bits=4, group_size=group_size),
-                                 export_format=fmt, force=True)
+    config = QuantizeConfig(method=method, awq=awq, bits=4, group_size=group_size)
+    windows = None
+    if method == "gptq" or awq:  # random token ids: memory and time depend on how many, not on the text
+        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+        rng = np.random.default_rng(0)
+        windows = [rng.integers(0, vocab, size=seq_len, dtype=np.int64) for _ in range(samples)]
+    result = quantize_checkpoint(model, output, config, export_format=fmt, force=True, calibration=windows)
     weights = sum(size for name, size in result.files.items() if name.endswith((".onnx", ".data", ".safetensors")))
     _child_report(started, weights_bytes=weights, quantized_tensors=result.quantized_tensors)
 
@@ -166,17 +180,21 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def stream_rows(title: str, model: Path, work: Path, group_size: int, check_onnx: bool,
-                formats: tuple[str, ...] = ("onnx", "safetensors")) -> None:
+def stream_rows(title: str, model: Path, work: Path, args: argparse.Namespace) -> None:
     """Stream `model` to each format in a child; each row is printed as soon as it is measured."""
     size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     print(f"\n{title}: input checkpoint {size / GB:.2f} GB on disk")
     print(f"{'step':58s} {'peak RSS GB':>11s} {'/ input':>8s} {'wall s':>8s} {'output GB':>10s}", flush=True)
-    for fmt in formats:
+    method = ("AWQ + " if args.awq else "") + args.method.upper()
+    calibrated = args.method == "gptq" or args.awq
+    if calibrated:
+        method += f" ({args.calibration_samples} x {args.calibration_len} tokens)"
+    for fmt in args.formats:
         out = work / f"out-{fmt}"
-        print_row(f"stream int4 RTN g{group_size} -> {fmt}", size,
-                  run_child("stream", str(model), str(out), fmt, str(group_size)))
-        if fmt == "onnx" and check_onnx:
+        print_row(f"stream int4 {method} g{args.group_size} -> {fmt}", size,
+                  run_child("stream", str(model), str(out), fmt, str(args.group_size), args.method,
+                            str(int(args.awq)), str(args.calibration_samples), str(args.calibration_len)))
+        if fmt == "onnx" and not args.skip_onnx_check:
             print_row("onnxruntime: load the ONNX artifact, prefill 8 + decode 2", size, run_child("run-onnx", str(out)))
         shutil.rmtree(out)
 
@@ -197,7 +215,8 @@ def main() -> None:
         if kind == "generate":
             child_generate(Path(args[0]), int(args[1]), int(args[2]), int(args[3]))
         elif kind == "stream":
-            child_stream(Path(args[0]), Path(args[1]), args[2], int(args[3]))
+            child_stream(Path(args[0]), Path(args[1]), args[2], int(args[3]), args[4], args[5] == "1", int(args[6]),
+                         int(args[7]))
         elif kind == "imports":
             child_imports()
         elif kind == "run-onnx":
@@ -212,6 +231,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32, help="fewer: the same layer shapes, to show the peak does "
                                                                 "not grow with depth")
     parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    parser.add_argument("--awq", action="store_true", help="AWQ scaling first (calibrated, as gptq)")
+    parser.add_argument("--calibration-samples", type=int, default=32, help="gptq / awq: windows (random token ids)")
+    parser.add_argument("--calibration-len", type=int, default=256, help="gptq / awq: tokens per window")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     parser.add_argument("--skip-7b", action="store_true")
@@ -233,8 +256,7 @@ def main() -> None:
         demo = args.dir / "smollm2-f32"
         if not demo.exists():
             run_child("convert-demo", str(demo))
-        stream_rows("SmolLM2-135M (demo, float32 safetensors)", demo, args.dir, args.group_size,
-                    not args.skip_onnx_check, tuple(args.formats))
+        stream_rows("SmolLM2-135M (demo, float32 safetensors)", demo, args.dir, args)
         shutil.rmtree(demo)
 
     if not args.skip_7b:
@@ -256,7 +278,7 @@ def main() -> None:
             print(f"checkpoint {size / GB:.2f} GB vs {memory / GB:.1f} GB RAM: "
                   f"{'larger' if size > memory else 'NOT larger'} than memory", flush=True)
             stream_rows(f"7B-shaped Llama ({layers} layers, kv heads {args.kv_heads}, float32, random)", model, args.dir,
-                        args.group_size, not args.skip_onnx_check, tuple(args.formats))
+                        args)
         finally:
             for folder in (model, model.with_name(model.name + ".partial")):
                 if folder.exists() and (not args.keep or folder != model):
