@@ -86,8 +86,8 @@ def check(found: Estimate) -> None:
             f"parameters as float32, several copies at once) and {found.available_memory_bytes / gb:.1f} GB is "
             "available; nothing was started.",
             "Set `evaluation.enabled: false` (saves two copies), drop distillation's teacher, free memory or use a "
-            "bigger machine; a recipe of one RTN `quantize` pass can run layer by layer with `export.streaming: "
-            f"true` (memory about one layer, whatever the depth); set {SKIP_ENV}=1 to try anyway.")
+            "bigger machine; a recipe of one weight-only `quantize` pass (RTN, GPTQ, AWQ) can run layer by layer "
+            f"with `export.streaming: true` (memory about one layer, whatever the depth); set {SKIP_ENV}=1 to try anyway.")
     if not found.fits_disk:
         raise ResourceError(
             f"This run writes about {found.disk_bytes / gb:.1f} GB (a float32 baseline export in the temp folder; "

@@ -41,8 +41,9 @@ class ExportConfig(StrictModel):
     )
     streaming: bool = Field(
         False, description="Quantize and write one decoder layer at a time from the safetensors checkpoint (peak "
-                           "memory about one layer, for models bigger than RAM): one `quantize` pass, method rtn, on "
-                           "a Llama/Mistral/Qwen2 checkpoint. The artifact is not validated nor evaluated.")
+                           "memory about one layer plus calibration activations, for models bigger than RAM): one "
+                           "weight-only `quantize` pass (rtn or gptq, with or without awq) on a Llama/Mistral/Qwen2 "
+                           "checkpoint. The artifact is not validated nor evaluated.")
     validate_result: OnnxValidation = Field(
         default_factory=OnnxValidation,
         alias="validate",
