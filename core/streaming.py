@@ -267,8 +267,8 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
                         before_manifest: Callable[[Path, StreamResult], None] | None = None) -> StreamResult:
     """Quantize a local safetensors checkpoint layer by layer into an ONNX or safetensors artifact folder.
 
-    GPTQ and AWQ calibrate on `calibration` (token id arrays; by default the recipe defaults' windows of the
-    built-in text: 32 x 256 tokens drawn with `seed`). The folder appears at `output` only when complete (staged
+    GPTQ and AWQ calibrate on `calibration` (token id arrays; by default 32 windows of 256 tokens of the
+    built-in text, drawn with `seed`). The folder appears at `output` only when complete (staged
     beside it, then renamed), with a manifest that records `recipe` (by default, the quantize pass and export
     format this call ran); `before_manifest` may add files to the staged folder first (the pipeline's report).
     """
@@ -310,7 +310,7 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
 
 
 def default_calibration(model: Path, seed: int) -> list[Any]:
-    """The windows a recipe's default `calibration` section gives, from the checkpoint's tokenizer."""
+    """32 windows of 256 tokens (the `calibration` section's defaults) of the built-in text, drawn with `seed`."""
     from llmopt.evaluation.calibration import calibration_batches
     from llmopt.recipe import CalibrationConfig
 

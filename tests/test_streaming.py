@@ -324,21 +324,22 @@ def _tiny(model_type):
     return model
 
 
+@pytest.mark.parametrize("options", [{}, {"method": "gptq", "awq": True}], ids=["rtn", "awq+gptq"])
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
-def test_onnx_stream_other_llama_family_models(model_type, tiny_tokenizer, tmp_path):
+def test_onnx_stream_other_llama_family_models(model_type, options, tiny_tokenizer, tmp_path):
     model = _tiny(model_type)
     model.save_pretrained(tmp_path / "in", safe_serialization=True)
-    config = QuantizeConfig(group_size=32)
-    state = _quantized_in_memory(model, tiny_tokenizer, config)
+    config, windows = QuantizeConfig(group_size=32, **options), _windows()
+    state = QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: windows))
 
-    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config)
+    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config, calibration=windows)
 
     ids = np.array(tiny_tokenizer("x = [i for i in range(3)]")["input_ids"], dtype=np.int64)
     with torch.no_grad():
         reference = state.model(torch.from_numpy(ids[None])).logits[0].numpy()
     diff = np.abs(_run_with_cache(tmp_path / "out", ids, prompt=len(ids) - 3) - reference).max()
     biases = sum(n.endswith("bias") for n, _ in model.named_parameters())
-    print(f"{model_type}: {biases} biases, max |dlogit| {diff:.2e} (logits up to {np.abs(reference).max():.2f})")
+    print(f"{model_type} {options}: {biases} biases, max |dlogit| {diff:.2e} (logits up to {np.abs(reference).max():.2f})")
     assert diff < 1e-4
     assert result.info["matmul_nbits"] == 15
     assert biases == (6 if model_type == "qwen2" else 0)
