@@ -147,7 +147,7 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     if plan.recipe.export.streaming:  # layer by layer from the checkpoint, never the whole model (llmopt.streaming)
         from llmopt.streaming import run_plan
 
-        return run_plan(plan, out, force=force, progress=progress)
+        return run_plan(plan, out, force=force, progress=progress, resume=resume)
     from llmopt import preflight
 
     started = time.perf_counter()

@@ -386,9 +386,12 @@ def streaming_problem(plan: Any) -> str | None:
     return None
 
 
-def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: Any = None) -> Any:
+def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: Any = None, resume: bool = False) -> Any:
     """Run a pipeline plan through the streaming path; returns the pipeline's Result, whose report has sizes and
-    timings but no quality or speed figures (evaluating needs the whole model in memory)."""
+    timings but no quality or speed figures (evaluating needs the whole model in memory).
+
+    `resume` starts over: a streamed run is one pass and keeps no checkpoints (its artifact is the same either
+    way, as the run is deterministic); the report says so."""
     import time
     from datetime import datetime, timezone
 
@@ -440,7 +443,8 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
                 **result.pass_info})],
             kv_cache_context_tokens=arch.extra.get("max_position_embeddings"),
             environment={**versions, "cpu": cpu_name()},
-            notes=[STREAMING_NOTE] + ([f"calibration data: {calibration.description}"] if calibration else []),
+            notes=[STREAMING_NOTE] + ([f"calibration data: {calibration.description}"] if calibration else [])
+            + (["--resume: a streamed run keeps no checkpoints, so this one started over."] if resume else []),
             total_seconds=seconds,
         )
         report.checks = evaluate_checks(plan.recipe.checks, report)

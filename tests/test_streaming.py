@@ -237,10 +237,11 @@ def test_export_streaming_runs_a_recipe_layer_by_layer(tiny_model_dir, tmp_path)
     recipe.write_text(f"model: {tiny_model_dir}\npasses:\n  - type: quantize\n    method: rtn\n"
                       "export:\n  format: safetensors\n  streaming: true\nchecks:\n  max_size_ratio: 0.4\n")
 
-    result = llmopt.optimize(recipe, output=tmp_path / "out")
+    result = llmopt.optimize(recipe, output=tmp_path / "out", resume=True)
 
     report = json.loads((tmp_path / "out/report.json").read_text())
     assert report["passes"][0]["info"]["streaming"] is True and report["passes"][0]["info"]["quantized_tensors"] == 15
+    assert "--resume: a streamed run keeps no checkpoints, so this one started over." in report["notes"]
     assert report["optimized"]["size_bytes"] == (tmp_path / "out/model.safetensors").stat().st_size
     assert report["baseline"]["size_bytes"] == (tiny_model_dir / "model.safetensors").stat().st_size
     assert report["quality"] is None and "not validated against it nor evaluated" in report["notes"][0]
