@@ -166,6 +166,31 @@ def test_streamed_gptq_and_awq_write_the_in_memory_pass_file_byte_for_byte(optio
           f"AWQ error ratio {result.pass_info.get('awq_output_error_ratio')}")
 
 
+def test_streamed_gptq_holds_no_layer_weights_between_layers(tiny_tokenizer, tmp_path, monkeypatch):
+    """What keeps the peak at one layer: whenever a block goes to the writer, no weight of the model module
+    (the embedding included) is held any more; only the rotary buffers are real."""
+    from dataclasses import replace
+
+    from llmopt import streaming_calibrated
+    from llmopt.streaming import plan_stream
+
+    _checkpoint(tmp_path / "in", tiny_tokenizer)
+    built = []
+    empty_model = streaming_calibrated.empty_model
+    monkeypatch.setattr(streaming_calibrated, "empty_model", lambda folder: built.append(empty_model(folder)) or built[0])
+    plan, reader = plan_stream(tmp_path / "in", QuantizeConfig(method="gptq", awq=True, group_size=32))
+    plan = replace(plan, windows=tuple(_windows()))
+
+    kinds = []
+    for block in plan.blocks(reader):
+        kinds.append(block.kind)
+        if block.kind != "final":
+            held = [n for n, p in built[0].named_parameters() if not p.is_meta]
+            assert held == [], f"after the {block.kind} block {block.index}: {held}"
+    assert kinds == ["embedding", "layer", "layer", "final"]
+    assert [n for n, b in built[0].named_buffers() if not b.is_meta] == ["model.rotary_emb.inv_freq"]
+
+
 def test_streamed_asymmetric_awq_gptq_onnx_matches_the_quantized_torch_model(tiny_tokenizer, tmp_path):
     model = _checkpoint(tmp_path / "in", tiny_tokenizer, tie=True)
     config, windows = QuantizeConfig(group_size=32, symmetric=False, method="gptq", awq=True), _windows()
