@@ -17,6 +17,17 @@ def decoder_layers(model: Any) -> nn.ModuleList:
     return model.model.layers
 
 
+def input_groups(layer: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """(name of an op, that op, names of the Linears that read its output) in one decoder layer: the Linears of
+    a group see the same input. Empty for layers without separate q/k/v and gate/up projections."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if not (hasattr(attn, "q_proj") and hasattr(mlp, "up_proj")):
+        return []
+    return [("input_layernorm", layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            ("post_attention_layernorm", layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"]),
+            ("mlp.up_proj", mlp.up_proj, ["mlp.down_proj"])]
+
+
 class _Stop(Exception):
     """Raised by the capture hook: nothing after the first layer needs to run."""
 

@@ -20,18 +20,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llmopt.passes.layerwise import measured_layers
+from llmopt.passes.layerwise import input_groups, measured_layers
 
 GRID = 20  # alpha in 0, 1/20, ..., 19/20 (the reference implementation's grid)
 MAX_ROWS = 1024  # calibration tokens used to score a scale: enough to rank 20 candidates, cheap to multiply
-
-
-def _groups(layer: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
-    """(name of the op whose output is scaled by 1/s, that op, names of the Linears reading it) in one layer."""
-    attn, mlp = layer.self_attn, layer.mlp
-    return [("input_layernorm", layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-            ("post_attention_layernorm", layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"]),
-            ("mlp.up_proj", mlp.up_proj, ["mlp.down_proj"])] if hasattr(attn, "q_proj") and hasattr(mlp, "up_proj") else []
 
 
 def _fold_into_previous(prev: nn.Module, s: torch.Tensor) -> None:
@@ -107,7 +99,7 @@ def scale_groups(model: Any, batches: list[Any], chosen: set[str], make_probe: C
 def group_probes(i: int, layer: nn.Module, chosen: Container[str], make_probe: Callable[[nn.Linear, int], Any],
                  seed: int = 0) -> dict[str, Any]:
     """A probe on the input of every group of decoder layer i whose Linears are all in `chosen`."""
-    return {name: make_probe(layer.get_submodule(names[0]), seed + i) for name, _, names in _groups(layer)
+    return {name: make_probe(layer.get_submodule(names[0]), seed + i) for name, _, names in input_groups(layer)
             if all(f"model.layers.{i}.{n}" in chosen for n in names)}
 
 
@@ -116,7 +108,7 @@ def scale_layer(layer: nn.Module, probes: dict[str, Any], search: Callable[[Any,
     """Choose and fold the scales of one layer's probed groups; returns their alphas and the summed output
     errors without and with scaling."""
     alphas, plain_total, scaled_total = [], 0.0, 0.0
-    for name, prev, names in (g for g in _groups(layer) if g[0] in probes):
+    for name, prev, names in (g for g in input_groups(layer) if g[0] in probes):
         linears = [layer.get_submodule(n) for n in names]
         s, alpha, plain, scaled = search(probes[name], [m.weight.detach().float() for m in linears])
         if alpha:  # alpha 0 is s = 1: nothing to fold

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from llmopt.errors import InputError
-from llmopt.passes.layerwise import InputMoments, measured_layers
+from llmopt.passes.layerwise import InputMoments, input_groups, measured_layers
 from llmopt.passes.quantize import group_params
 
 BLOCK = 128  # columns updated together before the rest of the matrix is (the paper's lazy batch)
@@ -26,12 +26,15 @@ DAMP_RETRIES = 4  # damping x10 each retry: 1% -> 10% -> 100% -> 1000% of the me
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + d I)^-1, retrying with 10x the damping while H + d I is not positive definite."""
     mean_diag = float(torch.diag(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
     for attempt in range(DAMP_RETRIES):
         d = damp * 10**attempt
-        chol, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        damped = h.clone()  # the damping added on the diagonal in place: no identity matrix as big as H
+        damped.diagonal().add_(d * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
                 return upper, d
@@ -118,14 +121,28 @@ def gptq_decoder_layers(model: Any, batches: list[Any], chosen: dict[str, nn.Lin
 
 
 def layer_hessians(i: int, layer: nn.Module, chosen: Container[str]) -> dict[str, InputMoments]:
-    """Input-moment probes on the Linears of decoder layer i whose full names are in `chosen`."""
-    return {f"model.layers.{i}.{n}": InputMoments(m, full=True) for n, m in layer.named_modules()
-            if isinstance(m, nn.Linear) and f"model.layers.{i}.{n}" in chosen}
+    """Input-moment probes on the Linears of decoder layer i whose full names are in `chosen`. Linears that read
+    the same input (q/k/v, gate/up) share one probe: the same sums, computed and held once."""
+    prefix = f"model.layers.{i}."
+    probes: dict[str, InputMoments] = {}
+    for _, _, names in input_groups(layer):
+        if all(prefix + n in chosen for n in names):
+            shared = InputMoments(layer.get_submodule(names[0]), full=True)
+            probes.update({prefix + n: shared for n in names})
+    for n, m in layer.named_modules():
+        if isinstance(m, nn.Linear) and prefix + n in chosen and prefix + n not in probes:
+            probes[prefix + n] = InputMoments(m, full=True)
+    return probes
 
 
 def quantize_layer(i: int, layer: nn.Module, moments: dict[str, InputMoments], quantize: Callable) -> dict[str, float]:
     """`quantize(name, module, hessian)` on each probed Linear of layer i, once the calibration inputs have run
-    through it; returns the damping used per Linear."""
+    through it; returns the damping used per Linear. Empties `moments` as it goes, so that each Hessian is
+    freed once its last Linear is done."""
     prefix = f"model.layers.{i}."
-    return {name: quantize(name, layer.get_submodule(name.removeprefix(prefix)), mo.moment / max(mo.tokens, 1))
-            for name, mo in moments.items()}
+    damping = {}
+    for name in list(moments):
+        mo = moments.pop(name)
+        damping[name] = quantize(name, layer.get_submodule(name.removeprefix(prefix)), mo.moment / max(mo.tokens, 1))
+        del mo
+    return damping
