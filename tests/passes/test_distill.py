@@ -148,6 +148,37 @@ def test_gradient_accumulation_equals_a_bigger_batch():
     assert diff < 1e-5
 
 
+def test_data_parallel_over_two_processes_equals_one_process_accumulating(tmp_path):
+    """The pass unchanged under a distributed launcher: `torchrun` starts what `accelerate launch --multi_gpu`
+    starts (one process per device, torch.distributed), here two CPU processes talking over gloo. Each trains
+    on its own micro-batches and DDP averages their gradients: the same steps as one process accumulating both."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    script = Path(__file__).with_name("ddp_distill_script.py")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"rank-{r}.safetensors")) for r in (0, 1)]
+    with safe_open(str(tmp_path / "rank-0.safetensors"), "pt") as f:
+        assert f.metadata()["processes"] == "2"
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])  # the replicas stayed in sync
+
+    teacher = tiny_llama()
+    single = damaged(teacher)
+    distill(single, teacher, token_windows(), batch_size=2, grad_accum=2, steps=3)
+    diff = max(float((p - ranks[0][n]).abs().max()) for n, p in single.named_parameters())
+    moved = max(float((p - q).abs().max()) for p, q in zip(single.parameters(), damaged(teacher).parameters()))
+    print(f"2 processes x batch 2 vs 1 process x 2 accumulated: max |Δw| = {diff:.2e} (training moved weights by {moved:.2e})")
+    assert diff < 1e-5 < moved
+
+
 def test_gradient_checkpointing_changes_nothing_but_memory():
     teacher = tiny_llama()
     a, b = damaged(teacher), damaged(teacher)
