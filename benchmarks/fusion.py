@@ -146,25 +146,23 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
             decode[name].append(scores.decode_tokens_per_s)
             prefill[name].append(scores.prefill_ms)
 
-    base = statistics.median(decode["optimum fp32 (unfused)"])
-    builder = decode.get("genai builder int4")
-
-    def paired(name: str) -> str:
-        """Median over rounds of this row's decode speed / the builder int4's in the same round: load that
+    def paired(name: str, reference: str) -> str:
+        """Median over rounds of this row's decode speed / the reference row's in the same round: load that
         drifts between rounds cancels out, unlike a ratio of medians."""
-        if not builder:
+        if reference not in decode:
             return "–"
-        return f"{statistics.median(a / b for a, b in zip(decode[name], builder)):.3f}×"
+        return f"{statistics.median(a / b for a, b in zip(decode[name], decode[reference])):.3f}×"
 
     print(f"\nSmolLM2-135M-Instruct, onnxruntime CPU EP, {args.threads} threads, batch 1, prompt {len(prompt)} tokens, "
-          f"{args.new_tokens} new tokens, median of {args.rounds} alternating rounds\n")
-    print("| artifact | decode tok/s | vs optimum fp32 | vs builder int4, paired | prefill ms | size MB "
+          f"{args.new_tokens} new tokens, median of {args.rounds} alternating rounds; ratios paired round by round\n")
+    print("| artifact | decode tok/s | vs optimum fp32 | vs builder int4 | prefill ms | size MB "
           "| max abs logit diff vs optimum fp32 | build s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in runners:
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
         spread = f"{min(decode[name]):.1f}–{max(decode[name]):.1f}"
-        print(f"| {name} | {d:.1f} ({spread}) | {d / base:.2f}× | {paired(name)} | {p:.0f} | {folder_mb(folders[name]):.1f} "
+        print(f"| {name} | {d:.1f} ({spread}) | {paired(name, 'optimum fp32 (unfused)')} "
+              f"| {paired(name, 'genai builder int4')} | {p:.0f} | {folder_mb(folders[name]):.1f} "
               f"| {gaps[name]:.3g} | {build_s.get(name, float('nan')):.0f} |")
     print()
     for note in notes:
