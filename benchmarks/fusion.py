@@ -82,6 +82,9 @@ def main() -> None:
                         help="with --reuse: more ONNX folders to time in the same rounds (e.g. the quantization "
                              "benchmark's artifacts)")
     args = parser.parse_args()
+    bad = [item for item in args.add if "=" not in item]
+    if bad:
+        parser.error(f"--add takes LABEL=FOLDER, got {bad[0]!r}")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

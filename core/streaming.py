@@ -162,7 +162,7 @@ class StreamPlan:
 
             if self.windows is None:
                 raise RuntimeError("a calibrated stream plan needs its windows")  # a bug, not input
-            yield from calibrated_layer_blocks(self, reader, list(self.windows), self.pass_info, seed=self.seed)
+            yield from calibrated_layer_blocks(self, reader)
         else:
             yield Block("embedding", 0, {"model.embed_tokens.weight": reader.read("model.embed_tokens.weight")})
             for i in range(self.num_layers):
@@ -175,10 +175,11 @@ class StreamPlan:
         yield final
 
     def _load(self, reader: CheckpointReader, source: str, name: str) -> Any:
-        weight = reader.read(source)
-        if name not in self.quantized:
-            return weight
-        return quantize_rows(weight, name, self.quantize)
+        return self.stored(name, reader.read(source))
+
+    def stored(self, name: str, weight: torch.Tensor) -> Any:
+        """What the artifact holds for `name`: its RTN codes when it is quantized, else the float tensor."""
+        return quantize_rows(weight, name, self.quantize) if name in self.quantized else weight
 
 
 STREAMING_NOTE = ("Quantized and written layer by layer from the safetensors checkpoint (export.streaming): the model "

@@ -41,14 +41,13 @@ def empty_model(folder: Any) -> Any:
     return model.eval()
 
 
-def calibrated_layer_blocks(plan: StreamPlan, reader: CheckpointReader, windows: list[Any], info: dict[str, Any], *,
-                            seed: int = 0) -> Iterator[Block]:
+def calibrated_layer_blocks(plan: StreamPlan, reader: CheckpointReader) -> Iterator[Block]:
     """The embedding block, then each decoder layer's block with its Linears quantized by AWQ (+ RTN) or
-    (AWQ +) GPTQ on `windows` (token id arrays); `seed` as the pipeline's. `info` receives, once the last layer
-    is done, what the report records (the pass's own keys)."""
-    from llmopt.streaming import Block, quantize_rows
+    (AWQ +) GPTQ on the plan's calibration windows, with its seed. `plan.pass_info` receives, once the last
+    layer is done, what the report records (the pass's own keys)."""
+    from llmopt.streaming import Block
 
-    q = plan.quantize
+    q, windows, seed = plan.quantize, list(plan.windows or ()), plan.seed
     quantizer = QuantizePass(q)
     model = empty_model(reader.folder)
     embedding = reader.read("model.embed_tokens.weight")
@@ -88,12 +87,11 @@ def calibrated_layer_blocks(plan: StreamPlan, reader: CheckpointReader, windows:
                 damping.update(quantize_layer(i, layer, moments, quantize_one))
                 quant_inputs = None if last else run_layer(layer, quant_inputs)
         tensors = {f"{prefix}{n}": t.detach() for n, t in layer.state_dict().items()}
-        block = Block("layer", i, {n: codes[n] if n in codes else quantize_rows(t, n, q) if n in plan.quantized else t
-                                   for n, t in tensors.items()})
+        block = Block("layer", i, {n: codes[n] if n in codes else plan.stored(n, t) for n, t in tensors.items()})
         del tensors
         layer.to("meta")  # frees the layer's float weights once the writer has the block
         yield block
     if q.awq:
-        info.update(awq_totals.awq_info())
+        plan.pass_info.update(awq_totals.awq_info())
     if q.method == "gptq":
-        info.update(quantizer.gptq_info(damping, windows))
+        plan.pass_info.update(quantizer.gptq_info(damping, windows))

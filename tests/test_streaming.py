@@ -177,7 +177,12 @@ def test_streamed_gptq_holds_no_layer_weights_between_layers(tiny_tokenizer, tmp
     _checkpoint(tmp_path / "in", tiny_tokenizer)
     built = []
     empty_model = streaming_calibrated.empty_model
-    monkeypatch.setattr(streaming_calibrated, "empty_model", lambda folder: built.append(empty_model(folder)) or built[0])
+
+    def keep_a_handle(folder):
+        built.append(empty_model(folder))
+        return built[0]
+
+    monkeypatch.setattr(streaming_calibrated, "empty_model", keep_a_handle)
     plan, reader = plan_stream(tmp_path / "in", QuantizeConfig(method="gptq", awq=True, group_size=32))
     plan = replace(plan, windows=tuple(_windows()))
 

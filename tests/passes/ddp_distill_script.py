@@ -1,5 +1,6 @@
-"""Run by tests/passes/test_distill.py under `accelerate launch --cpu --num_processes 2`: the distill pass,
-unchanged, on a tiny model; each process saves the weights it ends with (argv[1] / rank-N.safetensors)."""
+"""Run by tests/passes/test_distill.py under `torchrun --nproc_per_node 2` with ACCELERATE_USE_CPU=true: the
+distill pass, unchanged, on a tiny model; each process saves the weights it ends with
+(argv[1] / rank-N.safetensors)."""
 
 import sys
 from pathlib import Path
