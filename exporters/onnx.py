@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from llmopt.errors import RecipeError
@@ -34,7 +36,7 @@ class OnnxExporter(Exporter):
         # Validation against PyTorch is ours (after the MatMulNBits rewrite), so optimum's is skipped.
         from llmopt.quantized import float_activations
 
-        with float_activations():  # W8A8 layers: the float graph is traced, then its MatMuls are rewritten
+        with float_activations(), _quiet_tracing():  # W8A8: the float graph is traced, then its MatMuls rewritten
             onnx_export_from_model(state.model, output=folder, task=TASK, do_validation=False)
         state.tokenizer.save_pretrained(folder)
         from llmopt.devices import resolve_provider
@@ -98,3 +100,18 @@ class OnnxExporter(Exporter):
         info["fused_ops"] = stats.counts  # rotary now inside GroupQueryAttention where Q/K/V were packed
         info["graph_nodes"]["after_packing"] = stats.nodes_after
         return stats.unpacked
+
+
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """The tracer's generic warnings (Python booleans taken from tensors, aten::index with negative indices)
+    silenced while exporting: they ask the user to check the traced graph, and every artifact's logits are
+    checked against the model afterwards (`export.validate`). Other warnings still show."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        yield
