@@ -149,11 +149,12 @@ class DistillPass(Pass):
         trainable, frozen_quantized = select_trainable(model, c.freeze, c.train_only, set(state.quantized))
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
         try:
-            info = train(model, Objective(c, windows, teacher, layer_map), c, trainable, seed=ctx.seed,
-                         progress=ctx.progress)
+            model, info = train(model, Objective(c, windows, teacher, layer_map), c, trainable, seed=ctx.seed,
+                                progress=ctx.progress)
         finally:
             for name, p in model.named_parameters():
                 p.requires_grad_(flags[name])
+        state.model = model  # the same module, except under FSDP (a rebuilt, unsharded one)
         info.update(teacher=c.teacher or "input model", loss=c.loss, frozen_quantized_tensors=frozen_quantized,
                     windows=len(windows), seq_len=int(len(windows[0])))
         state.pass_info["distill"] = info

@@ -175,12 +175,15 @@ class RunState:
 
 
 def train(model: Any, objective: Objective, c: DistillConfig, trainable: list[str], *, seed: int,
-          progress: Callable[[int, int], None]) -> dict[str, Any]:
-    """Train `model` in place on `objective`; it ends on the CPU in eval mode with the best weights."""
+          progress: Callable[[int, int], None]) -> tuple[Any, dict[str, Any]]:
+    """Train `model` on `objective`; returns it, on the CPU in eval mode with the best weights, and the run's
+    info. The same module, trained in place, except under FSDP: fully_shard consumes the module, and the
+    returned one is rebuilt from the gathered weights."""
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
     accelerator = _accelerator(c)
+    sharded = _sharded(accelerator)
     set_seed(seed, device_specific=True)  # dropout masks differ per process but repeat run to run
     train_ids, held_out = split(len(objective.windows), c.eval_fraction, seed)
     root = Path(c.checkpoint_dir) if c.checkpoint_dir else None
@@ -194,7 +197,12 @@ def train(model: Any, objective: Objective, c: DistillConfig, trainable: list[st
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     key = fingerprint(objective.windows, model, objective.teacher, c.model_dump_json(
         exclude={"checkpoint_dir", "checkpoint_every"}), seed, accelerator.num_processes, trainable)
-    model.to(accelerator.device)
+    trainable_count = sum(p.numel() for p in chosen.values())
+    frozen_count = sum(p.numel() for name, p in params.items() if name not in chosen)
+    plain_class = type(model)  # fully_shard swaps the class of the modules it shards
+    del params
+    if not sharded:  # fully_shard moves each shard to the device itself: the whole model never lands on one GPU
+        model.to(accelerator.device)
     # The teacher cache without a checkpoint_dir: a scratch folder named with our pid, which a later run removes
     # if this one is killed (the pipeline gives distill a checkpoint_dir in the output's resume folder instead).
     scratch = new_scratch() if c.cache_teacher and root is None else None
@@ -205,22 +213,32 @@ def train(model: Any, objective: Objective, c: DistillConfig, trainable: list[st
                   {"params": [p for p in chosen.values() if p.ndim < 2], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.lr)
         latest = latest_checkpoint(root) if root else None
-        run = load_checkpoint(latest, key, chosen, optimizer, accelerator) if latest else RunState()
+        run, optimizer_state = load_checkpoint(latest, key, chosen, accelerator) if latest else (RunState(), None)
         resumed_from = run.step
         wrapped, optimizer = accelerator.prepare(model, optimizer)
+        if sharded:  # fully_shard replaced the parameters by DTensor shards, under the same names
+            chosen = {name: p for name, p in wrapped.named_parameters() if name in chosen}
+        if optimizer_state is not None:  # after prepare: FSDP's optimizer holds the shards, not the old tensors
+            load_optimizer(optimizer, optimizer_state)
         inner = accelerator.unwrap_model(wrapped)  # for evaluation: no DDP collectives, autocast kept
 
         def evaluate() -> float | None:
             if not held_out:
                 return None
             inner.eval()
-            mine = held_out[accelerator.process_index::accelerator.num_processes]
+            world = accelerator.num_processes
+            mine = held_out[accelerator.process_index::world]
+            # Under FSDP every forward all-gathers the weights, so every process runs as many batches as the
+            # busiest one; a process with fewer windows repeats one with weight 0.
+            batches = math.ceil(math.ceil(len(held_out) / world) / c.batch_size) if sharded else \
+                math.ceil(len(mine) / c.batch_size)
             total = torch.zeros(2, device=accelerator.device)  # (sum of batch losses * windows, windows)
             with torch.no_grad():
-                for i in range(0, len(mine), c.batch_size):
-                    chunk = mine[i:i + c.batch_size]
-                    total += torch.stack([objective(inner, chunk).float() * len(chunk), torch.tensor(
-                        float(len(chunk)), device=accelerator.device)])
+                for i in range(batches):
+                    chunk = mine[i * c.batch_size:(i + 1) * c.batch_size]
+                    count = len(chunk)
+                    total += torch.stack([objective(inner, chunk or held_out[:1]).float() * count, torch.tensor(
+                        float(count), device=accelerator.device)])
             total = accelerator.reduce(total, "sum")
             wrapped.train()
             return float(total[0] / total[1])
@@ -231,7 +249,7 @@ def train(model: Any, objective: Objective, c: DistillConfig, trainable: list[st
                 return
             if run.best_loss is None or eval_loss < run.best_loss:  # NaN never improves
                 run.best_loss, run.best_step, run.bad_evals = eval_loss, step, 0
-                run.best = {n: p.detach().to("cpu", copy=True) for n, p in chosen.items()}
+                run.best = {n: full_tensor(p.detach()).to("cpu", copy=True) for n, p in chosen.items()}
             else:
                 run.bad_evals += 1
                 run.stopped_early = c.early_stopping_patience is not None and run.bad_evals >= c.early_stopping_patience
@@ -261,31 +279,34 @@ def train(model: Any, objective: Objective, c: DistillConfig, trainable: list[st
             due = run.step % c.eval_every == 0 or run.step == c.steps
             record(run.step, train_loss, evaluate() if due else None)
             if root and (run.step % every == 0 or run.step == c.steps or run.stopped_early):
-                save_checkpoint(root, run, chosen, optimizer, accelerator, key)
+                save_checkpoint(root, run, chosen, optimizer, accelerator, key, gather=sharded)
             progress(run.step, c.steps)
         loop_seconds = time.perf_counter() - loop_started
     finally:
         objective.finish()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    with torch.no_grad():
-        for name, value in (run.best or {}).items():
-            chosen[name].copy_(value)
-    model = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)  # drops the autocast forward too
+    if sharded:
+        model = unsharded_copy(wrapped, plain_class, run.best or {})
+    else:
+        with torch.no_grad():
+            for name, value in (run.best or {}).items():
+                chosen[name].copy_(value)
+        model = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)  # drops the autocast forward too
+        if checkpointing:
+            model.gradient_checkpointing_disable()
     accelerator.free_memory()
-    if checkpointing:
-        model.gradient_checkpointing_disable()
     model.to("cpu").eval()
     tokens_per_step = c.grad_accum * c.batch_size * world * len(objective.windows[0])
-    frozen = sum(p.numel() for name, p in params.items() if name not in chosen)
-    return {
+    return model, {
         "steps": c.steps, "steps_done": run.step, "resumed_from_step": resumed_from, "stopped_early": run.stopped_early,
         "tokens_seen": run.step * tokens_per_step, "train_windows": len(train_ids), "held_out_windows": len(held_out),
         "best_eval_loss": run.best_loss, "best_step": run.best_step, "loss_curve": run.curve,
         "seconds": time.perf_counter() - started,
         "tokens_per_s": (run.step - resumed_from) * tokens_per_step / loop_seconds if run.step > resumed_from else None,
-        "trainable_parameters": sum(p.numel() for p in chosen.values()), "frozen_parameters": frozen,
+        "trainable_parameters": trainable_count, "frozen_parameters": frozen_count,
         "device": str(accelerator.device), "processes": world, "precision": accelerator.mixed_precision,
+        "sharding": "fsdp2" if sharded else ("ddp" if world > 1 else None),
     }
 
 
@@ -301,6 +322,50 @@ def _accelerator(c: DistillConfig) -> Any:
         raise InputError(f"distill: precision '{c.precision}' cannot be used here: {exc}",
                          "Use fp32 or bf16 on a CPU, and one precision for every distill pass of a recipe.") from None
     return accelerator
+
+
+def _sharded(accelerator: Any) -> bool:
+    """Whether `accelerate launch` asked for FSDP; only FSDP2 (per-parameter DTensor shards, names unchanged)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise InputError("distill runs under FSDP version 2 only; this launch asked for FSDP version "
+                         f"{accelerator.state.fsdp_plugin.fsdp_version} (its flat parameters rename the weights "
+                         "the pass trains and checkpoints).",
+                         "Launch with `accelerate launch --use_fsdp --fsdp_version 2 ...` (or set fsdp_version: 2 "
+                         "in the accelerate config).")
+    return True
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every process calls it, in the same order), else `t`."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def unsharded_copy(wrapped: Any, plain_class: type, best: dict[str, torch.Tensor]) -> Any:
+    """A plain (unsharded, hook-free) model on the CPU with the trained weights, on every process.
+
+    fully_shard rewrites the model in place (DTensor parameters, gathering hooks, a swapped class) and torch
+    has no call that undoes it, so the module is rebuilt on the meta device and given the gathered weights.
+    """
+    weights = {name: best[name] if name in best else full_tensor(p.detach()).cpu()
+               for name, p in wrapped.named_parameters()}
+    with torch.device("meta"):
+        model = plain_class(wrapped.config)
+    model.load_state_dict(weights, strict=False, assign=True)
+    for name, buffer in wrapped.named_buffers():  # rotary tables etc.: not sharded, and not all in the state dict
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buffer.detach().cpu()
+    model.tie_weights()
+    model.generation_config = wrapped.generation_config
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"distill under FSDP: no weights gathered for {left[:3]}")
+    return model
 
 
 def fingerprint(*parts: Any) -> str:
@@ -333,7 +398,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save_checkpoint(root: Path, run: RunState, chosen: dict[str, torch.Tensor], optimizer: Any, accelerator: Any,
-                    key: str) -> None:
+                    key: str, *, gather: bool = False) -> None:
+    """Write step-NNNNNN/; `gather`: the tensors are FSDP shards, which every process helps to gather."""
     folder = root / f"step-{run.step:06d}"
     tmp = folder.with_name(folder.name + ".tmp")
     if accelerator.is_main_process:
@@ -345,13 +411,15 @@ def save_checkpoint(root: Path, run: RunState, chosen: dict[str, torch.Tensor], 
         rng["cuda"] = torch.cuda.get_rng_state(accelerator.device)
     save_file(rng, str(tmp / f"rng-{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process or gather:
+        weights = {n: full_tensor(p.detach()).cpu().contiguous() for n, p in chosen.items()}
+        state = optimizer.state_dict()
+        tensors = {f"{i}.{k}": full_tensor(v.detach()).cpu().contiguous() for i, s in state["state"].items()
+                   for k, v in s.items() if torch.is_tensor(v)}
     if accelerator.is_main_process:
-        save_file({n: p.detach().cpu().contiguous() for n, p in chosen.items()}, str(tmp / "weights.safetensors"))
+        save_file(weights, str(tmp / "weights.safetensors"))
         if run.best is not None:
             save_file(run.best, str(tmp / "best.safetensors"))
-        state = optimizer.state_dict()
-        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items()
-                   for k, v in s.items() if torch.is_tensor(v)}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         meta = {"key": key, "step": run.step, "curve": run.curve, "best_loss": run.best_loss,
@@ -366,8 +434,10 @@ def save_checkpoint(root: Path, run: RunState, chosen: dict[str, torch.Tensor], 
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(folder: Path, key: str, chosen: dict[str, torch.Tensor], optimizer: Any,
-                    accelerator: Any) -> RunState:
+def load_checkpoint(folder: Path, key: str, chosen: dict[str, torch.Tensor],
+                    accelerator: Any) -> tuple[RunState, dict[str, Any]]:
+    """Put the checkpoint's weights, RNG and loss scale in place; returns the run state and the optimizer's
+    (whole, unsharded) state dict, which `load_optimizer` gives to the prepared optimizer."""
     meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     if meta["key"] != key:
         raise InputError(f"The checkpoint in {folder.parent} belongs to another run (different config, data, "
@@ -381,7 +451,6 @@ def load_checkpoint(folder: Path, key: str, chosen: dict[str, torch.Tensor], opt
         index, field_name = name.split(".", 1)
         state.setdefault(int(index), {})[field_name] = value
     groups = [{**g, "betas": tuple(g["betas"])} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
     if meta["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(meta["scaler"])
     rng_file = folder / f"rng-{accelerator.process_index}.safetensors"
@@ -391,6 +460,21 @@ def load_checkpoint(folder: Path, key: str, chosen: dict[str, torch.Tensor], opt
         if "cuda" in rng and accelerator.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], accelerator.device)
     best_file = folder / "best.safetensors"
-    return RunState(step=meta["step"], curve=meta["curve"], best_loss=meta["best_loss"], best_step=meta["best_step"],
-                    bad_evals=meta["bad_evals"], stopped_early=meta["stopped_early"],
-                    best=load_file(str(best_file)) if best_file.is_file() else None)
+    run = RunState(step=meta["step"], curve=meta["curve"], best_loss=meta["best_loss"], best_step=meta["best_step"],
+                   bad_evals=meta["bad_evals"], stopped_early=meta["stopped_early"],
+                   best=load_file(str(best_file)) if best_file.is_file() else None)
+    return run, {"state": state, "param_groups": groups}
+
+
+def load_optimizer(optimizer: Any, state_dict: dict[str, Any]) -> None:
+    """Load whole moments into `optimizer`, each cut to its parameter's FSDP shard when the parameter is one."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, fields in state_dict["state"].items():
+        p = params[index]
+        if isinstance(p, DTensor):
+            for name, value in fields.items():
+                if value.shape == p.shape:  # exp_avg, exp_avg_sq; `step` is a plain scalar
+                    fields[name] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+    optimizer.load_state_dict(state_dict)

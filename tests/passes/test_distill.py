@@ -42,13 +42,20 @@ def damaged(teacher, scale: float = 0.05, seed: int = 1):
     return student
 
 
-def distill(student, teacher, windows, *, progress=None, quantized=None, **config) -> dict:
+def distill_state(student, teacher, windows, *, progress=None, quantized=None, **config) -> ModelState:
     config = {"steps": 6, "batch_size": 4, "lr": 3e-3, "eval_every": 2, "eval_fraction": 0.25, "precision": "fp32",
               **config}
     ctx = PassContext(seed=0, progress=progress or (lambda done, total: None), calibration=lambda: windows,
                       teacher=lambda: teacher)
     state = ModelState(student, None, quantized=quantized or {})
-    return DistillPass(DistillConfig(**config)).run(state, ctx).pass_info["distill"]
+    return DistillPass(DistillConfig(**config)).run(state, ctx)
+
+
+def distill(student, teacher, windows, **options) -> dict:
+    """The pass on `student`, trained in place (one process or data parallel); returns its report info."""
+    state = distill_state(student, teacher, windows, **options)
+    assert state.model is student
+    return state.pass_info["distill"]
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -148,10 +155,10 @@ def test_gradient_accumulation_equals_a_bigger_batch():
     assert diff < 1e-5
 
 
-def test_data_parallel_over_two_processes_equals_one_process_accumulating(tmp_path):
-    """The pass unchanged under a distributed launcher: `torchrun` starts what `accelerate launch --multi_gpu`
-    starts (one process per device, torch.distributed), here two CPU processes talking over gloo. Each trains
-    on its own micro-batches and DDP averages their gradients: the same steps as one process accumulating both."""
+def launch_two_processes(out, mode: str) -> dict[str, dict[str, torch.Tensor]]:
+    """tests/passes/ddp_distill_script.py under `torchrun`, which starts what `accelerate launch --multi_gpu`
+    starts (one process per device, torch.distributed), here two CPU processes talking over gloo; `fsdp` adds
+    the environment `accelerate launch --use_fsdp --fsdp_version 2` sets. Returns the files it wrote."""
     import os
     import subprocess
     import sys
@@ -162,21 +169,77 @@ def test_data_parallel_over_two_processes_equals_one_process_accumulating(tmp_pa
 
     script = Path(__file__).with_name("ddp_distill_script.py")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    if mode == "fsdp":
+        env |= {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+                           str(script), str(out), mode], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [load_file(str(tmp_path / f"rank-{r}.safetensors")) for r in (0, 1)]
-    with safe_open(str(tmp_path / "rank-0.safetensors"), "pt") as f:
-        assert f.metadata()["processes"] == "2"
-    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])  # the replicas stayed in sync
+    files = {}
+    for path in sorted(Path(out).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["processes"] == "2"
+            assert f.metadata()["sharding"] == ("fsdp2" if mode == "fsdp" else "ddp")
+            assert f.metadata()["class"] == "LlamaForCausalLM"  # a plain model, not FSDP's wrapper class
+            eval_losses = json.loads(f.metadata()["eval_losses"])
+        files[path.stem] = {**load_file(str(path)), "eval_losses": torch.tensor(eval_losses, dtype=torch.float64)}
+    return files
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_accumulating(tmp_path, mode):
+    """The pass unchanged under a distributed launcher. Each process trains on its own micro-batches; DDP
+    averages the gradients of whole replicas, FSDP2 reduce-scatters them to the shard each process owns and
+    the pass gathers the trained weights back into a plain model: either way the same steps as one process
+    accumulating both micro-batches."""
+    files = launch_two_processes(tmp_path, mode)
+    ranks = [files["rank-0"], files["rank-1"]]
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])  # every process ends with the same model
 
     teacher = tiny_llama()
     single = damaged(teacher)
-    distill(single, teacher, token_windows(), batch_size=2, grad_accum=2, steps=3)
+    single_info = distill(single, teacher, token_windows(), batch_size=2, grad_accum=2, steps=3)
     diff = max(float((p - ranks[0][n]).abs().max()) for n, p in single.named_parameters())
     moved = max(float((p - q).abs().max()) for p, q in zip(single.parameters(), damaged(teacher).parameters()))
-    print(f"2 processes x batch 2 vs 1 process x 2 accumulated: max |Δw| = {diff:.2e} (training moved weights by {moved:.2e})")
+    with torch.no_grad():
+        logits = single(input_ids=torch.from_numpy(token_windows(count=2)[0][None])).logits[0]
+    logit_diff = float((logits - ranks[0]["probe_logits"]).abs().max())
+    print(f"{mode}: 2 processes x batch 2 vs 1 process x 2 accumulated: max |Δw| = {diff:.2e} (training moved "
+          f"weights by {moved:.2e}), max |Δlogit| = {logit_diff:.2e}")
     assert diff < 1e-5 < moved
+    assert logit_diff < 1e-4
+    single_eval = torch.tensor([row[2] for row in single_info["loss_curve"] if row[2] is not None], dtype=torch.float64)
+    assert torch.allclose(ranks[0]["eval_losses"], single_eval, rtol=1e-6)  # held-out windows split, then summed
+    if mode == "fsdp":  # sharded checkpoints: an interrupted train_only run resumes to the uninterrupted result
+        from tests.passes.ddp_distill_script import RESUME_CONFIG
+
+        whole, resumed = files["whole-0"], files["resumed-0"]
+        start = dict(damaged(teacher).named_parameters())
+        resume_diff = max(float((whole[n] - resumed[n]).abs().max()) for n in start)
+        trained = {n for n in start if not torch.equal(whole[n], start[n])}
+        one = distill(damaged(teacher), teacher, token_windows(), **(RESUME_CONFIG | {"grad_accum": 2}))
+        one_eval = torch.tensor([row[2] for row in one["loss_curve"] if row[2] is not None], dtype=torch.float64)
+        print(f"fsdp resume from step 2: max |Δw| = {resume_diff:.1e}; trained {len(trained)} tensors; held-out "
+              f"losses {whole['eval_losses'].tolist()} (1 process: {one_eval.tolist()})")
+        assert resume_diff == 0.0
+        assert trained and all(".self_attn." in n for n in trained)  # train_only: the rest stayed frozen
+        assert torch.allclose(whole["eval_losses"], one_eval, rtol=1e-6)  # the padded evaluation counts each window once
+
+
+def test_fsdp_version_1_is_refused_with_the_launch_flag_to_use():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from llmopt.passes.distill_trainer import _sharded
+
+    def launched(version):
+        return SimpleNamespace(distributed_type=DistributedType.FSDP,
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+    assert _sharded(launched(2))
+    assert not _sharded(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    with pytest.raises(InputError, match="FSDP version 2 only") as refused:
+        _sharded(launched(1))
+    assert "--fsdp_version 2" in refused.value.hint
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory():
