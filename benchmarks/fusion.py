@@ -150,26 +150,60 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
             prefill[name].append(scores.prefill_ms)
 
     def paired(name: str, reference: str) -> str:
-        """Median over rounds of this row's decode speed / the reference row's in the same round: load that
-        drifts between rounds cancels out, unlike a ratio of medians."""
-        if reference not in decode:
+        """Median over rounds of this row's decode speed / the reference row's in the same round (load that
+        drifts between rounds cancels out, unlike a ratio of medians), with a 95% bootstrap interval over
+        rounds: an interval that holds 1.000× means the two rows are level within this machine's noise."""
+        if reference not in decode or name == reference:
             return "–"
-        return f"{statistics.median(a / b for a, b in zip(decode[name], decode[reference])):.3f}×"
+        ratios = np.array([a / b for a, b in zip(decode[name], decode[reference])])
+        resampled = np.random.default_rng(0).choice(ratios, (2000, len(ratios)))
+        low, high = np.percentile(np.median(resampled, axis=1), [2.5, 97.5])
+        return f"{np.median(ratios):.3f}× [{low:.3f}, {high:.3f}]"
 
     print(f"\nSmolLM2-135M-Instruct, onnxruntime CPU EP, {args.threads} threads, batch 1, prompt {len(prompt)} tokens, "
           f"{args.new_tokens} new tokens, median of {args.rounds} alternating rounds; ratios paired round by round\n")
     print("| artifact | decode tok/s | vs optimum fp32 | vs builder int4 | prefill ms | size MB "
-          "| max abs logit diff vs optimum fp32 | build s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| weights read GB/s | max abs logit diff vs optimum fp32 | build s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in runners:
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
         spread = f"{min(decode[name]):.1f}–{max(decode[name]):.1f}"
+        size = folder_mb(folders[name])
         print(f"| {name} | {d:.1f} ({spread}) | {paired(name, 'optimum fp32 (unfused)')} "
-              f"| {paired(name, 'genai builder int4')} | {p:.0f} | {folder_mb(folders[name]):.1f} "
+              f"| {paired(name, 'genai builder int4')} | {p:.0f} | {size:.1f} | {size * d / 1000:.1f} "
               f"| {gaps[name]:.3g} | {build_s.get(name, float('nan')):.0f} |")
+    bandwidth = read_bandwidth_gbs(args.threads)
+    print(f"\nMemory read bandwidth of this machine: {bandwidth:.1f} GB/s (torch sum over 512 MB, {args.threads} "
+          "threads, best of 5). Each decoded token reads every weight once (the tied embedding is the lm_head's "
+          "matrix), so 'weights read GB/s' = size × decode tok/s, and no graph of a given size decodes faster "
+          "than bandwidth / size.")
+    if "optimum fp32 (unfused)" in folders:
+        ceiling = bandwidth * 1000 / folder_mb(folders["optimum fp32 (unfused)"])
+        print(f"fp32 ceiling here: {ceiling:.1f} tok/s = {ceiling / statistics.median(decode['optimum fp32 (unfused)']):.2f}× "
+              "optimum's unfused fp32 decode.")
     print()
     for note in notes:
         print(note)
+
+
+def read_bandwidth_gbs(threads: int) -> float:
+    """GB/s at which `threads` threads stream a 512 MB float32 buffer (sum): the roofline of a decode step,
+    which reads every weight once and does little arithmetic per byte in fp32."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buffer = torch.ones(128 * 1024 * 1024)
+        buffer.sum()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            buffer.sum()
+            best = min(best, time.perf_counter() - start)
+        return buffer.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(previous)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """The training loop of `distill`: accelerate, exact resume from pickle-free checkpoints, a teacher cache.
 
 accelerate's Accelerator places the model, runs autocast (bf16/fp16), accumulates gradients and, when
-started by `accelerate launch`, wraps the model in DistributedDataParallel: each process trains on its
-own micro-batches (`batch_size` windows each) and the gradients are averaged. Data parallel training of
-the pass on 4 GPUs, the same code as on one CPU:
+started by `accelerate launch`, wraps the model in DistributedDataParallel or shards it with FSDP2
+(`fully_shard`): each process trains on its own micro-batches (`batch_size` windows each) and the gradients
+are averaged. The same code as on one CPU:
 
-    accelerate launch --multi_gpu --num_processes 4 my_script.py   # a script calling DistillPass(...).run
+    accelerate launch --multi_gpu --num_processes 4 my_script.py          # a script calling DistillPass(...).run
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 4 my_script.py
+
+Under FSDP2 the weights are DTensor shards: checkpoints and the best weights are gathered from them
+(`full_tensor`, a collective every process joins), the optimizer moments are cut back into shards on resume,
+and the trained model is rebuilt unsharded at the end (`unsharded_copy`).
 
 Checkpoints (`checkpoint_dir/step-NNNNNN/`) hold only safetensors and JSON, so resuming never unpickles
 anything (the project refuses pickle checkpoints by default, and accelerate's save_state pickles the
