@@ -172,36 +172,44 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
         print(f"| {name} | {d:.1f} ({spread}) | {paired(name, 'optimum fp32 (unfused)')} "
               f"| {paired(name, 'genai builder int4')} | {p:.0f} | {size:.1f} | {size * d / 1000:.1f} "
               f"| {gaps[name]:.3g} | {build_s.get(name, float('nan')):.0f} |")
-    bandwidth = read_bandwidth_gbs(args.threads)
-    print(f"\nMemory read bandwidth of this machine: {bandwidth:.1f} GB/s (torch sum over 512 MB, {args.threads} "
-          "threads, best of 5). Each decoded token reads every weight once (the tied embedding is the lm_head's "
-          "matrix), so 'weights read GB/s' = size × decode tok/s, and no graph of a given size decodes faster "
-          "than bandwidth / size.")
+    bandwidth, gemv = read_bandwidth_gbs(args.threads)
+    print(f"\nMemory read bandwidth of this machine, {args.threads} threads, 512 MB of float32, best of 5: "
+          f"{bandwidth:.1f} GB/s for a plain sum, {gemv:.1f} GB/s for torch's fp32 matrix-vector product (a "
+          "decode step's matmuls). Each decoded token reads every weight once (the tied embedding is the "
+          "lm_head's matrix), so 'weights read GB/s' = size × decode tok/s, and no graph of a given size "
+          "decodes faster than bandwidth / size.")
     if "optimum fp32 (unfused)" in folders:
-        ceiling = bandwidth * 1000 / folder_mb(folders["optimum fp32 (unfused)"])
-        print(f"fp32 ceiling here: {ceiling:.1f} tok/s = {ceiling / statistics.median(decode['optimum fp32 (unfused)']):.2f}× "
-              "optimum's unfused fp32 decode.")
+        size, base = folder_mb(folders["optimum fp32 (unfused)"]), statistics.median(decode["optimum fp32 (unfused)"])
+        print(f"fp32 ceilings here: {bandwidth * 1000 / size:.1f} tok/s ({bandwidth * 1000 / size / base:.2f}× optimum's "
+              f"unfused fp32) at the sum's rate, {gemv * 1000 / size:.1f} tok/s ({gemv * 1000 / size / base:.2f}×) at "
+              "the matrix-vector product's.")
     print()
     for note in notes:
         print(note)
 
 
-def read_bandwidth_gbs(threads: int) -> float:
-    """GB/s at which `threads` threads stream a 512 MB float32 buffer (sum): the roofline of a decode step,
-    which reads every weight once and does little arithmetic per byte in fp32."""
+def read_bandwidth_gbs(threads: int) -> tuple[float, float]:
+    """GB/s at which `threads` threads read 512 MB of float32 weights, summing them and as a (1, 576) x
+    (576, N) matrix-vector product: the roofline of a decode step, which reads every weight once and does
+    little arithmetic per byte in fp32."""
     import torch
+
+    def best_gbs(work, nbytes: int) -> float:
+        work()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            work()
+            best = min(best, time.perf_counter() - start)
+        return nbytes / best / 1e9
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        buffer = torch.ones(128 * 1024 * 1024)
-        buffer.sum()
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            buffer.sum()
-            best = min(best, time.perf_counter() - start)
-        return buffer.numel() * 4 / best / 1e9
+        weights = torch.ones(576, 128 * 1024 * 1024 // 576)
+        vector = torch.ones(1, 576)
+        nbytes = weights.numel() * 4
+        return best_gbs(weights.sum, nbytes), best_gbs(lambda: vector @ weights, nbytes)
     finally:
         torch.set_num_threads(previous)
 

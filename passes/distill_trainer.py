@@ -223,6 +223,7 @@ def train(model: Any, objective: Objective, c: DistillConfig, trainable: list[st
         wrapped, optimizer = accelerator.prepare(model, optimizer)
         if sharded:  # fully_shard replaced the parameters by DTensor shards, under the same names
             chosen = {name: p for name, p in wrapped.named_parameters() if name in chosen}
+        held = sum(local_numel(p) for p in wrapped.parameters())  # by this process: all, or its shards
         if optimizer_state is not None:  # after prepare: FSDP's optimizer holds the shards, not the old tensors
             load_optimizer(optimizer, optimizer_state)
         inner = accelerator.unwrap_model(wrapped)  # for evaluation: no DDP collectives, autocast kept
@@ -311,7 +312,7 @@ def train(model: Any, objective: Objective, c: DistillConfig, trainable: list[st
         "tokens_per_s": (run.step - resumed_from) * tokens_per_step / loop_seconds if run.step > resumed_from else None,
         "trainable_parameters": trainable_count, "frozen_parameters": frozen_count,
         "device": str(accelerator.device), "processes": world, "precision": accelerator.mixed_precision,
-        "sharding": "fsdp2" if sharded else ("ddp" if world > 1 else None),
+        "sharding": "fsdp2" if sharded else ("ddp" if world > 1 else None), "parameters_per_process": held,
     }
 
 
@@ -349,6 +350,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_numel(t: torch.Tensor) -> int:
+    """Elements this process stores for `t`: its shard of an FSDP2 DTensor, else all of them."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local().numel() if isinstance(t, DTensor) else t.numel()
 
 
 def unsharded_copy(wrapped: Any, plain_class: type, best: dict[str, torch.Tensor]) -> Any:

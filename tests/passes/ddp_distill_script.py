@@ -54,7 +54,8 @@ def save(student, info: dict, path: Path) -> None:
         logits = student(input_ids=torch.from_numpy(token_windows(count=2)[0][None])).logits[0]
     save_file({"probe_logits": logits, **{n: p.detach().contiguous() for n, p in student.named_parameters()}}, str(path),
               metadata={"processes": str(info["processes"]), "sharding": str(info["sharding"]),
-                        "resumed_from_step": str(info["resumed_from_step"]), "class": type(student).__name__,
+                        "resumed_from_step": str(info["resumed_from_step"]),
+                        "parameters_per_process": str(info["parameters_per_process"]), "class": type(student).__name__,
                         "eval_losses": json.dumps([row[2] for row in info["loss_curve"] if row[2] is not None])})
 
 

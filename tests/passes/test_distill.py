@@ -181,6 +181,12 @@ def launch_two_processes(out, mode: str) -> dict[str, dict[str, torch.Tensor]]:
             assert f.metadata()["sharding"] == ("fsdp2" if mode == "fsdp" else "ddp")
             assert f.metadata()["class"] == "LlamaForCausalLM"  # a plain model, not FSDP's wrapper class
             eval_losses = json.loads(f.metadata()["eval_losses"])
+            held, total = int(f.metadata()["parameters_per_process"]), sum(p.numel() for p in tiny_llama().parameters())
+            print(f"{mode} {path.stem}: {held} of {total} parameters held by the process")
+            if mode == "fsdp":  # each process stores its half of every tensor (rows rounded up), not a replica
+                assert total / 2 <= held < total / 2 * 1.05
+            else:
+                assert held == total
         files[path.stem] = {**load_file(str(path)), "eval_losses": torch.tensor(eval_losses, dtype=torch.float64)}
     return files
 
