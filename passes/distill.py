@@ -61,8 +61,9 @@ class DistillConfig(PassConfig):
     cache_teacher: bool = Field(False, description="Run the teacher once per window and keep its top_k "
                                                    "log-probabilities on disk, instead of running it every step.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Autocast dtype; weights stay float32. auto: `accelerate launch --mixed_precision` if "
-                            "given, else bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPU.")
+        "auto", description="Autocast dtype; weights stay float32. auto: bf16 on GPUs that have it, fp16 on other "
+                            "GPUs, fp32 on CPU (the recipe decides, not `accelerate launch --mixed_precision`, so a "
+                            "run can be replayed).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, "
                                                             "about a third more compute.")
 
@@ -105,9 +106,10 @@ class DistillPass(Pass):
         (TinyBERT, Jiao et al. 2020), scaled per layer by the teacher's mean square so that layers with
         large activations do not drown the others.
 
-    Training is AdamW with linear warm-up and cosine decay, gradient accumulation, clipping, autocast and
-    data parallelism through accelerate's Accelerator (the same code under `accelerate launch`), a
-    held-out split evaluated every `eval_every` steps with early stopping, and the best weights kept.
+    Training is AdamW with linear warm-up and cosine decay, gradient accumulation, clipping, autocast,
+    data parallelism (DDP) or sharding (FSDP2) through accelerate's Accelerator (the same code under
+    `accelerate launch`), a held-out split evaluated every `eval_every` steps with early stopping, and the
+    best weights kept.
     Quantized weights (recorded by a quantize pass) are never trained: their integer codes would no
     longer match. See `distill_trainer` for checkpoints, exact resume and the teacher cache.
     """
