@@ -56,7 +56,8 @@ class DistillConfig(PassConfig):
     train_only: list[str] = Field(default_factory=list, description="If given, train only parameters matching these "
                                                                     "globs, e.g. ['*.self_attn.*'] after a GQA rewrite.")
     checkpoint_dir: str | None = Field(None, description="Folder for checkpoints (and the teacher cache); a run "
-                                                         "resumes from the latest checkpoint found there.")
+                                                         "resumes from the latest checkpoint found there. On several "
+                                                         "nodes: a filesystem they all see.")
     checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints (default: eval_every).")
     cache_teacher: bool = Field(False, description="Run the teacher once per window and keep its top_k "
                                                    "log-probabilities on disk, instead of running it every step.")

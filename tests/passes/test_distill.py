@@ -158,8 +158,11 @@ def test_gradient_accumulation_equals_a_bigger_batch():
 def launch_two_processes(out, mode: str) -> dict[str, dict[str, torch.Tensor]]:
     """tests/passes/ddp_distill_script.py under `torchrun`, which starts what `accelerate launch --multi_gpu`
     starts (one process per device, torch.distributed), here two CPU processes talking over gloo; `fsdp` adds
-    the environment `accelerate launch --use_fsdp --fsdp_version 2` sets. Returns the files it wrote."""
+    the environment `accelerate launch --use_fsdp --fsdp_version 2` sets, and `-2-nodes` starts them as a
+    two-node job (one launcher per node, node ranks 0 and 1, rendezvous at a master address), the way
+    `accelerate launch --num_machines 2` does. Returns the files it wrote."""
     import os
+    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -168,22 +171,35 @@ def launch_two_processes(out, mode: str) -> dict[str, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     script = Path(__file__).with_name("ddp_distill_script.py")
+    sharding = mode.removesuffix("-2-nodes")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    if mode == "fsdp":
+    if sharding == "fsdp":
         env |= {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(out), mode], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run"]
+    if mode.endswith("-2-nodes"):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        commands = [launcher + ["--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1", "--master_addr",
+                                "127.0.0.1", "--master_port", str(port), str(script), str(out), sharding]
+                    for node in (0, 1)]
+    else:
+        commands = [launcher + ["--standalone", "--nproc_per_node", "2", str(script), str(out), sharding]]
+    launched = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for command in commands]
+    for process in launched:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
     files = {}
     for path in sorted(Path(out).glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             assert f.metadata()["processes"] == "2"
-            assert f.metadata()["sharding"] == ("fsdp2" if mode == "fsdp" else "ddp")
+            assert f.metadata()["sharding"] == ("fsdp2" if sharding == "fsdp" else "ddp")
             assert f.metadata()["class"] == "LlamaForCausalLM"  # a plain model, not FSDP's wrapper class
             eval_losses = json.loads(f.metadata()["eval_losses"])
             held, total = int(f.metadata()["parameters_per_process"]), sum(p.numel() for p in tiny_llama().parameters())
             print(f"{mode} {path.stem}: {held} of {total} parameters held by the process")
-            if mode == "fsdp":  # each process stores its half of every tensor (rows rounded up), not a replica
+            if sharding == "fsdp":  # each process stores its half of every tensor (rows rounded up), not a replica
                 assert total / 2 <= held < total / 2 * 1.05
             else:
                 assert held == total
@@ -191,7 +207,7 @@ def launch_two_processes(out, mode: str) -> dict[str, dict[str, torch.Tensor]]:
     return files
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-2-nodes"])
 def test_two_processes_equal_one_process_accumulating(tmp_path, mode):
     """The pass unchanged under a distributed launcher. Each process trains on its own micro-batches; DDP
     averages the gradients of whole replicas, FSDP2 reduce-scatters them to the shard each process owns and
@@ -215,7 +231,7 @@ def test_two_processes_equal_one_process_accumulating(tmp_path, mode):
     assert logit_diff < 1e-4
     single_eval = torch.tensor([row[2] for row in single_info["loss_curve"] if row[2] is not None], dtype=torch.float64)
     assert torch.allclose(ranks[0]["eval_losses"], single_eval, rtol=1e-6)  # held-out windows split, then summed
-    if mode == "fsdp":  # sharded checkpoints: an interrupted train_only run resumes to the uninterrupted result
+    if mode.startswith("fsdp"):  # sharded checkpoints: an interrupted train_only run resumes to the uninterrupted result
         from tests.passes.ddp_distill_script import RESUME_CONFIG
 
         whole, resumed = files["whole-0"], files["resumed-0"]
