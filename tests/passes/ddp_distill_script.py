@@ -1,10 +1,12 @@
-"""Run by tests/passes/test_distill.py under `torchrun --nproc_per_node 2` with ACCELERATE_USE_CPU=true: the
-distill pass, unchanged, on a tiny model; each process saves the weights it ends with.
+"""Run by tests/passes/test_distill.py under `torchrun` with ACCELERATE_USE_CPU=true: the distill pass,
+unchanged, on a tiny model; each process saves the weights it ends with.
 
-    ddp_distill_script.py OUT ddp    # data parallel: OUT/rank-N.safetensors after 3 steps
-    ddp_distill_script.py OUT fsdp   # the same under accelerate's FSDP2 (ACCELERATE_USE_FSDP=true, FSDP_VERSION=2),
-                                     # then a train_only run, uninterrupted (OUT/whole-N) and interrupted at
-                                     # step 3 then resumed (OUT/resumed-N)
+    ddp_distill_script.py OUT ddp [tied]    # data parallel: OUT/rank-N.safetensors after 3 steps
+    ddp_distill_script.py OUT fsdp [tied]   # the same under accelerate's FSDP2 (ACCELERATE_USE_FSDP=true,
+                                            # FSDP_VERSION=2), then a train_only run, uninterrupted
+                                            # (OUT/whole-N) and interrupted at step 3 then resumed (OUT/resumed-N)
+
+`tied`: the model's lm_head is its embedding, as in SmolLM2.
 """
 
 import json
@@ -65,7 +67,7 @@ def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     if mode == "fsdp":
         allow_fsdp_on_cpu()
-    teacher = tiny_llama()
+    teacher = tiny_llama(tie="tied" in sys.argv[3:])  # tied: the lm_head is the embedding, as in SmolLM2
     model, info = train(damaged(teacher), teacher, batch_size=2, grad_accum=1, steps=3)
     rank = PartialState().process_index  # after the pass's Accelerator, which set the state up for CPU processes
     save(model, info, out / f"rank-{rank}.safetensors")

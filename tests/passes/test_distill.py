@@ -158,9 +158,10 @@ def test_gradient_accumulation_equals_a_bigger_batch():
 def launch_two_processes(out, mode: str) -> dict[str, dict[str, torch.Tensor]]:
     """tests/passes/ddp_distill_script.py under `torchrun`, which starts what `accelerate launch --multi_gpu`
     starts (one process per device, torch.distributed), here two CPU processes talking over gloo; `fsdp` adds
-    the environment `accelerate launch --use_fsdp --fsdp_version 2` sets, and `-2-nodes` starts them as a
+    the environment `accelerate launch --use_fsdp --fsdp_version 2` sets, `-2-nodes` starts them as a
     two-node job (one launcher per node, node ranks 0 and 1, rendezvous at a master address), the way
-    `accelerate launch --num_machines 2` does. Returns the files it wrote."""
+    `accelerate launch --num_machines 2` does, and `-tied` trains a model whose lm_head is its embedding.
+    Returns the files it wrote."""
     import os
     import socket
     import subprocess
@@ -171,20 +172,21 @@ def launch_two_processes(out, mode: str) -> dict[str, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     script = Path(__file__).with_name("ddp_distill_script.py")
-    sharding = mode.removesuffix("-2-nodes")
+    sharding = mode.split("-")[0]
+    extra = ["tied"] if mode.endswith("-tied") else []
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     if sharding == "fsdp":
         env |= {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     launcher = [sys.executable, "-m", "torch.distributed.run"]
-    if mode.endswith("-2-nodes"):
+    if "-2-nodes" in mode:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         commands = [launcher + ["--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1", "--master_addr",
-                                "127.0.0.1", "--master_port", str(port), str(script), str(out), sharding]
+                                "127.0.0.1", "--master_port", str(port), str(script), str(out), sharding, *extra]
                     for node in (0, 1)]
     else:
-        commands = [launcher + ["--standalone", "--nproc_per_node", "2", str(script), str(out), sharding]]
+        commands = [launcher + ["--standalone", "--nproc_per_node", "2", str(script), str(out), sharding, *extra]]
     launched = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for command in commands]
     for process in launched:
@@ -197,7 +199,8 @@ def launch_two_processes(out, mode: str) -> dict[str, dict[str, torch.Tensor]]:
             assert f.metadata()["sharding"] == ("fsdp2" if sharding == "fsdp" else "ddp")
             assert f.metadata()["class"] == "LlamaForCausalLM"  # a plain model, not FSDP's wrapper class
             eval_losses = json.loads(f.metadata()["eval_losses"])
-            held, total = int(f.metadata()["parameters_per_process"]), sum(p.numel() for p in tiny_llama().parameters())
+            held = int(f.metadata()["parameters_per_process"])
+            total = sum(p.numel() for p in tiny_llama(tie=bool(extra)).parameters())
             print(f"{mode} {path.stem}: {held} of {total} parameters held by the process")
             if sharding == "fsdp":  # each process stores its half of every tensor (rows rounded up), not a replica
                 assert total / 2 <= held < total / 2 * 1.05
@@ -207,7 +210,7 @@ def launch_two_processes(out, mode: str) -> dict[str, dict[str, torch.Tensor]]:
     return files
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-2-nodes"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-2-nodes-tied"])
 def test_two_processes_equal_one_process_accumulating(tmp_path, mode):
     """The pass unchanged under a distributed launcher. Each process trains on its own micro-batches; DDP
     averages the gradients of whole replicas, FSDP2 reduce-scatters them to the shard each process owns and
@@ -217,7 +220,7 @@ def test_two_processes_equal_one_process_accumulating(tmp_path, mode):
     ranks = [files["rank-0"], files["rank-1"]]
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])  # every process ends with the same model
 
-    teacher = tiny_llama()
+    teacher = tiny_llama(tie=mode.endswith("-tied"))
     single = damaged(teacher)
     single_info = distill(single, teacher, token_windows(), batch_size=2, grad_accum=2, steps=3)
     diff = max(float((p - ranks[0][n]).abs().max()) for n, p in single.named_parameters())
