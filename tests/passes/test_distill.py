@@ -189,9 +189,13 @@ def launch_two_processes(out, mode: str) -> dict[str, dict[str, torch.Tensor]]:
         commands = [launcher + ["--standalone", "--nproc_per_node", "2", str(script), str(out), sharding, *extra]]
     launched = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for command in commands]
-    for process in launched:
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-3000:]
+    try:
+        for process in launched:
+            _, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr[-3000:]
+    finally:  # a failed node leaves the other waiting at a collective: do not leave it running
+        for process in launched:
+            process.kill()
     files = {}
     for path in sorted(Path(out).glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
