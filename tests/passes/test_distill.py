@@ -456,3 +456,41 @@ def test_pipeline_distills_after_quantization_and_reports_the_loss_curve(tmp_pat
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["passes"][1]["info"]["loss_curve"][0][0] == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_the_launch_example_distills_a_checkpoint_on_two_processes(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """examples/distill_launch.py, the script the README's `accelerate launch` commands run, under torchrun on
+    two CPU processes: the main process writes a loadable student that moved towards the teacher."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.evaluation.text import builtin_text
+
+    student_dir, text, out = tmp_path / "student", tmp_path / "train.txt", tmp_path / "out"
+    damaged(tiny_llama()).save_pretrained(student_dir, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(student_dir)
+    text.write_text(builtin_text()[:60_000], encoding="utf-8")
+    script = Path(__file__).resolve().parents[2] / "examples" / "distill_launch.py"
+    command = [str(student_dir), str(tiny_model_dir), str(text), str(out), "--samples", "12", "--seq-len", "32",
+               "--set", "steps=3", "batch_size=2", "eval_every=1", "lr=3e-3", "precision=fp32"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *command], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((out / "distill.json").read_text(encoding="utf-8"))
+    held_out = [row[2] for row in info["loss_curve"]]
+    print(f"example: {info['processes']} processes, held-out loss {held_out}")
+    assert info["processes"] == 2 and info["sharding"] == "ddp"
+    assert info["best_eval_loss"] < held_out[0]
+    trained = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    before = damaged(tiny_llama())
+    assert max(float((p - q).abs().max()) for p, q in zip(trained.parameters(), before.parameters())) > 1e-4
+
+    refused = subprocess.run([sys.executable, str(script), *command[:4], "--set", "steps=0"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "steps" in refused.stderr
