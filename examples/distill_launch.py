@@ -12,6 +12,7 @@ a `prune-width` or `draft-model` recipe wrote with `--format safetensors` and th
 a local text file the training windows are drawn from. The main process writes the trained student to OUT
 (safetensors and tokenizer) with `distill.json` (loss curve, tokens/s, processes, sharding); a next recipe
 takes OUT as its `model`. `--set KEY=VALUE` sets any field of the pass (`llmopt schema --docs` lists them).
+Each process loads both checkpoints into CPU memory first; under FSDP2 only its shards go to its GPU.
 """
 
 from __future__ import annotations
