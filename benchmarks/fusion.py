@@ -13,6 +13,8 @@ machine falls on all rows alike. int4 on both sides: symmetric RTN, blocks of 32
 (the builder's CPU default); the "unpacked" row is llmopt's int4 graph with Q/K/V and gate/up left as
 separate matmuls (`fuse: {pack_projections: false}`), to show what packing adds. The last column is each artifact's largest logit difference from optimum's
 fp32 export on the validation prompts (same weights for the fp32 rows, quantization error for int4).
+After the table: the machine's read bandwidth and "fp32 matmuls alone", a graph of nothing but the model's
+matmuls, which bounds how fast any fp32 graph of it can decode in onnxruntime here.
 """
 
 from __future__ import annotations
@@ -183,6 +185,10 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
         print(f"fp32 ceilings here: {bandwidth * 1000 / size:.1f} tok/s ({bandwidth * 1000 / size / base:.2f}× optimum's "
               f"unfused fp32) at the sum's rate, {gemv * 1000 / size:.1f} tok/s ({gemv * 1000 / size / base:.2f}×) at "
               "the matrix-vector product's.")
+        alone_ms = matmuls_alone_ms(folders["optimum fp32 (unfused)"], args.threads)
+        print(f"fp32 matmuls alone (a graph of nothing but the model's matmuls, same shapes, one decode step): "
+              f"{alone_ms:.1f} ms, so no fp32 graph of this model decodes faster than {1000 / alone_ms:.1f} tok/s "
+              f"({1000 / alone_ms / base:.2f}× optimum's unfused fp32) in this runtime.")
     print()
     for note in notes:
         print(note)
@@ -212,6 +218,48 @@ def read_bandwidth_gbs(threads: int) -> tuple[float, float]:
         return best_gbs(weights.sum, nbytes), best_gbs(lambda: vector @ weights, nbytes)
     finally:
         torch.set_num_threads(previous)
+
+
+def matmuls_alone_ms(folder: Path, threads: int, runs: int = 20) -> float:
+    """Median ms of one decode step's fp32 matmuls alone (Q/K/V packed, o, gate/up packed and down per layer,
+    then lm_head; shapes from the folder's config.json), with no other op between them: the floor under any
+    fused fp32 graph in onnxruntime, with its own kernels, on this machine. The weights are random: pages of
+    equal values can be merged by the host and read from cache, which would flatter the floor."""
+    import json
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    hidden, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    inputs = {"hidden": hidden, "attention": heads * head_dim, "mlp": inter}
+    shapes = [(f"{name}{layer}", source, n) for layer in range(config["num_hidden_layers"])
+              for name, source, n in (("qkv", "hidden", (heads + 2 * kv_heads) * head_dim), ("o", "attention", hidden),
+                                      ("gate_up", "hidden", 2 * inter), ("down", "mlp", hidden))]
+    shapes.append(("lm_head", "hidden", config["vocab_size"]))
+    nodes = [helper.make_node("MatMul", [source, f"{name}_w"], [name]) for name, source, _ in shapes]
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.random((inputs[source], n), dtype=np.float32), f"{name}_w")
+               for name, source, n in shapes]
+    graph = helper.make_graph(
+        nodes, "matmuls_alone",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 1, k]) for name, k in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name, _, _ in shapes], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {name: np.ones((1, 1, k), np.float32) for name, k in inputs.items()}
+    for _ in range(3):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
 
 
 if __name__ == "__main__":
