@@ -232,7 +232,10 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
         tasks, task_notes = _tasks(plan, state, timer)
         arch_after = ArchInfo.from_config(state.model.config)
         optimized_params = _count_parameters(state.model)
-        del state, model, original  # free the torch copies before the report is written
+        # Free the torch copies before the report is written (the teacher is rebound, not deleted: the
+        # passes' context closes over it).
+        del state, model
+        original = None
 
         report = Report(
             llmopt_version=versions.get("llmopt", "dev"),
