@@ -1,7 +1,8 @@
 """Operator fusion on the demo model: optimum's fp32 export vs llmopt's fused fp32 and int4, and
 onnxruntime-genai's model builder fp32 and int4, side by side in one run.
 
-    python benchmarks/fusion.py [--threads 2] [--rounds 5] [--prompt-tokens 64] [--new-tokens 32]
+    python benchmarks/fusion.py [--threads 2] [--rounds 5] [--prompt-tokens 64] [--new-tokens 32] [--profile]
+                                [--reuse [--add LABEL=FOLDER ...] [--versus LABEL ...]]
 
 Every artifact is driven by the same plain onnxruntime loop (peers.plain_onnx_runner: InferenceSession and
 numpy, CPU EP; not transformers' generate(), whose per-step cost would hide the graphs' differences) and
@@ -83,10 +84,19 @@ def main() -> None:
     parser.add_argument("--add", nargs="+", default=[], metavar="LABEL=FOLDER",
                         help="with --reuse: more ONNX folders to time in the same rounds (e.g. the quantization "
                              "benchmark's artifacts)")
+    parser.add_argument("--versus", nargs="+", default=[], metavar="LABEL",
+                        help="more rows to pair every row's decode speed with, each in a column of its own "
+                             "(e.g. an --add label)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the rounds, onnxruntime's profile of the fp32 rows' decode steps, by op type")
     args = parser.parse_args()
     bad = [item for item in args.add if "=" not in item]
     if bad:
         parser.error(f"--add takes LABEL=FOLDER, got {bad[0]!r}")
+    labels = {*FOLDERS, *(item.split("=", 1)[0] for item in args.add)}
+    unknown = [label for label in args.versus if label not in labels]
+    if unknown:
+        parser.error(f"--versus {unknown[0]!r} is not a row; rows: {', '.join(sorted(labels))}")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -164,15 +174,16 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
 
     print(f"\nSmolLM2-135M-Instruct, onnxruntime CPU EP, {args.threads} threads, batch 1, prompt {len(prompt)} tokens, "
           f"{args.new_tokens} new tokens, median of {args.rounds} alternating rounds; ratios paired round by round\n")
-    print("| artifact | decode tok/s | vs optimum fp32 | vs builder int4 | prefill ms | size MB "
+    references = ["optimum fp32 (unfused)", "genai builder int4", *args.versus]
+    print("| artifact | decode tok/s | " + " | ".join(f"vs {ref}" for ref in references) + " | prefill ms | size MB "
           "| weights read GB/s | max abs logit diff vs optimum fp32 | build s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (len(references) + 7) + "|")
     for name in runners:
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
         spread = f"{min(decode[name]):.1f}–{max(decode[name]):.1f}"
         size = folder_mb(folders[name])
-        print(f"| {name} | {d:.1f} ({spread}) | {paired(name, 'optimum fp32 (unfused)')} "
-              f"| {paired(name, 'genai builder int4')} | {p:.0f} | {size:.1f} | {size * d / 1000:.1f} "
+        print(f"| {name} | {d:.1f} ({spread}) | " + " | ".join(paired(name, ref) for ref in references)
+              + f" | {p:.0f} | {size:.1f} | {size * d / 1000:.1f} "
               f"| {gaps[name]:.3g} | {build_s.get(name, float('nan')):.0f} |")
     bandwidth, gemv = read_bandwidth_gbs(args.threads)
     print(f"\nMemory read bandwidth of this machine, {args.threads} threads, 512 MB of float32, best of 5: "
@@ -189,9 +200,42 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
         print(f"fp32 matmuls alone (a graph of nothing but the model's matmuls, same shapes, one decode step): "
               f"{alone_ms:.1f} ms, so no fp32 graph of this model decodes faster than {1000 / alone_ms:.1f} tok/s "
               f"({1000 / alone_ms / base:.2f}× optimum's unfused fp32) in this runtime.")
+    if args.profile:
+        for name in runners:
+            if "fp32" in name:
+                print_decode_profile(name, folders[name], prompt, args.new_tokens, args.threads)
     print()
     for note in notes:
         print(note)
+
+
+def print_decode_profile(name: str, folder: Path, prompt, new_tokens: int, threads: int) -> None:
+    """onnxruntime's own profile of one generate() over the plain loop, decode steps only (the prefill run is
+    left out): kernel ms per decoded token by op type, and the session's whole run time per token."""
+    import json
+
+    import onnxruntime as ort
+
+    runner = plain_onnx_runner(folder, threads=threads)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    runner.session = ort.InferenceSession(str(runner.model_path), options, providers=["CPUExecutionProvider"])
+    runner.generate(prompt, new_tokens)
+    trace = Path(runner.session.end_profiling())
+    events = json.loads(trace.read_text(encoding="utf-8"))
+    trace.unlink()
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    prefill_end = runs[0]["ts"] + runs[0]["dur"]
+    steps = len(runs) - 1
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > prefill_end:
+            by_op[e["args"]["op_name"]] = by_op.get(e["args"]["op_name"], 0.0) + e["dur"] / 1000 / steps
+    top = sorted(by_op.items(), key=lambda item: -item[1])[:6]
+    print(f"{name}, decode profile (ms per token over {steps} steps, profiler on): session run "
+          f"{sum(r['dur'] for r in runs[1:]) / 1000 / steps:.2f}, kernels {sum(by_op.values()):.2f}: "
+          + ", ".join(f"{op} {ms:.2f}" for op, ms in top))
 
 
 def read_bandwidth_gbs(threads: int) -> tuple[float, float]:

@@ -180,6 +180,7 @@ class PlainOnnxRunner(PlainOnnxLoop):
         if threads:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.model_path = Path(model_path)
         self.threads = threads or len(os.sched_getaffinity(0))
         try:
             super().__init__(session, **layout)
