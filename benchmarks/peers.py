@@ -9,9 +9,10 @@ Imported by the benchmark scripts (not installed, not product code). What it off
 * `export_optimum_fp32()`: optimum's fp32 ONNX export of a model folder (the format llmopt's ONNX exporter writes).
 * `build_with_genai_builder()`: run the builder in the peer venv; returns the wall time.
 * `ort_dynamic_int8()`: onnxruntime.quantization.quantize_dynamic on an optimum fp32 export; returns the wall time.
-* `GenaiRunner`: llmopt's runner interface (`logits`, `generate`) over a builder folder's model.onnx, driven
-  with onnxruntime.InferenceSession in llmopt's own venv, so builder artifacts are measured by llmopt's
-  metric code on the same onnxruntime as every other row.
+* `GenaiRunner`: llmopt's runner interface (`logits`, `generate`) over a folder with a genai_config.json (the
+  builder's, or llmopt's GroupQueryAttention graphs'), driven with onnxruntime.InferenceSession in llmopt's
+  own venv, so builder artifacts are measured by llmopt's metric code on the same onnxruntime as every other
+  row; the KV cache is updated in place where the config says so, as onnxruntime-genai does.
 * `OptimumPlainRunner`: the same plain loop over an optimum-format folder (the graph timed without
   transformers' generate() around it); `plain_onnx_runner()` picks one of the two by the folder's format.
 * `load_onnx_runner()`: GenaiRunner for a builder folder, llmopt's OrtRunner for an optimum-format folder.
@@ -189,19 +190,24 @@ class PlainOnnxRunner(PlainOnnxLoop):
 
 
 class GenaiRunner(PlainOnnxRunner):
-    """A builder folder: names and shapes from its genai_config.json. GroupQueryAttention derives the
-    positions from the attention mask, so there is no position_ids input."""
+    """A folder with a genai_config.json (the builder's, or llmopt's fused graphs'): names, shapes and whether
+    the KV cache is updated in place from it, unless `share_buffer` says otherwise. The builder's
+    GroupQueryAttention derives the positions from the attention mask, so its graphs take no position_ids."""
 
-    def __init__(self, folder: Path, threads: int | None = None) -> None:
-        decoder = json.loads((Path(folder) / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+    def __init__(self, folder: Path, threads: int | None = None, share_buffer: bool | None = None) -> None:
+        genai = json.loads((Path(folder) / "genai_config.json").read_text(encoding="utf-8"))
+        decoder = genai["model"]["decoder"]
         names_in, names_out = decoder["inputs"], decoder["outputs"]
+        if share_buffer is None:
+            share_buffer = bool(genai.get("search", {}).get("past_present_share_buffer"))
         super().__init__(
             Path(folder) / decoder["filename"], threads, layers=decoder["num_hidden_layers"],
             kv_heads=decoder["num_key_value_heads"], head_dim=decoder["head_size"],
-            ids_name=names_in["input_ids"], mask_name=names_in["attention_mask"], position_name=None,
-            logits_name=names_out["logits"],
+            ids_name=names_in["input_ids"], mask_name=names_in["attention_mask"],
+            position_name=names_in.get("position_ids"), logits_name=names_out["logits"],
             past_formats=(names_in["past_key_names"], names_in["past_value_names"]),
             present_formats=(names_out["present_key_names"], names_out["present_value_names"]),
+            share_buffer=share_buffer,
         )
 
 
@@ -222,10 +228,12 @@ class OptimumPlainRunner(PlainOnnxRunner):
         )
 
 
-def plain_onnx_runner(folder: Path, threads: int | None = None) -> PlainOnnxRunner:
-    """The same plain onnxruntime loop for either format (builder or optimum): times the graph alone."""
+def plain_onnx_runner(folder: Path, threads: int | None = None, share_buffer: bool | None = None) -> PlainOnnxRunner:
+    """The same plain onnxruntime loop for either format (builder or optimum): times the graph alone. A graph
+    whose genai_config.json says so updates its KV cache in place, as onnxruntime-genai runs it, unless
+    share_buffer=False."""
     if (Path(folder) / "genai_config.json").is_file():
-        return GenaiRunner(folder, threads)
+        return GenaiRunner(folder, threads, share_buffer)
     return OptimumPlainRunner(folder, threads)
 
 

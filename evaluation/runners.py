@@ -117,14 +117,21 @@ class PlainOnnxLoop:
     tok/s for SmolLM2 fp32 in one run); the benchmarks drive onnxruntime-genai's builder graphs with the
     same loop, so the figures compare graphs, not harnesses. The cache of each layer is
     (B, kv_heads, past, head_dim) in and (B, kv_heads, past + T, head_dim) out; the mask covers past + T.
+
+    With `share_buffer` (graphs whose genai_config.json says past_present_share_buffer: every layer's cache goes
+    through GroupQueryAttention), generate() runs them as onnxruntime-genai does: one buffer per layer, sized for
+    the whole sequence, bound as both the past input and the present output, which GroupQueryAttention updates
+    in place, so no step copies the cache.
     """
 
     runtime = "onnxruntime"
 
     def __init__(self, session: Any, *, layers: int, kv_heads: int, head_dim: int, ids_name: str, mask_name: str,
                  position_name: str | None, logits_name: str, past_formats: tuple[str, str],
-                 present_formats: tuple[str, str]) -> None:
+                 present_formats: tuple[str, str], share_buffer: bool = False) -> None:
         self.session = session
+        self.share_buffer = share_buffer
+        self.logits_name = logits_name
         self.ids_name, self.mask_name, self.position_name = ids_name, mask_name, position_name
         self.past_names = [f % i for i in range(layers) for f in past_formats]
         self.output_names = [logits_name, *(f % i for i in range(layers) for f in present_formats)]
@@ -136,9 +143,10 @@ class PlainOnnxLoop:
         cache_type = next(i.type for i in session.get_inputs() if i.name == self.past_names[0])
         self.cache_dtype = np.float16 if "float16" in cache_type else np.float32
         self.empty_cache_shape = (1, kv_heads, 0, head_dim)
+        self.present_names = self.output_names[1:]
 
     @classmethod
-    def optimum_layout(cls, session: Any, config: Any) -> "PlainOnnxLoop | None":
+    def optimum_layout(cls, session: Any, config: Any, share_buffer: bool = False) -> "PlainOnnxLoop | None":
         """The loop for a graph in optimum's format (what llmopt's ONNX exporter writes), or None when the
         session's inputs are another layout (e.g. a merged decoder with use_cache_branch)."""
         heads = config.num_attention_heads
@@ -150,17 +158,21 @@ class PlainOnnxLoop:
                        position_name="position_ids" if "position_ids" in {i.name for i in session.get_inputs()}
                        else None,
                        logits_name="logits", past_formats=("past_key_values.%d.key", "past_key_values.%d.value"),
-                       present_formats=("present.%d.key", "present.%d.value"))
+                       present_formats=("present.%d.key", "present.%d.value"), share_buffer=share_buffer)
         except ValueError:
             return None
 
-    def _forward(self, ids: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """ids (1, T) after `cache` (past tokens) -> logits (1, T, V) float32 and the new cache."""
-        past = cache[0].shape[2]
-        feeds = {self.ids_name: ids, self.mask_name: np.ones((1, past + ids.shape[1]), dtype=np.int64),
-                 **dict(zip(self.past_names, cache))}
+    def _token_feeds(self, ids: np.ndarray, past: int) -> dict[str, np.ndarray]:
+        """ids (1, T) after `past` tokens: the ids, the mask over past + T and, where the graph takes them, the
+        positions."""
+        feeds = {self.ids_name: ids, self.mask_name: np.ones((1, past + ids.shape[1]), dtype=np.int64)}
         if self.position_name:
             feeds[self.position_name] = np.arange(past, past + ids.shape[1], dtype=np.int64)[None]
+        return feeds
+
+    def _forward(self, ids: np.ndarray, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ids (1, T) after `cache` (past tokens) -> logits (1, T, V) float32 and the new cache."""
+        feeds = {**self._token_feeds(ids, cache[0].shape[2]), **dict(zip(self.past_names, cache))}
         logits, *present = self.session.run(self.output_names, feeds)
         return logits.astype(np.float32, copy=False), present
 
@@ -173,6 +185,8 @@ class PlainOnnxLoop:
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
         """Greedy, with the KV cache, exactly `new_tokens` tokens (no stop at end-of-sequence, as TorchRunner)."""
+        if self.share_buffer:
+            return self._generate_in_place(ids, new_tokens)
         out = [int(t) for t in ids]
         logits, cache = self._forward(ids[None].astype(np.int64), self._empty_cache())
         for step in range(new_tokens):
@@ -180,6 +194,31 @@ class PlainOnnxLoop:
             out.append(token)
             if step + 1 < new_tokens:
                 logits, cache = self._forward(np.array([[token]], dtype=np.int64), cache)
+        return np.asarray(out, dtype=np.int64)
+
+    def _generate_in_place(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+        """generate() with each layer's cache in one buffer that the graph updates in place (share_buffer)."""
+        import onnxruntime as ort
+
+        capacity = len(ids) + new_tokens
+        shape = (1, self.empty_cache_shape[1], capacity, self.empty_cache_shape[3])
+        buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.cache_dtype)) for _ in self.past_names]
+        binding = self.session.io_binding()
+        for past, present, buffer in zip(self.past_names, self.present_names, buffers):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        out = [int(t) for t in ids]
+        step_ids, seen = ids[None].astype(np.int64), 0
+        for _ in range(new_tokens):
+            for name, value in self._token_feeds(step_ids, seen).items():
+                binding.bind_cpu_input(name, value)
+            # Bound again each step (it keeps its place, after the caches): a bound output keeps its shape.
+            binding.bind_output(self.logits_name, "cpu")
+            self.session.run_with_iobinding(binding)
+            token = int(binding.get_outputs()[-1].numpy()[0, -1].argmax())
+            out.append(token)
+            seen += step_ids.shape[1]
+            step_ids = np.array([[token]], dtype=np.int64)
         return np.asarray(out, dtype=np.int64)
 
 
@@ -198,7 +237,9 @@ class OrtRunner:
         # What the session runs on: onnxruntime falls back to the CPU when CUDA's libraries fail to load.
         self.provider = (getattr(self.model, "providers", None) or [provider])[0]
         # On the CPU, numpy feeds the session directly; on CUDA optimum's IO binding keeps the cache on the GPU.
-        self.loop = PlainOnnxLoop.optimum_layout(self.model.session, self.model.config) \
+        from llmopt.exporters.onnx_genai import shares_kv_buffer
+
+        self.loop = PlainOnnxLoop.optimum_layout(self.model.session, self.model.config, shares_kv_buffer(folder)) \
             if self.provider == "CPUExecutionProvider" else None
 
     def logits(self, ids: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from llmopt.model import ArchInfo
 from llmopt.state import ModelState
 
 TASK = "text-generation-with-past"
+RUNTIMES_WITH_GENAI = ["onnxruntime (ORTModelForCausalLM)", "onnxruntime-genai (genai_config.json)"]
 
 
 class OnnxExporter(Exporter):
@@ -72,7 +73,18 @@ class OnnxExporter(Exporter):
             info.update(dtype="float16", fp32_nodes=stats["fp32_nodes"])
             notes.append(f"fp16 graph: {stats['fp32_nodes']} of {stats['nodes']} nodes kept in fp32 (normalisations, "
                          "softmax, overflowing modules); inputs and outputs stay float32.")
+        if info.get("fused_ops", {}).get("GroupQueryAttention") == state.model.config.num_hidden_layers:
+            notes.append(self._genai_config(state, folder, info))
         return ExportResult(folder, notes, info)
+
+    def _genai_config(self, state: ModelState, folder: Path, info: dict) -> str:
+        """Every layer's cache goes through GroupQueryAttention: onnxruntime-genai can drive the graph too."""
+        from llmopt.exporters.onnx_genai import GENAI_CONFIG, write_genai_config
+
+        write_genai_config(folder, state.model.config.to_dict(), provider=info["execution_provider"])
+        info["runtimes"] = RUNTIMES_WITH_GENAI
+        return (f"{GENAI_CONFIG} written: onnxruntime-genai runs this graph with one KV buffer per layer updated in "
+                "place; ORTModelForCausalLM runs it with its growing cache.")
 
     def _fuse(self, state: ModelState, folder: Path, info: dict) -> list[str]:
         from llmopt.exporters.onnx_fuse import attention_shape, fuse_file

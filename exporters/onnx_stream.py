@@ -28,7 +28,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llmopt.errors import InputError
 from llmopt.exporters.onnx_blockquant import MS_DOMAIN, matmul_nbits_parts
+from llmopt.exporters.onnx import RUNTIMES_WITH_GENAI
 from llmopt.exporters.onnx_fuse import sequence_length_nodes
+from llmopt.exporters.onnx_genai import write_genai_config
 from llmopt.quantized import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -116,7 +118,8 @@ def rotary_caches(config: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accuracy_level: int = 0) -> dict[str, Any]:
-    """Write model.onnx (+ model.onnx.data) and config.json into `folder`; returns export info."""
+    """Write model.onnx (+ model.onnx.data), config.json and genai_config.json into `folder`; returns export
+    info."""
     import json
 
     from transformers import AutoConfig
@@ -207,8 +210,10 @@ def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accu
     data = dict(plan.config)
     data["use_cache"] = True
     (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_genai_config(folder, data)  # every layer is GroupQueryAttention
     counts: dict[str, int] = {}
     for node in g.nodes:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return {"streaming": True, "matmul_nbits": counts.get("MatMulNBits", 0),
-            "group_query_attention": counts.get("GroupQueryAttention", 0), "external_data": DATA_FILE}
+            "group_query_attention": counts.get("GroupQueryAttention", 0), "external_data": DATA_FILE,
+            "runtimes": RUNTIMES_WITH_GENAI}

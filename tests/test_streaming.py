@@ -124,10 +124,16 @@ def test_onnx_stream_generates_as_torch_through_optimum(tiny_tokenizer, tmp_path
     quantize_checkpoint(tmp_path / "in", tmp_path / "out", config)
     prompt = np.array(tiny_tokenizer("while True:")["input_ids"])
 
-    onnx_tokens = OrtRunner(tmp_path / "out").generate(prompt, 8)  # ORTModelForCausalLM's own cache loop
+    runner = OrtRunner(tmp_path / "out")
+    assert runner.loop.share_buffer  # genai_config.json: every layer's cache is GroupQueryAttention's, in place
+    in_place = runner.generate(prompt, 8)
+    runner.loop.share_buffer = False
+    growing = runner.generate(prompt, 8)  # the cache as ORTModelForCausalLM feeds it, one longer a step
     torch_tokens = TorchRunner(state.model).generate(prompt, 8)
-    print(f"onnx {onnx_tokens.tolist()}\ntorch {torch_tokens.tolist()}")
-    assert onnx_tokens.tolist() == torch_tokens.tolist()
+    print(f"onnx {in_place.tolist()} / {growing.tolist()}\ntorch {torch_tokens.tolist()}")
+    assert in_place.tolist() == growing.tolist() == torch_tokens.tolist()
+    genai = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["num_hidden_layers"] == 2 and genai["search"]["past_present_share_buffer"]
 
 
 def test_reader_reads_one_tensor_at_a_time_exactly(tiny_tokenizer, tmp_path):

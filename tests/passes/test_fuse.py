@@ -4,6 +4,7 @@ fused model, fuse + quantize end to end, and safetensors + fuse refused at plan 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -271,6 +272,42 @@ def test_fuse_and_quantize_end_to_end(tiny_model_dir, fast_recipe, tmp_path):
     from llmopt.evaluation.runners import OrtRunner
 
     assert np.array_equal(OrtRunner(result.output).logits(prompt), OrtRunner(unpacked.output).logits(prompt))
+
+
+def test_fused_attention_writes_genai_config_and_updates_the_cache_in_place(tiny_model_dir, fast_recipe, tmp_path):
+    from llmopt.evaluation.runners import OrtRunner
+
+    result = llmopt.optimize(fast_recipe("passes:\n  - type: fuse\n"), model=str(tiny_model_dir),
+                             output=tmp_path / "out")
+    genai = json.loads((result.output / "genai_config.json").read_text())
+    decoder = genai["model"]["decoder"]
+    assert genai["model"]["type"] == "llama" and genai["search"]["past_present_share_buffer"] is True
+    assert (decoder["num_hidden_layers"], decoder["num_attention_heads"], decoder["num_key_value_heads"],
+            decoder["head_size"]) == (2, 4, 2, 16)
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert decoder["outputs"]["present_value_names"] == "present.%d.value"
+    assert decoder["session_options"]["provider_options"] == []  # the CPU
+    assert "onnxruntime-genai (genai_config.json)" in result.report.export["runtimes"]
+    assert any(note.startswith("genai_config.json written") for note in result.report.notes)
+
+    runner = OrtRunner(result.output)
+    assert runner.loop.share_buffer
+    prompt = np.arange(3, 30, dtype=np.int64)
+    in_place = runner.generate(prompt, 12)
+    runner.loop.share_buffer = False
+    growing = runner.generate(prompt, 12)
+    print(in_place[len(prompt):], growing[len(prompt):])
+    assert len(in_place) == len(prompt) + 12 and np.array_equal(in_place, growing)
+
+
+def test_unfused_attention_gets_no_genai_config(tiny_model_dir, fast_recipe, tmp_path):
+    from llmopt.evaluation.runners import OrtRunner
+
+    result = llmopt.optimize(fast_recipe("passes:\n  - type: fuse\n    attention: false\n"),
+                             model=str(tiny_model_dir), output=tmp_path / "out")
+    assert "GroupQueryAttention" not in result.report.export["fused_ops"]
+    assert not (result.output / "genai_config.json").exists() and "runtimes" not in result.report.export
+    assert not OrtRunner(result.output).loop.share_buffer  # optimum's Concat cache cannot be updated in place
 
 
 def test_fuse_with_safetensors_is_refused_at_plan_time(tiny_model_dir, fast_recipe):
