@@ -2,11 +2,15 @@
 onnxruntime-genai's model builder fp32 and int4, side by side in one run.
 
     python benchmarks/fusion.py [--threads 2] [--rounds 5] [--prompt-tokens 64] [--new-tokens 32] [--profile]
-                                [--reuse [--add LABEL=FOLDER ...] [--versus LABEL ...]]
+                                [--growing-cache] [--reuse [--add LABEL=FOLDER ...] [--versus LABEL ...]]
 
 Every artifact is driven by the same plain onnxruntime loop (peers.plain_onnx_runner: InferenceSession and
 numpy, CPU EP; not transformers' generate(), whose per-step cost would hide the graphs' differences) and
-timed by llmopt's own measure_speed (prefill of one prompt at batch 1, greedy decode with the KV cache);
+timed by llmopt's own measure_speed (prefill of one prompt at batch 1, greedy decode with the KV cache).
+Graphs whose genai_config.json says past_present_share_buffer (the builder's, llmopt's fused ones) get one
+KV buffer per layer that GroupQueryAttention updates in place, as onnxruntime-genai runs them; optimum's graph
+takes the cache one step longer each time, the only way it can run. `--growing-cache` times the in-place rows
+that way too;
 `--reuse` measures the folders of an earlier run without building them again, and `--add LABEL=FOLDER` more
 folders beside them. The models take turns, one
 measurement each per round, and the median over rounds is printed, so load from other processes on the
@@ -38,6 +42,8 @@ from peers import (  # noqa: E402  (the benchmarks folder is not a package)
     demo_hf_folder,
     export_optimum_fp32,
     folder_mb,
+    genai_decode,
+    peer_versions,
     plain_onnx_runner,
 )
 
@@ -87,6 +93,12 @@ def main() -> None:
     parser.add_argument("--versus", nargs="+", default=[], metavar="LABEL",
                         help="more rows to pair every row's decode speed with, each in a column of its own "
                              "(e.g. an --add label)")
+    parser.add_argument("--growing-cache", action="store_true",
+                        help="time every row whose KV cache is updated in place (a genai_config.json says so) a "
+                             "second time with the cache that grows a step at a time, as ORTModelForCausalLM feeds it")
+    parser.add_argument("--genai", action="store_true",
+                        help="after the rounds, run every row that has a genai_config.json in onnxruntime-genai's own "
+                             "Generator (the peer venv): its greedy tokens against this loop's, and its decode speed")
     parser.add_argument("--profile", action="store_true",
                         help="after the rounds, onnxruntime's profile of the fp32 rows' decode steps, by op type")
     args = parser.parse_args()
@@ -150,6 +162,10 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
 
     tokenizer = AutoTokenizer.from_pretrained(folders["optimum fp32 (unfused)"])
     runners = {name: plain_onnx_runner(folder, threads=args.threads) for name, folder in folders.items()}
+    if args.growing_cache:  # the same graphs with the cache as ORTModelForCausalLM feeds it
+        for name in [name for name, runner in runners.items() if runner.share_buffer]:
+            folders[f"{name}, growing cache"] = folders[name]
+            runners[f"{name}, growing cache"] = plain_onnx_runner(folders[name], args.threads, share_buffer=False)
     reference = runners["optimum fp32 (unfused)"]
     gaps = {name: logit_gap(reference, runner, tokenizer) for name, runner in runners.items()}
     prompt = _speed_prompt(tokenizer, args.prompt_tokens)
@@ -200,6 +216,8 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
         print(f"fp32 matmuls alone (a graph of nothing but the model's matmuls, same shapes, one decode step): "
               f"{alone_ms:.1f} ms, so no fp32 graph of this model decodes faster than {1000 / alone_ms:.1f} tok/s "
               f"({1000 / alone_ms / base:.2f}× optimum's unfused fp32) in this runtime.")
+    if args.genai:
+        print_genai_rows(args, folders, runners, prompt)
     if args.profile:
         for name in runners:
             if "fp32" in name:
@@ -207,6 +225,27 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
     print()
     for note in notes:
         print(note)
+
+
+def print_genai_rows(args, folders: dict[str, Path], runners: dict, prompt) -> None:
+    """The rows with a genai_config.json, in onnxruntime-genai's Generator: the same greedy tokens as in this
+    loop, and decode tok/s paired round by round with the first row (another onnxruntime build underneath,
+    so its figures are compared with each other only)."""
+    genai_rows = {name: folders[name] for name in runners
+                  if (folders[name] / "genai_config.json").is_file() and not name.endswith("growing cache")}
+    if not genai_rows:
+        return
+    results = genai_decode(genai_rows, prompt, args.new_tokens, args.threads, args.rounds)
+    first = next(iter(results))
+    print(f"\nIn onnxruntime-genai {peer_versions()['onnxruntime-genai']} (onnxruntime "
+          f"{peer_versions()['onnxruntime']}), {args.rounds} alternating rounds:")
+    print(f"| artifact | same {args.new_tokens} greedy tokens as this loop | decode tok/s | vs {first} |")
+    print("|---|---|---|---|")
+    for name, result in results.items():
+        ours = [int(t) for t in runners[name].generate(prompt, args.new_tokens)]
+        ratios = [a / b for a, b in zip(result["decode"], results[first]["decode"])]
+        print(f"| {name} | {'yes' if result['tokens'] == ours else 'NO'} | {statistics.median(result['decode']):.1f} "
+              f"| {statistics.median(ratios):.3f}× |")
 
 
 def print_decode_profile(name: str, folder: Path, prompt, new_tokens: int, threads: int) -> None:
