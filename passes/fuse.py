@@ -14,7 +14,9 @@ from llmopt.state import ModelState, PassContext
 class FuseConfig(PassConfig):
     type: Literal["fuse"] = "fuse"
     attention: bool = Field(True, description="Attention with its KV cache -> GroupQueryAttention (the cache keeps "
-                                              "optimum's layout, so ORTModelForCausalLM drives the fused model).")
+                                              "optimum's layout, so ORTModelForCausalLM drives the fused model; "
+                                              "with every layer fused, a genai_config.json lets onnxruntime-genai "
+                                              "drive it too, updating the cache in place).")
     rotary: bool = Field(True, description="Rotary position embedding -> RotaryEmbedding.")
     norms: bool = Field(True, description="RMSNorm -> SimplifiedLayerNormalization, RMSNorm + residual -> "
                                           "SkipSimplifiedLayerNormalization (LayerNorm likewise).")
