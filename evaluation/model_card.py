@@ -35,6 +35,10 @@ def render_model_card(report: Report) -> str:
         lines += ["## Use", "", "```python", "from optimum.onnxruntime import ORTModelForCausalLM",
                   "from transformers import AutoTokenizer", "model = ORTModelForCausalLM.from_pretrained(PATH)",
                   "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]
+        if any("genai" in runtime for runtime in report.export.get("runtimes", [])):
+            lines += ["or with onnxruntime-genai (`genai_config.json`; the KV cache is updated in place):", "",
+                      "```python", "import onnxruntime_genai as og", "model = og.Model(PATH)",
+                      "tokenizer = og.Tokenizer(model)", "```", ""]
     else:
         lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(PATH)",

@@ -289,6 +289,7 @@ def test_fused_attention_writes_genai_config_and_updates_the_cache_in_place(tiny
     assert decoder["session_options"]["provider_options"] == []  # the CPU
     assert "onnxruntime-genai (genai_config.json)" in result.report.export["runtimes"]
     assert any(note.startswith("genai_config.json written") for note in result.report.notes)
+    assert "model = og.Model(PATH)" in (result.output / "README.md").read_text()
 
     runner = OrtRunner(result.output)
     assert runner.loop.share_buffer
@@ -307,6 +308,7 @@ def test_unfused_attention_gets_no_genai_config(tiny_model_dir, fast_recipe, tmp
                              model=str(tiny_model_dir), output=tmp_path / "out")
     assert "GroupQueryAttention" not in result.report.export["fused_ops"]
     assert not (result.output / "genai_config.json").exists() and "runtimes" not in result.report.export
+    assert "onnxruntime_genai" not in (result.output / "README.md").read_text()
     assert not OrtRunner(result.output).loop.share_buffer  # optimum's Concat cache cannot be updated in place
 
 
