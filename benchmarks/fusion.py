@@ -221,7 +221,8 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
     if args.profile:
         for name in runners:
             if "fp32" in name:
-                print_decode_profile(name, folders[name], prompt, args.new_tokens, args.threads)
+                print_decode_profile(name, folders[name], prompt, args.new_tokens, args.threads,
+                                     runners[name].share_buffer)
     print()
     for note in notes:
         print(note)
@@ -248,14 +249,14 @@ def print_genai_rows(args, folders: dict[str, Path], runners: dict, prompt) -> N
               f"| {statistics.median(ratios):.3f}× |")
 
 
-def print_decode_profile(name: str, folder: Path, prompt, new_tokens: int, threads: int) -> None:
+def print_decode_profile(name: str, folder: Path, prompt, new_tokens: int, threads: int, share_buffer: bool) -> None:
     """onnxruntime's own profile of one generate() over the plain loop, decode steps only (the prefill run is
     left out): kernel ms per decoded token by op type, and the session's whole run time per token."""
     import json
 
     import onnxruntime as ort
 
-    runner = plain_onnx_runner(folder, threads=threads)
+    runner = plain_onnx_runner(folder, threads, share_buffer)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = True

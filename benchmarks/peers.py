@@ -165,7 +165,7 @@ def ort_dynamic_int8(fp32_onnx_dir: Path, out_dir: Path, *, reduce_range: bool =
 
 
 _GENAI_TIMING = """
-import json, statistics, sys, time
+import json, sys, time
 import onnxruntime_genai as og
 
 spec = json.loads(sys.argv[1])

@@ -212,7 +212,7 @@ class PlainOnnxLoop:
         for _ in range(new_tokens):
             for name, value in self._token_feeds(step_ids, seen).items():
                 binding.bind_cpu_input(name, value)
-            # Bound again each step (it keeps its place, after the caches): a bound output keeps its shape.
+            # Bound again each step, as a bound output keeps its shape; it keeps its place too (last).
             binding.bind_output(self.logits_name, "cpu")
             self.session.run_with_iobinding(binding)
             token = int(binding.get_outputs()[-1].numpy()[0, -1].argmax())

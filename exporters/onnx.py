@@ -82,7 +82,7 @@ class OnnxExporter(Exporter):
         from llmopt.exporters.onnx_genai import GENAI_CONFIG, write_genai_config
 
         write_genai_config(folder, state.model.config.to_dict(), provider=info["execution_provider"])
-        info["runtimes"] = RUNTIMES_WITH_GENAI
+        info["runtimes"] = list(RUNTIMES_WITH_GENAI)
         return (f"{GENAI_CONFIG} written: onnxruntime-genai runs this graph with one KV buffer per layer updated in "
                 "place; ORTModelForCausalLM runs it with its growing cache.")
 
@@ -102,16 +102,29 @@ class OnnxExporter(Exporter):
         return notes
 
     def _pack(self, folder: Path, info: dict) -> list[str]:
-        """After MatMulNBits: packing concatenates the stored integers of sibling projections."""
+        """After MatMulNBits: packing concatenates the stored integers of sibling projections.
+
+        Gate/up are packed only where they are MatMulNBits. A packed gate/up needs a Split after it. On the CPU,
+        in a float graph the Split costs more than the second matmul call it saves (fp32 decode 0.993x against
+        gate and up apart), and with MatMulNBits the saved call is worth more (int4 decode 1.04x). Measured
+        with benchmarks/fusion.py; the builder's graphs are split the same way. Q/K/V are always packed: that
+        moves the rotary embedding inside GroupQueryAttention."""
+        from functools import partial
+
         from llmopt.exporters.onnx_fuse import rewrite_file
         from llmopt.exporters.onnx_pack import pack_graph
 
         external = {"auto": None, "always": True, "never": False}[self.config.external_data]
-        stats = rewrite_file(folder / "model.onnx", pack_graph, external)
+        quantized_mlp = bool(info.get("matmul_nbits"))
+        stats = rewrite_file(folder / "model.onnx", partial(pack_graph, gate_up=quantized_mlp), external)
         info["packed_projections"] = {"qkv": stats.qkv, "gate_up": stats.gate_up}
         info["fused_ops"] = stats.counts  # rotary now inside GroupQueryAttention where Q/K/V were packed
         info["graph_nodes"]["after_packing"] = stats.nodes_after
-        return stats.unpacked
+        notes = list(stats.unpacked)
+        if not quantized_mlp:
+            notes.append("gate/up kept as two matmuls: in a float graph the Split after a packed one costs more "
+                         "than the second call.")
+        return notes
 
 
 @contextlib.contextmanager

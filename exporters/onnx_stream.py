@@ -216,4 +216,4 @@ def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accu
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return {"streaming": True, "matmul_nbits": counts.get("MatMulNBits", 0),
             "group_query_attention": counts.get("GroupQueryAttention", 0), "external_data": DATA_FILE,
-            "runtimes": RUNTIMES_WITH_GENAI}
+            "runtimes": list(RUNTIMES_WITH_GENAI)}

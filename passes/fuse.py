@@ -22,9 +22,10 @@ class FuseConfig(PassConfig):
                                           "SkipSimplifiedLayerNormalization (LayerNorm likewise).")
     activations: bool = Field(True, description="SiLU -> QuickGelu(alpha=1), tanh/erf GELU -> FastGelu/Gelu.")
     pack_projections: bool = Field(True, description="Q/K/V -> one matmul read by GroupQueryAttention (rotary inside "
-                                                     "it), gate/up -> one matmul and a Split; done after the weights "
-                                                     "are stored (MatMulNBits weights are concatenated, not "
-                                                     "re-quantized).")
+                                                     "it), quantized gate/up -> one MatMulNBits and a Split (float "
+                                                     "gate/up stay two matmuls: the Split costs more there); done "
+                                                     "after the weights are stored (MatMulNBits weights are "
+                                                     "concatenated, not re-quantized).")
 
 
 class FusePass(Pass):
