@@ -164,39 +164,6 @@ def ort_dynamic_int8(fp32_onnx_dir: Path, out_dir: Path, *, reduce_range: bool =
     return time.perf_counter() - start
 
 
-_GENAI_TIMING = """
-import json, sys, time
-import onnxruntime_genai as og
-
-spec = json.loads(sys.argv[1])
-prompt, new_tokens = spec["prompt"], spec["new_tokens"]
-models = {}
-for label, folder in spec["folders"].items():
-    config = og.Config(folder)
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": spec["threads"]}}}}))
-    models[label] = og.Model(config)
-
-def generate(model, count):
-    params = og.GeneratorParams(model)
-    total = len(prompt) + count
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)]
-
-tokens = {label: generate(model, new_tokens) for label, model in models.items()}
-decode = {label: [] for label in models}
-for _ in range(spec["rounds"]):
-    for label, model in models.items():
-        start = time.perf_counter(); generate(model, 1); one = time.perf_counter() - start
-        start = time.perf_counter(); generate(model, new_tokens); every = time.perf_counter() - start
-        decode[label].append((new_tokens - 1) / (every - one))
-print(json.dumps({"tokens": tokens, "decode": decode}))
-"""
-
-
 def genai_decode(folders: dict[str, Path], prompt: list[int], new_tokens: int, threads: int,
                  rounds: int) -> dict[str, dict[str, list]]:
     """Greedy tokens and per-round decode tok/s of each folder in onnxruntime-genai's own Generator (the peer
@@ -205,8 +172,8 @@ def genai_decode(folders: dict[str, Path], prompt: list[int], new_tokens: int, t
     python = ensure_peer_venv()
     spec = {"folders": {label: str(folder) for label, folder in folders.items()}, "prompt": [int(t) for t in prompt],
             "new_tokens": new_tokens, "threads": threads, "rounds": rounds}
-    done = subprocess.run([str(python), "-c", _GENAI_TIMING, json.dumps(spec)], check=False, capture_output=True,
-                          text=True)
+    script = Path(__file__).resolve().parent / "genai_timing.py"
+    done = subprocess.run([str(python), str(script), json.dumps(spec)], check=False, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"onnxruntime-genai failed ({done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
