@@ -2,7 +2,7 @@
 onnxruntime-genai's model builder fp32 and int4, side by side in one run.
 
     python benchmarks/fusion.py [--threads 2] [--rounds 5] [--prompt-tokens 64] [--new-tokens 32] [--profile]
-                                [--growing-cache] [--reuse [--add LABEL=FOLDER ...] [--versus LABEL ...]]
+                                [--growing-cache] [--genai] [--reuse [--add LABEL=FOLDER ...] [--versus LABEL ...]]
 
 Every artifact is driven by the same plain onnxruntime loop (peers.plain_onnx_runner: InferenceSession and
 numpy, CPU EP; not transformers' generate(), whose per-step cost would hide the graphs' differences) and
@@ -10,7 +10,7 @@ timed by llmopt's own measure_speed (prefill of one prompt at batch 1, greedy de
 Graphs whose genai_config.json says past_present_share_buffer (the builder's, llmopt's fused ones) get one
 KV buffer per layer that GroupQueryAttention updates in place, as onnxruntime-genai runs them; optimum's graph
 takes the cache one step longer each time, the only way it can run. `--growing-cache` times the in-place rows
-that way too;
+that way too, and `--genai` runs them in onnxruntime-genai's own Generator (the peer venv) as well;
 `--reuse` measures the folders of an earlier run without building them again, and `--add LABEL=FOLDER` more
 folders beside them. The models take turns, one
 measurement each per round, and the median over rounds is printed, so load from other processes on the
