@@ -237,9 +237,9 @@ def print_genai_rows(args, folders: dict[str, Path], runners: dict, prompt) -> N
     if not genai_rows:
         return
     results = genai_decode(genai_rows, prompt, args.new_tokens, args.threads, args.rounds)
-    first = next(iter(results))
-    print(f"\nIn onnxruntime-genai {peer_versions()['onnxruntime-genai']} (onnxruntime "
-          f"{peer_versions()['onnxruntime']}), {args.rounds} alternating rounds:")
+    first, versions = next(iter(results)), peer_versions()
+    print(f"\nIn onnxruntime-genai {versions['onnxruntime-genai']} (onnxruntime {versions['onnxruntime']}), "
+          f"{args.rounds} alternating rounds:")
     print(f"| artifact | same {args.new_tokens} greedy tokens as this loop | decode tok/s | vs {first} |")
     print("|---|---|---|---|")
     for name, result in results.items():

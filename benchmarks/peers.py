@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from llmopt.evaluation.runners import PlainOnnxLoop
+from llmopt.exporters.onnx_genai import shares_kv_buffer
 
 CACHE = Path(os.environ.get("LLMOPT_BENCH_CACHE", "~/.cache/llmopt-bench")).expanduser()
 
@@ -213,11 +214,10 @@ class GenaiRunner(PlainOnnxRunner):
     GroupQueryAttention derives the positions from the attention mask, so its graphs take no position_ids."""
 
     def __init__(self, folder: Path, threads: int | None = None, share_buffer: bool | None = None) -> None:
-        genai = json.loads((Path(folder) / "genai_config.json").read_text(encoding="utf-8"))
-        decoder = genai["model"]["decoder"]
+        decoder = json.loads((Path(folder) / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
         names_in, names_out = decoder["inputs"], decoder["outputs"]
         if share_buffer is None:
-            share_buffer = bool(genai.get("search", {}).get("past_present_share_buffer"))
+            share_buffer = shares_kv_buffer(folder)
         super().__init__(
             Path(folder) / decoder["filename"], threads, layers=decoder["num_hidden_layers"],
             kv_heads=decoder["num_key_value_heads"], head_dim=decoder["head_size"],

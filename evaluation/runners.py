@@ -200,8 +200,8 @@ class PlainOnnxLoop:
         """generate() with each layer's cache in one buffer that the graph updates in place (share_buffer)."""
         import onnxruntime as ort
 
-        capacity = len(ids) + new_tokens
-        shape = (1, self.empty_cache_shape[1], capacity, self.empty_cache_shape[3])
+        batch, heads, _, head_dim = self.empty_cache_shape
+        shape = (batch, heads, len(ids) + new_tokens, head_dim)  # room for every position this call feeds
         buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.cache_dtype)) for _ in self.past_names]
         binding = self.session.io_binding()
         for past, present, buffer in zip(self.past_names, self.present_names, buffers):

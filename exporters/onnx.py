@@ -12,7 +12,6 @@ from llmopt.model import ArchInfo
 from llmopt.state import ModelState
 
 TASK = "text-generation-with-past"
-RUNTIMES_WITH_GENAI = ["onnxruntime (ORTModelForCausalLM)", "onnxruntime-genai (genai_config.json)"]
 
 
 class OnnxExporter(Exporter):
@@ -79,10 +78,10 @@ class OnnxExporter(Exporter):
 
     def _genai_config(self, state: ModelState, folder: Path, info: dict) -> str:
         """Every layer's cache goes through GroupQueryAttention: onnxruntime-genai can drive the graph too."""
-        from llmopt.exporters.onnx_genai import GENAI_CONFIG, write_genai_config
+        from llmopt.exporters.onnx_genai import GENAI_CONFIG, RUNTIMES, write_genai_config
 
         write_genai_config(folder, state.model.config.to_dict(), provider=info["execution_provider"])
-        info["runtimes"] = list(RUNTIMES_WITH_GENAI)
+        info["runtimes"] = list(RUNTIMES)
         return (f"{GENAI_CONFIG} written: onnxruntime-genai runs this graph with one KV buffer per layer updated in "
                 "place; ORTModelForCausalLM runs it with its growing cache.")
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 GENAI_CONFIG = "genai_config.json"
+# The report's export.runtimes for an artifact with a genai_config.json.
+RUNTIMES = ["onnxruntime (ORTModelForCausalLM)", "onnxruntime-genai (genai_config.json)"]
 # optimum's names, which llmopt's graphs keep (exporters/onnx.py, exporters/onnx_stream.py).
 _INPUTS = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
            "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
@@ -70,4 +72,4 @@ def shares_kv_buffer(folder: Path) -> bool:
     return bool(json.loads(path.read_text(encoding="utf-8")).get("search", {}).get("past_present_share_buffer"))
 
 
-__all__ = ["GENAI_CONFIG", "shares_kv_buffer", "write_genai_config"]
+__all__ = ["GENAI_CONFIG", "RUNTIMES", "shares_kv_buffer", "write_genai_config"]

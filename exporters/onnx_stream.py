@@ -28,9 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llmopt.errors import InputError
 from llmopt.exporters.onnx_blockquant import MS_DOMAIN, matmul_nbits_parts
-from llmopt.exporters.onnx import RUNTIMES_WITH_GENAI
 from llmopt.exporters.onnx_fuse import sequence_length_nodes
-from llmopt.exporters.onnx_genai import write_genai_config
+from llmopt.exporters.onnx_genai import RUNTIMES, write_genai_config
 from llmopt.quantized import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -216,4 +215,4 @@ def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accu
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return {"streaming": True, "matmul_nbits": counts.get("MatMulNBits", 0),
             "group_query_attention": counts.get("GroupQueryAttention", 0), "external_data": DATA_FILE,
-            "runtimes": list(RUNTIMES_WITH_GENAI)}
+            "runtimes": list(RUNTIMES)}
