@@ -298,11 +298,12 @@ def test_fused_attention_writes_genai_config_and_updates_the_cache_in_place(tiny
     runner = OrtRunner(result.output)
     assert runner.loop.share_buffer
     prompt = np.arange(3, 30, dtype=np.int64)
-    in_place = runner.generate(prompt, 12)
+    in_place = {n: runner.generate(prompt, n) for n in (0, 1, 12)}
     runner.loop.share_buffer = False
-    growing = runner.generate(prompt, 12)
-    print(in_place[len(prompt):], growing[len(prompt):])
-    assert len(in_place) == len(prompt) + 12 and np.array_equal(in_place, growing)
+    growing = {n: runner.generate(prompt, n) for n in (0, 1, 12)}
+    print(in_place[12][len(prompt):], growing[12][len(prompt):])
+    for n in (0, 1, 12):  # no step, the prefill's token only, and decode steps into the bound logits buffer
+        assert len(in_place[n]) == len(prompt) + n and np.array_equal(in_place[n], growing[n])
 
 
 def test_unfused_attention_gets_no_genai_config(tiny_model_dir, fast_recipe, tmp_path):
