@@ -18,8 +18,9 @@ machine falls on all rows alike. int4 on both sides: symmetric RTN, blocks of 32
 (the builder's CPU default); the "unpacked" row is llmopt's int4 graph with Q/K/V and gate/up left as
 separate matmuls (`fuse: {pack_projections: false}`), to show what packing adds. The last column is each artifact's largest logit difference from optimum's
 fp32 export on the validation prompts (same weights for the fp32 rows, quantization error for int4).
-After the table: the machine's read bandwidth and "fp32 matmuls alone", a graph of nothing but the model's
-matmuls, which bounds how fast any fp32 graph of it can decode in onnxruntime here.
+After the table: each int4 row's prefill time against the builder int4's, paired round by round; the
+machine's read bandwidth; and "fp32 matmuls alone", a graph of nothing but the model's matmuls, timed with each
+fp32 kernel onnxruntime has for them, which bounds how fast any fp32 graph of it can decode in onnxruntime here.
 """
 
 from __future__ import annotations
@@ -177,13 +178,13 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
             decode[name].append(scores.decode_tokens_per_s)
             prefill[name].append(scores.prefill_ms)
 
-    def paired(name: str, reference: str) -> str:
-        """Median over rounds of this row's decode speed / the reference row's in the same round (load that
-        drifts between rounds cancels out, unlike a ratio of medians), with a 95% bootstrap interval over
-        rounds: an interval that holds 1.000× means the two rows are level within this machine's noise."""
-        if reference not in decode or name == reference:
+    def paired(name: str, reference: str, series: dict[str, list[float]] = decode) -> str:
+        """Median over rounds of this row's decode speed (or prefill ms) / the reference row's in the same round
+        (load that drifts between rounds cancels out, unlike a ratio of medians), with a 95% bootstrap interval
+        over rounds: an interval that holds 1.000× means the two rows are level within this machine's noise."""
+        if reference not in series or name == reference:
             return "–"
-        ratios = np.array([a / b for a, b in zip(decode[name], decode[reference])])
+        ratios = np.array([a / b for a, b in zip(series[name], series[reference])])
         resampled = np.random.default_rng(0).choice(ratios, (2000, len(ratios)))
         low, high = np.percentile(np.median(resampled, axis=1), [2.5, 97.5])
         return f"{np.median(ratios):.3f}× [{low:.3f}, {high:.3f}]"
@@ -201,6 +202,10 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
         print(f"| {name} | {d:.1f} ({spread}) | " + " | ".join(paired(name, ref) for ref in references)
               + f" | {p:.0f} | {size:.1f} | {size * d / 1000:.1f} "
               f"| {gaps[name]:.3g} | {build_s.get(name, float('nan')):.0f} |")
+    int4_rows = [name for name in runners if "int4" in name and name != "genai builder int4"]
+    if "genai builder int4" in prefill and int4_rows:
+        print("\nPrefill time ÷ genai builder int4's, paired round by round (below 1.000× is faster): "
+              + "; ".join(f"{name} {paired(name, 'genai builder int4', prefill)}" for name in int4_rows) + ".")
     bandwidth, gemv = read_bandwidth_gbs(args.threads)
     print(f"\nMemory read bandwidth of this machine, {args.threads} threads, 512 MB of float32, best of 5: "
           f"{bandwidth:.1f} GB/s for a plain sum, {gemv:.1f} GB/s for torch's fp32 matrix-vector product (a "
@@ -212,10 +217,12 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
         print(f"fp32 ceilings here: {bandwidth * 1000 / size:.1f} tok/s ({bandwidth * 1000 / size / base:.2f}× optimum's "
               f"unfused fp32) at the sum's rate, {gemv * 1000 / size:.1f} tok/s ({gemv * 1000 / size / base:.2f}×) at "
               "the matrix-vector product's.")
-        alone_ms = matmuls_alone_ms(folders["optimum fp32 (unfused)"], args.threads)
-        print(f"fp32 matmuls alone (a graph of nothing but the model's matmuls, same shapes, one decode step): "
-              f"{alone_ms:.1f} ms, so no fp32 graph of this model decodes faster than {1000 / alone_ms:.1f} tok/s "
-              f"({1000 / alone_ms / base:.2f}× optimum's unfused fp32) in this runtime.")
+        alone = matmuls_alone_ms(folders["optimum fp32 (unfused)"], args.threads)
+        best_kernel, alone_ms = min(alone.items(), key=lambda item: item[1])
+        print(f"fp32 matmuls alone (a graph of nothing but the model's matmuls, same shapes, one decode step), "
+              "median ms by kernel: " + ", ".join(f"{kernel} {ms:.1f}" for kernel, ms in alone.items())
+              + f". At the fastest, no fp32 graph of this model decodes faster than {1000 / alone_ms:.1f} tok/s "
+              f"({1000 / alone_ms / base:.2f}× optimum's unfused fp32) in this runtime ({best_kernel}).")
     if args.genai:
         print_genai_rows(args, folders, runners, prompt)
     if args.profile:
@@ -304,11 +311,14 @@ def read_bandwidth_gbs(threads: int) -> tuple[float, float]:
         torch.set_num_threads(previous)
 
 
-def matmuls_alone_ms(folder: Path, threads: int, runs: int = 20) -> float:
+def matmuls_alone_ms(folder: Path, threads: int, runs: int = 20) -> dict[str, float]:
     """Median ms of one decode step's fp32 matmuls alone (Q/K/V packed, o, gate/up packed and down per layer,
     then lm_head; shapes from the folder's config.json), with no other op between them: the floor under any
-    fused fp32 graph in onnxruntime, with its own kernels, on this machine. The weights are random: pages of
-    equal values can be merged by the host and read from cache, which would flatter the floor."""
+    fused fp32 graph in onnxruntime, with its own kernels, on this machine. Measured for each way onnxruntime
+    can multiply by an fp32 weight: MatMul with (in, out) weights, Gemm with transB and (out, in) weights (what
+    torch's Linear stores), each with the weights prepacked at load (the default) and not (MLAS then reads them
+    as stored). The variants take turns, one timed run each per round. The weights are random: pages of equal
+    values can be merged by the host and read from cache, which would flatter the floor."""
     import json
 
     import onnxruntime as ort
@@ -323,27 +333,52 @@ def matmuls_alone_ms(folder: Path, threads: int, runs: int = 20) -> float:
               for name, source, n in (("qkv", "hidden", (heads + 2 * kv_heads) * head_dim), ("o", "attention", hidden),
                                       ("gate_up", "hidden", 2 * inter), ("down", "mlp", hidden))]
     shapes.append(("lm_head", "hidden", config["vocab_size"]))
-    nodes = [helper.make_node("MatMul", [source, f"{name}_w"], [name]) for name, source, _ in shapes]
     rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array(rng.random((inputs[source], n), dtype=np.float32), f"{name}_w")
-               for name, source, n in shapes]
-    graph = helper.make_graph(
-        nodes, "matmuls_alone",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 1, k]) for name, k in inputs.items()],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name, _, _ in shapes], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    matrices = [rng.random((inputs[source], n), dtype=np.float32) for _, source, n in shapes]
+
+    def model_bytes(op: str) -> bytes:
+        if op == "MatMul":
+            nodes = [helper.make_node("MatMul", [source, f"{name}_w"], [name]) for name, source, _ in shapes]
+            weights = [numpy_helper.from_array(m, f"{name}_w") for (name, _, _), m in zip(shapes, matrices)]
+        else:
+            nodes = [helper.make_node("Gemm", [f"{source}_2d", f"{name}_w"], [name], transB=1)
+                     for name, source, _ in shapes]
+            weights = [numpy_helper.from_array(np.ascontiguousarray(m.T), f"{name}_w")
+                       for (name, _, _), m in zip(shapes, matrices)]
+            # Gemm takes 2-D inputs only.
+            nodes = [helper.make_node("Squeeze", [name, "axis0"], [f"{name}_2d"]) for name in inputs] + nodes
+            weights.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+        graph = helper.make_graph(
+            nodes, "matmuls_alone",
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 1, k]) for name, k in inputs.items()],
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name, _, _ in shapes], weights)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+    sessions = {}
+    for op in ("MatMul", "Gemm transB"):
+        serialized = model_bytes(op)
+        for prepacked in (True, False):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.disable_prepacking", "0" if prepacked else "1")
+            label = f"{op}{'' if prepacked else ' not prepacked'}"
+            sessions[label] = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
     feeds = {name: np.ones((1, 1, k), np.float32) for name, k in inputs.items()}
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
+    for session in sessions.values():
+        for _ in range(3):
+            session.run(None, feeds)
+    times: dict[str, list[float]] = {label: [] for label in sessions}
     for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        for label, session in sessions.items():
+            # Two untimed runs first: here the first two runs after another session's take about 2× and 1.3×
+            # the steady time (measured: 39 and 26 ms against 20), as measure_speed's warm-up absorbs them for
+            # the decode rows.
+            for _ in range(2):
+                session.run(None, feeds)
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) * 1000 for label, t in times.items()}
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ class OnnxExporter(Exporter):
         Gate/up are packed only where they are MatMulNBits. A packed gate/up needs a Split after it. On the CPU,
         in a float graph the Split costs more than the second matmul call it saves (fp32 decode 0.993x against
         gate and up apart), and with MatMulNBits the saved call is worth more (int4 decode 1.04x). Measured
-        with benchmarks/fusion.py; the builder's graphs are split the same way. Q/K/V are always packed: that
+        with benchmarks/fusion.py; the builder's graphs keep gate and up apart in both. Q/K/V are always packed: that
         moves the rotary embedding inside GroupQueryAttention."""
         from functools import partial
 
