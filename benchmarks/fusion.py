@@ -341,16 +341,12 @@ def matmuls_alone_ms(folder: Path, threads: int, runs: int = 20) -> dict[str, fl
             nodes = [helper.make_node("MatMul", [source, f"{name}_w"], [name]) for name, source, _ in shapes]
             weights = [numpy_helper.from_array(m, f"{name}_w") for (name, _, _), m in zip(shapes, matrices)]
         else:
-            nodes = [helper.make_node("Gemm", [f"{source}_2d", f"{name}_w"], [name], transB=1)
-                     for name, source, _ in shapes]
+            nodes = [helper.make_node("Gemm", [source, f"{name}_w"], [name], transB=1) for name, source, _ in shapes]
             weights = [numpy_helper.from_array(np.ascontiguousarray(m.T), f"{name}_w")
                        for (name, _, _), m in zip(shapes, matrices)]
-            # Gemm takes 2-D inputs only.
-            nodes = [helper.make_node("Squeeze", [name, "axis0"], [f"{name}_2d"]) for name in inputs] + nodes
-            weights.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
-        graph = helper.make_graph(
+        graph = helper.make_graph(  # (1, k) inputs, as Gemm takes 2-D only: one decode token
             nodes, "matmuls_alone",
-            [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 1, k]) for name, k in inputs.items()],
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, k]) for name, k in inputs.items()],
             [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name, _, _ in shapes], weights)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
@@ -363,7 +359,7 @@ def matmuls_alone_ms(folder: Path, threads: int, runs: int = 20) -> dict[str, fl
             options.add_session_config_entry("session.disable_prepacking", "0" if prepacked else "1")
             label = f"{op}{'' if prepacked else ' not prepacked'}"
             sessions[label] = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
-    feeds = {name: np.ones((1, 1, k), np.float32) for name, k in inputs.items()}
+    feeds = {name: np.ones((1, k), np.float32) for name, k in inputs.items()}
     for session in sessions.values():
         for _ in range(3):
             session.run(None, feeds)
