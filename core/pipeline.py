@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import errno
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,11 +11,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmopt import devices
-from llmopt.artifact import OutputLock, check_destination, new_scratch, new_staging, promote, write_manifest
+from llmopt.artifact import (OutputLock, check_destination, new_scratch, new_staging, promote, remove_tree,
+                             write_manifest)
 from llmopt.checkpoint import nonfinite_parameters
-from llmopt.errors import InputError, RecipeError, ResourceError, ResultValidationError
+from llmopt.errors import InputError, RecipeError, ResourceError, ResultValidationError, translate
 from llmopt.model import ArchInfo, ModelSource, check_causal_lm, load_config, load_model, resolve_model
 from llmopt.recipe import Recipe, load_recipe
+from llmopt.write_safety import Input, recipe_inputs
 
 
 class Progress(Protocol):
@@ -107,6 +107,11 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
     return Plan(recipe, source, arch, planned, passes, exporter, Path(output) if output else None, provider)
 
 
+def plan_inputs(plan: Plan) -> list[Input]:
+    """What the plan's run reads, which its output may not overlap (llmopt.write_safety)."""
+    return recipe_inputs(plan.recipe, plan.source.read_root)
+
+
 # Passes that rewrite weights: after quantize, the integer codes the exporters store would no longer match them.
 _REWRITE_WEIGHTS = ("prune", "gqa")
 
@@ -143,7 +148,7 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     out = Path(output) if output else plan.output
     if out is None:
         raise RecipeError("No output folder given.", "Pass --output DIR.")
-    check_destination(out, force)
+    out = check_destination(out, force, plan_inputs(plan))  # resolved: a symlinked --output is its target
     if plan.recipe.export.streaming:  # layer by layer from the checkpoint, never the whole model (llmopt.streaming)
         from llmopt.streaming import run_plan
 
@@ -276,18 +281,19 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
         write_manifest(staging, recipe=recipe_json, versions=versions, seed=recipe.seed)
         promote(staging, out)
     except MemoryError:
+        lower = ("set `evaluation.enabled: false` to skip loading the baseline and the artifact side by side"
+                 if recipe.evaluation.enabled else "lower `calibration.samples` or `calibration.seq_len`")
         raise ResourceError("Ran out of memory while optimizing; nothing was written.",
-                            "Free memory, use a machine with more RAM, or set `evaluation.enabled: false` to skip "
-                            "loading the baseline and the artifact side by side.") from None
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+                            f"Free memory, use a machine with more RAM, or {lower}.") from None
+    except Exception as exc:  # a full disk, a damaged file: llmopt's typed error (llmopt.errors.translate)
+        typed = translate(exc)
+        if typed is None or typed is exc:
             raise
-        raise ResourceError(f"The disk is full ({exc.filename or out.parent}); nothing was written.",
-                            "Free space next to --output and in the temp folder (TMPDIR), or choose another --output.") from None
+        raise typed from None
     finally:
         for folder in (staging, scratch):
             if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_tree(folder)
         if checkpoints is not None:  # done, failed or interrupted: only a killed run leaves its checkpoints
             checkpoints.remove()
     return Result(out, report, [c for c in report.checks if not c.passed])

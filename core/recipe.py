@@ -15,7 +15,9 @@ from llmopt.errors import RecipeError
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN threshold compares false with everything, so it would pass `validate` and then
+    # fail every run.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class OnnxValidation(StrictModel):
@@ -101,7 +103,9 @@ class Recipe(StrictModel):
     model: str | None = Field(
         None, description="Local folder, GGUF file, hub id ('org/name[@revision]') or 'demo'. --model overrides."
     )
-    seed: int = Field(0, description="Seed for every random choice (data sampling, calibration).")
+    # numpy's seed takes 0 .. 2**32 - 1; torch's takes more, but one range for both keeps a run replayable.
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for every random choice (data sampling, "
+                                                           "calibration), 0 to 4294967295.")
     allow_pickle: bool = Field(False, description="Allow loading pickle checkpoints (*.bin, *.pt): unsafe.")
     trust_remote_code: bool = Field(False, description="Allow running the model repository's own Python code.")
     passes: list[Any] = Field(default_factory=list, description="Passes, run in order.")
@@ -125,6 +129,25 @@ def _key_lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
         for i, item in enumerate(node.value):
             lines.update(_key_lines(item, (*path, i)))
     return lines
+
+
+def _check_duplicate_keys(node: yaml.Node | None, where: str, path: tuple = ()) -> None:
+    """PyYAML keeps the last of two equal keys without a word; a recipe that says a setting twice is refused."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise RecipeError(f"{where}:{line}: {_format_path((*path, key))}: the key '{key}' appears twice "
+                                  f"in one mapping (first on line {seen[key]}); YAML would keep only the last.",
+                                  "Keep one of the two.")
+            if key is not None:
+                seen[key] = line
+            _check_duplicate_keys(value_node, where, (*path, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, where, (*path, i))
 
 
 def _format_path(path: tuple) -> str:
@@ -207,6 +230,7 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}.",
                           "Start from `llmopt recipes show int4-onnx`.")
+    _check_duplicate_keys(root, where)
     lines = _key_lines(root) if root is not None else {}
     try:
         recipe = Recipe.model_validate({**data, "source": where})

@@ -277,13 +277,13 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
 
     from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
     from llmopt.pipeline import library_versions
+    from llmopt.write_safety import Input, real
 
     plan, reader = plan_stream(model, quantize, export_format=export_format)
     if plan.calibrated:
         plan = replace(plan, windows=tuple(calibration if calibration is not None
                                            else default_calibration(Path(model), seed)), seed=seed)
-    out = Path(output)
-    check_destination(out, force)
+    out = check_destination(Path(output), force, [Input("the model", real(model))])
     with OutputLock(out):
         _check_disk(plan, reader, out)
         staging = new_staging(out)

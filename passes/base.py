@@ -11,7 +11,9 @@ from llmopt.state import ModelState, PassContext
 
 
 class PassConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or infinite setting would pass validation and then fail (or silently do
+    # nothing) in every run.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Pass:
