@@ -89,6 +89,10 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
     if not recipe.model:
         raise RecipeError("No model given: the recipe has no `model:` and --model was not passed.",
                           "Pass --model PATH|HUB_ID|demo, or add `model:` to the recipe.")
+    from llmopt.evaluation.text import check_data_spec
+
+    if recipe.evaluation.enabled:
+        check_data_spec(recipe.evaluation.data, "evaluation.data")
     source = resolve_model(recipe.model, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
     config = load_config(source)
     check_causal_lm(config, source.spec)
@@ -99,6 +103,8 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
         p = PASSES[pass_config.type](pass_config)
         planned = p.check(planned, where=f"passes[{i}]")
         passes.append(p)
+    if any(p.needs_calibration for p in passes):
+        check_data_spec(recipe.calibration.data, "calibration.data")
     for i, p in enumerate(passes):
         p.check_export(recipe.export.format, where=f"passes[{i}]")
     exporter = EXPORTERS[recipe.export.format](recipe.export)

@@ -24,6 +24,8 @@ class Estimate:
     free_output_bytes: int
     free_temp_bytes: int
     same_disk: bool  # output and temp folder on one file system: the two disk needs add up
+    evaluates: bool = True  # evaluation on: turning it off is advice worth giving
+    has_teacher: bool = False
 
     @property
     def disk_bytes(self) -> int:
@@ -62,8 +64,8 @@ def estimate(plan: Any, output: Path) -> Estimate:
     from llmopt.inspect import estimate_memory_bytes
 
     parameters = parameter_count(plan.source)
-    memory = estimate_memory_bytes(parameters, needs_teacher=any(p.needs_teacher for p in plan.passes),
-                                   evaluate=plan.recipe.evaluation.enabled)
+    has_teacher = any(p.needs_teacher for p in plan.passes)
+    memory = estimate_memory_bytes(parameters, needs_teacher=has_teacher, evaluate=plan.recipe.evaluation.enabled)
     existing = Path(output).resolve().parent
     while not existing.exists():
         existing = existing.parent
@@ -72,25 +74,41 @@ def estimate(plan: Any, output: Path) -> Estimate:
                     available_memory_bytes=int(psutil.virtual_memory().available),
                     output_disk_bytes=4 * parameters * (1 + min(2, len(plan.passes))),
                     temp_disk_bytes=4 * parameters, free_output_bytes=shutil.disk_usage(existing).free,
-                    free_temp_bytes=shutil.disk_usage(temp).free, same_disk=os.stat(existing).st_dev == os.stat(temp).st_dev)
+                    free_temp_bytes=shutil.disk_usage(temp).free, same_disk=os.stat(existing).st_dev == os.stat(temp).st_dev,
+                    evaluates=plan.recipe.evaluation.enabled, has_teacher=has_teacher)
+
+
+def _size(n: float) -> str:
+    """Bytes in the unit that keeps a small model's figures readable ("0.0 GB" says nothing)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def _sentence(options: list[str]) -> str:
+    text = ", ".join(options)
+    return text[:1].upper() + text[1:]
 
 
 def check(found: Estimate) -> None:
     """ResourceError (exit 5) naming what does not fit and what to change."""
     if os.environ.get(SKIP_ENV) == "1":
         return
-    gb = 1e9
     if not found.fits_memory:
         raise ResourceError(
-            f"This run needs about {found.memory_bytes / gb:.1f} GB of memory ({found.parameters / 1e9:.2f}B "
-            f"parameters as float32, several copies at once) and {found.available_memory_bytes / gb:.1f} GB is "
+            f"This run needs about {_size(found.memory_bytes)} of memory ({found.parameters / 1e9:.2f}B "
+            f"parameters as float32, several copies at once) and {_size(found.available_memory_bytes)} is "
             "available; nothing was started.",
-            "Set `evaluation.enabled: false` (saves two copies), drop distillation's teacher, free memory or use a "
-            "bigger machine; a recipe of one weight-only `quantize` pass (RTN, GPTQ, AWQ) can run layer by layer "
+            _sentence(["set `evaluation.enabled: false` (saves two copies)"] * found.evaluates
+                      + ["drop distillation's teacher"] * found.has_teacher
+                      + ["free memory or use a bigger machine"])
+            + "; a recipe of one weight-only `quantize` pass (RTN, GPTQ, AWQ) can run layer by layer "
             f"with `export.streaming: true` (memory about one layer, whatever the depth); set {SKIP_ENV}=1 to try anyway.")
     if not found.fits_disk:
         raise ResourceError(
-            f"This run writes about {found.disk_bytes / gb:.1f} GB (a float32 baseline export in the temp folder; "
-            f"the artifact and a resume checkpoint after each pass next to --output); free: {found.free_output_bytes / gb:.1f} GB at the output, "
-            f"{found.free_temp_bytes / gb:.1f} GB in the temp folder; nothing was started.",
+            f"This run writes about {_size(found.disk_bytes)} (a float32 baseline export in the temp folder; "
+            f"the artifact and a resume checkpoint after each pass next to --output); free: "
+            f"{_size(found.free_output_bytes)} at the output, {_size(found.free_temp_bytes)} in the temp folder; "
+            "nothing was started.",
             f"Free disk space, choose another --output, or point TMPDIR elsewhere; set {SKIP_ENV}=1 to try anyway.")

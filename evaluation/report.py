@@ -121,15 +121,16 @@ def read_report(path: str | Path) -> Report:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"No report at '{path}'.", "Give a report.json or an artifact folder written by `llmopt optimize`.") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"'{path}' is not a readable JSON report ({exc}).", "Give a report.json written by `llmopt optimize`.") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
+        raise InputError(f"'{path}' is not a readable JSON report ({type(exc).__name__}: {exc}).",
+                         "Give a report.json written by `llmopt optimize`.") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
         raise InputError(f"'{path}' has report schema version {version!r}; this llmopt reads version {SCHEMA_VERSION}.",
                          "Re-run `llmopt optimize` with this version, or compare with the llmopt that wrote it.")
     try:
         return Report.model_validate(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InputError(f"'{path}' does not match the report schema: {exc}", "Was it edited by hand?") from None
 
 

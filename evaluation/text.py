@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from llmopt.errors import InputError
@@ -27,6 +28,17 @@ def builtin_text() -> str:
             "Set `evaluation.data` (or --eval-data) to a local .txt or .jsonl file.",
         ) from None
     return "\n\n".join(topics[name].strip() for name in sorted(topics))
+
+
+def check_data_spec(data: str, key: str) -> None:
+    """Plan time, before any weight is read: a local data file named in the recipe exists and can be read."""
+    if data == "builtin" or data.startswith("hf:"):
+        return
+    path = Path(data).expanduser()
+    if not path.is_file() or not os.access(path, os.R_OK):
+        why = "cannot be read" if path.is_file() else ("is a folder" if path.is_dir() else "does not exist")
+        raise InputError(f"{key}: '{data}' {why}.",
+                         "Use 'builtin', a path to a readable .txt or .jsonl file, or 'hf:NAME[:CONFIG][@SPLIT]'.")
 
 
 def load_text(data: str, text_field: str = "text") -> tuple[str, str]:

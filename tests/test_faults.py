@@ -70,6 +70,17 @@ def fails_cleanly(monkeypatch, capsys, sandbox: Path, code: int, needles: tuple[
     return message
 
 
+def previous_artifact(out: Path, files: dict[str, bytes | str]) -> Path:
+    """A folder that llmopt wrote before: `files` and their manifest (what --force may replace)."""
+    from llmopt.artifact import write_manifest
+
+    out.mkdir()
+    for name, content in files.items():
+        (out / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    write_manifest(out, recipe={}, versions={}, seed=0)
+    return out
+
+
 def write_recipe(folder: Path, body: str = INT4 + "export: {format: safetensors}\n") -> Path:
     path = folder / "r.yaml"
     path.write_text(body + FAST, encoding="utf-8")
@@ -345,9 +356,7 @@ def test_a_pass_that_produces_nan_writes_nothing(monkeypatch, capsys, sandbox, t
         return state
 
     monkeypatch.setattr(QuantizePass, "run", poisoned)
-    out = sandbox / "out"
-    out.mkdir()
-    (out / "model.safetensors").write_text("previous good artifact")
+    out = previous_artifact(sandbox / "out", {"model.safetensors": "previous good artifact"})
     optimize(monkeypatch, capsys, sandbox, tiny_model_dir, 4, "Pass 'quantize' produced NaN or infinite values in 1 "
              "weight tensor(s): model.layers.0.mlp.down_proj.weight; nothing was written", extra=("--force",))
     assert (out / "model.safetensors").read_text() == "previous good artifact"
@@ -403,10 +412,8 @@ def test_stale_external_data_in_the_destination(monkeypatch, capsys, sandbox, ti
 
     from llmopt.artifact import verify_manifest
 
-    out = sandbox / "out"
-    out.mkdir()
-    (out / "model.onnx").write_text("previous artifact")
-    (out / "model.onnx.data").write_bytes(b"\0" * 4096)  # stale external weights of an older export
+    # with stale external weights of an older export
+    out = previous_artifact(sandbox / "out", {"model.onnx": "previous artifact", "model.onnx.data": b"\0" * 4096})
     optimize(monkeypatch, capsys, sandbox, tiny_model_dir, 2, "already exists", "--force", recipe=INT4)  # intact
     recipe = sandbox / "r.yaml"  # ONNX (the default format)
 
@@ -432,9 +439,7 @@ def test_disk_full_while_writing_the_manifest_keeps_the_previous_artifact(monkey
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "manifest.json"))
 
     monkeypatch.setattr(llmopt.pipeline, "write_manifest", full)
-    out = sandbox / "out"
-    out.mkdir()
-    (out / "model.safetensors").write_text("previous good artifact")
+    out = previous_artifact(sandbox / "out", {"model.safetensors": "previous good artifact"})
     optimize(monkeypatch, capsys, sandbox, tiny_model_dir, 5, "The disk is full", "manifest.json); nothing was "
              "written", "Free space", extra=("--force",))
 
