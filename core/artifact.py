@@ -257,10 +257,12 @@ def verify_manifest(folder: Path) -> list[str]:
         path = folder / name
         if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
             problems.append(f"{MANIFEST} entry for {name} lacks its sha256 or size")
-        elif Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(root):
+        elif Path(name).is_absolute() or ".." in Path(name).parts:
             problems.append(f"{MANIFEST} names {name}, which is outside the artifact")
         elif path.is_symlink():
             problems.append(f"{name} is a symlink (an artifact holds plain files only)")
+        elif not path.resolve().is_relative_to(root):  # through a symlinked folder
+            problems.append(f"{MANIFEST} names {name}, which is outside the artifact")
         elif not path.is_file():
             problems.append(f"missing {name}")
         elif path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:

@@ -64,7 +64,7 @@ def _overlap(output: Path, given: str, inputs: Iterable[Input]) -> None:
             how = "is"
         elif item.path.is_relative_to(output):
             how = "contains"
-        elif output.is_relative_to(item.path) and item.path.is_dir():
+        elif output.is_relative_to(item.path):
             how = "is inside"
         else:
             continue
