@@ -379,7 +379,10 @@ def verify(
     artifact: Path = typer.Argument(..., help="Artifact folder written by `llmopt optimize`."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
-    """Check every file of an artifact against the sha256 and size in its manifest.json (exit 4 if any differs)."""
+    """Check every file of an artifact against the sha256 and size in its manifest.json (exit 4 if any differs).
+
+    This proves integrity against accidents, not authenticity: a manifest re-hashed after tampering matches
+    too. Sign manifest.json with an external tool (sigstore, gpg) to prove who wrote it."""
     from llmopt.artifact import verify_manifest
     from llmopt.errors import InputError, ResultValidationError
 

@@ -95,6 +95,24 @@ def check_loading_info(info: dict[str, list[Any]], spec: str) -> None:
                          "restore the config that came with the weights, or copy the missing files.")
 
 
+def check_checkpoint_tensors(config: Any, shapes: dict[str, tuple[int, ...]], spec: str) -> None:
+    """For a path that reads the checkpoint itself (streaming, never through transformers' loader): the tensor
+    names and shapes of the headers against the module tree the config builds (on the meta device: no memory),
+    a tied `lm_head` allowed to be absent. Raises InputError as `check_loading_info` does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in shapes:
+        del expected["lm_head.weight"]  # the embedding serves as the head
+    check_loading_info({"missing_keys": sorted(set(expected) - set(shapes)),
+                        "unexpected_keys": sorted(set(shapes) - set(expected)),
+                        "mismatched_keys": sorted(n for n in set(expected) & set(shapes) if expected[n] != shapes[n])},
+                       spec)
+
+
 def _some(names: list[Any]) -> str:
     shown = ", ".join(str(n) for n in names[:3])
     return shown + (f", … {len(names) - 3} more" if len(names) > 3 else "")

@@ -209,6 +209,7 @@ def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: 
     """Check that the checkpoint and the quantization suit the streaming path; RecipeError / InputError if not."""
     from transformers import AutoConfig
 
+    from llmopt.consistency import check_checkpoint_tensors
     from llmopt.model import ArchInfo
     from llmopt.passes.quantize import QuantizePass
 
@@ -229,13 +230,13 @@ def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: 
     if export_format == "safetensors" and not q.symmetric:
         raise RecipeError("quantize.symmetric: false cannot be streamed to safetensors: compressed-tensors "
                           "pack-quantized holds symmetric groups only.", "Use symmetric: true, or export.format: onnx.")
-    arch = ArchInfo.from_config(AutoConfig.from_pretrained(folder))
+    hf_config = AutoConfig.from_pretrained(folder)
+    arch = ArchInfo.from_config(hf_config)
     QuantizePass(q).check(arch, "quantize")  # group_size divides every input width
+    # Every tensor the architecture needs, with its shape, and none it does not: the layers are read by name.
+    check_checkpoint_tensors(hf_config, {n: e.shape for n, e in reader.entries.items() if not _SKIPPED.search(n)},
+                             str(folder))
     names = set(reader.names())
-    missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in names]
-    if missing:
-        raise InputError(f"'{folder}' has no tensor '{missing[0]}', which every {model_type} checkpoint has.",
-                         "Re-download or re-save the checkpoint.")
     excluded = lambda name: any(fnmatch.fnmatchcase(name.removesuffix(".weight"), p) for p in q.exclude)
     layer_linears = {n for n in names if _LAYER.match(n) and n.endswith("_proj.weight")}
     tied = "lm_head.weight" not in names
@@ -382,6 +383,8 @@ def streaming_problem(plan: Any) -> str | None:
         return f"a streamed artifact is not evaluated, so checks.{unmeasured[0]} cannot be judged (size checks can)"
     try:
         plan_stream(plan.source.path, passes[0], export_format=plan.recipe.export.format)
+    except InputError:  # a damaged or inconsistent checkpoint is the input's problem, streamed or not (exit 3)
+        raise
     except LlmoptError as exc:
         return exc.message
     return None

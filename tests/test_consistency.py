@@ -102,3 +102,26 @@ def test_the_real_model_loads_with_nothing_missing_or_unused():
                                                    **source.hf_kwargs())
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == [], info
     check_loading_info(info, "demo")
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("missing", "1 tensor(s) the architecture needs are missing from the checkpoint (model.layers.0.mlp.up_proj"),
+    ("extra", "1 tensor(s) of the checkpoint are not part of the architecture its config describes (model.layers.5."),
+    ("reshaped", "1 tensor(s) have another shape than the config gives (model.layers.0.mlp.up_proj.weight)"),
+])
+def test_the_streaming_path_reads_only_a_consistent_checkpoint(damage, needle, monkeypatch, capsys, sandbox, ckpt):
+    """The streaming path reads tensors by name itself, without transformers' loader: the headers are checked
+    against the architecture at plan time."""
+    def edit(t):
+        up = "model.layers.0.mlp.up_proj.weight"
+        if damage == "missing":
+            del t[up]
+        elif damage == "extra":
+            t["model.layers.5.mlp.up_proj.weight"] = t[up]
+        else:
+            t[up] = t[up][:, :32]
+        return t
+
+    edit_weights(ckpt, edit)
+    optimize(monkeypatch, capsys, sandbox, ckpt, 3, needle, recipe="passes:\n  - type: quantize\n    bits: 4\n"
+             "    group_size: 16\nexport: {format: onnx, streaming: true}\n")
