@@ -111,9 +111,12 @@ def write_file(output: str | Path, text: str, inputs: Iterable[Input] = ()) -> P
     """Write a small text output atomically (a temporary file, then a rename), creating its folder: an
     interrupted write never leaves a half-written file."""
     target = check_file_output(output, inputs)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if nearest_writable_folder(target.parent) is None:
+        raise RecipeError(f"Cannot write '{output}': no writable folder on the way to it.",
+                          "Choose a path in a folder you can write to.")
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)
     finally:

@@ -63,6 +63,14 @@ def test_every_kind_of_goal_plans_on_the_tiny_model(goal, tiny_model_dir):
 
 
 def test_an_unwritable_output_is_a_clear_error(tiny_model_dir, tmp_path):
-    target = tmp_path / "missing-folder" / "r.yaml"
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "r.yaml"  # under a file: no folder can be made there
     assert_clean_error(llmopt("init", "--model", str(tiny_model_dir), "--goal", "int4-onnx", "-o", str(target)), 2,
-                       "Cannot write")
+                       "Cannot write", "no writable folder on the way to it")
+
+
+def test_a_missing_folder_is_created(tiny_model_dir, tmp_path):
+    target = tmp_path / "missing-folder" / "r.yaml"
+    proc = llmopt("init", "--model", str(tiny_model_dir), "--goal", "int4-onnx", "-o", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_text().splitlines()[1] == f"model: {tiny_model_dir}"

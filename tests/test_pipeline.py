@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import llmopt
-from llmopt.artifact import verify_manifest
+from llmopt.artifact import verify_manifest, write_manifest
 from llmopt.errors import ResultValidationError
 from llmopt.evaluation.report import read_report
 from tests.conftest import assert_report_matches_schema
@@ -181,6 +181,7 @@ def test_failed_run_leaves_previous_artifact_intact(tiny_model_dir, fast_recipe,
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.onnx").write_text("previous good artifact")
+    write_manifest(out, recipe={}, versions={}, seed=0)  # an artifact: what --force may replace
 
     def explode(self, state, ctx):
         raise RuntimeError("simulated crash in a pass")
@@ -196,6 +197,7 @@ def test_force_replaces_only_when_complete(tiny_model_dir, fast_recipe, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    write_manifest(out, recipe={}, versions={}, seed=0)
     recipe = fast_recipe(INT4 + "export: {format: safetensors}\n")
     llmopt.optimize(recipe, model=str(tiny_model_dir), output=out, force=True)
     assert not (out / "stale.txt").exists() and verify_manifest(out) == []

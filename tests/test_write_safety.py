@@ -150,3 +150,9 @@ def test_verify_stays_inside_the_artifact(sandbox, monkeypatch, capsys):
         assert problems and all(isinstance(p, str) for p in problems), problems
         code, err = run_main(monkeypatch, capsys, "verify", str(linked))
         assert code == 4 and "Traceback" not in err, err
+
+
+def test_output_over_a_teacher_is_refused(monkeypatch, capsys, sandbox, ckpt, tiny_model_dir):
+    recipe = write_recipe(sandbox, f"passes:\n  - type: distill\n    steps: 1\n    teacher: {ckpt}\n")
+    fails_cleanly(monkeypatch, capsys, sandbox, 2, ("is the teacher of passes[0]",),
+                  *optimize_args(sandbox, tiny_model_dir, ckpt, "--force", recipe=recipe))

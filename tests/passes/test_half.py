@@ -87,7 +87,7 @@ def test_overflowing_modules_are_found_on_calibration_text_and_kept_fp32(tiny_to
     from llmopt.evaluation.runners import TorchRunner
     from llmopt.exporters.onnx_fp16 import convert_to_fp16
 
-    llmopt.optimize(fast_recipe("evaluation: {enabled: false}\n", name="plain.yaml"), model=str(folder),
+    llmopt.optimize(fast_recipe("", name="plain.yaml"), model=str(folder),
                     output=tmp_path / "plain")
     convert_to_fp16(tmp_path / "plain" / "model.onnx", ["model.norm", "model.layers.0.input_layernorm",
                                                         "model.layers.0.post_attention_layernorm",
