@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from llmopt.architectures import kv_heads
 from llmopt.checkpoint import check_checkpoint, nonfinite_parameters
 from llmopt.consistency import check_config_values, check_loading_info
 from llmopt.errors import InputError
@@ -80,7 +81,7 @@ class ArchInfo:
             hidden_size=hidden,
             intermediate_size=getattr(config, "intermediate_size", 4 * hidden),
             num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            num_kv_heads=kv_heads(config),
             head_dim=head_dim,
             vocab_size=config.vocab_size,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),

@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 
     from llmopt.passes.quantize import QuantizeConfig
 
-# Plain decoder blocks (q/k/v/o, gate/up/down, RMSNorm, rotary): what the streaming ONNX graph describes.
-STREAMING_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2)}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # Buffers older checkpoints saved that transformers recomputes (never weights).
@@ -209,16 +207,15 @@ def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: 
     """Check that the checkpoint and the quantization suit the streaming path; RecipeError / InputError if not."""
     from transformers import AutoConfig
 
+    from llmopt.architectures import require
     from llmopt.consistency import check_checkpoint_tensors
     from llmopt.model import ArchInfo
     from llmopt.passes.quantize import QuantizePass
 
     reader = CheckpointReader(folder)
     config = reader.config
-    model_type = config.get("model_type")
-    if model_type not in STREAMING_MODEL_TYPES:
-        raise InputError(f"The streaming path handles model types {', '.join(STREAMING_MODEL_TYPES)}; "
-                         f"'{folder}' is '{model_type}'.", "Use the non-streaming pipeline for this model.")
+    # Plain decoder blocks (q/k/v/o, gate/up/down, RMSNorm, rotary): what the streaming writers describe.
+    require(str(config.get("model_type")), "the streaming path", "export.streaming", capability="stream")
     q = quantize
     unsupported = [name for name, value in (("embeddings", q.embeddings), ("activations", q.activations != "float"),
                                             ("target_bits_per_weight", q.target_bits_per_weight is not None)) if value]

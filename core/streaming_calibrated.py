@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llmopt.passes.layerwise import capture_layer_inputs, probe_layer, run_layer
+from llmopt.passes.layerwise import capture_layer_inputs, layout, probe_layer, run_layer
 from llmopt.passes.quantize import QuantizePass
 from llmopt.passes.quantize_awq import AwqInputs, ScaleTotals, awq_search, group_probes, scale_layer
 from llmopt.passes.quantize_gptq import layer_hessians, quantize_layer
@@ -50,6 +50,7 @@ def calibrated_layer_blocks(plan: StreamPlan, reader: CheckpointReader) -> Itera
     q, windows, seed = plan.quantize, list(plan.windows or ()), plan.seed
     quantizer = QuantizePass(q)
     model = empty_model(reader.folder)
+    arch = layout(model)
     embedding = reader.read("model.embed_tokens.weight")
     model.model.embed_tokens.weight = torch.nn.Parameter(embedding, requires_grad=False)
     with torch.no_grad():
@@ -71,13 +72,13 @@ def calibrated_layer_blocks(plan: StreamPlan, reader: CheckpointReader) -> Itera
         last = i == plan.num_layers - 1
         with torch.no_grad():
             if q.awq:
-                probes = group_probes(i, layer, chosen, AwqInputs, seed=seed)
+                probes = group_probes(i, layer, arch, chosen, AwqInputs, seed=seed)
                 probe_layer(layer, float_inputs, probes)
-                awq_totals.add(*scale_layer(layer, probes, awq_search(quantizer.awq_fake_quantize)))
+                awq_totals.add(*scale_layer(layer, arch, probes, awq_search(quantizer.awq_fake_quantize)))
                 float_inputs = None if last else run_layer(layer, float_inputs)
             codes = {}
             if q.method == "gptq":
-                moments = layer_hessians(i, layer, chosen)
+                moments = layer_hessians(i, layer, arch, chosen)
                 probe_layer(layer, quant_inputs, moments)
 
                 def quantize_one(name: str, module: Any, hessian: torch.Tensor) -> float:

@@ -50,8 +50,13 @@ class AttentionShape:
     num_heads: int
     kv_heads: int
     head_dim: int
-    sliding_window: int | None = None  # tokens a query attends to, when the model uses a local window
+    # Per layer, the tokens a query attends to when the layer uses a local window (None: full attention).
+    # Per layer because families mix them (Gemma 2 alternates, Gemma 3 has five local layers to one global).
+    windows: tuple[int | None, ...] = ()
     max_positions: int | None = None  # the config's max_position_embeddings: rows the rotary tables need
+
+    def window(self, layer: int) -> int | None:
+        return self.windows[layer] if layer < len(self.windows) else None
 
 
 @dataclass
@@ -194,8 +199,8 @@ def fuse_attention(graph: Any, shape: AttentionShape) -> list[str]:
         key = _to_bsh(graph, match.key, shape.kv_heads, f"layer{layer}_k")
         value = _to_bsh(graph, match.value, shape.kv_heads, f"layer{layer}_v")
         attrs: dict[str, Any] = {"num_heads": shape.num_heads, "kv_num_heads": shape.kv_heads, "scale": match.scale}
-        if shape.sliding_window:
-            attrs["local_window_size"] = shape.sliding_window
+        if shape.window(layer):
+            attrs["local_window_size"] = shape.window(layer)
         for node in match.replaced:  # nodes whose outputs the fused op now produces
             graph.remove_node(node)
         graph.add_node(helper.make_node(
@@ -385,14 +390,12 @@ def sequence_length_nodes(prefix: str) -> tuple[list[onnx.NodeProto], list[Tenso
 
 
 def attention_shape(config: Any) -> AttentionShape:
-    """Head counts and local window of a transformers config."""
+    """Head counts and each layer's local window of a transformers config (llmopt.architectures reads them)."""
+    from llmopt.architectures import attention_windows, kv_heads
+
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    window = getattr(config, "sliding_window", None)
-    # Qwen2-style configs carry a window they do not use unless use_sliding_window is set.
-    if getattr(config, "use_sliding_window", True) is False or not isinstance(window, int):
-        window = None
-    return AttentionShape(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, window,
+    return AttentionShape(heads, kv_heads(config), head_dim, tuple(attention_windows(config)),
                           getattr(config, "max_position_embeddings", None))
 
 

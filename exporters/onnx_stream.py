@@ -123,8 +123,10 @@ def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accu
 
     from transformers import AutoConfig
 
+    from llmopt.architectures import attention_windows
+
     config = AutoConfig.from_pretrained(reader.folder)
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    window = min((w for w in attention_windows(config) if w is not None), default=None)
     if window is not None and window < config.max_position_embeddings:
         raise InputError(f"'{reader.folder}' uses sliding-window attention ({window} tokens), which the streaming "
                          "ONNX graph does not express.", "Use export.format: safetensors for this model.")

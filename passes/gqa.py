@@ -10,18 +10,12 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
+from llmopt.architectures import require
 from llmopt.errors import InputError, RecipeError
 from llmopt.model import ArchInfo
 from llmopt.passes.base import Pass, PassConfig
 from llmopt.state import ModelState, PassContext
 
-# model_type -> whether q and k go through a per-head RMSNorm (q_norm/k_norm) before RoPE. Every listed
-# architecture has q/k/v/o_proj Linears in `model.layers[i].self_attn`, HF's rotate_half RoPE (dimension f
-# pairs with f + head_dim/2) and repeat_kv driven by `num_key_value_groups`.
-QK_NORM: dict[str, bool] = {
-    "llama": False, "mistral": False, "qwen2": False, "qwen3": True,
-    "gemma": False, "gemma2": False, "gemma3_text": True,
-}
 _BATCH = 8  # calibration windows per forward: bounds activation memory
 
 
@@ -42,12 +36,11 @@ def valid_kv_heads(num_heads: int, num_kv_heads: int) -> list[int]:
 
 
 def _require_supported(model_type: str, where: str) -> bool:
-    """Whether the architecture has q/k norms; RecipeError naming it when the pass cannot rewrite it."""
-    if model_type not in QK_NORM:
-        raise RecipeError(
-            f"{where}: the gqa pass cannot rewrite the attention of model_type '{model_type}'.",
-            f"Supported architectures: {', '.join(QK_NORM)}. Remove the gqa pass for this model.")
-    return QK_NORM[model_type]
+    """Whether q and k go through a per-head norm before RoPE; RecipeError naming the family when the pass cannot
+    rewrite it. The families it takes (llmopt.architectures, `gqa=True`) have q/k/v/o_proj Linears in
+    `self_attn`, HF's rotate_half RoPE (dimension f pairs with f + head_dim/2) and repeat_kv driven by
+    `num_key_value_groups`."""
+    return require(model_type, "the gqa pass", where, capability="gqa").qk_norm == "per_head"
 
 
 class GqaPass(Pass):
@@ -176,7 +169,7 @@ def _attention_modules(model: Any) -> list[Any]:
         raise InputError(
             f"The gqa pass found no q/k/v/o_proj attention in every layer of this {type(model).__name__} "
             f"(model_type '{model.config.model_type}').",
-            f"It rewrites the standard Hugging Face attention of: {', '.join(QK_NORM)}.")
+            "It rewrites the standard Hugging Face attention of the families `llmopt inspect` says it applies to.")
     return attns
 
 

@@ -12,20 +12,23 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from llmopt.architectures import LAYERS, Architecture, require
+
 
 def decoder_layers(model: Any) -> nn.ModuleList:
-    return model.model.layers
+    return model.get_submodule(LAYERS)
 
 
-def input_groups(layer: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
-    """(name of an op, that op, names of the Linears that read its output) in one decoder layer: the Linears of
-    a group see the same input. Empty for layers without separate q/k/v and gate/up projections."""
-    attn, mlp = layer.self_attn, layer.mlp
-    if not (hasattr(attn, "q_proj") and hasattr(mlp, "up_proj")):
-        return []
-    return [("input_layernorm", layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-            ("post_attention_layernorm", layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"]),
-            ("mlp.up_proj", mlp.up_proj, ["mlp.down_proj"])]
+def layout(model: Any) -> Architecture:
+    """The model's family description (llmopt.architectures); the passes refuse undescribed families at plan
+    time, so this only fails for a model handed to the Python functions directly."""
+    return require(model.config.model_type, "layer-by-layer calibration", "model")
+
+
+def input_groups(layer: nn.Module, arch: Architecture) -> list[tuple[str, nn.Module, list[str]]]:
+    """(name of an op, that op, names of every Linear that reads its output) in one decoder layer, from the
+    family's description: the Linears of a group see the same input."""
+    return [(g.source, layer.get_submodule(g.source), list(g.linears)) for g in arch.layer_groups(layer)]
 
 
 class _Stop(Exception):

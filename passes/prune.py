@@ -7,14 +7,11 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from llmopt.architectures import require
 from llmopt.errors import RecipeError
 from llmopt.model import ArchInfo
 from llmopt.passes.base import Pass, PassConfig
 from llmopt.state import ModelState, PassContext
-
-# Architectures with the Llama module layout (model.layers[i].self_attn.{q,k,v,o}_proj and
-# mlp.{gate,up,down}_proj) that the tests cover; fused projections (Phi-3) or experts (MoE) need their own surgery.
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
 SPARSITY_NOTE = (
     "Sparse weights keep their dense shapes: the zeros are stored and multiplied like any other weight, so dense "
@@ -129,11 +126,7 @@ class PrunePass(Pass):
 
     def check(self, arch: ArchInfo, where: str) -> ArchInfo:
         c = self.config
-        if arch.model_type not in SUPPORTED:
-            raise RecipeError(
-                f"{where}.method: pruning supports model types {', '.join(SUPPORTED)}, not '{arch.model_type}'.",
-                "Remove the prune pass for this model, or ask for its module layout to be supported.",
-            )
+        require(arch.model_type, "pruning", f"{where}.method", capability="prune")
         if c.method == "width":
             heads, kv = self._planned_heads(arch, where)
             intermediate = self._planned_intermediate(arch, heads, kv, where)

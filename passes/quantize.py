@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from llmopt.architectures import LAYERS, require
 from llmopt.errors import RecipeError
 from llmopt.model import ArchInfo
 from llmopt.passes.base import Pass, PassConfig
@@ -123,6 +124,9 @@ class QuantizePass(Pass):
                               "Use `export: {format: onnx}`, or weight-only quantization (drop `activations`).")
 
     def check(self, arch: ArchInfo, where: str) -> ArchInfo:
+        # Which modules are the projections (Linear, not GPT-2's Conv1D), and for AWQ/SmoothQuant/GPTQ which op
+        # feeds which of them: a family without a description would be quantized partly, or wrongly.
+        require(arch.model_type, "the quantize pass", where)
         if self.config.activations == "int8" and not self.config.embeddings:
             return arch  # one scale per output channel: any width
         g = self.config.group_size
@@ -167,7 +171,7 @@ class QuantizePass(Pass):
             info.update(mixed)
         rest = targets
         if c.method == "gptq":
-            in_layers = {name: m for name, m in targets if name in linears and name.startswith("model.layers.")}
+            in_layers = {name: m for name, m in targets if name in linears and name.startswith(f"{LAYERS}.")}
             info.update(self._run_gptq(state, ctx, in_layers, bits))
             rest = [(name, m) for name, m in targets if name not in in_layers]  # embedding, lm_head: RTN
         embedding = model.get_input_embeddings()
@@ -200,7 +204,8 @@ class QuantizePass(Pass):
             "symmetric": c.symmetric,
             "activations": "int8, dynamic per tensor (uint8)" if c.activations == "int8" else "float",
             "quantized_tensors": len(targets),
-            "quantized_parameters": int(sum(m.weight.numel() for _, m in targets)),
+            # A tied embedding and lm_head are one tensor, stored once: counted once.
+            "quantized_parameters": int(sum(w.numel() for w in {id(m.weight): m.weight for _, m in targets}.values())),
             **info,
         }
         return state

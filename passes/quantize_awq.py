@@ -20,23 +20,27 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llmopt.passes.layerwise import input_groups, measured_layers
+from llmopt.architectures import LAYERS, Architecture
+from llmopt.passes.layerwise import input_groups, layout, measured_layers
 
 GRID = 20  # alpha in 0, 1/20, ..., 19/20 (the reference implementation's grid)
 MAX_ROWS = 1024  # calibration tokens used to score a scale: enough to rank 20 candidates, cheap to multiply
 
 
-def _fold_into_previous(prev: nn.Module, s: torch.Tensor) -> None:
-    """Divide prev's output channel c by s[c]: an RMSNorm's weight, or a Linear's rows (and bias)."""
+def _fold_into_previous(prev: nn.Module, s: torch.Tensor, norm: str) -> None:
+    """Divide prev's output channel c by s[c]: a Linear's rows (and bias), or a norm's weight (and bias) in the
+    family's flavour (`norm`, from llmopt.architectures)."""
     with torch.no_grad():
         if isinstance(prev, nn.Linear):
             prev.weight.div_(s[:, None])
             if prev.bias is not None:
                 prev.bias.div_(s)
-        elif "Gemma" in type(prev).__name__:  # Gemma's RMSNorm multiplies by (1 + weight)
+        elif norm == "rms_one_plus":  # Gemma's RMSNorm multiplies by (1 + weight)
             prev.weight.copy_((1 + prev.weight) / s - 1)
         else:
             prev.weight.div_(s)
+            if getattr(prev, "bias", None) is not None:
+                prev.bias.div_(s)
 
 
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], fake_quantize: Callable[[torch.Tensor], torch.Tensor]
@@ -90,29 +94,31 @@ def scale_groups(model: Any, batches: list[Any], chosen: set[str], make_probe: C
     layer and the summed errors with and without scaling.
     """
     totals = ScaleTotals()
-    attach = lambda i, layer: group_probes(i, layer, chosen, make_probe, seed)  # noqa: E731
+    arch = layout(model)
+    attach = lambda i, layer: group_probes(i, layer, arch, chosen, make_probe, seed)  # noqa: E731
     for _, layer, probes in measured_layers(model, batches, attach, progress):
-        totals.add(*scale_layer(layer, probes, search))
+        totals.add(*scale_layer(layer, arch, probes, search))
     return totals
 
 
-def group_probes(i: int, layer: nn.Module, chosen: Container[str], make_probe: Callable[[nn.Linear, int], Any],
-                 seed: int = 0) -> dict[str, Any]:
-    """A probe on the input of every group of decoder layer i whose Linears are all in `chosen`."""
-    return {name: make_probe(layer.get_submodule(names[0]), seed + i) for name, _, names in input_groups(layer)
-            if all(f"model.layers.{i}.{n}" in chosen for n in names)}
+def group_probes(i: int, layer: nn.Module, arch: Architecture, chosen: Container[str],
+                 make_probe: Callable[[nn.Linear, int], Any], seed: int = 0) -> dict[str, Any]:
+    """A probe on the input of every group of decoder layer i whose Linears are all in `chosen` (a group with a
+    reader left out cannot be scaled: that reader would see the folded scale)."""
+    return {name: make_probe(layer.get_submodule(names[0]), seed + i) for name, _, names in input_groups(layer, arch)
+            if all(f"{LAYERS}.{i}.{n}" in chosen for n in names)}
 
 
-def scale_layer(layer: nn.Module, probes: dict[str, Any], search: Callable[[Any, list[torch.Tensor]], tuple]
-                ) -> tuple[list[float], float, float]:
+def scale_layer(layer: nn.Module, arch: Architecture, probes: dict[str, Any],
+                search: Callable[[Any, list[torch.Tensor]], tuple]) -> tuple[list[float], float, float]:
     """Choose and fold the scales of one layer's probed groups; returns their alphas and the summed output
     errors without and with scaling."""
     alphas, plain_total, scaled_total = [], 0.0, 0.0
-    for name, prev, names in (g for g in input_groups(layer) if g[0] in probes):
+    for name, prev, names in (g for g in input_groups(layer, arch) if g[0] in probes):
         linears = [layer.get_submodule(n) for n in names]
         s, alpha, plain, scaled = search(probes[name], [m.weight.detach().float() for m in linears])
         if alpha:  # alpha 0 is s = 1: nothing to fold
-            _fold_into_previous(prev, s)
+            _fold_into_previous(prev, s, arch.norm)
             with torch.no_grad():
                 for m in linears:
                     m.weight.mul_(s[None, :])

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from llmopt.errors import InputError
-from llmopt.passes.layerwise import InputMoments, input_groups, measured_layers
+from llmopt.architectures import LAYERS, Architecture
+from llmopt.passes.layerwise import InputMoments, input_groups, layout, measured_layers
 from llmopt.passes.quantize import group_params
 
 BLOCK = 128  # columns updated together before the rest of the matrix is (the paper's lazy batch)
@@ -115,17 +116,19 @@ def gptq_decoder_layers(model: Any, batches: list[Any], chosen: dict[str, nn.Lin
     `quantize(name, module, hessian)` quantizes one Linear in place. Returns the damping used per Linear.
     """
     damping: dict[str, float] = {}
-    for i, layer, moments in measured_layers(model, batches, lambda i, layer: layer_hessians(i, layer, chosen), progress):
+    arch = layout(model)
+    attach = lambda i, layer: layer_hessians(i, layer, arch, chosen)  # noqa: E731
+    for i, layer, moments in measured_layers(model, batches, attach, progress):
         damping.update(quantize_layer(i, layer, moments, quantize))
     return damping
 
 
-def layer_hessians(i: int, layer: nn.Module, chosen: Container[str]) -> dict[str, InputMoments]:
+def layer_hessians(i: int, layer: nn.Module, arch: Architecture, chosen: Container[str]) -> dict[str, InputMoments]:
     """Input-moment probes on the Linears of decoder layer i whose full names are in `chosen`. Linears that read
     the same input (q/k/v, gate/up) share one probe: the same sums, computed and held once."""
-    prefix = f"model.layers.{i}."
+    prefix = f"{LAYERS}.{i}."
     probes: dict[str, InputMoments] = {}
-    for _, _, names in input_groups(layer):
+    for _, _, names in input_groups(layer, arch):
         if all(prefix + n in chosen for n in names):
             shared = InputMoments(layer.get_submodule(names[0]), full=True)
             probes.update({prefix + n: shared for n in names})
@@ -139,7 +142,7 @@ def quantize_layer(i: int, layer: nn.Module, moments: dict[str, InputMoments], q
     """`quantize(name, module, hessian)` on each probed Linear of layer i, once the calibration inputs have run
     through it; returns the damping used per Linear. Empties `moments` as it goes, so that each Hessian is
     freed once its last Linear is done."""
-    prefix = f"model.layers.{i}."
+    prefix = f"{LAYERS}.{i}."
     damping = {}
     for name in list(moments):
         mo = moments.pop(name)

@@ -1,0 +1,154 @@
+"""What llmopt knows about each model family, in one place: every pass, exporter and check reads it.
+
+One `Architecture` per transformers `model_type`, in the spirit of optimum's per-architecture normalized
+configs: the decoder layers' module layout (which op's output each Linear reads, fused projections, MoE experts),
+the norms' flavour and which of them sit after a block instead of before it, the rotary layout, and what each
+pass can rewrite. The per-config facts (KV heads under every spelling, the attention window of every layer)
+are read by functions here too, so nothing else looks at `model_type` or at a config's raw attributes.
+
+A family without an entry is refused at plan time by the passes that need the layout (`require`), naming the
+families that are described; it is never partially quantized or rewritten.
+
+Module paths are relative to one decoder layer (`model.layers[i]`), as transformers names them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from llmopt.errors import RecipeError
+
+LAYERS = "model.layers"  # where every described family keeps its decoder layers
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Linears that read the output of one op (a norm, or up_proj for down_proj): a per-input-channel scale can
+    be folded into `source` and multiplied into every one of `linears` with the function unchanged. `linears`
+    lists *every* reader of `source`'s output: a reader left out would see the folded scale."""
+
+    source: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    groups: tuple[InputGroup, ...]
+    norm: Literal["rms", "rms_one_plus", "layernorm"] = "rms"  # rms_one_plus: Gemma's x * (1 + w)
+    # Norms applied to a block's output before the residual add (Gemma 2/3, OLMo 2): nothing folds into them.
+    post_norms: tuple[str, ...] = ()
+    qk_norm: Literal["none", "per_head", "whole"] = "none"  # whole: one norm over all heads (OLMo 2)
+    rotary: Literal["half", "interleaved"] = "half"  # which dimensions RoPE pairs: f with f + d/2, or 2f with 2f+1
+    fused_qkv: bool = False  # one qkv_proj (Phi-3)
+    fused_gate_up: bool = False  # one gate_up_proj (Phi-3)
+    moe: bool = False  # MLP of routed experts
+    # What the rewriting passes handle (each needs a standard attention with separate q/k/v and repeat_kv, and the
+    # pruner also a dense gated MLP); quantize, half, distill and the exporters take every described family.
+    gqa: bool = False
+    prune: bool = False
+    stream: bool = False  # the layer-by-layer writers (core/streaming.py) know its block
+
+    def layer_groups(self, layer: Any) -> tuple[InputGroup, ...]:
+        """The groups of one decoder layer: an MoE family's sparse layers read the norm through a router and
+        every expert (their count is the layer's), its dense layers through one MLP."""
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if self.moe and experts is not None:
+            return _moe_groups(len(experts))
+        return self.groups
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+_DOWN = InputGroup("mlp.up_proj", ("mlp.down_proj",))
+# Pre-norm decoder layer (Llama and most of its descendants).
+_PRE_NORM = (InputGroup("input_layernorm", _QKV), InputGroup("post_attention_layernorm", _GATE_UP), _DOWN)
+# Gemma 2/3: the MLP reads pre_feedforward_layernorm; post_attention_layernorm normalizes the attention's output.
+_SANDWICH = (InputGroup("input_layernorm", _QKV), InputGroup("pre_feedforward_layernorm", _GATE_UP), _DOWN)
+
+
+def _llama_like(model_type: str, **kw: Any) -> Architecture:
+    return Architecture(model_type, _PRE_NORM, **kw)
+
+
+def _moe_groups(experts: int) -> tuple[InputGroup, ...]:
+    """Pre-norm layer whose MLP is a router (`mlp.gate`) and `experts` gated experts."""
+    readers = ("mlp.gate", *(f"mlp.experts.{e}.{p}" for e in range(experts) for p in ("gate_proj", "up_proj")))
+    downs = tuple(InputGroup(f"mlp.experts.{e}.up_proj", (f"mlp.experts.{e}.down_proj",)) for e in range(experts))
+    return (InputGroup("input_layernorm", _QKV), InputGroup("post_attention_layernorm", readers), *downs)
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
+    _llama_like("llama", gqa=True, prune=True, stream=True),
+    _llama_like("qwen3_moe", qk_norm="per_head", moe=True),
+    _llama_like("mistral", gqa=True, prune=True, stream=True),
+    _llama_like("qwen2", gqa=True, prune=True, stream=True),
+    _llama_like("qwen3", qk_norm="per_head", gqa=True, prune=True),
+    _llama_like("smollm3"),  # every fourth layer without RoPE
+    _llama_like("granite"),  # embedding, residual, attention and logit multipliers: inside the modules
+    _llama_like("gemma", norm="rms_one_plus", gqa=True, prune=True),
+    Architecture("gemma2", _SANDWICH, norm="rms_one_plus", gqa=True,
+                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+    Architecture("gemma3_text", _SANDWICH, norm="rms_one_plus", qk_norm="per_head", gqa=True,
+                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+    # Phi-3/Phi-4: fused projections. down_proj reads act(gate) * up, and up is half of gate_up_proj's rows:
+    # no whole module to fold into, so that group is not offered.
+    Architecture("phi3", (InputGroup("input_layernorm", ("self_attn.qkv_proj",)),
+                          InputGroup("post_attention_layernorm", ("mlp.gate_up_proj",))),
+                 fused_qkv=True, fused_gate_up=True),
+    # OLMo 2: norms after each block only, so q/k/v and gate/up read the residual stream (nothing to fold into).
+    Architecture("olmo2", (_DOWN,), qk_norm="whole",
+                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+    # Cohere: attention and MLP in parallel on one LayerNorm (no bias); RoPE on interleaved pairs.
+    Architecture("cohere", (InputGroup("input_layernorm", (*_QKV, *_GATE_UP)), _DOWN), norm="layernorm",
+                 rotary="interleaved"),
+)}
+
+
+def describe(model_type: str) -> Architecture | None:
+    return ARCHITECTURES.get(model_type)
+
+
+def require(model_type: str, what: str, where: str, *, capability: str | None = None) -> Architecture:
+    """The family's description, or a plan-time RecipeError naming what is supported. With `capability` ('gqa',
+    'prune', 'stream'), the family must also allow that rewrite."""
+    arch = describe(model_type)
+    able = [t for t, a in sorted(ARCHITECTURES.items()) if capability is None or getattr(a, capability)]
+    if arch is None or (capability is not None and not getattr(arch, capability)):
+        raise RecipeError(f"{where}: {what} does not handle model_type '{model_type}'.",
+                          f"Supported: {', '.join(able)}. Remove it from the recipe for this model.")
+    return arch
+
+
+def kv_heads(config: Any) -> int:
+    """Key/value heads under every spelling transformers configs use."""
+    heads = _first(config, "num_attention_heads", "n_head", "num_heads")
+    for key in ("num_key_value_heads", "n_head_kv"):
+        value = getattr(config, key, None)
+        if value:
+            return int(value)
+    if config.model_type == "falcon":  # num_kv_heads is read only by the new decoder architecture
+        if getattr(config, "new_decoder_architecture", False):
+            return int(getattr(config, "num_kv_heads", None) or heads)
+        return 1 if getattr(config, "multi_query", True) else heads
+    if getattr(config, "multi_query", False):  # GPT-BigCode
+        return 1
+    return int(heads)
+
+
+def attention_windows(config: Any) -> list[int | None]:
+    """Per decoder layer, the tokens a query may attend to (a sliding window), or None for full attention."""
+    layers = int(config.num_hidden_layers)
+    window = getattr(config, "sliding_window", None)
+    window = window if isinstance(window, int) and window > 0 else None
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return [window if kind == "sliding_attention" else None for kind in kinds]
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return [None] * layers
+    return [window] * layers
+
+
+def _first(config: Any, *keys: str) -> Any:
+    return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)

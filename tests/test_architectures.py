@@ -1,0 +1,201 @@
+"""The family descriptions (llmopt.architectures) against the real transformers modules, for every described
+family: each input group lists every reader of its source (a fold leaves the model's function unchanged), the
+passes run on every family without an internal error and quantize every projection, KV heads and windows are
+read under every spelling, and the fused ONNX graph keeps each layer's own window past it."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from llmopt.architectures import ARCHITECTURES, InputGroup, attention_windows, describe, kv_heads
+from tests.conftest import TINY_VOCAB
+
+COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+              eos_token_id=2, pad_token_id=0)
+# model_type -> (config class, what differs from COMMON). Every described family has a row (checked below).
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32}),
+    "smollm3": ("SmolLM3Config", {"no_rope_layer_interval": 2}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                  "attention_multiplier": 0.3, "logits_scaling": 4.0}),
+    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8,
+                                         "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": ("Phi3Config", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "cohere": ("CohereConfig", {}),
+}
+
+
+def config_of(model_type: str):
+    import transformers
+
+    name, extra = FAMILIES[model_type]
+    return getattr(transformers, name)(**{**COMMON, **extra})
+
+
+def tiny(model_type: str):
+    """A tiny random model of the family, its norms and biases moved off their init so that a wrong fold shows."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config_of(model_type)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def logits(model, length: int = 48) -> torch.Tensor:
+    ids = torch.randint(3, TINY_VOCAB, (1, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_every_described_family_is_in_the_matrix():
+    assert sorted(FAMILIES) == sorted(ARCHITECTURES)
+
+
+def fold(model, arch, groups_of) -> None:
+    """Scale every group's input channels by a random s: 1/s into the source, s into each reader."""
+    from llmopt.passes.quantize_awq import _fold_into_previous
+
+    g = torch.Generator().manual_seed(0)
+    for layer in model.model.layers:
+        for group in groups_of(layer):
+            readers = [layer.get_submodule(n) for n in group.linears]
+            s = torch.rand(readers[0].in_features, generator=g) * 1.5 + 0.25
+            _fold_into_previous(layer.get_submodule(group.source), s, arch.norm)
+            with torch.no_grad():
+                for m in readers:
+                    m.weight.mul_(s[None, :])
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_group_lists_every_reader_of_its_source(model_type):
+    """What AWQ and SmoothQuant do to a family must leave its float function unchanged: a reader missing from a
+    group, or a norm of another flavour, changes the logits."""
+    model = tiny(model_type)
+    arch = describe(model_type)
+    before = logits(model)
+    fold(model, arch, arch.layer_groups)
+    change = relative(logits(model), before)
+    print(f"{model_type}: {sum(len(arch.layer_groups(layer)) for layer in model.model.layers)} groups, "
+          f"relative logit change {change:.2e}")
+    assert change < 1e-4, f"{model_type}: {change:.2e}"
+
+
+def test_the_fold_check_sees_the_gemma2_layout_bug():
+    """The check above can fail: Gemma 2's MLP reads pre_feedforward_layernorm; folding into
+    post_attention_layernorm (the Llama layout, what llmopt did before) changes the model."""
+    model = tiny("gemma2")
+    before = logits(model)
+    wrong = (InputGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+             InputGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+    fold(model, describe("gemma2"), lambda layer: wrong)
+    change = relative(logits(model), before)
+    print(f"gemma2 with the Llama layout: relative logit change {change:.2e}")
+    assert change > 1e-2
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_quantize_covers_every_projection_of_every_family(model_type, tiny_tokenizer):
+    """AWQ + GPTQ int4 through the pass on each family: no internal error, every Linear of every decoder layer
+    quantized (GPT-2's Conv1D family, undescribed, is refused at plan time instead), the float model the AWQ
+    folds produce identical before quantizing."""
+    from llmopt.evaluation.calibration import calibration_batches
+    from llmopt.model import ArchInfo
+    from llmopt.passes.quantize import QuantizeConfig, QuantizePass
+    from llmopt.state import ModelState, PassContext
+
+    model = tiny(model_type)
+    config = QuantizeConfig(method="gptq", awq=True, bits=4, group_size=16)
+    qpass = QuantizePass(config)
+    qpass.check(ArchInfo.from_config(model.config), "passes[0]")
+    windows, _ = calibration_batches(tiny_tokenizer, data="builtin", text_field="text", samples=2, seq_len=32, seed=0)
+    state = QuantizePass(config).run(ModelState(model, tiny_tokenizer),
+                                     PassContext(seed=0, progress=lambda *_: None, calibration=lambda: windows))
+    linears = {f"{n}.weight" for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
+    missing = linears - set(state.quantized)
+    assert not missing, sorted(missing)[:5]
+    info = state.pass_info["quantize"]
+    print(f"{model_type}: {len(linears)} layer Linears quantized, AWQ alphas {info['awq_alpha_per_layer']}")
+    assert info["quantized_parameters"] <= sum(p.numel() for p in model.parameters())
+
+
+def test_undescribed_families_are_refused_at_plan_time():
+    from llmopt.errors import RecipeError
+    from llmopt.model import ArchInfo
+    from llmopt.passes.quantize import QuantizeConfig, QuantizePass
+    from transformers import GPT2Config
+
+    arch = ArchInfo.from_config(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=TINY_VOCAB))
+    with pytest.raises(RecipeError, match="the quantize pass does not handle model_type 'gpt2'") as refused:
+        QuantizePass(QuantizeConfig(group_size=16)).check(arch, "passes[0]")
+    assert "Supported: cohere, gemma, gemma2" in refused.value.hint
+
+
+def test_kv_heads_under_every_spelling():
+    from transformers import FalconConfig, GPTBigCodeConfig
+
+    from llmopt.model import ArchInfo
+
+    assert kv_heads(FalconConfig(num_attention_heads=8, new_decoder_architecture=True, num_kv_heads=2)) == 2
+    assert kv_heads(FalconConfig(num_attention_heads=8, multi_query=True)) == 1
+    assert kv_heads(FalconConfig(num_attention_heads=8, multi_query=False)) == 8
+    assert kv_heads(GPTBigCodeConfig(n_head=8, multi_query=True)) == 1
+    assert kv_heads(config_of("qwen3")) == 2
+    falcon = ArchInfo.from_config(FalconConfig(hidden_size=64, num_attention_heads=8, num_hidden_layers=2,
+                                               new_decoder_architecture=True, num_kv_heads=2))
+    assert falcon.kv_cache_bytes_per_token() == 2 * 2 * 2 * 8 * 4  # k and v, 2 layers, 2 KV heads of 8, fp32
+
+
+def test_attention_windows_per_layer():
+    assert attention_windows(config_of("gemma2")) == [8, None]
+    assert attention_windows(config_of("gemma3_text")) == [8, None]
+    assert attention_windows(config_of("mistral")) == [8, 8]
+    assert attention_windows(config_of("qwen2")) == [None, None]  # use_sliding_window is off
+    assert attention_windows(config_of("llama")) == [None, None]
+
+
+def test_fused_attention_keeps_each_layers_window_past_it(tmp_path):
+    """Gemma 3 with a window of 8 on layer 0 and full attention on layer 1: the fused graph's
+    GroupQueryAttention must window layer 0 only. Compared with PyTorch over 48 tokens in one prefill and
+    through a cached decode (a window shorter than the prompt is where a wrong window shows)."""
+    import onnx
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    from llmopt.evaluation.runners import OrtRunner, TorchRunner
+    from llmopt.exporters.onnx_fuse import attention_shape, fuse_file
+
+    model = tiny("gemma3_text")
+    onnx_export_from_model(model, output=tmp_path, task="text-generation-with-past", do_validation=False)
+    stats = fuse_file(tmp_path / "model.onnx", attention_shape(model.config))
+    assert stats.counts.get("GroupQueryAttention") == 2, stats
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    windows = {n.name: {a.name: a.i for a in n.attribute}.get("local_window_size")
+               for n in graph.node if n.op_type == "GroupQueryAttention"}
+    assert windows == {"layer0_GroupQueryAttention": 8, "layer1_GroupQueryAttention": None}, windows
+    runner, reference = OrtRunner(tmp_path), TorchRunner(model)
+    ids = np.random.default_rng(3).integers(3, TINY_VOCAB, 48)
+    diff = float(np.abs(runner.logits(ids) - reference.logits(ids)).max())
+    print(f"gemma3_text fused, 48 tokens: max |Δlogit| {diff:.2e}")
+    assert diff < 1e-3, diff
+    assert np.array_equal(runner.generate(ids[:20], 16), reference.generate(ids[:20], 16))
