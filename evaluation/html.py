@@ -376,8 +376,11 @@ def _quality(report: Report) -> str:
     v = report.validation
     if v is not None:
         status = '<span class="badge pass">passed</span>' if v.passed else '<span class="badge fail">FAILED</span>'
-        body += (f'<p class="caption">Artifact validation: {v.prompts} prompts, artifact vs in-memory optimized model: '
-                 f"max |Δlogit| {_e(_num(v.max_abs_logit_diff))}, top-1 agreement {v.top1_agreement:.1%} {status}</p>")
+        decode = (f", {v.decode_top1_agreement:.1%} over {v.decode_tokens} tokens decoded with the KV cache"
+                  if v.decode_top1_agreement is not None else "")
+        body += (f'<p class="caption">Artifact validation: {v.prompts} prompts and one sequence of {v.long_tokens} '
+                 f"tokens, artifact vs in-memory optimized model: max |Δlogit| {_e(_num(v.max_abs_logit_diff))}, "
+                 f"top-1 agreement {v.top1_agreement:.1%}{decode} {status}</p>")
     return _section("Quality against the baseline", body, "quality")
 
 

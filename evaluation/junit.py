@@ -26,7 +26,8 @@ def junit_xml(report: Report | None, error: LlmoptError | None = None, suite: st
             element = case("artifact reproduces the optimized model")
             if not v.passed:
                 ET.SubElement(element, "failure", message=f"max |dlogit| {v.max_abs_logit_diff:.4g}, top-1 "
-                                                          f"{v.top1_agreement:.3f}")
+                                                          f"{v.top1_agreement:.3f}, cached decoding "
+                                                          f"{v.decode_top1_agreement}")
         for check in report.checks:
             element = case(f"check {check.name}")
             if not check.passed:

@@ -66,6 +66,12 @@ class ValidationRecord(_Model):
     max_abs_logit_diff: float
     top1_agreement: float
     passed: bool
+    long_tokens: int | None = Field(None, description="Length of the long sequence compared besides the prompts "
+                                                      "(longer than every attention window of the model).")
+    decode_tokens: int | None = Field(None, description="Tokens the artifact generated with its KV cache after the "
+                                                        "long sequence.")
+    decode_top1_agreement: float | None = Field(None, description="Share of those tokens that the reference model "
+                                                                  "also chose on the same context.")
 
 
 class CheckResult(_Model):
@@ -224,8 +230,11 @@ def render_markdown(report: Report) -> str:
     if report.validation:
         v = report.validation
         lines += ["", "## Artifact validation", "",
-                  f"{v.prompts} prompts, artifact vs in-memory optimized model: max |Δlogit| {v.max_abs_logit_diff:.4g}, "
-                  f"top-1 agreement {v.top1_agreement * 100:.1f}% — {'passed' if v.passed else 'FAILED'}."]
+                  f"{v.prompts} prompts and one sequence of {v.long_tokens} tokens, artifact vs in-memory optimized "
+                  f"model: max |Δlogit| {v.max_abs_logit_diff:.4g}, top-1 agreement {v.top1_agreement * 100:.1f}%"
+                  + (f", {v.decode_top1_agreement * 100:.1f}% over {v.decode_tokens} tokens decoded with the KV cache"
+                     if v.decode_top1_agreement is not None else "")
+                  + f" — {'passed' if v.passed else 'FAILED'}."]
     lines += ["", "## Passes", "", "| pass | seconds | details |", "|---|---:|---|"]
     for p in report.passes:
         details = ", ".join(f"{k}={v}" for k, v in p.info.items())

@@ -73,7 +73,17 @@ class OnnxExporter(Exporter):
             notes.append(f"fp16 graph: {stats['fp32_nodes']} of {stats['nodes']} nodes kept in fp32 (normalisations, "
                          "softmax, overflowing modules); inputs and outputs stay float32.")
         if info.get("fused_ops", {}).get("GroupQueryAttention") == state.model.config.num_hidden_layers:
-            notes.append(self._genai_config(state, folder, info))
+            from llmopt.architectures import attention_windows
+
+            if any(attention_windows(state.model.config)):
+                # Measured (tests/test_architectures.py): onnxruntime's GroupQueryAttention with local_window_size
+                # decodes wrongly when past and present share one buffer (greedy agreement with PyTorch 50-94%
+                # after the window), and onnxruntime-genai runs genai_config graphs that way.
+                notes.append("no genai_config.json: this model has sliding-window layers, which onnxruntime's "
+                             "GroupQueryAttention decodes correctly only with a growing KV cache "
+                             "(ORTModelForCausalLM), not with onnxruntime-genai's shared buffer.")
+            else:
+                notes.append(self._genai_config(state, folder, info))
         return ExportResult(folder, notes, info)
 
     def _genai_config(self, state: ModelState, folder: Path, info: dict) -> str:

@@ -199,3 +199,55 @@ def test_fused_attention_keeps_each_layers_window_past_it(tmp_path):
     print(f"gemma3_text fused, 48 tokens: max |Δlogit| {diff:.2e}")
     assert diff < 1e-3, diff
     assert np.array_equal(runner.generate(ids[:20], 16), reference.generate(ids[:20], 16))
+
+
+def test_the_artifact_check_catches_a_window_wrong_past_it(tmp_path, tiny_tokenizer, monkeypatch):
+    """The pipeline's artifact check runs a sequence longer than every window, in one prefill and in cached
+    decoding: with the old single-window fusion (every layer windowed) it fails the run (exit 4) instead of
+    writing a model that is right only on short prompts."""
+    import llmopt
+    import llmopt.architectures
+    from llmopt.errors import ResultValidationError
+
+    folder = tmp_path / "gemma3"
+    tiny("gemma3_text").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - type: fuse\nevaluation: {enabled: false}\n")
+    report = llmopt.optimize(recipe, model=str(folder), output=tmp_path / "right").report
+    v = report.validation
+    print(f"right windows: {v}")
+    assert v.passed and v.long_tokens >= 256 and v.decode_top1_agreement == 1.0
+    # ... and it decodes with a growing cache only (see the test below): no genai_config.json is offered.
+    assert not (tmp_path / "right" / "genai_config.json").exists()
+    assert any(note.startswith("no genai_config.json: this model has sliding-window layers") for note in report.notes)
+    monkeypatch.setattr(llmopt.architectures, "attention_windows", lambda config: [8] * config.num_hidden_layers)
+    with pytest.raises(ResultValidationError, match="does not reproduce the optimized model") as failed:
+        llmopt.optimize(recipe, model=str(folder), output=tmp_path / "wrong")
+    print(failed.value)
+    assert not (tmp_path / "wrong").exists()
+
+
+def test_a_windowed_graph_is_not_offered_to_a_shared_kv_buffer(tmp_path):
+    """Why a model with sliding-window layers gets no genai_config.json: onnxruntime's GroupQueryAttention with
+    local_window_size decodes wrongly when past and present share one buffer (onnxruntime-genai's mode), and
+    right with a growing cache. If onnxruntime fixes it, this test fails and the exporter may offer it again."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    from llmopt.evaluation.runners import OrtRunner, PlainOnnxLoop, TorchRunner
+    from llmopt.exporters.onnx_fuse import attention_shape, fuse_file
+
+    model = tiny("gemma3_text")
+    onnx_export_from_model(model, output=tmp_path, task="text-generation-with-past", do_validation=False)
+    fuse_file(tmp_path / "model.onnx", attention_shape(model.config))
+    runner, reference = OrtRunner(tmp_path), TorchRunner(model)
+    ids = np.random.default_rng(3).integers(3, TINY_VOCAB, 256)
+
+    def agreement(generate) -> float:
+        out = generate(ids, 16)
+        return float((reference.logits(out)[len(ids) - 1:-1].argmax(-1) == out[len(ids):]).mean())
+
+    shared = PlainOnnxLoop.optimum_layout(runner.model.session, runner.model.config, share_buffer=True)
+    growing, in_place = agreement(runner.generate), agreement(shared.generate)
+    print(f"gemma3_text fused, decode agreement: growing cache {growing:.3f}, shared buffer {in_place:.3f}")
+    assert growing == 1.0 and in_place < 0.95
