@@ -4,7 +4,8 @@ Short prompts alone miss what only shows late in a sequence or in cached decodin
 (correct up to the window, wrong after it), a rotary table cut short, a KV cache written in the wrong layout. So
 besides the prompts, one long sequence (at least 256 tokens and longer than every attention window of the
 model) is compared in one prefill, and the artifact then decodes greedily with its KV cache from that long
-context, each of its tokens checked against the reference's next-token choice on the same context.
+context, each of its tokens checked against the reference's next-token choice on the same context (a near-tie
+within the measured logit error counts as agreeing).
 """
 
 from __future__ import annotations
@@ -50,11 +51,15 @@ def validate_artifact(reference: Runner, artifact: Runner, tokenizer, config: On
         agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
         total += len(ids)
     top1 = agree / total
-    # Cached decoding: the artifact's greedy tokens after the long context, each compared with the reference's
-    # argmax on the same tokens (teacher-forced), so one near-tie does not derail the rest of the comparison.
+    # Cached decoding: the artifact's greedy tokens after the long context, each judged by the reference on the
+    # same tokens (teacher-forced, so one near-tie does not derail the rest). A token agrees when the reference
+    # ranks it within twice the largest logit difference the prefills measured: a near-tie that int8 compute
+    # may break either way agrees, a token a wrong cache picks (the prefills exact, the decode not) does not.
     generated = artifact.generate(long, DECODE_TOKENS)
-    expected = reference.logits(generated)[len(long) - 1:-1].argmax(-1)  # (DECODE_TOKENS,)
-    decode_top1 = float((expected == generated[len(long):]).mean())
+    ref = reference.logits(generated)[len(long) - 1:-1]  # (DECODE_TOKENS, V)
+    chosen = generated[len(long):]
+    margin = ref.max(-1) - ref[np.arange(len(chosen)), chosen]  # 0 where the artifact picked the reference's best
+    decode_top1 = float((margin <= 2 * max_diff).mean())
     passed = bool(max_diff <= config.max_abs_logit_diff and top1 >= config.min_top1_agreement
                   and decode_top1 >= config.min_top1_agreement)
     return ValidationRecord(prompts=config.prompts, max_abs_logit_diff=max_diff, top1_agreement=top1, passed=passed,

@@ -251,3 +251,80 @@ def test_a_windowed_graph_is_not_offered_to_a_shared_kv_buffer(tmp_path):
     growing, in_place = agreement(runner.generate), agreement(shared.generate)
     print(f"gemma3_text fused, decode agreement: growing cache {growing:.3f}, shared buffer {in_place:.3f}")
     assert growing == 1.0 and in_place < 0.95
+
+    # The artifact check sees it, although every prefill is exact: offered a genai_config.json (a shared buffer),
+    # the runner decodes in place and the cached-decoding comparison fails.
+    from llmopt.evaluation.validate import validate_artifact
+    from llmopt.exporters.onnx_genai import write_genai_config
+    from llmopt.recipe import OnnxValidation
+    from tests.conftest import build_tiny_tokenizer
+
+    write_genai_config(tmp_path, model.config.to_dict())
+    v = validate_artifact(reference, OrtRunner(tmp_path), build_tiny_tokenizer(), OnnxValidation(), 256)
+    print(f"with a shared buffer: {v}")
+    assert v.max_abs_logit_diff < 1e-4 and v.top1_agreement == 1.0
+    assert v.decode_top1_agreement < 0.95 and not v.passed
+
+
+# ---- every family through the pipeline ------------------------------------------------------------------
+
+END_TO_END = ("int4-fused-onnx", "int4-safetensors", "int8-w8a8-onnx")
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, tiny_tokenizer):
+    """model_type -> a saved tiny checkpoint (weights, config, tokenizer), written on first use."""
+    made = {}
+
+    def folder(model_type: str):
+        if model_type not in made:
+            path = tmp_path_factory.mktemp(f"family-{model_type}")
+            tiny(model_type).save_pretrained(path)
+            tiny_tokenizer.save_pretrained(path)
+            made[model_type] = path
+        return made[model_type]
+
+    return folder
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_shipped_recipe_plans_or_is_refused_on_every_family(model_type, family_dirs):
+    """No recipe reaches a pass or an exporter with a family it cannot handle: plan() accepts it or refuses
+    it (exit 2) naming what is supported."""
+    import llmopt
+    from llmopt.errors import RecipeError
+    from llmopt.recipe import shipped_recipe_names
+
+    outcomes = {}
+    for name in shipped_recipe_names():
+        try:
+            llmopt.validate(name, model=str(family_dirs(model_type)))
+            outcomes[name] = "plans"
+        except RecipeError as refused:
+            assert "Supported:" in refused.hint or "group_size" in str(refused), str(refused)
+            outcomes[name] = "refused"
+    print(model_type, outcomes)
+    arch = describe(model_type)
+    for name in ("gqa-distill",):
+        assert outcomes[name] == ("plans" if arch.gqa else "refused")
+    for name in ("prune-depth", "prune-width"):
+        assert outcomes[name] == ("plans" if arch.prune else "refused")
+    assert all(outcomes[name] == "plans" for name in END_TO_END)
+
+
+@pytest.mark.parametrize("recipe_name", END_TO_END)
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_family_end_to_end(model_type, recipe_name, family_dirs, tmp_path):
+    """The shipped int4 (ONNX fused, safetensors GPTQ) and W8A8 recipes on every family, evaluation off: the
+    artifact passes the pipeline's check against the in-memory model (prompts, one sequence longer than every
+    window, cached decoding)."""
+    import llmopt
+    from llmopt.recipe import EvaluationConfig, load_recipe
+
+    recipe = load_recipe(recipe_name)
+    calibration = recipe.calibration.model_copy(update={"samples": 2, "seq_len": 32})
+    recipe = recipe.model_copy(update={"evaluation": EvaluationConfig(enabled=False), "calibration": calibration})
+    v = llmopt.optimize(recipe, model=str(family_dirs(model_type)), output=tmp_path / "out").report.validation
+    print(f"{model_type} {recipe_name}: max |Δlogit| {v.max_abs_logit_diff:.3g}, top-1 {v.top1_agreement:.3f}, "
+          f"decode {v.decode_top1_agreement:.3f} after {v.long_tokens} tokens")
+    assert v.passed and v.long_tokens >= 256
