@@ -152,3 +152,17 @@ def attention_windows(config: Any) -> list[int | None]:
 
 def _first(config: Any, *keys: str) -> Any:
     return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)
+
+
+def support_markdown() -> str:
+    """The README's family x pass/exporter table, from the descriptions above (a test keeps the README in sync)."""
+    rows = ["| family (`model_type`) | quantize (RTN, GPTQ, W8A8) | AWQ / SmoothQuant scales folded into | gqa | prune "
+            "| streaming | ONNX, safetensors |", "|---|---|---|---|---|---|---|"]
+    mark = {True: "yes", False: "refused"}
+    for name, arch in sorted(ARCHITECTURES.items()):
+        sources = ", ".join(dict.fromkeys(g.source.split(".")[-1] for g in arch.groups))
+        if arch.moe:
+            sources += " (router and every expert)"
+        rows.append(f"| `{name}` | yes | {sources} | {mark[arch.gqa]} | {mark[arch.prune]} | {mark[arch.stream]} "
+                    "| yes |")
+    return "\n".join(rows) + "\n"

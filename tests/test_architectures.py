@@ -328,3 +328,13 @@ def test_every_family_end_to_end(model_type, recipe_name, family_dirs, tmp_path)
     print(f"{model_type} {recipe_name}: max |Δlogit| {v.max_abs_logit_diff:.3g}, top-1 {v.top1_agreement:.3f}, "
           f"decode {v.decode_top1_agreement:.3f} after {v.long_tokens} tokens")
     assert v.passed and v.long_tokens >= 256
+
+
+def test_the_readme_table_is_generated_from_the_descriptions():
+    from pathlib import Path
+
+    from llmopt.architectures import support_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("<!-- families -->\n") + len("<!-- families -->\n"):readme.index("<!-- /families -->")]
+    assert block == support_markdown(), "README's family table is stale: paste llmopt.architectures.support_markdown()"
