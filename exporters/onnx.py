@@ -19,6 +19,11 @@ class OnnxExporter(Exporter):
     runtime = "onnxruntime"
 
     def check(self, arch: ArchInfo) -> None:
+        from llmopt.architectures import require
+
+        # Fusion, packing and the artifact check rely on the family's layout (GQA Falcon or Phi-2 crash inside
+        # optimum's export): undescribed families are refused here, at plan time.
+        require(arch.model_type, "the ONNX exporter", "export.format")
         import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the configs with TasksManager)
         from optimum.exporters.tasks import TasksManager
 

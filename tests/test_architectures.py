@@ -338,3 +338,18 @@ def test_the_readme_table_is_generated_from_the_descriptions():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     block = readme[readme.index("<!-- families -->\n") + len("<!-- families -->\n"):readme.index("<!-- /families -->")]
     assert block == support_markdown(), "README's family table is stale: paste llmopt.architectures.support_markdown()"
+
+
+def test_the_onnx_exporter_refuses_undescribed_families_at_plan_time():
+    from transformers import FalconConfig
+
+    from llmopt.errors import RecipeError
+    from llmopt.exporters.onnx import OnnxExporter
+    from llmopt.model import ArchInfo
+    from llmopt.recipe import ExportConfig
+
+    falcon = ArchInfo.from_config(FalconConfig(hidden_size=64, num_attention_heads=8, num_hidden_layers=2,
+                                               new_decoder_architecture=True, num_kv_heads=2))
+    with pytest.raises(RecipeError, match="the ONNX exporter does not handle model_type 'falcon'"):
+        OnnxExporter(ExportConfig()).check(falcon)
+    OnnxExporter(ExportConfig()).check(ArchInfo.from_config(config_of("phi3")))  # described: accepted

@@ -325,3 +325,16 @@ def test_awq_then_quantize_beats_quantize_alone(method, tiny_tokenizer):
         kl[awq] = compare_quality(reference, TorchRunner(model), evaluation).kl_divergence
     print(f"{method}: KL vs float without / with AWQ: {kl[False]:.5f} / {kl[True]:.5f}")
     assert kl[True] < 0.8 * kl[False], kl
+
+
+def test_a_tied_embedding_and_head_count_once_in_quantized_parameters(tiny_tokenizer):
+    """Quantizing both halves of a tied pair stores one tensor: the report counts its parameters once, so the
+    quantized parameters never exceed the model's (they did: 162,791,424 of 134,515,008 on SmolLM2)."""
+    model = tiny_llama(tie=True)
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields the tied tensor once
+    state = QuantizePass(QuantizeConfig(bits=4, group_size=16, embeddings=True)).run(
+        ModelState(model, tiny_tokenizer), PassContext(seed=0, progress=lambda *_: None))
+    counted = state.pass_info["quantize"]["quantized_parameters"]
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    print(f"quantized {counted:,} of {total:,} parameters ({norms:,} in norms, not quantized)")
+    assert counted == total - norms
