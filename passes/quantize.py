@@ -161,10 +161,15 @@ class QuantizePass(Pass):
         self._untie_if_needed(model, {name for name, _ in targets})
         linears = {name for name, m in targets if isinstance(m, torch.nn.Linear)}
         info: dict = {}
-        if c.awq:
-            info.update(self._run_awq(state, ctx, linears))
-        if c.smoothquant:
-            info.update(self._run_smoothquant(state, ctx, linears))
+        if c.awq or c.smoothquant:
+            probe = torch.as_tensor(ctx.calibration_windows("quantize with awq or smoothquant")[0])[None]  # (1, T)
+            with torch.no_grad():
+                before = model(input_ids=probe).logits
+            if c.awq:
+                info.update(self._run_awq(state, ctx, linears))
+            if c.smoothquant:
+                info.update(self._run_smoothquant(state, ctx, linears))
+            _check_folds_kept_the_function(model, probe, before, "awq" if c.awq else "smoothquant")
         bits: dict[str, int] = {}  # Linear name -> bits, when they differ per layer
         if c.target_bits_per_weight is not None:
             bits, mixed = self._choose_bits(state, ctx, [(n, m) for n, m in targets if n in linears])
@@ -323,6 +328,25 @@ class QuantizePass(Pass):
         if (modules[id(head)] in names) != (modules[id(embedding)] in names):
             head.weight = torch.nn.Parameter(head.weight.detach().clone())
             model.config.tie_word_embeddings = False
+
+
+def _check_folds_kept_the_function(model, probe: "torch.Tensor", before: "torch.Tensor", what: str) -> None:
+    """AWQ and SmoothQuant only move scales between an op and the Linears that read it: the float model must
+    compute what it did (float rounding aside). A fold into the wrong op (a family whose layout is described
+    wrongly) would otherwise pass as a slightly worse perplexity."""
+    import torch
+
+    from llmopt.errors import ResultValidationError
+
+    with torch.no_grad():
+        after = model(input_ids=probe).logits
+    change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+    if not change < 1e-3:
+        raise ResultValidationError(
+            f"The {what} scale folds changed the float model (relative max logit change {change:.2e} on a "
+            f"calibration window, where moving scales should change nothing); nothing was written.",
+            f"Report this with the model's config: its family description (model_type "
+            f"'{model.config.model_type}') does not match its modules. Meanwhile drop `{what}`.")
 
 
 def input_widths(arch: ArchInfo) -> dict[str, int]:

@@ -353,3 +353,25 @@ def test_the_onnx_exporter_refuses_undescribed_families_at_plan_time():
     with pytest.raises(RecipeError, match="the ONNX exporter does not handle model_type 'falcon'"):
         OnnxExporter(ExportConfig()).check(falcon)
     OnnxExporter(ExportConfig()).check(ArchInfo.from_config(config_of("phi3")))  # described: accepted
+
+
+def test_a_fold_that_changes_the_model_fails_the_pass(monkeypatch, tiny_tokenizer):
+    """The quantize pass checks its AWQ folds against the float model before them: a wrong layout (here Gemma
+    2 described as Llama) is an error naming the family, not a quietly worse model."""
+    import dataclasses
+
+    import llmopt.architectures as architectures
+    from llmopt.errors import ResultValidationError
+    from llmopt.evaluation.calibration import calibration_batches
+    from llmopt.passes.quantize import QuantizeConfig, QuantizePass
+    from llmopt.state import ModelState, PassContext
+
+    wrong = dataclasses.replace(describe("gemma2"), groups=describe("llama").groups)
+    monkeypatch.setitem(architectures.ARCHITECTURES, "gemma2", wrong)
+    windows, _ = calibration_batches(tiny_tokenizer, data="builtin", text_field="text", samples=2, seq_len=32, seed=0)
+    with pytest.raises(ResultValidationError, match="awq scale folds changed the float model") as failed:
+        QuantizePass(QuantizeConfig(awq=True, group_size=16)).run(
+            ModelState(tiny("gemma2"), tiny_tokenizer),
+            PassContext(seed=0, progress=lambda *_: None, calibration=lambda: windows))
+    print(failed.value)
+    assert "model_type 'gemma2'" in failed.value.hint
