@@ -22,6 +22,37 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"llmopt {version('llmopt')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("llmopt (not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors, the final verdict and results (for CI)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also the libraries' own warnings, notices and "
+                                 "progress bars (transformers, optimum, onnxruntime), hidden by default."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print llmopt's version and exit."),
+) -> None:
+    """Options for every command: `llmopt -q optimize ...`."""
+    from llmopt.cli.render import NORMAL, QUIET, VERBOSE, set_verbosity
+
+    if quiet and verbose:
+        from llmopt.errors import RecipeError
+
+        raise RecipeError("-q (quiet) and -v (verbose) cannot be used together.", "Choose one.")
+    set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
+
+
 recipes_app = typer.Typer(help="List and show the recipes shipped with llmopt.", invoke_without_command=True)
 app.add_typer(recipes_app, name="recipes")
 
@@ -59,11 +90,15 @@ def optimize(
                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, force=force, junit_xml=junit_xml)
         return
 
+    from llmopt.artifact import check_destination
+
     # The JUnit file may land in no input and not in the artifact: checked before the run, written after it.
     junit_inputs = [Input("the output folder", real(output))]
     if junit_xml is not None:
         check_file_output(junit_xml, junit_inputs)
     try:
+        if not force:  # cheap checks first: an existing output before any loading (--force: checked with the inputs)
+            check_destination(output, force, dry_run=True)
         the_plan = plan(recipe, output=output, model=model, format=format, eval_data=eval_data,
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         junit_inputs += plan_inputs(the_plan)
@@ -77,17 +112,44 @@ def optimize(
         raise
     if junit_xml is not None:
         write_file(junit_xml, to_junit(result.report), junit_inputs)
+    from llmopt.cli.render import quiet
+
     if as_json:
         print(result.report.model_dump_json(indent=2))
-    else:
+    elif not quiet():
         _print_summary(result.report, console)
-        console.print(f"Artifact and report written to [bold]{result.output}[/]")
     if not result.passed:
         failed = "; ".join(f"{c.name}: {c.value if c.value is None else round(c.value, 4)} vs {c.threshold}"
                            for c in result.failed_checks)
         err_console.print(f"[bold red]Quality checks failed[/] (exit 1): {failed}. The artifact and its report are "
                           f"in {result.output} for inspection.", soft_wrap=True)
+    if not as_json:
+        console.print(verdict(result), soft_wrap=True)
+    if not result.passed:
         raise typer.Exit(ExitCode.CHECK_FAILED)
+
+
+def verdict(result) -> str:
+    """The run's last line: checks passed or failed, the headline figures, and where the report is."""
+    report = result.report
+    b, o = report.baseline, report.optimized
+    figures = []
+    if b.perplexity and o.perplexity:
+        figures.append(f"perplexity {b.perplexity:.2f} → {o.perplexity:.2f} ({(o.perplexity / b.perplexity - 1):+.1%})")
+    if b.size_bytes and o.size_bytes:
+        figures.append(f"size {b.size_bytes / 1e6:.1f} → {o.size_bytes / 1e6:.1f} MB")
+    if b.decode_tokens_per_s and o.decode_tokens_per_s:
+        figures.append(f"decode {b.decode_tokens_per_s:.1f} → {o.decode_tokens_per_s:.1f} tokens/s")
+    checks = report.checks
+    if not checks:
+        status = "[bold]DONE[/] (the recipe has no quality checks)"
+    elif result.passed:
+        status = f"[bold green]PASSED[/] ({len(checks)} of {len(checks)} checks)"
+    else:
+        status = f"[bold red]FAILED[/] ({len(result.failed_checks)} of {len(checks)} checks failed)"
+    page = result.output / "report.html"
+    where = f"report: {page}" if page.is_file() else f"artifact and report: {result.output}"
+    return f"{status}: " + ", ".join(figures) + ("; " if figures else "") + where
 
 
 def _print_summary(report, console) -> None:
@@ -213,7 +275,7 @@ def init(
     from llmopt.cli.render import console
     from llmopt.errors import RecipeError
     from llmopt.init import init_recipe, write_new_file
-    from llmopt.recipe import find_shipped_recipe, shipped_recipe_names
+    from llmopt.recipe import recipe_summary, shipped_recipe_names
 
     if model is None or goal is None:
         if not _can_ask():
@@ -223,9 +285,7 @@ def init(
         if model is None:
             model = typer.prompt("Model (folder, .gguf file, hub id or 'demo')")
         if goal is None:
-            for name in shipped_recipe_names():
-                summary = find_shipped_recipe(name).read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
-                console.print(f"  [bold]{name}[/]  {summary}", soft_wrap=True)
+            _print_recipes(console, {name: recipe_summary(name) for name in shipped_recipe_names()}, indent="  ")
             goal = typer.prompt("Goal (one of the recipes above)", default="int4-onnx")
     from llmopt.model import resolve_model
     from llmopt.write_safety import Input, real
@@ -292,10 +352,17 @@ def compare(
                                                    "reference."),
     format: str = typer.Option("table", "--format", "-f", help="table, md, json or html."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON (the same as --format json, as every other "
+                                                       "command spells it)."),
 ) -> None:
     """Metrics of several runs side by side: change against the first, significance, and the Pareto front."""
     from llmopt.errors import RecipeError
     from llmopt.evaluation.compare import compare_many, comparison_to_markdown, format_value as fmt
+
+    if as_json:
+        if format not in ("table", "json"):
+            raise RecipeError(f"--json and --format {format} ask for two formats.", "Give one of them.")
+        format = "json"
 
     if format not in ("table", "md", "json", "html"):
         raise RecipeError(f"Unknown --format '{format}'.", "Use table, md, json or html.")
@@ -412,15 +479,25 @@ def recipes_list(ctx: typer.Context,
     if ctx.invoked_subcommand:
         return
     from llmopt.cli.render import console
-    from llmopt.recipe import find_shipped_recipe, shipped_recipe_names
+    from llmopt.recipe import recipe_summary, shipped_recipe_names
 
-    summaries = {name: find_shipped_recipe(name).read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
-                 for name in shipped_recipe_names()}
+    summaries = {name: recipe_summary(name) for name in shipped_recipe_names()}
     if as_json:
         print(json.dumps(summaries, indent=2))
         return
+    _print_recipes(console, summaries)
+
+
+def _print_recipes(console, summaries: dict[str, str], indent: str = "") -> None:
+    """Names in one column, whole descriptions beside them (wrapped under the description on a terminal)."""
+    from rich.table import Table
+
+    listing = Table.grid(padding=(0, 2))
+    listing.add_column(style="bold", no_wrap=True)
+    listing.add_column()
     for name, summary in summaries.items():
-        console.print(f"[bold]{name}[/]  {summary}", soft_wrap=True)
+        listing.add_row(f"{indent}{name}", summary)
+    console.print(listing)
 
 
 @recipes_app.command("show")

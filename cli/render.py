@@ -12,6 +12,33 @@ from llmopt.errors import LlmoptError
 
 err_console = Console(stderr=True, highlight=False)
 console = Console(highlight=False)
+QUIET, NORMAL, VERBOSE = -1, 0, 1
+_verbosity = [NORMAL]  # the command line's -q / -v, set once by the app's callback
+
+
+def set_verbosity(level: int) -> None:
+    """-q: errors, warnings of llmopt's own and the final verdict only. Default: llmopt's progress, without the
+    libraries' warnings, notices and progress bars (transformers' tokenizer notes, the GGUF conversion bar,
+    optimum's and onnxruntime's messages), which say nothing a user can act on. -v: all of them, as they come."""
+    import logging
+    import os
+    import warnings
+
+    _verbosity[0] = level
+    if level >= VERBOSE:
+        return
+    # Read by the libraries when they are imported (inside the commands), so set before any of them loads.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("ORT_LOG_SEVERITY_LEVEL", "3")
+    for name in ("transformers", "optimum", "onnxruntime", "onnxscript", "torch", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")  # the libraries' DeprecationWarning/UserWarning/TracerWarning lines
+
+
+def quiet() -> bool:
+    return _verbosity[0] <= QUIET
 
 
 def print_error(exc: LlmoptError) -> None:
@@ -23,7 +50,7 @@ class ConsoleProgress:
     """Pipeline progress: a rich spinner/bar on a terminal, one line per step elsewhere (CI logs)."""
 
     def __init__(self) -> None:
-        self.interactive = err_console.is_terminal
+        self.interactive = err_console.is_terminal and not quiet()
         self._progress = None
         self._task = None
         self._started = 0.0
@@ -32,9 +59,10 @@ class ConsoleProgress:
         if self.interactive:
             from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                                      console=err_console, transient=False)
+            # The count only where a step has one ("0/None" says nothing).
+            counts = TextColumn("{task.fields[count]}")
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), counts,
+                                      TimeElapsedColumn(), console=err_console, transient=False)
             self._progress.start()
         return self
 
@@ -45,20 +73,20 @@ class ConsoleProgress:
     def step(self, name: str, total: int | None = None) -> None:
         self._started = time.perf_counter()
         if self._progress is not None:
-            self._task = self._progress.add_task(name, total=total)
-        else:
+            self._task = self._progress.add_task(name, total=total, count=f"0/{total}" if total else "")
+        elif not quiet():
             print(f"[llmopt] {name} ...", file=sys.stderr, flush=True)
 
     def advance(self, done: int, total: int) -> None:
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, completed=done, total=total)
+            self._progress.update(self._task, completed=done, total=total, count=f"{done}/{total}")
 
     def done(self, name: str, seconds: float) -> None:
         if self._progress is not None and self._task is not None:
             task = self._progress.tasks[-1]
             self._progress.update(self._task, description=f"[green]✓[/] {name} ({seconds:.1f} s)",
                                   total=task.total or 1, completed=task.total or 1)
-        else:
+        elif not quiet():
             print(f"[llmopt] {name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
 
 

@@ -22,6 +22,10 @@ def optimize(recipe: str | Path | Recipe, *, model: str | None = None, output: s
     the same as an uninterrupted run's. With no checkpoint to continue from the run starts afresh; a checkpoint
     of another recipe, model or version is refused with a RecipeError (exit 2).
     """
+    from llmopt.artifact import check_destination
+
+    if not force:  # an existing output is refused before anything loads (--force: checked with the inputs)
+        check_destination(Path(output), force, dry_run=True)
     the_plan = plan(recipe, output=output, model=model, format=format, eval_data=eval_data,
                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return run(the_plan, force=force, progress=progress, resume=resume)

@@ -110,7 +110,10 @@ def resolve_model(spec: str, *, allow_pickle: bool = False, trust_remote_code: b
         return ModelSource(spec, "local", str(path.resolve()), **common)
     if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
         repo, _, revision = spec.partition("@")
-        folder = _hub_snapshot(repo, revision or None, allow_pickle=allow_pickle)
+        try:
+            folder = _hub_snapshot(repo, revision or None, allow_pickle=allow_pickle)
+        except InputError as exc:  # `models/my-llama` reads as a hub id too: say that no such folder exists
+            raise InputError(f"There is no local folder '{spec}', and as a hub id: {exc.message}", exc.hint) from None
         # A snapshot's files are symlinks into the repository's cache folder (blobs/): that is inside.
         _check_local_folder(Path(folder), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                             root=Path(folder).parents[1])

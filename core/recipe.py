@@ -275,6 +275,16 @@ def find_shipped_recipe(name: str) -> Path | None:
     return Path(str(candidate)) if candidate.is_file() else None
 
 
+def recipe_summary(name: str) -> str:
+    """A shipped recipe's description: its leading comment lines, joined."""
+    lines = []
+    for line in find_shipped_recipe(name).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    return " ".join(lines)
+
+
 def shipped_recipe_names() -> list[str]:
     from importlib import resources
 

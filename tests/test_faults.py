@@ -403,7 +403,7 @@ def test_output_path_is_an_existing_file(force, needles, monkeypatch, capsys, sa
 def test_output_inside_a_file(monkeypatch, capsys, sandbox, tiny_model_dir):
     (sandbox / "file").write_text("x")
     recipe = write_recipe(sandbox)
-    fails_cleanly(monkeypatch, capsys, sandbox, 2, ("Cannot write next to", "Not a directory"), "optimize",
+    fails_cleanly(monkeypatch, capsys, sandbox, 2, ("Cannot create", "no writable folder on the way to it"), "optimize",
                   str(recipe), "--model", str(tiny_model_dir), "--output", str(sandbox / "file" / "out"))
 
 
