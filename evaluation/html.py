@@ -571,7 +571,7 @@ def _samples(report: Report) -> str:
         while same < min(len(base), len(opt)) and base[same] == opt[same]:
             same += 1
         badge = ('<span class="badge pass">identical</span>' if base == opt
-                 else f'<span class="badge warn">diverges after {same} characters</span>')
+                 else f'<span class="badge warn">diverges after {same} character{"" if same == 1 else "s"}</span>')
 
         blocks.append(f'<div class="sample"><div class="prompt"><span class="label">prompt</span> {badge}'
                       f'<pre>{_e(str(s.get("prompt", ""))[:MAX_TEXT])}</pre></div><div class="cols">'

@@ -21,8 +21,9 @@ def render_model_card(report: Report) -> str:
     if model.get("kind") == "hub":
         meta["base_model"] = str(model["spec"]).split("@", 1)[0]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {model['spec']} — optimized with llmopt", "",
-             f"Base model: `{model['spec']}` ({model.get('model_type')}). Format: **{fmt}** for "
+             f"# {model.get('name') or model['spec']} — optimized with llmopt", "",
+             f"Base model: {model.get('name') or model['spec']} (`{model['spec']}`, {model.get('model_type')}). "
+             f"Format: **{fmt}** for "
              f"{report.export.get('runtime', '')}. Passes: {', '.join(p.type for p in report.passes) or 'none'}.", "",
              "| metric | base (float32) | this model |", "|---|---:|---:|"]
     lines += [f"| {name} | {_fmt(a)} | {_fmt(b)} |" for name, a, b in headline_rows(report)]
