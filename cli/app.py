@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -99,12 +100,16 @@ def optimize(
     try:
         if not force:  # cheap checks first: an existing output before any loading (--force: checked with the inputs)
             check_destination(output, force, dry_run=True)
-        the_plan = plan(recipe, output=output, model=model, format=format, eval_data=eval_data,
-                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        junit_inputs += plan_inputs(the_plan)
-        if junit_xml is not None:
-            check_file_output(junit_xml, junit_inputs)
         with ConsoleProgress() as progress:
+            # Something on screen at once: planning reads the model's config (a GGUF's metadata takes seconds).
+            progress.step("check the recipe against the model")
+            started = time.perf_counter()
+            the_plan = plan(recipe, output=output, model=model, format=format, eval_data=eval_data,
+                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+            junit_inputs += plan_inputs(the_plan)
+            if junit_xml is not None:
+                check_file_output(junit_xml, junit_inputs)
+            progress.done("check the recipe against the model", time.perf_counter() - started)
             result = run(the_plan, force=force, progress=progress, resume=resume)
     except LlmoptError as exc:
         if junit_xml is not None:
@@ -166,7 +171,8 @@ def _print_summary(report, console) -> None:
     for check in report.checks:
         sense = "≤" if check.name.startswith("max_") else "≥"  # max_* gates are upper bounds, min_* lower ones
         rows.append([f"check {check.name} {sense} {check.threshold}", "", "pass" if check.passed else "FAIL"])
-    console.print(table(f"llmopt — {report.model['spec']} → {report.export['format']}", ["metric", "baseline", "optimized"], rows))
+    name = report.model.get("name") or report.model["spec"]
+    console.print(table(f"llmopt — {name} → {report.export['format']}", ["metric", "baseline", "optimized"], rows))
     for note in report.notes:
         console.print(f"note: {note}", soft_wrap=True)
 
