@@ -342,7 +342,7 @@ def test_impossible_targets_fail_at_plan_time(k, arch, match, valid):
     if valid is not None:
         assert f"Valid values: {valid} " in info.value.hint
     else:
-        assert "Supported architectures: llama" in info.value.hint
+        assert "Supported: gemma, gemma2, gemma3_text, llama" in info.value.hint
 
 
 def test_check_returns_the_planned_shape():
