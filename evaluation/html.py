@@ -76,12 +76,27 @@ def _pct(a: float | None, b: float | None) -> float | None:
     return (b - a) / abs(a) * 100
 
 
+def _spread(*spreads: float | None) -> float:
+    """How far two medians may differ by chance: the sum of the two runs' spreads (0 when not measured)."""
+    return float(sum(s for s in spreads if s))
+
+
 def _higher_is_better(metric: str) -> bool:
     return any(word in metric.lower() for word in ("tokens/s", "tok/s", "agreement", "speedup"))
 
 
-def _change_html(a: Any, b: Any, higher_better: bool) -> str:
-    """"+10.0%" coloured green when the change is an improvement, red when it is a regression."""
+# Memory figures move by this much between two runs of the same model (allocator, page cache): a smaller
+# change is no finding, whatever its ratio (0.1 -> 0.6 MB is not "6x worse").
+MEMORY_NOISE_MB = 1.0
+
+
+def _noise(metric: str) -> float:
+    return MEMORY_NOISE_MB if "(MB)" in metric and "memory" in metric.lower() else 0.0
+
+
+def _change_html(a: Any, b: Any, higher_better: bool, noise: float = 0.0) -> str:
+    """"+10.0%" coloured green when the change is an improvement, red when it is a regression, muted when it is
+    within `noise` (an absolute difference the measurement cannot tell from zero)."""
     if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
         return "–"
     pct = _pct(float(a), float(b))
@@ -89,6 +104,8 @@ def _change_html(a: Any, b: Any, higher_better: bool) -> str:
         return "–"
     if abs(pct) < 0.05:
         return '<span class="muted">±0%</span>'
+    if abs(float(b) - float(a)) <= noise:
+        return f'<span class="muted">{pct:+.1f}% (within noise)</span>'
     better = (pct > 0) == higher_better
     return f'<span class="{"good" if better else "bad"}">{pct:+.1f}%</span>'
 
@@ -144,8 +161,9 @@ def _text(x: float, y: float, text: str, *, size: int = 12, anchor: str = "start
 
 
 def _bar_pair(title: str, base: float | None, opt: float | None, *, higher_better: bool,
-              opt_interval: list[float] | None = None) -> str:
-    """Two bars (baseline, optimized) from zero, value labels, the change under the title, a CI whisker."""
+              opt_interval: list[float] | None = None, noise: float = 0.0) -> str:
+    """Two bars (baseline, optimized) from zero, value labels, the change under the title, a CI whisker. A change
+    within `noise` (the runs' spread, or a memory floor) is shown, not judged."""
     values = [v for v in (base, opt) if v is not None]
     if not values:
         return ""
@@ -162,6 +180,8 @@ def _bar_pair(title: str, base: float | None, opt: float | None, *, higher_bette
     if pct is not None:
         if abs(pct) < 0.05:
             parts.append(_text(8, 36, "no change", fill=MUTED))
+        elif base is not None and opt is not None and abs(opt - base) <= noise:
+            parts.append(_text(8, 36, f"{pct:+.1f}%, within the spread of the runs (±{noise:.3g})", fill=MUTED))
         else:
             good = (pct > 0) == higher_better
             ratio = (opt / base if higher_better else base / opt) if base and opt else None
@@ -326,16 +346,19 @@ def _headline(report: Report) -> str:
         _bar_pair("size on disk (MB)", b.size_bytes / 1e6, o.size_bytes / 1e6, higher_better=False),
         _bar_pair("perplexity", b.perplexity, o.perplexity, higher_better=False,
                   opt_interval=_interval(q, "perplexity")),
-        _bar_pair("decode (tokens/s)", b.decode_tokens_per_s, o.decode_tokens_per_s, higher_better=True),
-        _bar_pair("prefill latency (ms)", b.prefill_ms, o.prefill_ms, higher_better=False),
-    ] + [_bar_pair(name, vb, vo, higher_better=False) for name, vb, vo in memory if vb is not None or vo is not None]
+        _bar_pair("decode (tokens/s)", b.decode_tokens_per_s, o.decode_tokens_per_s, higher_better=True,
+                  noise=_spread(b.decode_tokens_per_s_spread, o.decode_tokens_per_s_spread)),
+        _bar_pair("prefill latency (ms)", b.prefill_ms, o.prefill_ms, higher_better=False,
+                  noise=_spread(b.prefill_ms_spread, o.prefill_ms_spread)),
+    ] + [_bar_pair(name, vb, vo, higher_better=False, noise=MEMORY_NOISE_MB)
+         for name, vb, vo in memory if vb is not None or vo is not None]
     rows = []
     for name, a, bb in headline_rows(report):
         if a is None and bb is None:
             continue
         indent = len(name) - len(name.lstrip())  # "  of which ...": a sub-row of the one above
         label = f'<span class="subrow">{_e(name.strip())}</span>' if indent else _e(name)
-        rows.append([label, _e(_num(a)), _e(_num(bb)), _change_html(a, bb, _higher_is_better(name))])
+        rows.append([label, _e(_num(a)), _e(_num(bb)), _change_html(a, bb, _higher_is_better(name), _noise(name))])
     caption = ""
     if _interval(q, "perplexity"):
         caption = (f'<p class="caption">Whisker: {_level(q)} confidence interval of the optimized model\'s '

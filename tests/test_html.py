@@ -136,3 +136,17 @@ def test_report_html_shows_task_scores():
     page = render_html(report)
     assert "Tasks (lm-eval-harness)" in page and "arc_easy" in page and "acc_norm,none" in page
     assert "Tasks (lm-eval-harness)" not in render_html(make_report())
+
+
+def test_changes_within_noise_are_shown_not_judged():
+    """A sub-megabyte memory change or a speed change inside the runs' spread is no finding: muted, not red."""
+    from llmopt.evaluation.html import _bar_pair, _change_html, _noise
+
+    assert _change_html(0.1, 0.62, False, _noise("peak memory added (MB)")) == \
+        '<span class="muted">+520.0% (within noise)</span>'
+    assert _change_html(100.0, 300.0, False, _noise("peak memory added (MB)")) == '<span class="bad">+200.0%</span>'
+    assert _change_html(0.1, 0.62, False, _noise("size on disk (MB)")) == '<span class="bad">+520.0%</span>'
+    within = _bar_pair("prefill latency (ms)", 100.0, 90.0, higher_better=False, noise=12.0)
+    assert "within the spread of the runs (±12)" in within and "better" not in within
+    beyond = _bar_pair("prefill latency (ms)", 100.0, 80.0, higher_better=False, noise=12.0)
+    assert "-20.0% · 1.25× better" in beyond
