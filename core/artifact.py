@@ -256,7 +256,9 @@ def verify_manifest(folder: Path) -> list[str]:
     for name, meta in files.items():
         path = folder / name
         if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
-            problems.append(f"{MANIFEST} entry for {name} lacks its sha256 or size")
+            problems.append(f"{MANIFEST} entry for {name!r} lacks its sha256 or size")
+        elif not name or "\x00" in name:
+            problems.append(f"{MANIFEST} names {name!r}, which is no file name")
         elif Path(name).is_absolute() or ".." in Path(name).parts:
             problems.append(f"{MANIFEST} names {name}, which is outside the artifact")
         elif path.is_symlink():

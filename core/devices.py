@@ -16,9 +16,29 @@ def cuda_available() -> bool:
 
 
 def ort_providers() -> list[str]:
+    """onnxruntime's execution providers; none when no onnxruntime is installed (a safetensors-only setup)."""
+    if not onnxruntime_installed():
+        return []
     import onnxruntime
 
     return list(onnxruntime.get_available_providers())
+
+
+def onnxruntime_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def require_onnxruntime(what: str) -> None:
+    """A plan-time RecipeError when no ONNX runtime is installed: it is an extra the user picks."""
+    if not onnxruntime_installed():
+        from llmopt.errors import RecipeError
+
+        raise RecipeError(f"{what} needs onnxruntime, and none is installed.",
+                          "Install one of llmopt's runtime extras: `pip install '.[cpu]'` (onnxruntime, which "
+                          "onnxruntime-genai uses too) or `pip install '.[gpu]'` (onnxruntime-gpu, NVIDIA GPUs); "
+                          "not both. Or export safetensors (`--format safetensors`).")
 
 
 def resolve_provider(requested: Literal["auto", "cpu", "cuda"]) -> str:

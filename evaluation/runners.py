@@ -248,6 +248,8 @@ class OrtRunner:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if provider not in ort.get_available_providers():  # e.g. CUDA asked of the CPU package: run, and say so
+            provider = "CPUExecutionProvider"
         self.model = ORTModelForCausalLM.from_pretrained(folder, provider=provider, session_options=options)
         self.threads = threads or _cpu_count()
         # What the session runs on: onnxruntime falls back to the CPU when CUDA's libraries fail to load.

@@ -20,10 +20,12 @@ class OnnxExporter(Exporter):
 
     def check(self, arch: ArchInfo) -> None:
         from llmopt.architectures import require
+        from llmopt.devices import require_onnxruntime
 
         # Fusion, packing and the artifact check rely on the family's layout (GQA Falcon or Phi-2 crash inside
         # optimum's export): undescribed families are refused here, at plan time.
         require(arch.model_type, "the ONNX exporter", "export.format")
+        require_onnxruntime("export.format: onnx (validating and measuring the artifact)")
         import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the configs with TasksManager)
         from optimum.exporters.tasks import TasksManager
 

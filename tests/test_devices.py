@@ -72,3 +72,17 @@ def test_on_the_cpu_the_report_names_the_processor(tiny_model_dir, fast_recipe, 
                              model=str(tiny_model_dir), output=tmp_path / "o")
     assert result.report.environment["device"] == f"cpu ({devices.cpu_name()})"
     assert not any("was chosen but" in n for n in result.report.notes)
+
+
+def test_onnx_without_an_onnx_runtime_is_refused_at_plan_time(tiny_model_dir, fast_recipe, monkeypatch):
+    """The runtime is an extra ([cpu] or [gpu]); without one an ONNX recipe fails at plan time, saying which to
+    install, and a safetensors recipe still plans."""
+    import llmopt
+    from llmopt.errors import RecipeError
+
+    monkeypatch.setattr(devices, "onnxruntime_installed", lambda: False)
+    with pytest.raises(RecipeError, match="needs onnxruntime, and none is installed") as refused:
+        llmopt.validate(fast_recipe("export: {format: onnx}\n"), model=str(tiny_model_dir))
+    assert "'.[cpu]'" in refused.value.hint and "'.[gpu]'" in refused.value.hint
+    plan = llmopt.validate(fast_recipe("export: {format: safetensors}\n", name="s.yaml"), model=str(tiny_model_dir))
+    assert plan.provider == devices.CPU

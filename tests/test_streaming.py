@@ -246,10 +246,11 @@ def test_other_architectures_are_refused(tiny_tokenizer, tmp_path):
     _checkpoint(tmp_path / "in", tiny_tokenizer)
     config = json.loads((tmp_path / "in/config.json").read_text())
     (tmp_path / "in/config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(RecipeError) as caught:
         quantize_checkpoint(tmp_path / "in", tmp_path / "out", QuantizeConfig())
-    assert "The streaming path handles model types llama, mistral, qwen2" in caught.value.message
-    assert caught.value.exit_code == 3
+    assert "the streaming path does not handle model_type 'gemma'" in caught.value.message
+    assert "Supported: llama, mistral, qwen2" in caught.value.hint
+    assert caught.value.exit_code == 2
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -144,7 +144,8 @@ def test_verify_stays_inside_the_artifact(sandbox, monkeypatch, capsys):
     assert verify_manifest(linked) == ["model.safetensors is a symlink (an artifact holds plain files only)",
                                        "unexpected escape (a symlink)"]
     # A manifest of the wrong shape is a finding, not a crash.
-    for bad in ("[1, 2]", '{"files": {"a": {"sha256": "x"}}}', '{"files": 3}', "[" * 100000):
+    for bad in ("[1, 2]", '{"files": {"a": {"sha256": "x"}}}', '{"files": 3}', "[" * 100000,
+                '{"files": {"\\u0000": {"sha256": "", "bytes": 0}}}'):  # a NUL in a name (found by the fuzzer)
         (linked / "manifest.json").write_text(bad)
         problems = verify_manifest(linked)
         assert problems and all(isinstance(p, str) for p in problems), problems
