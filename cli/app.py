@@ -142,7 +142,9 @@ def verdict(result) -> str:
     if b.perplexity and o.perplexity:
         figures.append(f"perplexity {b.perplexity:.2f} → {o.perplexity:.2f} ({(o.perplexity / b.perplexity - 1):+.1%})")
     if b.size_bytes and o.size_bytes:
-        figures.append(f"size {b.size_bytes / 1e6:.1f} → {o.size_bytes / 1e6:.1f} MB")
+        given = report.model.get("input_bytes")
+        figures.append(f"size {b.size_bytes / 1e6:.1f} → {o.size_bytes / 1e6:.1f} MB"
+                       + (f" (the input's files: {given / 1e6:.1f} MB)" if given else ""))
     if b.decode_tokens_per_s and o.decode_tokens_per_s:
         figures.append(f"decode {b.decode_tokens_per_s:.1f} → {o.decode_tokens_per_s:.1f} tokens/s")
     checks = report.checks

@@ -18,13 +18,12 @@ import shutil
 import sys
 import tempfile
 import uuid
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Self
 
 from llmopt.errors import RecipeError, ResourceError
 from llmopt.write_safety import MANIFEST, Input, check_artifact_output, nearest_writable_folder, real
-
 
 
 def check_destination(output: Path, force: bool, inputs: Iterable[Input] = (), *, dry_run: bool = False) -> Path:

@@ -54,6 +54,16 @@ class ModelSource:
         return Path(self.path).name
 
     @property
+    def input_bytes(self) -> int | None:
+        """Size of the weight files the model is read from (a GGUF, the checkpoint's safetensors), to compare the
+        artifact with what the user started from, not only with the float32 baseline."""
+        if self.gguf_file:
+            return (Path(self.path) / self.gguf_file).stat().st_size
+        folder = Path(self.path)
+        files = list(folder.glob("*.safetensors")) or [p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        return sum(p.stat().st_size for p in files) or None
+
+    @property
     def read_root(self) -> Path | None:
         """What loading reads, for the write-safety rule: the checkpoint folder (a hub snapshot's whole cache
         folder: its files link into blobs/), or the GGUF file itself."""

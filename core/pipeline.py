@@ -252,7 +252,7 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
             llmopt_version=versions.get("llmopt", "dev"),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             model={"spec": plan.source.spec, "kind": plan.source.kind, "model_type": plan.arch.model_type,
-                   "name": plan.source.name},
+                   "name": plan.source.name, "input_bytes": plan.source.input_bytes},
             recipe=recipe_json,
             export={"format": recipe.export.format, "runtime": plan.exporter.runtime,
                     "files": sorted(p.name for p in staging.iterdir()), **exported.info},

@@ -27,6 +27,9 @@ def render_model_card(report: Report) -> str:
              f"{report.export.get('runtime', '')}. Passes: {', '.join(p.type for p in report.passes) or 'none'}.", "",
              "| metric | base (float32) | this model |", "|---|---:|---:|"]
     lines += [f"| {name} | {_fmt(a)} | {_fmt(b)} |" for name, a, b in headline_rows(report)]
+    if model.get("input_bytes"):
+        lines += ["", f"The input model's weight files take {model['input_bytes'] / 1e6:.1f} MB on disk (the base "
+                      f"column above is its float32 export)."]
     if report.quality:
         lines += ["", f"Top-1 next-token agreement with the base model: {report.quality.top1_agreement:.1%}; "
                       f"KL divergence {report.quality.kl_divergence:.4f} nats/token on {report.quality.data}."]

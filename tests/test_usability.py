@@ -79,4 +79,8 @@ def test_artifact_has_a_model_card(tiny_model_dir, fast_recipe, tmp_path):
     assert card.startswith("---\nlibrary_name: transformers\ntags:\n- llmopt\n- safetensors\n- quantize\n---")
     assert f"| perplexity | {result.report.baseline.perplexity:,.3f} | {result.report.optimized.perplexity:,.3f} |" in card
     assert "type: quantize" in card
+    # It names the model and compares with the files the user started from, not only the float32 export.
+    assert f"# {tiny_model_dir.name} — optimized with llmopt" in card
+    given = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))
+    assert f"The input model's weight files take {given / 1e6:.1f} MB on disk" in card
     assert "README.md" in json.loads((result.output / "manifest.json").read_text())["files"]
