@@ -432,7 +432,7 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
     result["optimized"]["peak_memory_mb"] = rss_opt.added_mb
 
     with timer("quality (perplexity, KL, top-1)"):
-        scores = compare_quality(baseline, optimized, windows)
+        scores = compare_quality(baseline, optimized, windows, timer.progress.advance)
     with timer("generation samples"):
         result["samples"] = generation_samples(baseline, optimized, tokenizer)
     result["baseline"]["perplexity"] = scores.baseline_perplexity

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,11 +72,15 @@ class QualityScores:
     intervals: dict[str, tuple[float, float]] | None = None  # metric -> (low, high) at CONFIDENCE
 
 
-def compare_quality(baseline: Runner, optimized: Runner, windows: list[np.ndarray]) -> QualityScores:
+def compare_quality(baseline: Runner, optimized: Runner, windows: list[np.ndarray],
+                    progress: Callable[[int, int], None] | None = None) -> QualityScores:
+    """`progress(done, total)` after each window (the longest step of a run: it shows how far it is)."""
     import torch  # multi-threaded softmax over the vocabulary: numpy made this the slowest step
 
     rows = []
-    for ids in windows:
+    for i, ids in enumerate(windows):
+        if progress is not None:
+            progress(i, len(windows))
         # (T-1, V): the predictions for ids[1:]
         lp_base = torch.log_softmax(torch.from_numpy(baseline.logits(ids)[:-1]), dim=-1)
         lp_opt = torch.log_softmax(torch.from_numpy(optimized.logits(ids)[:-1]), dim=-1)
@@ -83,6 +88,8 @@ def compare_quality(baseline: Runner, optimized: Runner, windows: list[np.ndarra
         rows.append((-float(lp_base.gather(1, targets).sum()), -float(lp_opt.gather(1, targets).sum()),
                      float((lp_base.exp() * (lp_base - lp_opt)).sum()),
                      int((lp_base.argmax(-1) == lp_opt.argmax(-1)).sum()), len(ids) - 1))
+    if progress is not None:
+        progress(len(windows), len(windows))
     sums = WindowSums(*(np.array(column, dtype=np.float64) for column in zip(*rows)))
     predicted = float(sums.predicted.sum())
     point = {name: float(value[0]) for name, value in sums.metrics().items()}  # every window once

@@ -60,7 +60,9 @@ def test_compare_quality_of_a_model_with_itself_is_exactly_no_change():
             return rng.normal(size=(len(ids), 50)).astype(np.float32)
 
     windows = [np.arange(i, i + 16) % 50 for i in range(8)]
-    scores = compare_quality(Fixed(), Fixed(), windows)
+    seen = []
+    scores = compare_quality(Fixed(), Fixed(), windows, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 8) for i in range(9)]  # the step shows how far it is, window by window
     assert scores.kl_divergence == pytest.approx(0, abs=1e-9) and scores.top1_agreement == 1.0
     assert scores.perplexity == pytest.approx(scores.baseline_perplexity)
     assert scores.intervals["perplexity_increase_pct"] == pytest.approx((0.0, 0.0), abs=1e-9)
