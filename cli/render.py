@@ -13,6 +13,8 @@ from llmopt.errors import LlmoptError
 err_console = Console(stderr=True, highlight=False)
 console = Console(highlight=False)
 QUIET, NORMAL, VERBOSE = -1, 0, 1
+QUIET_ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1",
+                     "ORT_LOG_SEVERITY_LEVEL": "3"}
 _verbosity = [NORMAL]  # the command line's -q / -v, set once by the app's callback
 
 
@@ -26,12 +28,15 @@ def set_verbosity(level: int) -> None:
 
     _verbosity[0] = level
     if level >= VERBOSE:
+        # Values a quiet llmopt put in this environment earlier (an in-process caller, a parent llmopt) go.
+        for name, value in QUIET_ENVIRONMENT.items():
+            if os.environ.get(name) == value:
+                del os.environ[name]
         return
-    # Read by the libraries when they are imported (inside the commands), so set before any of them loads.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("ORT_LOG_SEVERITY_LEVEL", "3")
+    # Read by the libraries when they are imported (inside the commands), so set before any of them loads;
+    # a value the user set stays.
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     for name in ("transformers", "optimum", "onnxruntime", "onnxscript", "torch", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")  # the libraries' DeprecationWarning/UserWarning/TracerWarning lines

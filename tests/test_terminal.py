@@ -21,8 +21,12 @@ TABLE = "┏┃┡│└"
 def in_a_terminal(*args: str, env: dict | None = None) -> tuple[int, list[str], float]:
     """(exit code, the screen's lines without colour codes, seconds to the first byte on screen)."""
     command = " ".join([sys.executable, "-m", "llmopt", *args])
+    from llmopt.cli.render import QUIET_ENVIRONMENT
+
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160", **(env or {})}
-    full_env.pop("LLMOPT_DEBUG", None)
+    # What an in-process CLI test of this session left in the environment is not the user's.
+    for name in ("LLMOPT_DEBUG", *QUIET_ENVIRONMENT):
+        full_env.pop(name, None)
     started = time.perf_counter()
     proc = subprocess.Popen(["script", "-qfec", command, "/dev/null"], stdout=subprocess.PIPE, env=full_env)
     first = proc.stdout.read(1)
