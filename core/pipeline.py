@@ -236,6 +236,7 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
 
         with timer(f"export {recipe.export.format}"):
             exported = plan.exporter.export(state, staging)
+            exported.notes.extend(_keep_generation_config(plan.source, staging))
 
         layer_errors = relative_layer_errors(before, hidden_states(state.model, probe)) if before else None
         del before
@@ -304,6 +305,20 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
         if checkpoints is not None:  # done, failed or interrupted: only a killed run leaves its checkpoints
             checkpoints.remove()
     return Result(out, report, [c for c in report.checks if not c.passed])
+
+
+def _keep_generation_config(source: ModelSource, folder: Path) -> list[str]:
+    """The checkpoint's generation_config.json in the artifact, byte for byte, when the exporter left it out:
+    transformers refuses to save one whose sampling settings come without `do_sample: true` (common in
+    released checkpoints), and the user's stop tokens and sampling defaults would be lost without a word."""
+    import shutil
+
+    given = Path(source.path) / "generation_config.json"
+    if source.gguf_file or not given.is_file() or (folder / given.name).exists():
+        return []
+    shutil.copyfile(given, folder / given.name)
+    return [f"{given.name} copied as the checkpoint has it (transformers would not save it: it holds sampling "
+            "settings without do_sample)."]
 
 
 class CalibrationSource:

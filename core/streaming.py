@@ -463,9 +463,12 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
 
 def _copy_tokenizer(model: Path, folder: Path) -> None:
     """The tokenizer and generation config next to the weights, as the exporters write them."""
-    from transformers import AutoTokenizer, GenerationConfig
+    import shutil
+
+    from transformers import AutoTokenizer
 
     if any((model / name).is_file() for name in TOKENIZER_FILES):
         AutoTokenizer.from_pretrained(model).save_pretrained(folder)
     if (model / "generation_config.json").is_file():
-        GenerationConfig.from_pretrained(model).save_pretrained(folder)
+        # As given: transformers refuses to save a config with sampling settings but no do_sample.
+        shutil.copyfile(model / "generation_config.json", folder / "generation_config.json")

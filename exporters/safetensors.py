@@ -17,6 +17,28 @@ from llmopt.quantized import QuantizedTensor
 from llmopt.state import ModelState
 
 
+def save_model(model: Any, folder: Path, **kwargs: Any) -> None:
+    """model.save_pretrained, also for a generation config transformers deems invalid (sampling settings
+    without do_sample, as many checkpoints ship them): save_pretrained raises on one, and then writes no weights.
+    Such a config is left out here, as optimum's ONNX export leaves it out; the pipeline puts the checkpoint's
+    own file in the artifact."""
+    config = getattr(model, "generation_config", None)
+    try:
+        if config is not None:
+            config.validate(strict=True)
+    except ValueError:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig()  # a valid stand-in for the save, removed below
+        try:
+            model.save_pretrained(folder, **kwargs)
+        finally:
+            model.generation_config = config
+        (folder / "generation_config.json").unlink(missing_ok=True)
+        return
+    model.save_pretrained(folder, **kwargs)
+
+
 class SafetensorsExporter(Exporter):
     format = "safetensors"
     runtime = "pytorch"
@@ -29,7 +51,7 @@ class SafetensorsExporter(Exporter):
             self._write_packed(state, folder, packed, dtype)
         else:
             # save_pretrained handles tied weights and sharding, and writes config + generation config.
-            state.model.save_pretrained(folder, safe_serialization=True, state_dict=_cast(state.model.state_dict(), dtype))
+            save_model(state.model, folder, safe_serialization=True, state_dict=_cast(state.model.state_dict(), dtype))
         if dtype is not None:
             _set_config_dtype(folder, dtype)
         state.tokenizer.save_pretrained(folder)
@@ -79,7 +101,7 @@ class SafetensorsExporter(Exporter):
             tensors[f"{base}.weight_packed"] = pack_to_int32(signed, qt.bits)  # (out, in * bits / 32) int32
             tensors[f"{base}.weight_scale"] = torch.from_numpy(qt.scales).to(dtype or model.dtype)  # (out, groups)
             tensors[f"{base}.weight_shape"] = torch.tensor(qt.shape, dtype=torch.int32)
-        model.save_pretrained(folder, state_dict=_cast(tensors, dtype), safe_serialization=True)
+        save_model(model, folder, state_dict=_cast(tensors, dtype), safe_serialization=True)
 
         first = next(iter(packed.values()))
         linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -225,3 +225,20 @@ def test_compare_two_reports(onnx_run, tiny_model_dir, fast_recipe, tmp_path):
     table = run_cli("compare", str(onnx_run.output), str(other.output), str(onnx_run.output / "report.json"))
     assert table.returncode == 0 and "perplexity" in table.stdout and "Pareto front" in table.stdout, table.stderr
     assert_clean_error(run_cli("compare", str(tmp_path / "missing"), str(other.output)), 3, "No report")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+def test_the_checkpoints_generation_config_is_kept(fmt, tiny_model_dir, fast_recipe, tmp_path):
+    """Sampling settings without do_sample (as many checkpoints ship them) make transformers refuse to save the
+    generation config; the artifact keeps the checkpoint's file as it is, stop tokens and all."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    given = '{"do_sample": false, "temperature": 0.6, "top_p": 0.9, "bos_token_id": 1, "eos_token_id": [2, 3]}'
+    (model / "generation_config.json").write_text(given)
+    result = llmopt.optimize(fast_recipe(f"export: {{format: {fmt}}}\n"),
+                             model=str(model), output=tmp_path / "out")
+    assert (result.output / "generation_config.json").read_text() == given
+    assert verify_manifest(result.output) == []
+    assert any(n.startswith("generation_config.json copied as the checkpoint has it") for n in result.report.notes)
