@@ -81,7 +81,8 @@ def optimize(
 ) -> None:
     """Run a recipe on a model: passes, export, validation, evaluation, report."""
     from llmopt.api import plan, run
-    from llmopt.cli.render import ConsoleProgress, console, err_console
+    from llmopt.artifact import check_destination
+    from llmopt.cli.render import ConsoleProgress, console, err_console, quiet
     from llmopt.evaluation.junit import junit_xml as to_junit
     from llmopt.pipeline import plan_inputs
     from llmopt.write_safety import Input, check_file_output, real, write_file
@@ -90,8 +91,6 @@ def optimize(
         _print_plan(recipe, as_json, model=model, output=output, format=format, eval_data=eval_data,
                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, force=force, junit_xml=junit_xml)
         return
-
-    from llmopt.artifact import check_destination
 
     # The JUnit file may land in no input and not in the artifact: checked before the run, written after it.
     junit_inputs = [Input("the output folder", real(output))]
@@ -117,8 +116,6 @@ def optimize(
         raise
     if junit_xml is not None:
         write_file(junit_xml, to_junit(result.report), junit_inputs)
-    from llmopt.cli.render import quiet
-
     if as_json:
         print(result.report.model_dump_json(indent=2))
     elif not quiet():
