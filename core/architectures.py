@@ -85,8 +85,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     _llama_like("mistral", gqa=True, prune=True, stream=True),
     _llama_like("qwen2", gqa=True, prune=True, stream=True),
     _llama_like("qwen3", qk_norm="per_head", gqa=True, prune=True),
-    _llama_like("smollm3"),  # every fourth layer without RoPE
-    _llama_like("granite"),  # embedding, residual, attention and logit multipliers: inside the modules
+    _llama_like("smollm3", gqa=True),  # every fourth layer without RoPE (a RoPE-commuting map commutes there too)
+    _llama_like("granite", gqa=True),  # embedding, residual, attention and logit multipliers: inside the modules
     _llama_like("gemma", norm="rms_one_plus", gqa=True, prune=True),
     Architecture("gemma2", _SANDWICH, norm="rms_one_plus", gqa=True,
                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),

@@ -391,6 +391,8 @@ ARCHS = {
     "qwen3": ("Qwen3Config", {"head_dim": 16}),  # q_norm/k_norm
     "gemma": ("GemmaConfig", {"head_dim": 16}),
     "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8}),  # q/k norms, local layers
+    "granite": ("GraniteConfig", {"attention_multiplier": 0.3, "embedding_multiplier": 2.0}),  # its own scaling
+    "smollm3": ("SmolLM3Config", {"no_rope_layer_interval": 2, "pad_token_id": 0}),  # layer 1 without RoPE
 }
 
 
