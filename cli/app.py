@@ -247,14 +247,18 @@ def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, junit_
         preflight.check(need)
         return
     console.print(f"[bold]Plan[/] for {plan['model']} ({plan['model_type']}, {parameters:,} parameters) -> {output}")
-    for i, p in enumerate(plan["passes"]):
-        console.print(f"  {i + 1}. {p['type']}: " + ", ".join(f"{k}={v}" for k, v in p.items() if k != "type"))
+    for i, p in enumerate(the_plan.passes):
+        # The settings as the recipe gives them (what it leaves to the defaults is not repeated).
+        given = p.config.model_dump(mode="json", exclude_unset=True)
+        settings = ", ".join(f"{k}: {json.dumps(v)}" for k, v in given.items() if k != "type")
+        console.print(f"  {i + 1}. {p.type}" + (f" ({settings})" if settings else ""), soft_wrap=True)
     if plan["calibration"]:
         c = plan["calibration"]
         console.print(f"  calibration: {c['data']}, {c['samples']} x {c['seq_len']} tokens")
     console.print(f"  export: {r.export.format}; evaluated on {plan['device']}; evaluation: "
                   + (f"{r.evaluation.data}, {r.evaluation.max_tokens} tokens" if r.evaluation.enabled else "off"))
-    console.print(f"  checks: {plan['checks'] or 'none'}")
+    gates = ", ".join(f"{k} {'≤' if k.startswith('max_') else '≥'} {v}" for k, v in plan["checks"].items())
+    console.print(f"  checks: {gates or 'none'}")
     console.print(f"  estimated peak memory: {plan['estimated_peak_memory_mb']:,.0f} MB (float32 copies in memory at once; "
                   f"{plan['available_memory_mb']:,.0f} MB available), disk: {plan['estimated_disk_mb']:,.0f} MB")
     console.print("Dry run: nothing was loaded or written.")
@@ -319,7 +323,7 @@ def inspect(
     a = info["architecture"]
     console.print(f"[bold]{model}[/] ({info['source']}): {a['model_type']}, {a['num_layers']} layers, hidden "
                   f"{a['hidden_size']}, MLP {a['intermediate_size']}, {a['num_heads']} heads / {a['num_kv_heads']} KV "
-                  f"heads of {a['head_dim']}, vocab {a['vocab_size']}, tied embeddings {a['tie_word_embeddings']}")
+                  f"heads of {a['head_dim']}, vocab {a['vocab_size']}, tied embeddings: {'yes' if a['tie_word_embeddings'] else 'no'}")
     rows = [[kind, f"{n:,}", f"{n / info['parameters']:.1%}"] for kind, n in info["parameters_by_module_type"].items()]
     console.print(table(f"{info['parameters']:,} parameters, {info['size_bytes'] / 1e6:.1f} MB on disk",
                         ["module type", "parameters", "share"], rows))

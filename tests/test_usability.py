@@ -65,6 +65,12 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_dir, tmp_path):
     assert plan["passes"][0]["type"] == "quantize" and plan["parameters"] > 0
     assert plan["estimated_peak_memory_mb"] >= plan["parameters"] * 4 / 1e6
     assert not (tmp_path / "deep").exists()
+    text = llmopt("optimize", "int4-onnx", "--model", str(tiny_model_dir), "--output", str(out), "--dry-run").stdout
+    print(text)
+    # The plan as a recipe spells it: no Python reprs (None, {'...'}), the gates with their sense.
+    assert '1. quantize (method: "rtn", bits: 4, group_size: 32, symmetric: false, embeddings: true)' in text
+    assert "checks: max_perplexity_increase_pct ≤ 50.0, min_top1_agreement ≥ 0.6" in text
+    assert "None" not in text and "{'" not in text
     out.mkdir(parents=True)
     assert_clean_error(llmopt("optimize", "int4-onnx", "--model", str(tiny_model_dir), "--output", str(out),
                               "--dry-run"), 2, "already exists")
