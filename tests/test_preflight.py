@@ -59,3 +59,18 @@ def test_disk_needs_add_up_only_on_one_file_system(same_disk, free_output, free_
                                temp_disk_bytes=50,
                                free_output_bytes=free_output, free_temp_bytes=free_temp, same_disk=same_disk)
     assert found.fits_disk is fits
+
+
+@pytest.mark.parametrize("evaluates,teacher", [(True, False), (False, False), (False, True)])
+def test_the_memory_hint_offers_only_what_applies(evaluates, teacher):
+    from llmopt.errors import ResourceError
+
+    need = preflight.Estimate(parameters=10**9, memory_bytes=12 * 10**9, available_memory_bytes=900 * 10**6,
+                              output_disk_bytes=0, temp_disk_bytes=0, free_output_bytes=10**12,
+                              free_temp_bytes=10**12, same_disk=True, evaluates=evaluates, has_teacher=teacher)
+    with pytest.raises(ResourceError) as refused:
+        preflight.check(need)
+    print(refused.value)
+    assert "needs about 12.0 GB of memory" in refused.value.message and "900.0 MB is available" in refused.value.message
+    assert ("evaluation.enabled: false" in refused.value.hint) == evaluates
+    assert ("rop distillation's teacher" in refused.value.hint) == teacher  # first in the sentence: capitalised

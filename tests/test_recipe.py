@@ -105,3 +105,22 @@ def test_a_billion_laughs_is_refused_quickly():
     with pytest.raises(RecipeError, match="aliases"):
         parse_recipe(bomb)
     assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("text,message", [
+    ("seed: 1\nseed: 2\n", "r.yaml:2: seed: the key 'seed' appears twice in one mapping (first on line 1)"),
+    ("passes:\n  - type: quantize\n    bits: 4\n    bits: 8\n", "r.yaml:4: passes[0].bits: the key 'bits' appears twice"),
+    ("checks: {max_kl: .nan}\n", "checks.max_kl: Input should be a finite number (got nan)"),
+    ("checks: {min_decode_speedup: .inf}\n", "checks.min_decode_speedup: Input should be a finite number"),
+    ("passes:\n  - type: quantize\n    damp: .inf\n", "passes[0].damp: Input should be a finite number"),
+    ("seed: -1\n", "seed: Input should be greater than or equal to 0 (got -1)"),
+    ("seed: 18446744073709551616\n", "seed: Input should be less than or equal to 4294967295"),
+], ids=["duplicate-top-level", "duplicate-in-a-pass", "nan-threshold", "inf-threshold", "inf-setting",
+        "negative-seed", "seed-2**64"])
+def test_what_yaml_or_numbers_would_let_through_is_refused(text, message):
+    """PyYAML keeps the last of two equal keys and NaN compares false with everything: both would pass
+    `validate` and then surprise every run. numpy takes seeds below 2**32 only."""
+    with pytest.raises(RecipeError) as refused:
+        parse_recipe(text, where="r.yaml")
+    print(refused.value)
+    assert message in str(refused.value)
