@@ -44,6 +44,8 @@ class Architecture:
     fused_qkv: bool = False  # one qkv_proj (Phi-3)
     fused_gate_up: bool = False  # one gate_up_proj (Phi-3)
     moe: bool = False  # MLP of routed experts
+    parallel: bool = False  # attention and MLP side by side on one norm, both added to the stream (Cohere)
+    scaled_embedding: bool = False  # the embedding's output times sqrt(hidden_size) (Gemma)
     # What the rewriting passes handle (each needs a standard attention with separate q/k/v and repeat_kv, and the
     # pruner also a dense gated MLP); quantize, half, distill and the exporters take every described family.
     gqa: bool = False
@@ -87,10 +89,10 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     _llama_like("qwen3", qk_norm="per_head", gqa=True, prune=True),
     _llama_like("smollm3", gqa=True),  # every fourth layer without RoPE (a RoPE-commuting map commutes there too)
     _llama_like("granite", gqa=True),  # embedding, residual, attention and logit multipliers: inside the modules
-    _llama_like("gemma", norm="rms_one_plus", gqa=True, prune=True),
-    Architecture("gemma2", _SANDWICH, norm="rms_one_plus", gqa=True,
+    _llama_like("gemma", norm="rms_one_plus", scaled_embedding=True, gqa=True, prune=True),
+    Architecture("gemma2", _SANDWICH, norm="rms_one_plus", scaled_embedding=True, gqa=True,
                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
-    Architecture("gemma3_text", _SANDWICH, norm="rms_one_plus", qk_norm="per_head", gqa=True,
+    Architecture("gemma3_text", _SANDWICH, norm="rms_one_plus", scaled_embedding=True, qk_norm="per_head", gqa=True,
                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
     # Phi-3/Phi-4: fused projections. down_proj reads act(gate) * up, and up is half of gate_up_proj's rows:
     # no whole module to fold into, so that group is not offered.
@@ -102,7 +104,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
     # Cohere: attention and MLP in parallel on one LayerNorm (no bias); RoPE on interleaved pairs.
     Architecture("cohere", (InputGroup("input_layernorm", (*_QKV, *_GATE_UP)), _DOWN), norm="layernorm",
-                 rotary="interleaved"),
+                 rotary="interleaved", parallel=True),
 )}
 
 

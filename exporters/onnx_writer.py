@@ -1,0 +1,603 @@
+"""The fused ONNX decoder graph written directly from the family's description (llmopt.architectures).
+
+Why by hand: optimum's exporter traces the torch model into a ~7,400-node graph that then has to be matched back
+to onnxruntime's fused operators, its quantized weights found again by content. onnxruntime-genai's model builder
+writes the fused graph directly instead, per family; so does this module, from the one description every pass
+reads, with onnx.helper (one node per fused op needs nothing more):
+
+    Gather | GatherBlockQuantized (embedding, scaled where the family scales it)
+    per layer: [Skip]SimplifiedLayerNormalization or [Skip]LayerNormalization (the norm and the residual add),
+               q/k/v (one packed MatMul[NBits] where nothing sits between them and the attention), q/k norms,
+               GroupQueryAttention (rotary inside, each layer's window, NoPE layers, soft-capping, KV cache), o,
+               post-norms, gate/up (packed when quantized, or fused in the checkpoint), activation, down
+    final norm -> lm_head -> logit scaling / soft-capping
+
+Weights come in blocks (the embedding, one decoder layer, the final norm and lm_head): from a model in memory
+(`model_blocks`) or streamed from a checkpoint one layer at a time (core/streaming.py), through the same code,
+each appended to one external-data file as it comes so only one layer is held. A quantize pass's codes go in as
+they are (MatMulNBits, GatherBlockQuantized, DynamicQuantizeMatMul), never searched for by content.
+
+The inputs and outputs are those optimum's ORTModelForCausalLM drives (input_ids, attention_mask, position_ids,
+past_key_values.<i>.key/.value (batch, kv_heads, past, head_dim) -> logits, present.<i>.key/.value).
+GroupQueryAttention takes the causal mask from attention_mask's row sums: right for batch 1 or right padding.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from llmopt.architectures import Architecture, attention_windows, describe, kv_heads
+from llmopt.exporters.onnx_blockquant import MS_DOMAIN, _gather_problem, _layout_problem, _pack, _packed_zero_points
+from llmopt.exporters.onnx_blockquant import matmul_nbits_parts
+from llmopt.exporters.onnx_fuse import sequence_length_nodes
+from llmopt.quantized import QuantizedTensor
+
+if TYPE_CHECKING:
+    from llmopt.streaming import Block
+
+DATA_FILE = "model.onnx.data"
+_ALIGN = 4096  # tensor offsets page-aligned, so onnxruntime can map them
+# Protobuf cannot serialize one message over 2 GiB: above this the weights stay in the external-data file.
+INLINE_LIMIT = 1_800_000_000
+# Rotary scalings whose frequencies do not change with the sequence length: one cos/sin table holds them.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+# transformers activation name -> (op, domain, attributes) of onnxruntime's fused op for it.
+ACTIVATIONS = {"silu": ("QuickGelu", MS_DOMAIN, {"alpha": 1.0}), "swish": ("QuickGelu", MS_DOMAIN, {"alpha": 1.0}),
+               "gelu_pytorch_tanh": ("FastGelu", MS_DOMAIN, {}), "gelu_new": ("FastGelu", MS_DOMAIN, {}),
+               "gelu": ("Gelu", MS_DOMAIN, {})}
+
+
+def writer_problem(config: Any) -> str | None:
+    """Why the writer cannot express this model (None when it can): the exporter then takes optimum's path."""
+    arch = describe(config.model_type)
+    if arch is None:
+        return f"model_type '{config.model_type}' has no architecture description"
+    if arch.moe:
+        return "its MLP is routed experts, which the direct writer does not write yet"
+    if _activation(config) not in ACTIVATIONS:
+        return f"activation '{_activation(config)}' has no fused onnxruntime op here"
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in STATIC_ROPE:
+        return f"rope_scaling type '{rope_type}' changes the rotary frequencies with the sequence length"
+    heads = config.num_attention_heads
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    rotary_half = int(head_dim * float(getattr(config, "partial_rotary_factor", None) or 1.0)) // 2
+    if rotary_half % 8:  # GroupQueryAttention's rotary kernels take its tables in steps of 8 columns
+        return f"the rotary tables' width {rotary_half} is not a multiple of 8, as GroupQueryAttention requires"
+    if getattr(config, "use_qk_norm", False):  # Cohere's optional per-head LayerNorm of q and k
+        return "Cohere's use_qk_norm is not written by the direct writer"
+    if getattr(config, "mlp_bias", False) and arch.fused_gate_up:
+        return "a fused gate_up projection with a bias"
+    return None
+
+
+@dataclass(frozen=True)
+class _Rotary:
+    cos: str
+    sin: str
+
+
+class _ExternalData:
+    """Initializers whose bytes are appended to one file as they come; the graph keeps only their locations."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.handle = open(path, "wb")  # noqa: SIM115 - closed by close()
+
+    def add(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        start = -(-self.offset // _ALIGN) * _ALIGN
+        self.handle.seek(start)
+        self.handle.write(memoryview(array).cast("B") if array.size else b"")
+        # By hand: onnx's set_external_data wants the bytes in the proto first, which is what we avoid.
+        for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        tensor.data_location = TensorProto.EXTERNAL
+        self.offset = start + array.nbytes
+        return tensor
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class _Graph:
+    """Nodes and initializers of the graph being written; names follow the module path they stand for."""
+
+    def __init__(self, data: _ExternalData, accuracy_level: int) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.data, self.accuracy_level = data, accuracy_level
+        self.gather_fallbacks: list[str] = []
+        self.used: set[str] = set()
+        # The embedding's GatherBlockQuantized inputs (data, scales, zero points), which a tied lm_head with the
+        # same codes reads too.
+        self.embedding_codes: tuple[QuantizedTensor, list[str]] | None = None
+
+    def node(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
+             **attrs: Any) -> list[str]:
+        base, n = name, 1
+        while name in self.used:  # e.g. the residual adds of a family without pre-norms, twice in a layer
+            name, n = f"{base}_{n}", n + 1
+        self.used.add(name)
+        names = [f"{name}/output_{i}" for i in range(outputs)] if isinstance(outputs, int) else outputs
+        self.nodes.append(helper.make_node(op, inputs, names, name=name, domain=domain, **attrs))
+        return names
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(self.data.add(name, array))
+        return name
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def scale(self, x: str, factor: float, name: str, op: str = "Mul") -> str:
+        (out,) = self.node(op, [x, self.constant(f"{name}/factor", np.array(factor, np.float32))], name)
+        return out
+
+    def tied_head(self, x: str, head: QuantizedTensor) -> str | None:
+        """lm_head as MatMulNBits over the embedding table's own stored codes, when they are the same: the table is
+        stored once, and MatMulNBits reads it through a Reshape (onnxruntime folds it at load), as
+        onnxruntime-genai's builder shares its table."""
+        if self.embedding_codes is None or head.activations != "float":
+            return None
+        table, (data, *rest) = self.embedding_codes
+        same = (head.bits, head.group_size, head.shape) == (table.bits, table.group_size, table.shape) and \
+            all(np.array_equal(a, b) for a, b in ((head.codes, table.codes), (head.scales, table.scales),
+                                                 (head.zero_points, table.zero_points)))
+        if not same:
+            return None
+        rows, cols = head.shape
+        shape = self.constant("/lm_head/shared_table_shape",
+                              np.array([rows, cols // head.group_size, head.group_size * head.bits // 8], np.int64))
+        (b,) = self.node("Reshape", [data, shape], "/lm_head/shared_table")
+        attrs = {"K": cols, "N": rows, "bits": head.bits, "block_size": head.group_size}
+        if self.accuracy_level:
+            attrs["accuracy_level"] = self.accuracy_level
+        (out,) = self.node("MatMulNBits", [x, b, *rest], "/lm_head/MatMulNBits", domain=MS_DOMAIN, **attrs)
+        return out
+
+    def linear(self, x: str, name: str, weight: Any, bias: Any = None) -> str:
+        """x @ W.T (+ b) with the pass's codes (MatMulNBits, or DynamicQuantizeMatMul for W8A8), or a float MatMul."""
+        if isinstance(weight, QuantizedTensor) and weight.activations == "int8":
+            inputs = [x, self.weight(f"{name}.weight_W8A8", np.ascontiguousarray(weight.codes.T)),  # (K, N) uint8
+                      self.weight(f"{name}.weight_scale", np.ascontiguousarray(weight.scales[:, 0])),
+                      self.weight(f"{name}.weight_zero_point", np.ascontiguousarray(weight.zero_points[:, 0]))]
+            (out,) = self.node("DynamicQuantizeMatMul", inputs, f"{name}/DynamicQuantizeMatMul", domain=MS_DOMAIN)
+        elif isinstance(weight, QuantizedTensor):
+            arrays, attrs = matmul_nbits_parts(weight, self.accuracy_level)
+            suffixes = (f".weight_Q{weight.bits}", ".weight_scales", ".weight_zero_points")
+            inputs = [x, *(self.weight(name + suffix, array) for suffix, array in zip(suffixes, arrays))]
+            (out,) = self.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, **attrs)
+        else:
+            (out,) = self.node("MatMul", [x, self.weight(f"{name}.weight_T", _numpy(weight).T)], f"{name}/MatMul")
+        if bias is not None:
+            (out,) = self.node("Add", [out, self.weight(f"{name}.bias", _numpy(bias))], f"{name}/Add")
+        return out
+
+
+class _Stream:
+    """The residual stream between ops: `residual` so far plus a `pending` block output not yet added, so that
+    the add goes into the next norm (Skip*Normalization) as onnxruntime fuses it."""
+
+    def __init__(self, g: _Graph, arch: Architecture, eps: float) -> None:
+        self.g, self.arch, self.eps = g, arch, eps
+        self.residual = ""
+        self.pending: str | None = None
+
+    def norm(self, x: str, weight: Any, name: str) -> str:
+        """A norm of `x` alone (q/k norms, post-norms, the residual stream of layer 0)."""
+        w = self._weight(weight, name)
+        if self.arch.norm == "layernorm":
+            bias = self.g.weight(f"{name}.bias", np.zeros_like(_numpy(weight)))
+            (out,) = self.g.node("LayerNormalization", [x, w, bias], f"{name}/LayerNorm", axis=-1, epsilon=self.eps)
+        else:
+            (out,) = self.g.node("SimplifiedLayerNormalization", [x, w], f"{name}/SimplifiedLayerNorm", axis=-1,
+                                 epsilon=self.eps, stash_type=1)
+        return out
+
+    def norm_stream(self, weight: Any, name: str) -> str:
+        """The norm of residual + pending, which also becomes the new residual."""
+        if self.pending is None:
+            return self.norm(self.residual, weight, name)
+        w = self._weight(weight, name)
+        if self.arch.norm == "layernorm":
+            bias = self.g.weight(f"{name}.bias", np.zeros_like(_numpy(weight)))
+            out, _, _, self.residual = self.g.node("SkipLayerNormalization", [self.pending, self.residual, w, bias],
+                                                   f"{name}/SkipLayerNorm", outputs=4, domain=MS_DOMAIN,
+                                                   epsilon=self.eps)
+        else:
+            out, _, _, self.residual = self.g.node("SkipSimplifiedLayerNormalization", [self.pending, self.residual, w],
+                                                   f"{name}/SkipSimplifiedLayerNorm", outputs=4, domain=MS_DOMAIN,
+                                                   epsilon=self.eps)
+        self.pending = None
+        return out
+
+    def stream(self, name: str) -> str:
+        """residual + pending as a tensor (for a family whose blocks read the stream without a norm)."""
+        if self.pending is not None:
+            (self.residual,) = self.g.node("Add", [self.residual, self.pending], f"{name}/residual_add")
+            self.pending = None
+        return self.residual
+
+    def add(self, x: str, name: str) -> None:
+        """Queue a block's output for the residual stream."""
+        if self.pending is None:
+            self.pending = x
+        else:
+            (self.pending,) = self.g.node("Add", [self.pending, x], f"{name}/parallel_add")
+
+    def _weight(self, weight: Any, name: str) -> str:
+        w = _numpy(weight)
+        if self.arch.norm == "rms_one_plus":  # Gemma's x * (1 + w), folded into the stored weight
+            w = w + 1.0
+        return self.g.weight(f"{name}.weight", w)
+
+
+def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accuracy_level: int = 0,
+                  pack_gate_up: bool = True, read: Callable[[str], Any] | None = None,
+                  inline: bool | None = None) -> dict[str, Any]:
+    """Write `folder/model.onnx` (and model.onnx.data when the weights stay external) from `blocks`; returns the
+    export facts for the report. `read(name)` supplies a tensor the blocks do not carry (the embedding table again
+    for a tied lm_head kept in float); `inline`: None puts the weights inside model.onnx when under protobuf's
+    limit."""
+    problem = writer_problem(config)
+    if problem:
+        raise ValueError(f"the direct ONNX writer cannot write this model: {problem}")  # callers check first
+    arch = describe(config.model_type)
+    assert arch is not None
+    heads, kv = int(config.num_attention_heads), kv_heads(config)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    eps = float(getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_eps", None) or 1e-6)
+    windows = attention_windows(config)
+    data = _ExternalData(folder / DATA_FILE)
+    g = _Graph(data, accuracy_level)
+    stream = _Stream(g, arch, eps)
+    rotaries = _rotary_tables(g, config)
+
+    batch, seq, past, total = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [batch, seq])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, seq, config.vocab_size])]
+    for i in range(config.num_hidden_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                                                        [batch, kv, past, head_dim]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+                                                         [batch, kv, total, head_dim]))
+    mask_nodes, mask_constants, seqlens_k, total_len = sequence_length_nodes("attn_mask")
+    g.nodes += mask_nodes
+    g.initializers += mask_constants
+
+    embedding: Any = None
+    packed: dict[str, int] = {"qkv": 0, "gate_up": 0}
+    try:
+        for block in blocks:
+            t = block.tensors
+            if block.kind == "embedding":
+                embedding = t["model.embed_tokens.weight"]
+                stream.residual = _embedding(g, config, embedding)
+            elif block.kind == "layer":
+                layer = _Layer(g, config, arch, stream, block.index, t, heads, kv, head_dim)
+                layer.attention(windows[block.index], rotaries[block.index], seqlens_k, total_len, packed)
+                layer.mlp(pack_gate_up, packed)
+            else:
+                x = stream.norm_stream(t["model.norm.weight"], "/model/norm")
+                head = t.get("lm_head.weight")
+                if head is None:  # tied and kept in float: the embedding table, read again
+                    head = embedding if embedding is not None and not isinstance(embedding, QuantizedTensor) else None
+                    head = head if head is not None else (read("model.embed_tokens.weight") if read else None)
+                    if head is None:
+                        raise ValueError("a tied lm_head needs the embedding table")
+                shared = g.tied_head(x, head) if isinstance(head, QuantizedTensor) else None
+                logits = _logits(g, config, shared or g.linear(x, "/lm_head", head))
+                g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits"))
+    finally:
+        data.close()
+
+    graph = helper.make_graph(g.nodes, f"llmopt_{config.model_type}", inputs, outputs, initializer=g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="llmopt", ir_version=10)
+    path = folder / "model.onnx"
+    if inline is None:
+        inline = data.offset < INLINE_LIMIT
+    if inline:  # small enough for one file: the weights read back into the protobuf
+        onnx.load_external_data_for_model(model, str(folder))
+        onnx.save_model(model, str(path))
+        (folder / DATA_FILE).unlink()
+    else:
+        onnx.save_model(model, str(path))  # the initializers only point into model.onnx.data
+    counts = Counter(node.op_type for node in g.nodes)
+    fused = {op: n for op, n in counts.items() if op in _FUSED}
+    info: dict[str, Any] = {"writer": "direct", "fused_ops": fused, "graph_nodes": {"written": len(g.nodes)},
+                            "packed_projections": packed}
+    for op, key in (("MatMulNBits", "matmul_nbits"), ("GatherBlockQuantized", "gather_block_quantized"),
+                    ("DynamicQuantizeMatMul", "dynamic_quantize_matmul")):
+        info[key] = counts.get(op, 0)
+    if not inline:
+        info["external_data"] = DATA_FILE
+    if g.gather_fallbacks:
+        info["float_embedding_reason"] = g.gather_fallbacks[0]
+    return info
+
+
+_FUSED = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+          "SkipLayerNormalization", "LayerNormalization", "QuickGelu", "FastGelu", "Gelu", "MatMulNBits",
+          "GatherBlockQuantized", "DynamicQuantizeMatMul")
+
+
+class _Layer:
+    """One decoder layer of a described family, written into the graph."""
+
+    def __init__(self, g: _Graph, config: Any, arch: Architecture, stream: _Stream, index: int,
+                 tensors: dict[str, Any], heads: int, kv: int, head_dim: int) -> None:
+        self.g, self.config, self.arch, self.stream, self.i = g, config, arch, stream, index
+        self.t, self.heads, self.kv, self.head_dim = tensors, heads, kv, head_dim
+        self.p, self.name = f"model.layers.{index}.", f"/model/layers.{index}"
+        self.shared_input = ""  # the attention's input, which a parallel MLP reads too
+
+    def get(self, name: str) -> Any:
+        return self.t.get(self.p + name)
+
+    def _input(self, norm: str) -> str:
+        """The input of a block: its pre-norm over the stream, or the stream itself where the family has none."""
+        if norm in self.arch.post_norms or self.get(norm + ".weight") is None:
+            return self.stream.stream(self.name)
+        return self.stream.norm_stream(self.get(norm + ".weight"), f"{self.name}/{norm}")
+
+    def attention(self, window: int | None, rotary: _Rotary | None, seqlens_k: str, total_len: str,
+                  packed: dict[str, int]) -> None:
+        x = self._input("input_layernorm")
+        self.shared_input = x
+        a, name = "self_attn.", f"{self.name}/attn"
+        bias = lambda proj: self.get(f"{a}{proj}.bias")  # noqa: E731
+        q_dim, kv_dim = self.heads * self.head_dim, self.kv * self.head_dim
+        if self.arch.fused_qkv:
+            qkv = self.g.linear(x, f"{name}/qkv_proj", self.get(a + "qkv_proj.weight"), bias("qkv_proj"))
+            if self.arch.qk_norm == "none":
+                query, key, value = qkv, "", ""
+            else:
+                query, key, value = self.g.node("Split", [qkv, self.g.constant(f"{name}/qkv_sizes", np.array(
+                    [q_dim, kv_dim, kv_dim], np.int64))], f"{name}/qkv_split", outputs=3, axis=-1)
+        else:
+            weights = [self.get(f"{a}{c}_proj.weight") for c in "qkv"]
+            if self.arch.qk_norm == "none" and _packable(weights):
+                qkv = self.g.linear(x, f"{name}/qkv_proj", _concat(weights, f"{self.p}{a}qkv_proj.weight"),
+                                    _concat_bias([bias(f"{c}_proj") for c in "qkv"], [q_dim, kv_dim, kv_dim]))
+                query, key, value = qkv, "", ""
+                packed["qkv"] += 1
+            else:
+                query, key, value = (self.g.linear(x, f"{name}/{c}_proj", w, bias(f"{c}_proj"))
+                                     for c, w in zip("qkv", weights))
+        if self.arch.qk_norm == "whole":  # OLMo 2: one norm over all heads
+            query = self.stream.norm(query, self.get(a + "q_norm.weight"), f"{name}/q_norm")
+            key = self.stream.norm(key, self.get(a + "k_norm.weight"), f"{name}/k_norm")
+        elif self.arch.qk_norm == "per_head":
+            query = self._per_head_norm(query, self.heads, "q_norm")
+            key = self._per_head_norm(key, self.kv, "k_norm")
+        attrs: dict[str, Any] = {"num_heads": self.heads, "kv_num_heads": self.kv, "scale": _attention_scale(
+            self.config, self.head_dim)}
+        rotary_inputs = ["", ""]
+        if rotary is not None:
+            attrs.update(do_rotary=1, rotary_interleaved=int(self.arch.rotary == "interleaved"))
+            rotary_inputs = [rotary.cos, rotary.sin]
+        if window is not None:
+            attrs["local_window_size"] = int(window)
+        softcap = getattr(self.config, "attn_logit_softcapping", None)
+        if softcap:
+            attrs["softcap"] = float(softcap)
+        attn, _, _ = self.g.node(
+            "GroupQueryAttention",
+            [query, key, value, f"past_key_values.{self.i}.key", f"past_key_values.{self.i}.value", seqlens_k,
+             total_len, *rotary_inputs, "position_ids" if rotary is not None else ""],
+            f"{name}/GroupQueryAttention", outputs=[f"{name}/output", f"present.{self.i}.key",
+                                                    f"present.{self.i}.value"], domain=MS_DOMAIN, **attrs)
+        out = self.g.linear(attn, f"{name}/o_proj", self.get(a + "o_proj.weight"), bias("o_proj"))
+        self._finish_block(out, "post_attention_layernorm")
+
+    def mlp(self, pack_gate_up: bool, packed: dict[str, int]) -> None:
+        name = f"{self.name}/mlp"
+        x = self.shared_input if self.arch.parallel else self._input(
+            "pre_feedforward_layernorm" if self.get("pre_feedforward_layernorm.weight") is not None
+            else "post_attention_layernorm")
+        bias = lambda proj: self.get(f"mlp.{proj}.bias")  # noqa: E731
+        if self.arch.fused_gate_up:
+            both = self.g.linear(x, f"{name}/gate_up_proj", self.get("mlp.gate_up_proj.weight"))
+            gate, up = self.g.node("Split", [both], f"{name}/gate_up_split", outputs=2, axis=-1, num_outputs=2)
+        else:
+            weights = [self.get("mlp.gate_proj.weight"), self.get("mlp.up_proj.weight")]
+            # Packed only when quantized: in a float graph the Split costs more than the second matmul it saves
+            # (measured with benchmarks/fusion.py, fp32 decode 0.993x; int4 1.04x).
+            if pack_gate_up and isinstance(weights[0], QuantizedTensor) and _packable(weights) \
+                    and bias("gate_proj") is None:
+                both = self.g.linear(x, f"{name}/gate_up_proj", _concat(weights, f"{self.p}mlp.gate_up_proj.weight"))
+                gate, up = self.g.node("Split", [both], f"{name}/gate_up_split", outputs=2, axis=-1, num_outputs=2)
+                packed["gate_up"] += 1
+            else:
+                gate = self.g.linear(x, f"{name}/gate_proj", weights[0], bias("gate_proj"))
+                up = self.g.linear(x, f"{name}/up_proj", weights[1], bias("up_proj"))
+        op, domain, attrs = ACTIVATIONS[_activation(self.config)]
+        (act,) = self.g.node(op, [gate], f"{name}/act/{op}", domain=domain, **attrs)
+        (product,) = self.g.node("Mul", [act, up], f"{name}/Mul")
+        out = self.g.linear(product, f"{name}/down_proj", self.get("mlp.down_proj.weight"), bias("down_proj"))
+        self._finish_block(out, "post_feedforward_layernorm")
+
+    def _finish_block(self, out: str, post_norm: str) -> None:
+        if post_norm in self.arch.post_norms:
+            out = self.stream.norm(out, self.get(post_norm + ".weight"), f"{self.name}/{post_norm}")
+        multiplier = getattr(self.config, "residual_multiplier", None)  # Granite
+        if multiplier is not None and multiplier != 1.0:
+            out = self.g.scale(out, float(multiplier), f"{out}/residual_multiplier")
+        self.stream.add(out, self.name)
+
+    def _per_head_norm(self, x: str, heads: int, norm: str) -> str:
+        """A norm over each head's head_dim values: (batch, seq, heads * d) -> (.., heads, d) -> back."""
+        name = f"{self.name}/attn/{norm}"
+        split = self.g.constant(f"{name}/heads_shape", np.array([0, 0, heads, self.head_dim], np.int64))
+        merged = self.g.constant(f"{name}/merged_shape", np.array([0, 0, heads * self.head_dim], np.int64))
+        (per_head,) = self.g.node("Reshape", [x, split], f"{name}/Reshape_heads")
+        normed = self.stream.norm(per_head, self.get(f"self_attn.{norm}.weight"), name)
+        (out,) = self.g.node("Reshape", [normed, merged], f"{name}/Reshape_merged")
+        return out
+
+
+def _embedding(g: _Graph, config: Any, table: Any) -> str:
+    name = "/model/embed_tokens"
+    problem = None
+    if isinstance(table, QuantizedTensor):
+        zero_points = _packed_zero_points(table)
+        problem = _layout_problem(table) or _gather_problem(table.bits, table.group_size, zero_points is not None)
+        if problem is None:
+            inputs = [g.weight(f"model.embed_tokens.weight_GBQ{table.bits}", _pack(table.codes, table.bits)),
+                      "input_ids", g.weight("model.embed_tokens.weight_scales", table.scales)]
+            if zero_points is not None:
+                inputs.append(g.weight("model.embed_tokens.weight_zero_points", zero_points))
+            g.embedding_codes = (table, [inputs[0], *inputs[2:]])
+            (out,) = g.node("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", domain=MS_DOMAIN,
+                            gather_axis=0, quantize_axis=1, block_size=table.group_size, bits=table.bits)
+        else:
+            g.gather_fallbacks.append(problem)
+            table = table.dequantized()
+    if not isinstance(table, QuantizedTensor) or problem:
+        (out,) = g.node("Gather", [g.weight("model.embed_tokens.weight", _numpy(table)), "input_ids"], f"{name}/Gather")
+    if describe(config.model_type).scaled_embedding:  # by sqrt(hidden), rounded to the weights' dtype (float32)
+        out = g.scale(out, float(np.float32(config.hidden_size ** 0.5)), f"{name}/embed_scale")
+    multiplier = getattr(config, "embedding_multiplier", None)  # Granite
+    if multiplier is not None and multiplier != 1.0:
+        out = g.scale(out, float(multiplier), f"{name}/embedding_multiplier")
+    return out
+
+
+def _logits(g: _Graph, config: Any, logits: str) -> str:
+    scaling = getattr(config, "logits_scaling", None)  # Granite divides
+    if scaling is not None and scaling != 1.0:
+        logits = g.scale(logits, float(scaling), "/lm_head/logits_scaling", op="Div")
+    scale = getattr(config, "logit_scale", None)  # Cohere multiplies
+    if scale is not None and scale != 1.0:
+        logits = g.scale(logits, float(scale), "/lm_head/logit_scale")
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2: cap * tanh(logits / cap)
+    if cap:
+        (tanh,) = g.node("Tanh", [g.scale(logits, float(cap), "/lm_head/softcap_div", op="Div")], "/lm_head/Tanh")
+        logits = g.scale(tanh, float(cap), "/lm_head/softcap_mul")
+    return logits
+
+
+def _attention_scale(config: Any, head_dim: int) -> float:
+    if getattr(config, "attention_multiplier", None) is not None:  # Granite
+        return float(config.attention_multiplier)
+    if getattr(config, "query_pre_attn_scalar", None) is not None:  # Gemma 2/3
+        return float(config.query_pre_attn_scalar) ** -0.5
+    return float(head_dim) ** -0.5
+
+
+def _activation(config: Any) -> str:
+    return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu"))
+
+
+def _rotary_tables(g: _Graph, config: Any) -> list[_Rotary | None]:
+    """Per layer, its cos/sin tables (None: a layer without RoPE). Gemma 3's sliding layers use their own base."""
+    tables: dict[tuple, _Rotary] = {}
+    no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3: 0 marks a layer without RoPE
+    windows = attention_windows(config)
+    out: list[_Rotary | None] = []
+    for i in range(config.num_hidden_layers):
+        if no_rope is not None and not no_rope[i]:
+            out.append(None)
+            continue
+        layer_config = config
+        if windows[i] is not None and getattr(config, "rope_local_base_freq", None) is not None:
+            layer_config = copy.deepcopy(config)
+            layer_config.rope_theta = config.rope_local_base_freq
+            layer_config.rope_scaling = {"rope_type": "default"}
+        key = (layer_config.rope_theta, repr(getattr(layer_config, "rope_scaling", None)))
+        if key not in tables:
+            cos, sin = rotary_caches(layer_config)
+            n = len(tables)
+            tables[key] = _Rotary(g.constant(f"cos_cache_{n}", cos), g.constant(f"sin_cache_{n}", sin))
+        out.append(tables[key])
+    return out
+
+
+def rotary_caches(config: Any) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (max_positions, rotary_dim / 2) as transformers' rotary embedding computes them."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")  # (rotary_dim / 2,)
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq.float())  # (max_positions, rotary_dim / 2)
+    return ((angles.cos() * attention_factor).numpy().astype(np.float32),
+            (angles.sin() * attention_factor).numpy().astype(np.float32))
+
+
+def _packable(weights: list[Any]) -> bool:
+    """Sibling projections store as one matmul when all are float, or all codes of one layout."""
+    if any(w is None for w in weights):
+        return False
+    if all(not isinstance(w, QuantizedTensor) for w in weights):
+        return True
+    if not all(isinstance(w, QuantizedTensor) for w in weights):
+        return False
+    first = weights[0]
+    return all((w.bits, w.group_size, w.activations) == (first.bits, first.group_size, first.activations)
+               and w.shape[1] == first.shape[1] for w in weights)
+
+
+def _concat(weights: list[Any], name: str) -> Any:
+    """The stacked rows of sibling projections: their stored integers side by side, never re-quantized."""
+    if not isinstance(weights[0], QuantizedTensor):
+        return np.concatenate([_numpy(w) for w in weights])
+    first = weights[0]
+    return QuantizedTensor(name=name, kind="linear", bits=first.bits, group_size=first.group_size,
+                           symmetric=all(w.symmetric for w in weights), activations=first.activations,
+                           codes=np.concatenate([w.codes for w in weights]),
+                           scales=np.concatenate([w.scales for w in weights]),
+                           zero_points=np.concatenate([w.zero_points for w in weights]))
+
+
+def _concat_bias(biases: list[Any], sizes: list[int]) -> np.ndarray | None:
+    if all(b is None for b in biases):
+        return None
+    return np.concatenate([_numpy(b) if b is not None else np.zeros(n, np.float32) for b, n in zip(biases, sizes)])
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float32, copy=False)
+    return x.detach().float().cpu().numpy()
+
+
+def model_blocks(model: Any, quantized: dict[str, QuantizedTensor]) -> Iterator[Block]:
+    """The blocks of a model in memory: each parameter as the pass left it, or its codes where it was quantized."""
+    from llmopt.streaming import Block
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    stored = lambda name: quantized.get(name, params[name].detach())  # noqa: E731
+    yield Block("embedding", 0, {"model.embed_tokens.weight": stored("model.embed_tokens.weight")})
+    for i in range(model.config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        yield Block("layer", i, {n: stored(n) for n in params if n.startswith(prefix)})
+    final = {"model.norm.weight": stored("model.norm.weight")}
+    head = model.get_output_embeddings()
+    if head is not None and (head.weight is not model.get_input_embeddings().weight or "lm_head.weight" in quantized):
+        final["lm_head.weight"] = stored("lm_head.weight")
+    yield Block("final", 0, final)
+
+
+__all__ = ["DATA_FILE", "model_blocks", "rotary_caches", "write_decoder", "writer_problem"]
