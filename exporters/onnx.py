@@ -1,4 +1,6 @@
-"""ONNX: optimum's exporter (KV cache), then the pass's own quantized weights as MatMulNBits, then fusions."""
+"""ONNX: the fused decoder written directly from the family's description (exporters/onnx_writer.py) when the
+recipe asks for fused operators; otherwise optimum's exporter (KV cache), then the pass's own quantized weights
+as MatMulNBits, then the requested graph rewrites."""
 
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ class OnnxExporter(Exporter):
             )
 
     def export(self, state: ModelState, folder: Path) -> ExportResult:
+        if self._direct(state):
+            return self._write_direct(state, folder)
         from optimum.exporters.onnx import onnx_export_from_model
 
         # Validation against PyTorch is ours (after the MatMulNBits rewrite), so optimum's is skipped.
@@ -80,18 +84,57 @@ class OnnxExporter(Exporter):
             notes.append(f"fp16 graph: {stats['fp32_nodes']} of {stats['nodes']} nodes kept in fp32 (normalisations, "
                          "softmax, overflowing modules); inputs and outputs stay float32.")
         if info.get("fused_ops", {}).get("GroupQueryAttention") == state.model.config.num_hidden_layers:
-            from llmopt.architectures import attention_windows
-
-            if any(attention_windows(state.model.config)):
-                # Measured (tests/test_architectures.py): onnxruntime's GroupQueryAttention with local_window_size
-                # decodes wrongly when past and present share one buffer (greedy agreement with PyTorch 50-94%
-                # after the window), and onnxruntime-genai runs genai_config graphs that way.
-                notes.append("no genai_config.json: this model has sliding-window layers, which onnxruntime's "
-                             "GroupQueryAttention decodes correctly only with a growing KV cache "
-                             "(ORTModelForCausalLM), not with onnxruntime-genai's shared buffer.")
-            else:
-                notes.append(self._genai_config(state, folder, info))
+            notes.append(self._genai_or_why_not(state, folder, info))
         return ExportResult(folder, notes, info)
+
+    @staticmethod
+    def _direct(state: ModelState) -> bool:
+        """Whether the direct writer writes this export: every fusion asked for (it writes nothing unfused), a
+        float32 graph, a family it knows."""
+        from llmopt.exporters.onnx_writer import writer_problem
+
+        fusions = state.graph_fusions or {}
+        everything = all(fusions.get(k, False) for k in ("attention", "rotary", "norms", "activations"))
+        return everything and state.precision is None and writer_problem(state.model.config) is None
+
+    def _write_direct(self, state: ModelState, folder: Path) -> ExportResult:
+        from llmopt.devices import resolve_provider
+        from llmopt.exporters.onnx_writer import model_blocks, write_decoder
+
+        config = state.model.config
+        inline = {"auto": None, "always": False, "never": True}[self.config.external_data]
+        pack = bool(state.graph_fusions.get("pack_projections", True))
+        info: dict = {"task": TASK, "execution_provider": resolve_provider(self.config.execution_provider)}
+        info.update(write_decoder(config, model_blocks(state.model, state.quantized), folder,
+                                  accuracy_level=self.config.accuracy_level, pack=pack, inline=inline))
+        config.use_cache = True
+        config.save_pretrained(folder)
+        if getattr(state.model, "generation_config", None) is not None:
+            state.model.generation_config.save_pretrained(folder)
+        state.tokenizer.save_pretrained(folder)
+        notes = ["GroupQueryAttention derives the causal mask from attention_mask's row sums: batches must be "
+                 "right-padded (or batch 1), not left-padded."]
+        reason = info.pop("float_embedding_reason", None)
+        if reason is not None:
+            notes.append(f"model.embed_tokens.weight kept in float in the ONNX graph: {reason}")
+        if not pack:
+            notes.append("pack_projections: false — q/k/v and gate/up written as separate matmuls.")
+        elif not state.quantized:
+            notes.append("gate/up kept as two matmuls: in a float graph the Split costs more than the second call.")
+        notes.append(self._genai_or_why_not(state, folder, info))
+        return ExportResult(folder, notes, info)
+
+    def _genai_or_why_not(self, state: ModelState, folder: Path, info: dict) -> str:
+        from llmopt.architectures import attention_windows
+
+        if any(attention_windows(state.model.config)):
+            # Measured (tests/test_architectures.py): onnxruntime's GroupQueryAttention with local_window_size
+            # decodes wrongly when past and present share one buffer (greedy agreement with PyTorch 50-94%
+            # after the window), and onnxruntime-genai runs genai_config graphs that way.
+            return ("no genai_config.json: this model has sliding-window layers, which onnxruntime's "
+                    "GroupQueryAttention decodes correctly only with a growing KV cache (ORTModelForCausalLM), "
+                    "not with onnxruntime-genai's shared buffer.")
+        return self._genai_config(state, folder, info)
 
     def _genai_config(self, state: ModelState, folder: Path, info: dict) -> str:
         """Every layer's cache goes through GroupQueryAttention: onnxruntime-genai can drive the graph too."""

@@ -122,6 +122,7 @@ class _Graph:
         self.data, self.accuracy_level = data, accuracy_level
         self.gather_fallbacks: list[str] = []
         self.used: set[str] = set()
+        self.stored = Counter()  # op -> weights it stores (a packed matmul counts each projection in it)
         # The embedding's GatherBlockQuantized inputs (data, scales, zero points), which a tied lm_head with the
         # same codes reads too.
         self.embedding_codes: tuple[QuantizedTensor, list[str]] | None = None
@@ -168,20 +169,24 @@ class _Graph:
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level
         (out,) = self.node("MatMulNBits", [x, b, *rest], "/lm_head/MatMulNBits", domain=MS_DOMAIN, **attrs)
+        self.stored["MatMulNBits"] += 1
         return out
 
-    def linear(self, x: str, name: str, weight: Any, bias: Any = None) -> str:
-        """x @ W.T (+ b) with the pass's codes (MatMulNBits, or DynamicQuantizeMatMul for W8A8), or a float MatMul."""
+    def linear(self, x: str, name: str, weight: Any, bias: Any = None, members: int = 1) -> str:
+        """x @ W.T (+ b) with the pass's codes (MatMulNBits, or DynamicQuantizeMatMul for W8A8), or a float MatMul;
+        `members`: the projections packed into `weight`."""
         if isinstance(weight, QuantizedTensor) and weight.activations == "int8":
             inputs = [x, self.weight(f"{name}.weight_W8A8", np.ascontiguousarray(weight.codes.T)),  # (K, N) uint8
                       self.weight(f"{name}.weight_scale", np.ascontiguousarray(weight.scales[:, 0])),
                       self.weight(f"{name}.weight_zero_point", np.ascontiguousarray(weight.zero_points[:, 0]))]
             (out,) = self.node("DynamicQuantizeMatMul", inputs, f"{name}/DynamicQuantizeMatMul", domain=MS_DOMAIN)
+            self.stored["DynamicQuantizeMatMul"] += members
         elif isinstance(weight, QuantizedTensor):
             arrays, attrs = matmul_nbits_parts(weight, self.accuracy_level)
             suffixes = (f".weight_Q{weight.bits}", ".weight_scales", ".weight_zero_points")
             inputs = [x, *(self.weight(name + suffix, array) for suffix, array in zip(suffixes, arrays))]
             (out,) = self.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, **attrs)
+            self.stored["MatMulNBits"] += members
         else:
             (out,) = self.node("MatMul", [x, self.weight(f"{name}.weight_T", _numpy(weight).T)], f"{name}/MatMul")
         if bias is not None:
@@ -248,10 +253,10 @@ class _Stream:
 
 
 def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accuracy_level: int = 0,
-                  pack_gate_up: bool = True, read: Callable[[str], Any] | None = None,
+                  pack: bool = True, read: Callable[[str], Any] | None = None,
                   inline: bool | None = None) -> dict[str, Any]:
     """Write `folder/model.onnx` (and model.onnx.data when the weights stay external) from `blocks`; returns the
-    export facts for the report. `read(name)` supplies a tensor the blocks do not carry (the embedding table again
+    export facts for the report. `pack`: q/k/v (and quantized gate/up) as one matmul each. `read(name)` supplies a tensor the blocks do not carry (the embedding table again
     for a tied lm_head kept in float); `inline`: None puts the weights inside model.onnx when under protobuf's
     limit."""
     problem = writer_problem(config)
@@ -293,8 +298,8 @@ def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accurac
                 stream.residual = _embedding(g, config, embedding)
             elif block.kind == "layer":
                 layer = _Layer(g, config, arch, stream, block.index, t, heads, kv, head_dim)
-                layer.attention(windows[block.index], rotaries[block.index], seqlens_k, total_len, packed)
-                layer.mlp(pack_gate_up, packed)
+                layer.attention(windows[block.index], rotaries[block.index], seqlens_k, total_len, pack, packed)
+                layer.mlp(pack, packed)
             else:
                 x = stream.norm_stream(t["model.norm.weight"], "/model/norm")
                 head = t.get("lm_head.weight")
@@ -325,9 +330,9 @@ def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accurac
     fused = {op: n for op, n in counts.items() if op in _FUSED}
     info: dict[str, Any] = {"writer": "direct", "fused_ops": fused, "graph_nodes": {"written": len(g.nodes)},
                             "packed_projections": packed}
-    for op, key in (("MatMulNBits", "matmul_nbits"), ("GatherBlockQuantized", "gather_block_quantized"),
-                    ("DynamicQuantizeMatMul", "dynamic_quantize_matmul")):
-        info[key] = counts.get(op, 0)
+    # Weights stored by each quantized op, as the quantize pass counts them (a packed q/k/v is three).
+    info.update(matmul_nbits=g.stored["MatMulNBits"], gather_block_quantized=counts.get("GatherBlockQuantized", 0),
+                dynamic_quantize_matmul=g.stored["DynamicQuantizeMatMul"])
     if not inline:
         info["external_data"] = DATA_FILE
     if g.gather_fallbacks:
@@ -359,7 +364,7 @@ class _Layer:
             return self.stream.stream(self.name)
         return self.stream.norm_stream(self.get(norm + ".weight"), f"{self.name}/{norm}")
 
-    def attention(self, window: int | None, rotary: _Rotary | None, seqlens_k: str, total_len: str,
+    def attention(self, window: int | None, rotary: _Rotary | None, seqlens_k: str, total_len: str, pack: bool,
                   packed: dict[str, int]) -> None:
         x = self._input("input_layernorm")
         self.shared_input = x
@@ -375,9 +380,10 @@ class _Layer:
                     [q_dim, kv_dim, kv_dim], np.int64))], f"{name}/qkv_split", outputs=3, axis=-1)
         else:
             weights = [self.get(f"{a}{c}_proj.weight") for c in "qkv"]
-            if self.arch.qk_norm == "none" and _packable(weights):
+            if pack and self.arch.qk_norm == "none" and _packable(weights):
                 qkv = self.g.linear(x, f"{name}/qkv_proj", _concat(weights, f"{self.p}{a}qkv_proj.weight"),
-                                    _concat_bias([bias(f"{c}_proj") for c in "qkv"], [q_dim, kv_dim, kv_dim]))
+                                    _concat_bias([bias(f"{c}_proj") for c in "qkv"], [q_dim, kv_dim, kv_dim]),
+                                    members=3)
                 query, key, value = qkv, "", ""
                 packed["qkv"] += 1
             else:
@@ -409,7 +415,7 @@ class _Layer:
         out = self.g.linear(attn, f"{name}/o_proj", self.get(a + "o_proj.weight"), bias("o_proj"))
         self._finish_block(out, "post_attention_layernorm")
 
-    def mlp(self, pack_gate_up: bool, packed: dict[str, int]) -> None:
+    def mlp(self, pack: bool, packed: dict[str, int]) -> None:
         name = f"{self.name}/mlp"
         x = self.shared_input if self.arch.parallel else self._input(
             "pre_feedforward_layernorm" if self.get("pre_feedforward_layernorm.weight") is not None
@@ -422,9 +428,10 @@ class _Layer:
             weights = [self.get("mlp.gate_proj.weight"), self.get("mlp.up_proj.weight")]
             # Packed only when quantized: in a float graph the Split costs more than the second matmul it saves
             # (measured with benchmarks/fusion.py, fp32 decode 0.993x; int4 1.04x).
-            if pack_gate_up and isinstance(weights[0], QuantizedTensor) and _packable(weights) \
+            if pack and isinstance(weights[0], QuantizedTensor) and _packable(weights) \
                     and bias("gate_proj") is None:
-                both = self.g.linear(x, f"{name}/gate_up_proj", _concat(weights, f"{self.p}mlp.gate_up_proj.weight"))
+                both = self.g.linear(x, f"{name}/gate_up_proj", _concat(weights, f"{self.p}mlp.gate_up_proj.weight"),
+                                     members=2)
                 gate, up = self.g.node("Split", [both], f"{name}/gate_up_split", outputs=2, axis=-1, num_outputs=2)
                 packed["gate_up"] += 1
             else:

@@ -206,7 +206,6 @@ def test_the_artifact_check_catches_a_window_wrong_past_it(tmp_path, tiny_tokeni
     decoding: with the old single-window fusion (every layer windowed) it fails the run (exit 4) instead of
     writing a model that is right only on short prompts."""
     import llmopt
-    import llmopt.architectures
     from llmopt.errors import ResultValidationError
 
     folder = tmp_path / "gemma3"
@@ -221,7 +220,9 @@ def test_the_artifact_check_catches_a_window_wrong_past_it(tmp_path, tiny_tokeni
     # ... and it decodes with a growing cache only (see the test below): no genai_config.json is offered.
     assert not (tmp_path / "right" / "genai_config.json").exists()
     assert any(note.startswith("no genai_config.json: this model has sliding-window layers") for note in report.notes)
-    monkeypatch.setattr(llmopt.architectures, "attention_windows", lambda config: [8] * config.num_hidden_layers)
+    from llmopt.exporters import onnx_writer
+
+    monkeypatch.setattr(onnx_writer, "attention_windows", lambda config: [8] * config.num_hidden_layers)
     with pytest.raises(ResultValidationError, match="does not reproduce the optimized model") as failed:
         llmopt.optimize(recipe, model=str(folder), output=tmp_path / "wrong")
     print(failed.value)

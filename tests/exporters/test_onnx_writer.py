@@ -90,7 +90,8 @@ def test_int4_codes_go_in_as_they_are(model_type, tmp_path, tiny_tokenizer):
     cached = onnx_run(tmp_path / "onnx" / "model.onnx", model.config, tokens, PREFILL)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules()) + 1
     packed = info["packed_projections"]
-    assert info["matmul_nbits"] == linears - 2 * packed["qkv"] - packed["gate_up"]
+    assert info["matmul_nbits"] == linears == len(state.quantized)
+    assert info["fused_ops"]["MatMulNBits"] == linears - 2 * packed["qkv"] - packed["gate_up"]
     assert np.abs(cached - expected).max() < 1e-3 * np.abs(expected).max()
 
 
