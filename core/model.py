@@ -99,7 +99,7 @@ class ArchInfo:
     def from_config(cls, config: Any) -> "ArchInfo":
         heads = getattr(config, "num_attention_heads", None)
         hidden = getattr(config, "hidden_size", None)
-        if heads is None or hidden is None or not hasattr(config, "num_hidden_layers"):
+        if heads is None or hidden is None or getattr(config, "num_hidden_layers", None) is None:
             raise InputError(
                 f"The model config (model_type '{config.model_type}') does not describe a decoder-only transformer "
                 "with hidden_size, num_attention_heads and num_hidden_layers.",
