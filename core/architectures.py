@@ -50,7 +50,7 @@ class Architecture:
     # pruner also a dense gated MLP); quantize, half, distill and the exporters take every described family.
     gqa: bool = False
     prune: bool = False
-    stream: bool = False  # the layer-by-layer writers (core/streaming.py) know its block
+    stream: bool = True  # the layer-by-layer writers (core/streaming.py) know its block (every dense family)
 
     def layer_groups(self, layer: Any) -> tuple[InputGroup, ...]:
         """The groups of one decoder layer: an MoE family's sparse layers read the norm through a router and
@@ -82,10 +82,10 @@ def _moe_groups(experts: int) -> tuple[InputGroup, ...]:
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
-    _llama_like("llama", gqa=True, prune=True, stream=True),
-    _llama_like("qwen3_moe", qk_norm="per_head", moe=True),
-    _llama_like("mistral", gqa=True, prune=True, stream=True),
-    _llama_like("qwen2", gqa=True, prune=True, stream=True),
+    _llama_like("llama", gqa=True, prune=True),
+    _llama_like("qwen3_moe", qk_norm="per_head", moe=True, stream=False),
+    _llama_like("mistral", gqa=True, prune=True),
+    _llama_like("qwen2", gqa=True, prune=True),
     _llama_like("qwen3", qk_norm="per_head", gqa=True, prune=True),
     _llama_like("smollm3", gqa=True),  # every fourth layer without RoPE (a RoPE-commuting map commutes there too)
     _llama_like("granite", gqa=True),  # embedding, residual, attention and logit multipliers: inside the modules

@@ -140,6 +140,7 @@ class StreamPlan:
     quantize: QuantizeConfig
     num_layers: int
     quantized: frozenset[str]  # weight names stored as codes
+    linears: frozenset[str]  # every decoder-layer projection weight, quantized or excluded
     tied: bool  # lm_head shares the embedding table in the input
     untie: bool  # the output gets an lm_head of its own (the pass's `_untie_if_needed`)
     extra_names: tuple[str, ...]  # top-level tensors other than embedding, norm and lm_head, copied as they are
@@ -228,6 +229,13 @@ def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: 
         raise RecipeError("quantize.symmetric: false cannot be streamed to safetensors: compressed-tensors "
                           "pack-quantized holds symmetric groups only.", "Use symmetric: true, or export.format: onnx.")
     hf_config = AutoConfig.from_pretrained(folder)
+    if export_format == "onnx":
+        from llmopt.exporters.onnx_writer import writer_problem
+
+        problem = writer_problem(hf_config)
+        if problem:
+            raise RecipeError(f"export.streaming: the ONNX graph of '{folder}' cannot be written layer by layer: "
+                              f"{problem}.", "Use export.format: safetensors for this model.")
     arch = ArchInfo.from_config(hf_config)
     QuantizePass(q).check(arch, "quantize")  # group_size divides every input width
     # Every tensor the architecture needs, with its shape, and none it does not: the layers are read by name.
@@ -242,6 +250,7 @@ def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: 
     extra = tuple(n for n in sorted(names) if not _LAYER.match(n)
                   and n not in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"))
     plan = StreamPlan(config=config, quantize=q, num_layers=arch.num_layers, quantized=frozenset(quantized),
+                      linears=frozenset(layer_linears),
                       tied=tied, untie=tied and head_quantized, extra_names=extra)
     return plan, reader
 

@@ -172,9 +172,8 @@ def _write_config(plan: StreamPlan, folder: Path) -> None:
     if plan.untie:
         data["tie_word_embeddings"] = False
     q = plan.quantize
-    linears = [f"model.layers.{i}.{part}" for i in range(plan.num_layers)
-               for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + ["lm_head"]
+    # Every Linear the plan could quantize (the family's projections, as the checkpoint names them) and lm_head.
+    linears = [n.removesuffix(".weight") for n in sorted(plan.linears)] + ["lm_head"]
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=q.bits, type="int", symmetric=True, strategy="group", group_size=q.group_size))
     config_q = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",

@@ -17,7 +17,8 @@ class FuseConfig(PassConfig):
                                               "optimum's layout, so ORTModelForCausalLM drives the fused model; "
                                               "with every layer fused, a genai_config.json lets onnxruntime-genai "
                                               "drive it too, updating the cache in place).")
-    rotary: bool = Field(True, description="Rotary position embedding -> RotaryEmbedding.")
+    rotary: bool = Field(True, description="Rotary position embedding inside GroupQueryAttention (RotaryEmbedding "
+                                           "in a rewritten graph).")
     norms: bool = Field(True, description="RMSNorm -> SimplifiedLayerNormalization, RMSNorm + residual -> "
                                           "SkipSimplifiedLayerNormalization (LayerNorm likewise).")
     activations: bool = Field(True, description="SiLU -> QuickGelu(alpha=1), tanh/erf GELU -> FastGelu/Gelu.")
@@ -29,13 +30,14 @@ class FuseConfig(PassConfig):
 
 
 class FusePass(Pass):
-    """Operator fusion for onnxruntime, applied by the ONNX exporter to the graph it exports.
+    """Operator fusion for onnxruntime, done by the ONNX exporter.
 
     Nothing changes in the torch model: fusion is a property of the ONNX graph (a merged QKV projection
-    or a fused attention is no Hugging Face checkpoint format), so this pass records the request and the
-    ONNX exporter rewrites the graph right after optimum's export; a quantize pass's weights are then
-    stored as MatMulNBits in the fused graph. The fused-op counts are in the report's export section, and
-    what stayed unfused (with why) in its notes.
+    or a fused attention is no Hugging Face checkpoint format), so this pass records the request. With every
+    switch on, the exporter writes the fused graph directly from the family's description
+    (exporters/onnx_writer.py), a quantize pass's codes stored as they are; with a switch off, for fp16 and for
+    MoE it rewrites optimum's export instead. The fused-op counts are in the report's export section (its
+    `writer` says which way), and what stayed unfused (with why) in its notes.
     """
 
     type = "fuse"

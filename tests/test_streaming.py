@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmopt.architectures import ARCHITECTURES, attention_windows
 from llmopt.errors import InputError, RecipeError, ResourceError
 from llmopt.evaluation.runners import OrtRunner, TorchRunner
 from llmopt.exporters.safetensors import SafetensorsExporter
@@ -80,7 +81,8 @@ def _run_with_cache(folder, ids, prompt):
 
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     config = json.loads((folder / "config.json").read_text())
-    kv_heads, head_dim = config["num_key_value_heads"], config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     past = {f"past_key_values.{i}.{kind}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
             for i in range(config["num_hidden_layers"]) for kind in ("key", "value")}
     names = [o.name for o in session.get_outputs()]
@@ -114,7 +116,7 @@ def test_onnx_stream_matches_the_quantized_torch_model_with_kv_cache(tie, symmet
           f"{len(ids)} tokens, max |dlogit| {diff:.2e} (logits up to {np.abs(reference).max():.2f})")
     assert diff < 1e-4
     assert result.info["matmul_nbits"] == len(state.quantized)  # the float Linears (excluded) as plain MatMul
-    assert result.info["group_query_attention"] == 2
+    assert result.info["fused_ops"]["GroupQueryAttention"] == 2
 
 
 def test_onnx_stream_generates_as_torch_through_optimum(tiny_tokenizer, tmp_path):
@@ -245,11 +247,11 @@ def test_unsupported_options_are_refused_before_writing(options, fmt, message, t
 def test_other_architectures_are_refused(tiny_tokenizer, tmp_path):
     _checkpoint(tmp_path / "in", tiny_tokenizer)
     config = json.loads((tmp_path / "in/config.json").read_text())
-    (tmp_path / "in/config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
+    (tmp_path / "in/config.json").write_text(json.dumps({**config, "model_type": "stablelm"}))
     with pytest.raises(RecipeError) as caught:
         quantize_checkpoint(tmp_path / "in", tmp_path / "out", QuantizeConfig())
-    assert "the streaming path does not handle model_type 'gemma'" in caught.value.message
-    assert "Supported: llama, mistral, qwen2" in caught.value.hint
+    assert "the streaming path does not handle model_type 'stablelm'" in caught.value.message
+    assert caught.value.hint.startswith("Supported: " + ", ".join(STREAMED) + ".")
     assert caught.value.exit_code == 2
 
 
@@ -362,34 +364,71 @@ def _tiny(model_type):
     return model
 
 
+STREAMED = sorted(t for t, a in ARCHITECTURES.items() if a.stream)
+
+
 @pytest.mark.parametrize("options", [{}, {"method": "gptq", "awq": True}], ids=["rtn", "awq+gptq"])
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
-def test_onnx_stream_other_llama_family_models(model_type, options, tiny_tokenizer, tmp_path):
-    model = _tiny(model_type)
+@pytest.mark.parametrize("model_type", STREAMED)
+def test_onnx_stream_every_family(model_type, options, tiny_tokenizer, tmp_path):
+    """Each described dense family streamed to ONNX: the codes the in-memory pass chooses, and logits equal to the
+    quantized torch model over a sequence past every window (8 tokens), in prefill and in cached decode."""
+    from tests.test_architectures import tiny
+
+    model = tiny(model_type)
     model.save_pretrained(tmp_path / "in", safe_serialization=True)
-    config, windows = QuantizeConfig(group_size=32, **options), _windows()
+    config, windows = QuantizeConfig(group_size=16, **options), _windows()
     state = QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: windows))
 
     result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config, calibration=windows)
 
-    ids = np.array(tiny_tokenizer("x = [i for i in range(3)]")["input_ids"], dtype=np.int64)
+    ids = np.random.default_rng(2).integers(3, 200, 40).astype(np.int64)
     with torch.no_grad():
         reference = state.model(torch.from_numpy(ids[None])).logits[0].numpy()
-    diff = np.abs(_run_with_cache(tmp_path / "out", ids, prompt=len(ids) - 3) - reference).max()
-    biases = sum(n.endswith("bias") for n, _ in model.named_parameters())
-    print(f"{model_type} {options}: {biases} biases, max |dlogit| {diff:.2e} (logits up to {np.abs(reference).max():.2f})")
-    assert diff < 1e-4
-    assert result.info["matmul_nbits"] == 15
-    assert biases == (6 if model_type == "qwen2" else 0)
+    diff = np.abs(_run_with_cache(tmp_path / "out", ids, prompt=24) - reference).max()
+    print(f"{model_type} {options}: max |dlogit| {diff:.2e} (logits up to {np.abs(reference).max():.2f})")
+    assert diff < 1e-4 * max(1.0, np.abs(reference).max())
+    assert result.info["matmul_nbits"] == len(state.quantized) == result.quantized_tensors
+    # Sliding-window layers decode right with a growing cache only: no genai_config.json for them.
+    windowed = any(attention_windows(model.config))
+    assert (tmp_path / "out" / "genai_config.json").exists() is not windowed
 
 
-def test_sliding_window_attention_is_refused_for_onnx_only(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("model_type", STREAMED)
+def test_safetensors_stream_every_family(model_type, tiny_tokenizer, tmp_path):
+    """Each described dense family streamed to compressed-tensors: the in-memory exporter's file, byte for byte."""
+    from tests.test_architectures import tiny
+
+    model = tiny(model_type)
+    model.save_pretrained(tmp_path / "in", safe_serialization=True)
+    tiny_tokenizer.save_pretrained(tmp_path / "in")
+    config = QuantizeConfig(group_size=16)
+    state = _quantized_in_memory(model, tiny_tokenizer, config)
+    (tmp_path / "ref").mkdir()
+    SafetensorsExporter(ExportConfig(format="safetensors")).export(state, tmp_path / "ref")
+    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config, export_format="safetensors")
+    assert (tmp_path / "out/model.safetensors").read_bytes() == (tmp_path / "ref/model.safetensors").read_bytes()
+    written, reference = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("out", "ref"))
+    assert written["quantization_config"] == reference["quantization_config"]
+    assert result.quantized_tensors == len(state.quantized)
+
+
+def test_moe_is_not_streamed(tiny_tokenizer, tmp_path):
+    from tests.test_architectures import tiny
+
+    tiny("qwen3_moe").save_pretrained(tmp_path / "in", safe_serialization=True)
+    with pytest.raises(RecipeError, match="the streaming path does not handle model_type 'qwen3_moe'"):
+        quantize_checkpoint(tmp_path / "in", tmp_path / "out", QuantizeConfig())
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_graph_the_writer_cannot_express_is_refused_at_plan_time(tiny_tokenizer, tmp_path):
     _tiny("mistral").save_pretrained(tmp_path / "in", safe_serialization=True)
     config = json.loads((tmp_path / "in/config.json").read_text())
-    (tmp_path / "in/config.json").write_text(json.dumps({**config, "sliding_window": 16}))
-    with pytest.raises(InputError) as caught:
+    (tmp_path / "in/config.json").write_text(json.dumps({**config, "head_dim": 16, "rope_scaling": {
+        "rope_type": "dynamic", "factor": 2.0}}))
+    with pytest.raises(RecipeError) as caught:
         quantize_checkpoint(tmp_path / "in", tmp_path / "onnx", QuantizeConfig())
-    assert "uses sliding-window attention (16 tokens)" in caught.value.message
+    assert "rope_scaling type 'dynamic' changes the rotary frequencies" in caught.value.message
     assert not (tmp_path / "onnx").exists() and not list(tmp_path.glob(".onnx.staging-*"))
     quantize_checkpoint(tmp_path / "in", tmp_path / "st", QuantizeConfig(), export_format="safetensors")
     assert (tmp_path / "st/model.safetensors").is_file()
