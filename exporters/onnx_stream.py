@@ -22,8 +22,7 @@ def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accu
     from llmopt.exporters.onnx_writer import write_decoder
 
     config = AutoConfig.from_pretrained(reader.folder)
-    info = write_decoder(config, plan.blocks(reader), folder, accuracy_level=accuracy_level, read=reader.read,
-                         inline=False)  # one layer at a time: the weights never gather in one protobuf
+    info = write_decoder(config, plan.blocks(reader), folder, accuracy_level=accuracy_level, inline=False)  # one layer at a time: the weights never gather in one protobuf
     data = dict(plan.config)
     data["use_cache"] = True
     if plan.untie:

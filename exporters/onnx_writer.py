@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -123,6 +123,9 @@ class _Graph:
         self.gather_fallbacks: list[str] = []
         self.used: set[str] = set()
         self.stored = Counter()  # op -> weights it stores (a packed matmul counts each projection in it)
+        self.tokens_shape = ""
+        self.float_table: str | None = None  # the embedding table's initializer, when stored in float
+        self.out_shapes: dict[int, str] = {}  # out features -> (batch, seq, out) shape tensor
         # The embedding's GatherBlockQuantized inputs (data, scales, zero points), which a tied lm_head with the
         # same codes reads too.
         self.embedding_codes: tuple[QuantizedTensor, list[str]] | None = None
@@ -188,10 +191,31 @@ class _Graph:
             (out,) = self.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, **attrs)
             self.stored["MatMulNBits"] += members
         else:
-            (out,) = self.node("MatMul", [x, self.weight(f"{name}.weight_T", _numpy(weight).T)], f"{name}/MatMul")
+            stored = weight if isinstance(weight, str) else self.weight(f"{name}.weight", _numpy(weight))
+            return self.gemm(x, stored, name, bias)
         if bias is not None:
             (out,) = self.node("Add", [out, self.weight(f"{name}.bias", _numpy(bias))], f"{name}/Add")
         return out
+
+    def gemm(self, x: str, weight: str, name: str, bias: Any) -> str:
+        """x @ W.T (+ b) in float, W stored (out, in) as torch keeps it: Gemm with transB on the tokens as rows.
+        Gemm transB is onnxruntime's fastest fp32 kernel for a decode step's matmuls here (13.7 ms against
+        MatMul's 17.9 for SmolLM2's, benchmarks/fusion.py), and a tied lm_head reads the embedding table itself."""
+        if not self.tokens_shape:
+            (self.tokens_shape,) = self.node("Shape", ["input_ids"], "/tokens_shape")  # (batch, seq)
+        dims = self.initializer_dims(weight)
+        rows_shape = self.constant(f"{name}/rows_shape", np.array([-1, dims[1]], np.int64))
+        (rows,) = self.node("Reshape", [x, rows_shape], f"{name}/Reshape_rows")
+        inputs = [rows, weight] + ([self.weight(f"{name}.bias", _numpy(bias))] if bias is not None else [])
+        (y,) = self.node("Gemm", inputs, f"{name}/Gemm", transB=1)
+        if dims[0] not in self.out_shapes:
+            n = self.constant(f"/out_features_{dims[0]}", np.array([dims[0]], np.int64))
+            (self.out_shapes[dims[0]],) = self.node("Concat", [self.tokens_shape, n], f"/tokens_by_{dims[0]}", axis=0)
+        (out,) = self.node("Reshape", [y, self.out_shapes[dims[0]]], f"{name}/Reshape_tokens")
+        return out
+
+    def initializer_dims(self, name: str) -> list[int]:
+        return next(list(i.dims) for i in reversed(self.initializers) if i.name == name)
 
 
 class _Stream:
@@ -253,11 +277,9 @@ class _Stream:
 
 
 def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accuracy_level: int = 0,
-                  pack: bool = True, read: Callable[[str], Any] | None = None,
-                  inline: bool | None = None) -> dict[str, Any]:
+                  pack: bool = True, inline: bool | None = None) -> dict[str, Any]:
     """Write `folder/model.onnx` (and model.onnx.data when the weights stay external) from `blocks`; returns the
-    export facts for the report. `pack`: q/k/v (and quantized gate/up) as one matmul each. `read(name)` supplies a tensor the blocks do not carry (the embedding table again
-    for a tied lm_head kept in float); `inline`: None puts the weights inside model.onnx when under protobuf's
+    export facts for the report. `pack`: q/k/v (and quantized gate/up) as one matmul each. `inline`: None puts the weights inside model.onnx when under protobuf's
     limit."""
     problem = writer_problem(config)
     if problem:
@@ -288,14 +310,12 @@ def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accurac
     g.nodes += mask_nodes
     g.initializers += mask_constants
 
-    embedding: Any = None
     packed: dict[str, int] = {"qkv": 0, "gate_up": 0}
     try:
         for block in blocks:
             t = block.tensors
             if block.kind == "embedding":
-                embedding = t["model.embed_tokens.weight"]
-                stream.residual = _embedding(g, config, embedding)
+                stream.residual = _embedding(g, config, t["model.embed_tokens.weight"])
             elif block.kind == "layer":
                 layer = _Layer(g, config, arch, stream, block.index, t, heads, kv, head_dim)
                 layer.attention(windows[block.index], rotaries[block.index], seqlens_k, total_len, pack, packed)
@@ -303,11 +323,10 @@ def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accurac
             else:
                 x = stream.norm_stream(t["model.norm.weight"], "/model/norm")
                 head = t.get("lm_head.weight")
-                if head is None:  # tied and kept in float: the embedding table, read again
-                    head = embedding if embedding is not None and not isinstance(embedding, QuantizedTensor) else None
-                    head = head if head is not None else (read("model.embed_tokens.weight") if read else None)
-                    if head is None:
-                        raise ValueError("a tied lm_head needs the embedding table")
+                if head is None:  # tied and kept in float: Gemm reads the embedding table's own initializer
+                    head = g.float_table
+                    if head is None:  # the quantize pass unties a head whose table alone was quantized
+                        raise ValueError("a tied lm_head needs the float embedding table")
                 shared = g.tied_head(x, head) if isinstance(head, QuantizedTensor) else None
                 logits = _logits(g, config, shared or g.linear(x, "/lm_head", head))
                 g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits"))
@@ -480,7 +499,8 @@ def _embedding(g: _Graph, config: Any, table: Any) -> str:
             g.gather_fallbacks.append(problem)
             table = table.dequantized()
     if not isinstance(table, QuantizedTensor) or problem:
-        (out,) = g.node("Gather", [g.weight("model.embed_tokens.weight", _numpy(table)), "input_ids"], f"{name}/Gather")
+        g.float_table = g.weight("model.embed_tokens.weight", _numpy(table))
+        (out,) = g.node("Gather", [g.float_table, "input_ids"], f"{name}/Gather")
     if describe(config.model_type).scaled_embedding:  # by sqrt(hidden), rounded to the weights' dtype (float32)
         out = g.scale(out, float(np.float32(config.hidden_size ** 0.5)), f"{name}/embed_scale")
     multiplier = getattr(config, "embedding_multiplier", None)  # Granite

@@ -152,6 +152,19 @@ def test_config_variants(variant, tmp_path):
     assert np.abs(cached - expected).max() < 1e-4 * np.abs(expected).max()
 
 
+def test_a_tied_float_table_is_stored_once(tmp_path):
+    """A float lm_head tied to the embedding reads the table's own initializer (Gemm transB), no transposed copy."""
+    import onnx
+
+    model = tiny("gemma")
+    write(model, tmp_path / "onnx")
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    tables = [i.name for i in graph.initializer if i.dims and i.dims[0] == TINY_VOCAB]
+    assert tables == ["model.embed_tokens.weight"]
+    head = next(n for n in graph.node if n.name == "/lm_head/Gemm")
+    assert head.input[1] == "model.embed_tokens.weight"
+
+
 def test_the_check_sees_a_wrong_window(tmp_path, monkeypatch):
     """The comparison above can fail: Gemma 2 written with every layer windowed (the bug #21 found in the graph
     rewrite) differs from PyTorch past the window."""
