@@ -123,9 +123,7 @@ class _Graph:
         self.gather_fallbacks: list[str] = []
         self.used: set[str] = set()
         self.stored = Counter()  # op -> weights it stores (a packed matmul counts each projection in it)
-        self.tokens_shape = ""
         self.float_table: str | None = None  # the embedding table's initializer, when stored in float
-        self.out_shapes: dict[int, str] = {}  # out features -> (batch, seq, out) shape tensor
         # The embedding's GatherBlockQuantized inputs (data, scales, zero points), which a tied lm_head with the
         # same codes reads too.
         self.embedding_codes: tuple[QuantizedTensor, list[str]] | None = None
@@ -190,32 +188,14 @@ class _Graph:
             inputs = [x, *(self.weight(name + suffix, array) for suffix, array in zip(suffixes, arrays))]
             (out,) = self.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, **attrs)
             self.stored["MatMulNBits"] += members
+        elif isinstance(weight, str):  # a tied lm_head: the embedding table (vocab, hidden), transposed at load
+            (table_t,) = self.node("Transpose", [weight], f"{name}/Transpose", perm=[1, 0])
+            (out,) = self.node("MatMul", [x, table_t], f"{name}/MatMul")
         else:
-            stored = weight if isinstance(weight, str) else self.weight(f"{name}.weight", _numpy(weight))
-            return self.gemm(x, stored, name, bias)
+            (out,) = self.node("MatMul", [x, self.weight(f"{name}.weight_T", _numpy(weight).T)], f"{name}/MatMul")
         if bias is not None:
             (out,) = self.node("Add", [out, self.weight(f"{name}.bias", _numpy(bias))], f"{name}/Add")
         return out
-
-    def gemm(self, x: str, weight: str, name: str, bias: Any) -> str:
-        """x @ W.T (+ b) in float, W stored (out, in) as torch keeps it: Gemm with transB on the tokens as rows.
-        Gemm transB is onnxruntime's fastest fp32 kernel for a decode step's matmuls here (13.7 ms against
-        MatMul's 17.9 for SmolLM2's, benchmarks/fusion.py), and a tied lm_head reads the embedding table itself."""
-        if not self.tokens_shape:
-            (self.tokens_shape,) = self.node("Shape", ["input_ids"], "/tokens_shape")  # (batch, seq)
-        dims = self.initializer_dims(weight)
-        rows_shape = self.constant(f"{name}/rows_shape", np.array([-1, dims[1]], np.int64))
-        (rows,) = self.node("Reshape", [x, rows_shape], f"{name}/Reshape_rows")
-        inputs = [rows, weight] + ([self.weight(f"{name}.bias", _numpy(bias))] if bias is not None else [])
-        (y,) = self.node("Gemm", inputs, f"{name}/Gemm", transB=1)
-        if dims[0] not in self.out_shapes:
-            n = self.constant(f"/out_features_{dims[0]}", np.array([dims[0]], np.int64))
-            (self.out_shapes[dims[0]],) = self.node("Concat", [self.tokens_shape, n], f"/tokens_by_{dims[0]}", axis=0)
-        (out,) = self.node("Reshape", [y, self.out_shapes[dims[0]]], f"{name}/Reshape_tokens")
-        return out
-
-    def initializer_dims(self, name: str) -> list[int]:
-        return next(list(i.dims) for i in reversed(self.initializers) if i.name == name)
 
 
 class _Stream:
@@ -323,7 +303,7 @@ def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accurac
             else:
                 x = stream.norm_stream(t["model.norm.weight"], "/model/norm")
                 head = t.get("lm_head.weight")
-                if head is None:  # tied and kept in float: Gemm reads the embedding table's own initializer
+                if head is None:  # tied and kept in float: the lm_head reads the embedding table's own initializer
                     head = g.float_table
                     if head is None:  # the quantize pass unties a head whose table alone was quantized
                         raise ValueError("a tied lm_head needs the float embedding table")

@@ -291,7 +291,7 @@ def test_fused_attention_writes_genai_config_and_updates_the_cache_in_place(tiny
     assert any(note.startswith("genai_config.json written") for note in result.report.notes)
     # Float gate/up stay two matmuls (a Split costs more than the call it saves); Q/K/V are packed.
     assert result.report.export["packed_projections"] == {"qkv": 2, "gate_up": 0}
-    assert _op_counts(result.output)["Gemm"] == 2 * 5 + 1 and "Split" not in _op_counts(result.output)
+    assert _op_counts(result.output)["MatMul"] == 2 * 5 + 1 and "Split" not in _op_counts(result.output)
     assert any(note.startswith("gate/up kept as two matmuls") for note in result.report.notes)
     assert "model = og.Model(PATH)" in (result.output / "README.md").read_text()
 
