@@ -193,10 +193,13 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
             model, tokenizer = load_model(plan.source)
         state = ModelState(model, tokenizer)
         baseline_params = _count_parameters(model)
-        baseline_dir = scratch / "baseline"
-        with timer(f"export baseline ({recipe.export.format}, for comparison)"):
-            baseline_dir.mkdir()
-            plan.exporter.export(ModelState(model, tokenizer), baseline_dir)
+        baseline_dir: Path | None = None
+        if recipe.evaluation.enabled:  # measured side by side with the artifact; without evaluation, not needed
+            baseline_dir = scratch / "baseline"
+            with timer(f"export baseline ({recipe.export.format}, for comparison)"):
+                baseline_dir.mkdir()
+                plan.exporter.export(ModelState(model, tokenizer), baseline_dir)
+        baseline_float_bytes = 4 * baseline_params  # the loaded model is float32
 
         windows, text_description = _evaluation_windows(recipe, tokenizer)
         probe = windows[:2]  # for the per-layer error
@@ -241,6 +244,10 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
         layer_errors = relative_layer_errors(before, hidden_states(state.model, probe)) if before else None
         del before
         evaluation = _evaluate(plan, state, baseline_dir, staging, timer, windows, text_description)
+        if baseline_dir is None:
+            evaluation["baseline_bytes"] = baseline_float_bytes
+            exported.notes.append("Baseline size: the input model's float32 weights (no baseline artifact is exported "
+                                  "when evaluation is off).")
         tasks, task_notes = _tasks(plan, state, timer)
         arch_after = ArchInfo.from_config(state.model.config)
         optimized_params = _count_parameters(state.model)
@@ -377,7 +384,7 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
     return data
 
 
-def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, timer: _Steps, windows: list[Any],
+def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, artifact_dir: Path, timer: _Steps, windows: list[Any],
               description: str) -> dict[str, Any]:
     """Validate the artifact, then measure baseline and optimized on the artifact's runtime."""
     import gc
@@ -394,7 +401,7 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path, artifact_dir: Path, ti
     ev = recipe.evaluation
     threads = ev.speed.threads
     tokenizer = state.tokenizer
-    result: dict[str, Any] = {"baseline_bytes": weight_bytes(baseline_dir), "baseline": {}, "optimized": {},
+    result: dict[str, Any] = {"baseline_bytes": weight_bytes(baseline_dir) if baseline_dir else 0, "baseline": {}, "optimized": {},
                               "quality": None, "speed_setup": None, "validation": None, "threads": threads,
                               "samples": []}
 

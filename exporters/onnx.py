@@ -91,11 +91,12 @@ class OnnxExporter(Exporter):
     def _direct(state: ModelState) -> bool:
         """Whether the direct writer writes this export: every fusion asked for (it writes nothing unfused), a
         float32 graph, a family it knows."""
-        from llmopt.exporters.onnx_writer import writer_problem
+        from llmopt.exporters.onnx_writer import experts_problem, writer_problem
 
         fusions = state.graph_fusions or {}
         everything = all(fusions.get(k, False) for k in ("attention", "rotary", "norms", "activations"))
-        return everything and state.precision is None and writer_problem(state.model.config) is None
+        return (everything and state.precision is None and writer_problem(state.model.config) is None
+                and experts_problem(state.quantized) is None)
 
     def _write_direct(self, state: ModelState, folder: Path) -> ExportResult:
         from llmopt.devices import resolve_provider

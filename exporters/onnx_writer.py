@@ -25,7 +25,7 @@ GroupQueryAttention takes the causal mask from attention_mask's row sums: right 
 from __future__ import annotations
 
 import copy
-import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -62,8 +62,11 @@ def writer_problem(config: Any) -> str | None:
     arch = describe(config.model_type)
     if arch is None:
         return f"model_type '{config.model_type}' has no architecture description"
-    if arch.moe:
-        return "its MLP is routed experts, which the direct writer does not write yet"
+    if arch.moe and not getattr(config, "norm_topk_prob", False):
+        return ("its router's top-k weights are not renormalized (norm_topk_prob: false), which onnxruntime's MoE "
+                "op cannot express")
+    if arch.moe and _activation(config) != "silu":
+        return f"its experts' activation '{_activation(config)}' is not the SwiGLU onnxruntime's MoE op runs"
     if _activation(config) not in ACTIVATIONS:
         return f"activation '{_activation(config)}' has no fused onnxruntime op here"
     scaling = getattr(config, "rope_scaling", None) or {}
@@ -256,6 +259,27 @@ class _Stream:
         return self.g.weight(f"{name}.weight", w)
 
 
+def experts_problem(quantized: dict[str, QuantizedTensor]) -> str | None:
+    """Why the experts' codes cannot go into one QMoE per layer (None when they can): QMoE stores every expert
+    of a layer with one bit width and block size, weight-only."""
+    layouts: dict[str, set[tuple]] = {}
+    for name, t in quantized.items():
+        match = _EXPERT.match(name)
+        if match:
+            layouts.setdefault(match.group(1), set()).add((t.bits, t.group_size, t.activations))
+    for layer, found in layouts.items():
+        if len(found) > 1:
+            return f"the experts of {layer} are quantized with different layouts ({sorted(found)})"
+        bits, group, activations = next(iter(found))
+        if activations != "float" or bits not in (4, 8) or group < 16 or group & (group - 1):
+            return (f"the experts of {layer} are {bits}-bit, group {group}, {activations} activations; onnxruntime's "
+                    "QMoE takes 4- or 8-bit weight-only groups of a power of two >= 16")
+    return None
+
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.\d+\.")
+
+
 def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accuracy_level: int = 0,
                   pack: bool = True, inline: bool | None = None) -> dict[str, Any]:
     """Write `folder/model.onnx` (and model.onnx.data when the weights stay external) from `blocks`; returns the
@@ -332,6 +356,8 @@ def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accurac
     # Weights stored by each quantized op, as the quantize pass counts them (a packed q/k/v is three).
     info.update(matmul_nbits=g.stored["MatMulNBits"], gather_block_quantized=counts.get("GatherBlockQuantized", 0),
                 dynamic_quantize_matmul=g.stored["DynamicQuantizeMatMul"])
+    if g.stored["QMoE"]:
+        info["qmoe_experts"] = g.stored["QMoE"]  # expert projections stored as codes in QMoE
     if not inline:
         info["external_data"] = DATA_FILE
     if g.gather_fallbacks:
@@ -339,7 +365,7 @@ def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accurac
     return info
 
 
-_FUSED = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+_FUSED = ("GroupQueryAttention", "MoE", "QMoE", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
           "SkipLayerNormalization", "LayerNormalization", "QuickGelu", "FastGelu", "Gelu", "MatMulNBits",
           "GatherBlockQuantized", "DynamicQuantizeMatMul")
 
@@ -420,6 +446,9 @@ class _Layer:
             "pre_feedforward_layernorm" if self.get("pre_feedforward_layernorm.weight") is not None
             else "post_attention_layernorm")
         bias = lambda proj: self.get(f"mlp.{proj}.bias")  # noqa: E731
+        if self.get("mlp.experts.0.gate_proj.weight") is not None:
+            self._finish_block(self._experts(x, name), "post_feedforward_layernorm")
+            return
         if self.arch.fused_gate_up:
             both = self.g.linear(x, f"{name}/gate_up_proj", self.get("mlp.gate_up_proj.weight"))
             gate, up = self.g.node("Split", [both], f"{name}/gate_up_split", outputs=2, axis=-1, num_outputs=2)
@@ -441,6 +470,59 @@ class _Layer:
         (product,) = self.g.node("Mul", [act, up], f"{name}/Mul")
         out = self.g.linear(product, f"{name}/down_proj", self.get("mlp.down_proj.weight"), bias("down_proj"))
         self._finish_block(out, "post_feedforward_layernorm")
+
+    def _experts(self, x: str, name: str) -> str:
+        """A sparse MLP (router + routed SwiGLU experts) as onnxruntime's MoE, or QMoE over the pass's codes.
+
+        The router's logits go in as they are: the op takes their softmax, the top k, and renormalizes them
+        (norm_topk_prob). Gate and up rows are interleaved in fc1, as the CPU kernel requires (swiglu_fusion=1);
+        alpha 1, beta 0 and no limit make its SwiGLU silu(gate) * up."""
+        config, g = self.config, self.g
+        count = 0
+        while self.get(f"mlp.experts.{count}.gate_proj.weight") is not None:
+            count += 1
+        parts = {p: [self.get(f"mlp.experts.{e}.{p}_proj.weight") for e in range(count)] for p in ("gate", "up", "down")}
+        router = g.linear(x, f"{name}/gate", self.get("mlp.gate.weight"))  # (batch, seq, experts)
+        (rows,) = g.node("Reshape", [x, g.constant(f"{name}/rows", np.array([-1, config.hidden_size], np.int64))],
+                         f"{name}/Reshape_rows")
+        (logits,) = g.node("Reshape", [router, g.constant(f"{name}/router_rows", np.array([-1, count], np.int64))],
+                           f"{name}/Reshape_router")
+        attrs = {"k": int(config.num_experts_per_tok), "activation_type": "swiglu", "swiglu_fusion": 1,
+                 "normalize_routing_weights": int(bool(config.norm_topk_prob)), "activation_alpha": 1.0,
+                 "activation_beta": 0.0, "swiglu_limit": float("inf")}
+        interleave = lambda gate, up: np.stack([gate, up], axis=1).reshape(-1, gate.shape[-1])  # noqa: E731
+        if all(isinstance(w, QuantizedTensor) for ws in parts.values() for w in ws):
+            first = parts["down"][0]
+            fc1 = [QuantizedTensor(name="", kind="linear", bits=gw.bits, group_size=gw.group_size, symmetric=False,
+                                   codes=interleave(gw.codes, uw.codes), scales=interleave(gw.scales, uw.scales),
+                                   zero_points=interleave(gw.zero_points, uw.zero_points))
+                   for gw, uw in zip(parts["gate"], parts["up"])]
+            stacks = []
+            for which, tensors in (("fc1", fc1), ("fc2", parts["down"])):
+                codes = np.stack([_pack(t.codes, t.bits) for t in tensors])  # (experts, out, in * bits / 8)
+                scales = np.stack([t.scales for t in tensors])  # (experts, out, blocks)
+                zeros = np.stack([_pack(t.zero_points, t.bits) for t in tensors])
+                symmetric = all(np.all(t.zero_points == 2 ** (t.bits - 1)) for t in tensors)
+                stacks.append((g.weight(f"{name}/experts.{which}_Q{first.bits}", codes),
+                               g.weight(f"{name}/experts.{which}_scales", scales),
+                               "" if symmetric else g.weight(f"{name}/experts.{which}_zero_points", zeros)))
+            (w1, s1, z1), (w2, s2, z2) = stacks
+            inputs = [rows, logits, w1, s1, "", w2, s2, "", "", "", "", z1, z2]
+            while inputs[-1] == "":
+                inputs.pop()
+            (out,) = g.node("QMoE", inputs, f"{name}/QMoE", domain=MS_DOMAIN, expert_weight_bits=first.bits,
+                            block_size=first.group_size, **attrs)
+            g.stored["QMoE"] += 3 * count
+        elif any(isinstance(w, QuantizedTensor) for ws in parts.values() for w in ws):
+            raise ValueError(f"{self.name}: some experts quantized and some not")  # experts_problem rules it out
+        else:
+            fc1 = np.stack([interleave(_numpy(gw), _numpy(uw)) for gw, uw in zip(parts["gate"], parts["up"])])
+            fc2 = np.stack([_numpy(w) for w in parts["down"]])  # (experts, hidden, intermediate)
+            (out,) = g.node("MoE", [rows, logits, g.weight(f"{name}/experts.fc1", fc1), "",
+                                    g.weight(f"{name}/experts.fc2", fc2)], f"{name}/MoE", domain=MS_DOMAIN, **attrs)
+        (shape,) = g.node("Shape", [x], f"{name}/Shape")
+        (out,) = g.node("Reshape", [out, shape], f"{name}/Reshape_tokens")
+        return out
 
     def _finish_block(self, out: str, post_norm: str) -> None:
         if post_norm in self.arch.post_norms:
@@ -607,4 +689,4 @@ def model_blocks(model: Any, quantized: dict[str, QuantizedTensor]) -> Iterator[
     yield Block("final", 0, final)
 
 
-__all__ = ["DATA_FILE", "model_blocks", "rotary_caches", "write_decoder", "writer_problem"]
+__all__ = ["DATA_FILE", "experts_problem", "model_blocks", "rotary_caches", "write_decoder", "writer_problem"]

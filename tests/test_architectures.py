@@ -24,7 +24,7 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 16}),
     "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
-                                     "moe_intermediate_size": 32}),
+                                     "moe_intermediate_size": 32, "norm_topk_prob": True}),
     "smollm3": ("SmolLM3Config", {"no_rope_layer_interval": 2}),
     "granite": ("GraniteConfig", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
                                   "attention_multiplier": 0.3, "logits_scaling": 4.0}),

@@ -51,10 +51,14 @@ def write(model, folder, quantized=None, **kw):
     return write_decoder(model.config, model_blocks(model, quantized or {}), folder, **kw)
 
 
-def test_every_family_is_written_or_named():
-    """Only MoE waits for its writer; every other described family is written."""
-    assert sorted(set(ARCHITECTURES) - set(WRITTEN)) == ["qwen3_moe"]
-    assert "routed experts" in writer_problem(config_of("qwen3_moe"))
+def test_every_family_is_written_and_what_it_cannot_express_is_named():
+    assert WRITTEN == sorted(ARCHITECTURES)
+    moe = config_of("qwen3_moe")
+    moe.norm_topk_prob = False
+    assert "norm_topk_prob: false" in writer_problem(moe)
+    dynamic = config_of("llama")
+    dynamic.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
+    assert "changes the rotary frequencies with the sequence length" in writer_problem(dynamic)
 
 
 @pytest.mark.parametrize("model_type", WRITTEN)
@@ -74,15 +78,16 @@ def test_float_graph_matches_pytorch_in_prefill_and_cached_decode(model_type, tm
     assert (full.argmax(-1) == expected.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "phi3", "cohere"])
-def test_int4_codes_go_in_as_they_are(model_type, tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "phi3", "cohere", "qwen3_moe"])
+def test_int4_codes_go_in_as_they_are(model_type, symmetric, tmp_path, tiny_tokenizer):
     """The quantize pass's codes as MatMulNBits (q/k/v and gate/up packed where nothing sits between), against the
     PyTorch model holding the same dequantized weights."""
     from llmopt.passes.quantize import QuantizeConfig, QuantizePass
     from llmopt.state import ModelState, PassContext
 
     model = tiny(model_type)
-    state = QuantizePass(QuantizeConfig(bits=4, group_size=16, symmetric=False)).run(
+    state = QuantizePass(QuantizeConfig(bits=4, group_size=16, symmetric=symmetric)).run(
         ModelState(model, tiny_tokenizer), PassContext())
     info = write(state.model, tmp_path / "onnx", state.quantized)
     tokens = ids()
@@ -90,8 +95,10 @@ def test_int4_codes_go_in_as_they_are(model_type, tmp_path, tiny_tokenizer):
     cached = onnx_run(tmp_path / "onnx" / "model.onnx", model.config, tokens, PREFILL)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules()) + 1
     packed = info["packed_projections"]
-    assert info["matmul_nbits"] == linears == len(state.quantized)
-    assert info["fused_ops"]["MatMulNBits"] == linears - 2 * packed["qkv"] - packed["gate_up"]
+    experts = info.get("qmoe_experts", 0)  # MoE: every expert's gate, up and down in one QMoE per layer
+    assert info["matmul_nbits"] + experts == linears == len(state.quantized)
+    assert info["fused_ops"]["MatMulNBits"] == linears - experts - 2 * packed["qkv"] - packed["gate_up"]
+    assert (experts > 0) == (model_type == "qwen3_moe")
     assert np.abs(cached - expected).max() < 1e-3 * np.abs(expected).max()
 
 
@@ -123,6 +130,7 @@ VARIANTS = {
     "llama3 rope scaling, biases everywhere": ("llama", {"attention_bias": True, "mlp_bias": True, "rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}}),
+    "qwen3_moe with a dense first layer": ("qwen3_moe", {"mlp_only_layers": [0]}),
     "qwen2 with a sliding window on the upper layers": ("qwen2", {"use_sliding_window": True, "sliding_window": 8,
                                                                   "max_window_layers": 1}),
 }
