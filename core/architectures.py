@@ -152,6 +152,16 @@ def attention_windows(config: Any) -> list[int | None]:
     return [window] * layers
 
 
+def rope_types(config: Any) -> set[str]:
+    """The rope types a config uses: transformers 5's `rope_parameters` (one mapping, or one per layer type, as
+    Gemma 3 has) or transformers 4's `rope_scaling` (absent for plain RoPE)."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        params = getattr(config, "rope_scaling", None) or {}
+    mappings = list(params.values()) if params and all(isinstance(v, dict) for v in params.values()) else [params]
+    return {str(m.get("rope_type", m.get("type", "default"))) for m in mappings}
+
+
 def _first(config: Any, *keys: str) -> Any:
     return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)
 

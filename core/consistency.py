@@ -24,6 +24,8 @@ from llmopt.errors import InputError
 _POSITIVE_INTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
                   "intermediate_size", "vocab_size", "head_dim", "max_position_embeddings", "n_layer", "n_head",
                   "n_embd", "n_positions", "n_inner")
+# Of those, the ones no config leaves null to mean "derive it" (head_dim, num_key_value_heads may be null).
+_NOT_NULL = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size")
 _POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
 _FIX = "Restore the config.json that came with these weights (or fix the value named above)."
 
@@ -42,6 +44,8 @@ def check_config_values(config: Any, where: str) -> None:
                          f"{type(config).__name__}.", _FIX)
     for key in _POSITIVE_INTS:
         value = config.get(key)
+        if value is None and key in config and key in _NOT_NULL:
+            raise InputError(f"{where}: {key} is null; it must be a positive whole number.", _FIX)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

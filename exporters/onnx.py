@@ -106,7 +106,7 @@ class OnnxExporter(Exporter):
         inline = {"auto": None, "always": False, "never": True}[self.config.external_data]
         pack = bool(state.graph_fusions.get("pack_projections", True))
         info: dict = {"task": TASK, "execution_provider": resolve_provider(self.config.execution_provider)}
-        info.update(write_decoder(config, model_blocks(state.model, state.quantized), folder,
+        info.update(write_decoder(state.model, model_blocks(state.model, state.quantized), folder,
                                   accuracy_level=self.config.accuracy_level, pack=pack, inline=inline))
         config.use_cache = True
         config.save_pretrained(folder)

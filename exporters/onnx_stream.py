@@ -16,13 +16,13 @@ if TYPE_CHECKING:
 def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accuracy_level: int = 0) -> dict[str, Any]:
     """Write model.onnx + model.onnx.data, config.json and (without sliding windows) genai_config.json into
     `folder`; returns the export facts."""
-    from transformers import AutoConfig
-
     from llmopt.architectures import attention_windows
     from llmopt.exporters.onnx_writer import write_decoder
+    from llmopt.streaming_calibrated import empty_model
 
-    config = AutoConfig.from_pretrained(reader.folder)
-    info = write_decoder(config, plan.blocks(reader), folder, accuracy_level=accuracy_level, inline=False)  # one layer at a time: the weights never gather in one protobuf
+    model = empty_model(reader.folder)  # the module tree on the meta device: the config and the rotary buffers
+    config = model.config
+    info = write_decoder(model, plan.blocks(reader), folder, accuracy_level=accuracy_level, inline=False)  # one layer at a time: the weights never gather in one protobuf
     data = dict(plan.config)
     data["use_cache"] = True
     if plan.untie:

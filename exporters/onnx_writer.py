@@ -24,7 +24,6 @@ GroupQueryAttention takes the causal mask from attention_mask's row sums: right 
 
 from __future__ import annotations
 
-import copy
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -36,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from llmopt.architectures import Architecture, attention_windows, describe, kv_heads
+from llmopt.architectures import Architecture, attention_windows, describe, kv_heads, rope_types
 from llmopt.exporters.onnx_blockquant import MS_DOMAIN, _gather_problem, _layout_problem, _pack, _packed_zero_points
 from llmopt.exporters.onnx_blockquant import matmul_nbits_parts
 from llmopt.exporters.onnx_fuse import sequence_length_nodes
@@ -69,10 +68,9 @@ def writer_problem(config: Any) -> str | None:
         return f"its experts' activation '{_activation(config)}' is not the SwiGLU onnxruntime's MoE op runs"
     if _activation(config) not in ACTIVATIONS:
         return f"activation '{_activation(config)}' has no fused onnxruntime op here"
-    scaling = getattr(config, "rope_scaling", None) or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in STATIC_ROPE:
-        return f"rope_scaling type '{rope_type}' changes the rotary frequencies with the sequence length"
+    for rope_type in sorted(rope_types(config)):
+        if rope_type not in STATIC_ROPE:
+            return f"rope type '{rope_type}' changes the rotary frequencies with the sequence length"
     heads = config.num_attention_heads
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     rotary_half = int(head_dim * float(getattr(config, "partial_rotary_factor", None) or 1.0)) // 2
@@ -280,11 +278,13 @@ def experts_problem(quantized: dict[str, QuantizedTensor]) -> str | None:
 _EXPERT = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.\d+\.")
 
 
-def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accuracy_level: int = 0,
+def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy_level: int = 0,
                   pack: bool = True, inline: bool | None = None) -> dict[str, Any]:
-    """Write `folder/model.onnx` (and model.onnx.data when the weights stay external) from `blocks`; returns the
-    export facts for the report. `pack`: q/k/v (and quantized gate/up) as one matmul each. `inline`: None puts the weights inside model.onnx when under protobuf's
-    limit."""
+    """Write `folder/model.onnx` (and model.onnx.data when the weights stay external) of `model` (its config and
+    rotary module; the weights may be on the meta device) from `blocks`; returns the export facts for the report.
+    `pack`: q/k/v (and quantized gate/up) as one matmul each. `inline`: None puts the weights inside model.onnx
+    when under protobuf's limit."""
+    config = model.config
     problem = writer_problem(config)
     if problem:
         raise ValueError(f"the direct ONNX writer cannot write this model: {problem}")  # callers check first
@@ -297,7 +297,7 @@ def write_decoder(config: Any, blocks: Iterable[Block], folder: Path, *, accurac
     data = _ExternalData(folder / DATA_FILE)
     g = _Graph(data, accuracy_level)
     stream = _Stream(g, arch, eps)
-    rotaries = _rotary_tables(g, config)
+    rotaries = _rotary_tables(g, model, arch)
 
     batch, seq, past, total = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
@@ -597,42 +597,56 @@ def _activation(config: Any) -> str:
     return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu"))
 
 
-def _rotary_tables(g: _Graph, config: Any) -> list[_Rotary | None]:
-    """Per layer, its cos/sin tables (None: a layer without RoPE). Gemma 3's sliding layers use their own base."""
-    tables: dict[tuple, _Rotary] = {}
-    no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3: 0 marks a layer without RoPE
-    windows = attention_windows(config)
+def _rotary_tables(g: _Graph, model: Any, arch: Architecture) -> list[_Rotary | None]:
+    """Per layer, its cos/sin tables (None: a layer without RoPE), stored once per distinct table."""
+    tables: dict[int, _Rotary] = {}
     out: list[_Rotary | None] = []
-    for i in range(config.num_hidden_layers):
-        if no_rope is not None and not no_rope[i]:
+    for cos, sin in rotary_caches(model, interleaved=arch.rotary == "interleaved"):
+        if cos is None:
             out.append(None)
             continue
-        layer_config = config
-        if windows[i] is not None and getattr(config, "rope_local_base_freq", None) is not None:
-            layer_config = copy.deepcopy(config)
-            layer_config.rope_theta = config.rope_local_base_freq
-            layer_config.rope_scaling = {"rope_type": "default"}
-        key = (layer_config.rope_theta, repr(getattr(layer_config, "rope_scaling", None)))
-        if key not in tables:
-            cos, sin = rotary_caches(layer_config)
+        if id(cos) not in tables:
             n = len(tables)
-            tables[key] = _Rotary(g.constant(f"cos_cache_{n}", cos), g.constant(f"sin_cache_{n}", sin))
-        out.append(tables[key])
+            tables[id(cos)] = _Rotary(g.constant(f"cos_cache_{n}", cos), g.constant(f"sin_cache_{n}", sin))
+        out.append(tables[id(cos)])
     return out
 
 
-def rotary_caches(config: Any) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (max_positions, rotary_dim / 2) as transformers' rotary embedding computes them."""
-    import torch
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+def rotary_caches(model: Any, *, interleaved: bool = False) -> list[tuple[Any, Any]]:
+    """Per decoder layer, cos and sin (max_positions, rotary_dim / 2) float32 as the model's own rotary module
+    computes them, or (None, None) for a layer without RoPE; layers that share a table share the arrays.
 
-    scaling = getattr(config, "rope_scaling", None) or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")  # (rotary_dim / 2,)
-    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
-    angles = torch.outer(positions, inv_freq.float())  # (max_positions, rotary_dim / 2)
-    return ((angles.cos() * attention_factor).numpy().astype(np.float32),
-            (angles.sin() * attention_factor).numpy().astype(np.float32))
+    The module, not a re-derivation of transformers' formulas: it carries the rope type, its scaling and
+    attention factor, partial rotary and each layer type's base (Gemma 3's local layers), under the spelling
+    of whichever transformers is installed (`rope_scaling` in 4.x, `rope_parameters` in 5.x). `model` may hold
+    its weights on the meta device: the rotary frequencies are buffers."""
+    import torch
+
+    config, core = model.config, model.model
+    no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3: 0 marks a layer without RoPE
+    kinds = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
+    windows = attention_windows(config)
+    positions = torch.arange(config.max_position_embeddings)[None]
+    probe = torch.zeros(1, dtype=torch.float32)
+    computed: dict[tuple, tuple[Any, Any]] = {}
+    out: list[tuple[Any, Any]] = []
+    for i in range(config.num_hidden_layers):
+        if no_rope is not None and not no_rope[i]:
+            out.append((None, None))
+            continue
+        module, kwargs = core.rotary_emb, {}
+        if windows[i] is not None and hasattr(core, "rotary_emb_local"):  # Gemma 3 on transformers 4
+            module = core.rotary_emb_local
+        elif isinstance(getattr(module, "rope_type", None), dict):  # transformers 5: one module, per layer type
+            kwargs = {"layer_type": kinds[i]}
+        key = (id(module), kinds[i] if kwargs else None)
+        if key not in computed:
+            with torch.no_grad():
+                cos, sin = module(probe, positions, **kwargs)  # (1, positions, rotary_dim): each angle twice
+            pick = slice(None, None, 2) if interleaved else slice(None, cos.shape[-1] // 2)
+            computed[key] = (cos[0, :, pick].float().numpy().copy(), sin[0, :, pick].float().numpy().copy())
+        out.append(computed[key])
+    return out
 
 
 def _packable(weights: list[Any]) -> bool:

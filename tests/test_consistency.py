@@ -56,8 +56,9 @@ def test_a_model_type_that_does_not_match_the_weights(model_type, needle, monkey
     ({"rope_scaling": {"rope_type": "bogus", "factor": 2.0}}, "rope type 'bogus', which transformers does not know"),
     ({"rope_scaling": "linear"}, "rope_scaling is 'linear'; it must be a mapping"),
     ({"rms_norm_eps": -1e-5}, "rms_norm_eps is -1e-05; it must be a positive number"),
+    ({"intermediate_size": None}, "intermediate_size is null; it must be a positive whole number"),
 ], ids=["heads-0", "layers-negative", "size-string", "vocab-float", "kv-heads-indivisible", "rope-unknown",
-        "rope-not-a-mapping", "eps-negative"])
+        "rope-not-a-mapping", "eps-negative", "size-null"])
 def test_config_values_that_cannot_describe_a_model(change, needle, monkeypatch, capsys, sandbox, ckpt):
     edit_config(ckpt, **change)
     optimize(monkeypatch, capsys, sandbox, ckpt, 3, needle, "Restore the config.json")

@@ -428,7 +428,7 @@ def test_a_graph_the_writer_cannot_express_is_refused_at_plan_time(tiny_tokenize
         "rope_type": "dynamic", "factor": 2.0}}))
     with pytest.raises(RecipeError) as caught:
         quantize_checkpoint(tmp_path / "in", tmp_path / "onnx", QuantizeConfig())
-    assert "rope_scaling type 'dynamic' changes the rotary frequencies" in caught.value.message
+    assert "rope type 'dynamic' changes the rotary frequencies" in caught.value.message
     assert not (tmp_path / "onnx").exists() and not list(tmp_path.glob(".onnx.staging-*"))
     quantize_checkpoint(tmp_path / "in", tmp_path / "st", QuantizeConfig(), export_format="safetensors")
     assert (tmp_path / "st/model.safetensors").is_file()
