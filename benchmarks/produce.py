@@ -29,14 +29,17 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 def run_child(command: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one child process; raises if it fails."""
-    start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
-    if child.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}):\n{stderr[-3000:]}")
+    import tempfile
+
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty child never blocks on a full pipe
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(command)} failed ({code}):\n{log.read().decode(errors='replace')[-3000:]}")
     return seconds, usage.ru_maxrss / 1e6  # kB -> GB
 
 
