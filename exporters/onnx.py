@@ -1,6 +1,6 @@
-"""ONNX: the fused decoder written directly from the family's description (exporters/onnx_writer.py) when the
-recipe asks for fused operators; otherwise optimum's exporter (KV cache), then the pass's own quantized weights
-as MatMulNBits, then the requested graph rewrites."""
+"""ONNX: the fused decoder written directly from the family's description (exporters/onnx_writer.py) wherever it
+applies; otherwise (fp16, or a fuse pass with a fusion turned off) optimum's exporter (KV cache), then the pass's
+own quantized weights as MatMulNBits, then the requested graph rewrites."""
 
 from __future__ import annotations
 
@@ -89,13 +89,13 @@ class OnnxExporter(Exporter):
 
     @staticmethod
     def _direct(state: ModelState) -> bool:
-        """Whether the direct writer writes this export: every fusion asked for (it writes nothing unfused), a
-        float32 graph, a family it knows."""
+        """Whether the direct writer writes this export (every ONNX export it can express): no fusion turned off
+        by a fuse pass (it writes nothing unfused), a float32 graph, a family it knows."""
         from llmopt.exporters.onnx_writer import experts_problem, writer_problem
 
         fusions = state.graph_fusions or {}
-        everything = all(fusions.get(k, False) for k in ("attention", "rotary", "norms", "activations"))
-        return (everything and state.precision is None and writer_problem(state.model.config) is None
+        switched_off = [k for k in ("attention", "rotary", "norms", "activations") if not fusions.get(k, True)]
+        return (not switched_off and state.precision is None and writer_problem(state.model.config) is None
                 and experts_problem(state.quantized) is None)
 
     def _write_direct(self, state: ModelState, folder: Path) -> ExportResult:
@@ -104,7 +104,7 @@ class OnnxExporter(Exporter):
 
         config = state.model.config
         inline = {"auto": None, "always": False, "never": True}[self.config.external_data]
-        pack = bool(state.graph_fusions.get("pack_projections", True))
+        pack = bool((state.graph_fusions or {}).get("pack_projections", True))
         info: dict = {"task": TASK, "execution_provider": resolve_provider(self.config.execution_provider)}
         info.update(write_decoder(state.model, model_blocks(state.model, state.quantized), folder,
                                   accuracy_level=self.config.accuracy_level, pack=pack, inline=inline))

@@ -186,3 +186,26 @@ def test_the_check_sees_a_wrong_window(tmp_path, monkeypatch):
     expected = torch_logits(model, tokens)
     cached = onnx_run(tmp_path / "onnx" / "model.onnx", model.config, tokens, PREFILL)
     assert np.abs(cached - expected).max() > 1e-2 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_optimum_drives_the_written_graph(model_type, tmp_path, tiny_tokenizer):
+    """optimum's ORTModelForCausalLM loads the exporter's folder as it is and generates PyTorch's greedy tokens,
+    past the window (Gemma 3: 8 tokens on its sliding layer)."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from llmopt.exporters.onnx import OnnxExporter
+    from llmopt.recipe import ExportConfig
+    from llmopt.state import ModelState
+
+    model = tiny(model_type)
+    (tmp_path / "onnx").mkdir()
+    result = OnnxExporter(ExportConfig()).export(ModelState(model, tiny_tokenizer), tmp_path / "onnx")
+    assert result.info["writer"] == "direct"
+    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "onnx", provider="CPUExecutionProvider")
+    prompt = torch.from_numpy(ids(12))
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    got = ort_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, min_new_tokens=20,
+                             do_sample=False)
+    assert torch.equal(got, expected)
