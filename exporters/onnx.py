@@ -110,8 +110,13 @@ class OnnxExporter(Exporter):
                                   accuracy_level=self.config.accuracy_level, pack=pack, inline=inline))
         config.use_cache = True
         config.save_pretrained(folder)
-        if getattr(state.model, "generation_config", None) is not None:
-            state.model.generation_config.save_pretrained(folder)
+        generation = getattr(state.model, "generation_config", None)
+        try:
+            if generation is not None:
+                generation.validate(strict=True)
+                generation.save_pretrained(folder)
+        except ValueError:  # sampling settings without do_sample: the pipeline copies the checkpoint's own file
+            pass
         state.tokenizer.save_pretrained(folder)
         notes = ["GroupQueryAttention derives the causal mask from attention_mask's row sums: batches must be "
                  "right-padded (or batch 1), not left-padded."]
