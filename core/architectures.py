@@ -3,8 +3,10 @@
 One `Architecture` per transformers `model_type`, in the spirit of optimum's per-architecture normalized
 configs: the decoder layers' module layout (which op's output each Linear reads, fused projections, MoE experts),
 the norms' flavour and which of them sit after a block instead of before it, the rotary layout, and what each
-pass can rewrite. The per-config facts (KV heads under every spelling, the attention window of every layer)
-are read by functions here too, so nothing else looks at `model_type` or at a config's raw attributes.
+pass can rewrite. The per-config facts (KV heads under every spelling, the attention window of every layer,
+head size, norm epsilon, activation, the scalings and soft-caps around the blocks, which layers apply RoPE and
+how wide, MoE routing, rope types under transformers 4's and 5's spellings) are read by functions here too, so
+the passes and exporters do not look at `model_type` or at a config's raw attributes.
 
 A family without an entry is refused at plan time by the passes that need the layout (`require`), naming the
 families that are described; it is never partially quantized or rewritten.
@@ -150,6 +152,67 @@ def attention_windows(config: Any) -> list[int | None]:
     if window is None or getattr(config, "use_sliding_window", True) is False:
         return [None] * layers
     return [window] * layers
+
+
+@dataclass(frozen=True)
+class Scalings:
+    """The constant factors and caps a family applies around its blocks (1.0 or None where it applies none)."""
+
+    embedding: float  # times the embedding's output: Gemma's sqrt(hidden) (in float32), Granite's multiplier
+    residual: float  # times each block's output before the residual add (Granite)
+    attention: float  # the softmax scale: head_dim**-0.5, Granite's multiplier, Gemma 2/3's query_pre_attn_scalar
+    logits: float  # times the logits: Cohere's logit_scale, 1 / Granite's logits_scaling
+    attention_softcap: float | None  # cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None  # cap * tanh(logits / cap) (Gemma 2)
+
+
+def scalings(config: Any) -> Scalings:
+    arch = describe(config.model_type)
+    embedding = float(_np_float32(config.hidden_size ** 0.5)) if arch is not None and arch.scaled_embedding else 1.0
+    embedding *= float(getattr(config, "embedding_multiplier", None) or 1.0)
+    attention = getattr(config, "attention_multiplier", None)
+    if attention is None and getattr(config, "query_pre_attn_scalar", None) is not None:
+        attention = float(config.query_pre_attn_scalar) ** -0.5
+    logits = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    return Scalings(embedding=embedding, residual=float(getattr(config, "residual_multiplier", None) or 1.0),
+                    attention=float(attention if attention is not None else head_dim(config) ** -0.5),
+                    logits=logits, attention_softcap=getattr(config, "attn_logit_softcapping", None) or None,
+                    final_softcap=getattr(config, "final_logit_softcapping", None) or None)
+
+
+def head_dim(config: Any) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def norm_eps(config: Any) -> float:
+    return float(_first(config, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon") or 1e-6)
+
+
+def activation(config: Any) -> str:
+    """The MLP's activation, under transformers' two spellings (Gemma writes hidden_activation)."""
+    return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu"))
+
+
+def rotary_layers(config: Any) -> list[bool]:
+    """Per decoder layer, whether it applies RoPE (SmolLM3 leaves it out of every few layers: no_rope_layers 0)."""
+    no_rope = getattr(config, "no_rope_layers", None)
+    return [bool(no_rope[i]) if no_rope is not None else True for i in range(config.num_hidden_layers)]
+
+
+def rotary_width(config: Any) -> int:
+    """Dimensions of each head that RoPE rotates (partial_rotary_factor of head_dim: Phi-4-mini rotates 3/4)."""
+    return int(head_dim(config) * float(getattr(config, "partial_rotary_factor", None) or 1.0))
+
+
+def routing(config: Any) -> tuple[int, bool]:
+    """An MoE family's experts per token and whether their top-k router weights are renormalized."""
+    return int(config.num_experts_per_tok), bool(getattr(config, "norm_topk_prob", False))
+
+
+def _np_float32(value: float) -> float:
+    import numpy as np
+
+    return float(np.float32(value))
 
 
 def rope_types(config: Any) -> set[str]:

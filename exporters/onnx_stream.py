@@ -22,7 +22,8 @@ def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accu
 
     model = empty_model(reader.folder)  # the module tree on the meta device: the config and the rotary buffers
     config = model.config
-    info = write_decoder(model, plan.blocks(reader), folder, accuracy_level=accuracy_level, inline=False)  # one layer at a time: the weights never gather in one protobuf
+    # One layer at a time: the weights go to model.onnx.data as they come, never gathered in one protobuf.
+    info = write_decoder(model, plan.blocks(reader), folder, accuracy_level=accuracy_level, inline=False)
     data = dict(plan.config)
     data["use_cache"] = True
     if plan.untie:

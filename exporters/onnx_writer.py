@@ -35,7 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from llmopt.architectures import Architecture, attention_windows, describe, kv_heads, rope_types
+from llmopt.architectures import (Architecture, activation, attention_windows, describe, head_dim, kv_heads,
+                                  norm_eps, rope_types, rotary_layers, rotary_width, routing, scalings)
 from llmopt.exporters.onnx_blockquant import MS_DOMAIN, _gather_problem, _layout_problem, _pack, _packed_zero_points
 from llmopt.exporters.onnx_blockquant import matmul_nbits_parts
 from llmopt.exporters.onnx_fuse import sequence_length_nodes
@@ -61,19 +62,17 @@ def writer_problem(config: Any) -> str | None:
     arch = describe(config.model_type)
     if arch is None:
         return f"model_type '{config.model_type}' has no architecture description"
-    if arch.moe and not getattr(config, "norm_topk_prob", False):
+    if arch.moe and not routing(config)[1]:
         return ("its router's top-k weights are not renormalized (norm_topk_prob: false), which onnxruntime's MoE "
                 "op cannot express")
-    if arch.moe and _activation(config) != "silu":
-        return f"its experts' activation '{_activation(config)}' is not the SwiGLU onnxruntime's MoE op runs"
-    if _activation(config) not in ACTIVATIONS:
-        return f"activation '{_activation(config)}' has no fused onnxruntime op here"
+    if arch.moe and activation(config) != "silu":
+        return f"its experts' activation '{activation(config)}' is not the SwiGLU onnxruntime's MoE op runs"
+    if activation(config) not in ACTIVATIONS:
+        return f"activation '{activation(config)}' has no fused onnxruntime op here"
     for rope_type in sorted(rope_types(config)):
         if rope_type not in STATIC_ROPE:
             return f"rope type '{rope_type}' changes the rotary frequencies with the sequence length"
-    heads = config.num_attention_heads
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    rotary_half = int(head_dim * float(getattr(config, "partial_rotary_factor", None) or 1.0)) // 2
+    rotary_half = rotary_width(config) // 2
     if rotary_half % 8:  # GroupQueryAttention's rotary kernels take its tables in steps of 8 columns
         return f"the rotary tables' width {rotary_half} is not a multiple of 8, as GroupQueryAttention requires"
     if getattr(config, "use_qk_norm", False):  # Cohere's optional per-head LayerNorm of q and k
@@ -290,9 +289,8 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
         raise ValueError(f"the direct ONNX writer cannot write this model: {problem}")  # callers check first
     arch = describe(config.model_type)
     assert arch is not None
-    heads, kv = int(config.num_attention_heads), kv_heads(config)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    eps = float(getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_eps", None) or 1e-6)
+    heads, kv, dim = int(config.num_attention_heads), kv_heads(config), head_dim(config)
+    eps = norm_eps(config)
     windows = attention_windows(config)
     data = _ExternalData(folder / DATA_FILE)
     g = _Graph(data, accuracy_level)
@@ -307,9 +305,9 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
     for i in range(config.num_hidden_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
-                                                        [batch, kv, past, head_dim]))
+                                                        [batch, kv, past, dim]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
-                                                         [batch, kv, total, head_dim]))
+                                                         [batch, kv, total, dim]))
     mask_nodes, mask_constants, seqlens_k, total_len = sequence_length_nodes("attn_mask")
     g.nodes += mask_nodes
     g.initializers += mask_constants
@@ -321,7 +319,7 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
             if block.kind == "embedding":
                 stream.residual = _embedding(g, config, t["model.embed_tokens.weight"])
             elif block.kind == "layer":
-                layer = _Layer(g, config, arch, stream, block.index, t, heads, kv, head_dim)
+                layer = _Layer(g, config, arch, stream, block.index, t, heads, kv, dim)
                 layer.attention(windows[block.index], rotaries[block.index], seqlens_k, total_len, pack, packed)
                 layer.mlp(pack, packed)
             else:
@@ -420,17 +418,16 @@ class _Layer:
         elif self.arch.qk_norm == "per_head":
             query = self._per_head_norm(query, self.heads, "q_norm")
             key = self._per_head_norm(key, self.kv, "k_norm")
-        attrs: dict[str, Any] = {"num_heads": self.heads, "kv_num_heads": self.kv, "scale": _attention_scale(
-            self.config, self.head_dim)}
+        scale = scalings(self.config)
+        attrs: dict[str, Any] = {"num_heads": self.heads, "kv_num_heads": self.kv, "scale": scale.attention}
         rotary_inputs = ["", ""]
         if rotary is not None:
             attrs.update(do_rotary=1, rotary_interleaved=int(self.arch.rotary == "interleaved"))
             rotary_inputs = [rotary.cos, rotary.sin]
         if window is not None:
             attrs["local_window_size"] = int(window)
-        softcap = getattr(self.config, "attn_logit_softcapping", None)
-        if softcap:
-            attrs["softcap"] = float(softcap)
+        if scale.attention_softcap:
+            attrs["softcap"] = float(scale.attention_softcap)
         attn, _, _ = self.g.node(
             "GroupQueryAttention",
             [query, key, value, f"past_key_values.{self.i}.key", f"past_key_values.{self.i}.value", seqlens_k,
@@ -465,7 +462,7 @@ class _Layer:
             else:
                 gate = self.g.linear(x, f"{name}/gate_proj", weights[0], bias("gate_proj"))
                 up = self.g.linear(x, f"{name}/up_proj", weights[1], bias("up_proj"))
-        op, domain, attrs = ACTIVATIONS[_activation(self.config)]
+        op, domain, attrs = ACTIVATIONS[activation(self.config)]
         (act,) = self.g.node(op, [gate], f"{name}/act/{op}", domain=domain, **attrs)
         (product,) = self.g.node("Mul", [act, up], f"{name}/Mul")
         out = self.g.linear(product, f"{name}/down_proj", self.get("mlp.down_proj.weight"), bias("down_proj"))
@@ -481,14 +478,16 @@ class _Layer:
         count = 0
         while self.get(f"mlp.experts.{count}.gate_proj.weight") is not None:
             count += 1
-        parts = {p: [self.get(f"mlp.experts.{e}.{p}_proj.weight") for e in range(count)] for p in ("gate", "up", "down")}
+        parts = {p: [self.get(f"mlp.experts.{e}.{p}_proj.weight") for e in range(count)]
+                 for p in ("gate", "up", "down")}
         router = g.linear(x, f"{name}/gate", self.get("mlp.gate.weight"))  # (batch, seq, experts)
         (rows,) = g.node("Reshape", [x, g.constant(f"{name}/rows", np.array([-1, config.hidden_size], np.int64))],
                          f"{name}/Reshape_rows")
         (logits,) = g.node("Reshape", [router, g.constant(f"{name}/router_rows", np.array([-1, count], np.int64))],
                            f"{name}/Reshape_router")
-        attrs = {"k": int(config.num_experts_per_tok), "activation_type": "swiglu", "swiglu_fusion": 1,
-                 "normalize_routing_weights": int(bool(config.norm_topk_prob)), "activation_alpha": 1.0,
+        top_k, normalize = routing(config)
+        attrs = {"k": top_k, "activation_type": "swiglu", "swiglu_fusion": 1,
+                 "normalize_routing_weights": int(normalize), "activation_alpha": 1.0,
                  "activation_beta": 0.0, "swiglu_limit": float("inf")}
         interleave = lambda gate, up: np.stack([gate, up], axis=1).reshape(-1, gate.shape[-1])  # noqa: E731
         if all(isinstance(w, QuantizedTensor) for ws in parts.values() for w in ws):
@@ -527,9 +526,9 @@ class _Layer:
     def _finish_block(self, out: str, post_norm: str) -> None:
         if post_norm in self.arch.post_norms:
             out = self.stream.norm(out, self.get(post_norm + ".weight"), f"{self.name}/{post_norm}")
-        multiplier = getattr(self.config, "residual_multiplier", None)  # Granite
-        if multiplier is not None and multiplier != 1.0:
-            out = self.g.scale(out, float(multiplier), f"{out}/residual_multiplier")
+        multiplier = scalings(self.config).residual  # Granite
+        if multiplier != 1.0:
+            out = self.g.scale(out, multiplier, f"{out}/residual_multiplier")
         self.stream.add(out, self.name)
 
     def _per_head_norm(self, x: str, heads: int, norm: str) -> str:
@@ -563,38 +562,21 @@ def _embedding(g: _Graph, config: Any, table: Any) -> str:
     if not isinstance(table, QuantizedTensor) or problem:
         g.float_table = g.weight("model.embed_tokens.weight", _numpy(table))
         (out,) = g.node("Gather", [g.float_table, "input_ids"], f"{name}/Gather")
-    if describe(config.model_type).scaled_embedding:  # by sqrt(hidden), rounded to the weights' dtype (float32)
-        out = g.scale(out, float(np.float32(config.hidden_size ** 0.5)), f"{name}/embed_scale")
-    multiplier = getattr(config, "embedding_multiplier", None)  # Granite
-    if multiplier is not None and multiplier != 1.0:
-        out = g.scale(out, float(multiplier), f"{name}/embedding_multiplier")
+    factor = scalings(config).embedding  # Gemma: sqrt(hidden) in float32; Granite: embedding_multiplier
+    if factor != 1.0:
+        out = g.scale(out, factor, f"{name}/embed_scale")
     return out
 
 
 def _logits(g: _Graph, config: Any, logits: str) -> str:
-    scaling = getattr(config, "logits_scaling", None)  # Granite divides
-    if scaling is not None and scaling != 1.0:
-        logits = g.scale(logits, float(scaling), "/lm_head/logits_scaling", op="Div")
-    scale = getattr(config, "logit_scale", None)  # Cohere multiplies
-    if scale is not None and scale != 1.0:
-        logits = g.scale(logits, float(scale), "/lm_head/logit_scale")
-    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2: cap * tanh(logits / cap)
-    if cap:
-        (tanh,) = g.node("Tanh", [g.scale(logits, float(cap), "/lm_head/softcap_div", op="Div")], "/lm_head/Tanh")
-        logits = g.scale(tanh, float(cap), "/lm_head/softcap_mul")
+    scale = scalings(config)
+    if scale.logits != 1.0:  # Cohere's logit_scale, Granite's 1 / logits_scaling
+        logits = g.scale(logits, scale.logits, "/lm_head/logit_scale")
+    if scale.final_softcap:  # Gemma 2: cap * tanh(logits / cap)
+        cap = float(scale.final_softcap)
+        (tanh,) = g.node("Tanh", [g.scale(logits, cap, "/lm_head/softcap_div", op="Div")], "/lm_head/Tanh")
+        logits = g.scale(tanh, cap, "/lm_head/softcap_mul")
     return logits
-
-
-def _attention_scale(config: Any, head_dim: int) -> float:
-    if getattr(config, "attention_multiplier", None) is not None:  # Granite
-        return float(config.attention_multiplier)
-    if getattr(config, "query_pre_attn_scalar", None) is not None:  # Gemma 2/3
-        return float(config.query_pre_attn_scalar) ** -0.5
-    return float(head_dim) ** -0.5
-
-
-def _activation(config: Any) -> str:
-    return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu"))
 
 
 def _rotary_tables(g: _Graph, model: Any, arch: Architecture) -> list[_Rotary | None]:
@@ -623,7 +605,7 @@ def rotary_caches(model: Any, *, interleaved: bool = False) -> list[tuple[Any, A
     import torch
 
     config, core = model.config, model.model
-    no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3: 0 marks a layer without RoPE
+    with_rope = rotary_layers(config)
     kinds = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
     windows = attention_windows(config)
     positions = torch.arange(config.max_position_embeddings)[None]
@@ -631,7 +613,7 @@ def rotary_caches(model: Any, *, interleaved: bool = False) -> list[tuple[Any, A
     computed: dict[tuple, tuple[Any, Any]] = {}
     out: list[tuple[Any, Any]] = []
     for i in range(config.num_hidden_layers):
-        if no_rope is not None and not no_rope[i]:
+        if not with_rope[i]:
             out.append((None, None))
             continue
         module, kwargs = core.rotary_emb, {}

@@ -33,11 +33,11 @@ class FusePass(Pass):
     """Operator fusion for onnxruntime, done by the ONNX exporter.
 
     Nothing changes in the torch model: fusion is a property of the ONNX graph (a merged QKV projection
-    or a fused attention is no Hugging Face checkpoint format), so this pass records the request. With every
-    switch on, the exporter writes the fused graph directly from the family's description
-    (exporters/onnx_writer.py), a quantize pass's codes stored as they are; with a switch off, for fp16 and for
-    MoE it rewrites optimum's export instead. The fused-op counts are in the report's export section (its
-    `writer` says which way), and what stayed unfused (with why) in its notes.
+    or a fused attention is no Hugging Face checkpoint format), so this pass records the request. The exporter
+    writes every ONNX graph it can fused, directly from the family's description (exporters/onnx_writer.py),
+    with or without this pass; the pass states it in the recipe, chooses `pack_projections`, and can turn a
+    fusion off, which (like fp16) makes the exporter rewrite optimum's export instead. The fused-op counts are in
+    the report's export section (its `writer` says which way), and what stayed unfused (with why) in its notes.
     """
 
     type = "fuse"
