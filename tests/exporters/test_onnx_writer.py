@@ -209,3 +209,39 @@ def test_optimum_drives_the_written_graph(model_type, tmp_path, tiny_tokenizer):
     got = ort_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, min_new_tokens=20,
                              do_sample=False)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "int4"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3"])
+def test_onnxruntime_genai_runs_the_written_graph(model_type, quantize, tmp_path, tiny_tokenizer):
+    """onnxruntime-genai (the `genai` extra, beside the CPU onnxruntime) loads the exporter's folder by its
+    genai_config.json and, updating one KV buffer per layer in place, generates the tokens of the model the
+    graph was written from (PyTorch's greedy tokens; for int4, the model holding the dequantized codes)."""
+    import os
+
+    if os.environ.get("LLMOPT_REQUIRE_GENAI") == "1":  # CI installs the extra: the test must run, not skip
+        import onnxruntime_genai as og
+    else:
+        og = pytest.importorskip("onnxruntime_genai", reason="the genai extra is not installed")
+    from llmopt.exporters.onnx import OnnxExporter
+    from llmopt.passes.quantize import QuantizeConfig, QuantizePass
+    from llmopt.recipe import ExportConfig
+    from llmopt.state import ModelState, PassContext
+
+    state = ModelState(tiny(model_type), tiny_tokenizer)
+    if quantize:
+        state = QuantizePass(QuantizeConfig(bits=4, group_size=16)).run(state, PassContext())
+    (tmp_path / "onnx").mkdir()
+    OnnxExporter(ExportConfig()).export(state, tmp_path / "onnx")
+    prompt = ids(12)[0].tolist()
+    with torch.no_grad():
+        expected = state.model.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20,
+                                        do_sample=False)[0].tolist()
+    model = og.Model(str(tmp_path / "onnx"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(expected), min_length=len(expected), do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert [int(t) for t in generator.get_sequence(0)] == expected
