@@ -40,7 +40,8 @@ def in_a_terminal(*args: str, env: dict | None = None) -> tuple[int, list[str], 
 def llmopt_line(line: str) -> bool:
     return (line[0] in SPINNER or line[0] in TABLE or line.startswith(("llmopt — ", "note: ", "DONE", "PASSED",
                                                                         "FAILED", "Quality checks failed"))
-            or re.match(r"^[a-z ]+ +━", line) is not None)  # a finished step's bar, its spinner gone
+            # A finished step's bar, its spinner gone (rich's ━, not tqdm's █), e.g. "quality (perplexity, KL, top-1) ━━"
+            or re.match(r"^[a-z][\w ()\-,./]* +━", line) is not None)
 
 
 @pytest.fixture()
