@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -25,6 +25,12 @@ app = typer.Typer(
 )
 
 
+def flag(*names: str, **kwargs: Any) -> Any:
+    """An option that is off unless given. metavar "": typer would print `<bool>` beside it in --help, as if the
+    switch took a value."""
+    return typer.Option(False, *names, metavar="", **kwargs)
+
+
 def _print_version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
@@ -38,10 +44,10 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors, the final verdict and results (for CI)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also the libraries' own warnings, notices and "
+    quiet: bool = flag("--quiet", "-q", help="Only errors, the final verdict and results (for CI)."),
+    verbose: bool = flag("--verbose", "-v", help="Also the libraries' own warnings, notices and "
                                  "progress bars (transformers, optimum, onnxruntime), hidden by default."),
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+    version: bool = flag("--version", callback=_print_version, is_eager=True,
                                  help="Print llmopt's version and exit."),
 ) -> None:
     """Options for every command: `llmopt -q optimize ...`."""
@@ -67,15 +73,15 @@ def optimize(
     output: Path = typer.Option(..., "--output", "-o", help="Artifact folder to write (with report.json/.md)."),
     format: Optional[str] = typer.Option(None, "--format", "-f", help=f"{OVERRIDE_HELP} export.format: onnx or safetensors."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help=f"{OVERRIDE_HELP} evaluation.data."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output (swapped in only when complete)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a run on this --output that was killed (SIGKILL, "
+    force: bool = flag("--force", help="Replace an existing output (swapped in only when complete)."),
+    resume: bool = flag("--resume", help="Continue a run on this --output that was killed (SIGKILL, "
                                 "out of memory) after some passes, from its last completed pass: the same artifact as "
                                 "an uninterrupted run. Without a checkpoint it starts afresh; a checkpoint of another "
                                 "recipe, model or version is refused (exit 2). Ctrl-C and errors remove checkpoints."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle checkpoints (unsafe)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, resolve the model, print the plan and stop."),
+    allow_pickle: bool = flag("--allow-pickle", help="Allow pickle checkpoints (unsafe)."),
+    trust_remote_code: bool = flag("--trust-remote-code", help="Allow the model's own Python code."),
+    as_json: bool = flag("--json", help="Print the report as JSON on stdout."),
+    dry_run: bool = flag("--dry-run", help="Validate, resolve the model, print the plan and stop."),
     junit_xml: Optional[Path] = typer.Option(None, "--junit-xml", help="Also write the checks (and any error) as "
                                              "JUnit XML, for CI systems that display test results."),
 ) -> None:
@@ -181,12 +187,12 @@ def validate(
     recipe: str = typer.Argument(..., help="Recipe YAML file or shipped recipe name."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=f"{OVERRIDE_HELP} model."),
     format: Optional[str] = typer.Option(None, "--format", "-f", help=f"{OVERRIDE_HELP} export.format."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    allow_pickle: bool = flag("--allow-pickle"),
+    trust_remote_code: bool = flag("--trust-remote-code"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also check this artifact folder as "
                                           "`optimize --output` would (writable, overlapping no input or artifact)."),
-    force: bool = typer.Option(False, "--force", help="With --output: check it as `optimize --force` would."),
-    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    force: bool = flag("--force", help="With --output: check it as `optimize --force` would."),
+    as_json: bool = flag("--json", help="Print the plan as JSON."),
 ) -> None:
     """Check a recipe and the pass order on the model's architecture, without loading weights."""
     from llmopt.api import validate as run_validate
@@ -276,9 +282,9 @@ def init(
     goal: Optional[str] = typer.Option(None, "--goal", "-g", help="A shipped recipe to start from, e.g. int4-onnx "
                                        "(`llmopt recipes` lists them; asked for when missing on a terminal)."),
     output: Path = typer.Option(Path("recipe.yaml"), "--output", "-o", help="Recipe file to write."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    force: bool = flag("--force", help="Replace an existing file."),
+    allow_pickle: bool = flag("--allow-pickle"),
+    trust_remote_code: bool = flag("--trust-remote-code"),
 ) -> None:
     """Write a starting recipe for a model: a shipped recipe with `model:` set, checked against the model's config."""
     from llmopt.cli.render import console
@@ -308,9 +314,9 @@ def init(
 @app.command()
 def inspect(
     model: str = typer.Argument(..., help="Folder, .gguf file, hub id or 'demo'."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    allow_pickle: bool = flag("--allow-pickle"),
+    trust_remote_code: bool = flag("--trust-remote-code"),
+    as_json: bool = flag("--json", help="Print as JSON."),
 ) -> None:
     """Architecture, parameters by module type, dtypes, size, KV cache, and which passes apply — no weights loaded."""
     from llmopt.cli.render import console, table
@@ -337,8 +343,8 @@ def inspect(
 @app.command()
 def schema(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
-    docs: bool = typer.Option(False, "--docs", help="Write the pass reference (Markdown) instead of the JSON schema."),
-    report: bool = typer.Option(False, "--report", help="The JSON schema of report.json instead of recipes."),
+    docs: bool = flag("--docs", help="Write the pass reference (Markdown) instead of the JSON schema."),
+    report: bool = flag("--report", help="The JSON schema of report.json instead of recipes."),
 ) -> None:
     """JSON schema of recipes (for editor validation and completion, see README) or of reports; or the pass reference."""
     from llmopt.schema import passes_markdown, recipe_json_schema, report_json_schema
@@ -361,7 +367,7 @@ def compare(
                                                    "reference."),
     format: str = typer.Option("table", "--format", "-f", help="table, md, json or html."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
-    as_json: bool = typer.Option(False, "--json", help="Print as JSON (the same as --format json, as every other "
+    as_json: bool = flag("--json", help="Print as JSON (the same as --format json, as every other "
                                                        "command spells it)."),
 ) -> None:
     """Metrics of several runs side by side: change against the first, significance, and the Pareto front."""
@@ -427,9 +433,9 @@ def bench(
     new_tokens: int = typer.Option(64, "--new-tokens", min=2, help="Tokens generated per prompt."),
     draft_tokens: int = typer.Option(5, "--draft-tokens", min=1, help="Tokens the draft proposes per step."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    allow_pickle: bool = flag("--allow-pickle"),
+    trust_remote_code: bool = flag("--trust-remote-code"),
+    as_json: bool = flag("--json", help="Print as JSON."),
 ) -> None:
     """Speculative decoding with a draft model: acceptance rate, tokens/s with and without it, output equality."""
     from llmopt.api import bench as run_bench
@@ -453,7 +459,7 @@ def bench(
 @app.command()
 def verify(
     artifact: Path = typer.Argument(..., help="Artifact folder written by `llmopt optimize`."),
-    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    as_json: bool = flag("--json", help="Print as JSON."),
 ) -> None:
     """Check every file of an artifact against the sha256 and size in its manifest.json (exit 4 if any differs).
 
@@ -483,7 +489,7 @@ def _short_name(path: Path) -> str:
 
 @recipes_app.callback()
 def recipes_list(ctx: typer.Context,
-                 as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+                 as_json: bool = flag("--json", help="Print as JSON.")) -> None:
     """List shipped recipes (usable by name in `llmopt optimize NAME`)."""
     if ctx.invoked_subcommand:
         return

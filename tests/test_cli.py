@@ -37,6 +37,16 @@ def test_help_does_not_import_torch_or_transformers():
     assert proc.returncode == 0 and "optimize" in proc.stdout
 
 
+def test_switches_are_not_shown_as_taking_a_value():
+    """`--force` takes no value, so --help must not print `<bool>` beside it (typer's default for a bool option);
+    typer's own --help keeps its marker, which llmopt does not declare."""
+    for command in ("optimize", "validate", "inspect", "compare", "init", "schema", "verify"):
+        proc = llmopt(command, "--help", env={"COLUMNS": "160"})
+        assert proc.returncode == 0, proc.stderr
+        marked = [line for line in proc.stdout.splitlines() if "<bool>" in line and "--help" not in line]
+        assert not marked, (command, marked)
+
+
 def test_recipe_error_exit_2_with_line(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("passes:\n  - type: quantize\n    bitz: 4\n")
