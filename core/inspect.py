@@ -78,7 +78,7 @@ def inspect_model(spec: str, *, allow_pickle: bool = False, trust_remote_code: b
         "kv_cache_bytes_per_token_fp32": arch.kv_cache_bytes_per_token(4),
         "kv_cache_bytes_per_token_fp16": arch.kv_cache_bytes_per_token(2),
         "passes": {name: _applicability(cls, arch) for name, cls in PASSES.items()},
-        "exporters": _exporters(arch),
+        "exporters": _exporters(arch, config),
     }
 
 
@@ -98,14 +98,14 @@ def _applicability(cls: Any, arch: ArchInfo) -> str:
     return "applies"
 
 
-def _exporters(arch: ArchInfo) -> dict[str, str]:
+def _exporters(arch: ArchInfo, config: Any = None) -> dict[str, str]:
     from llmopt.exporters import EXPORTERS
     from llmopt.recipe import ExportConfig
 
     result = {}
     for name, cls in EXPORTERS.items():
         try:
-            cls(ExportConfig(format=name)).check(arch)
+            cls(ExportConfig(format=name)).check(arch, config)
             result[name] = "supported"
         except LlmoptError as exc:
             result[name] = f"not supported: {exc.message}"

@@ -108,7 +108,7 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
     for i, p in enumerate(passes):
         p.check_export(recipe.export.format, where=f"passes[{i}]")
     exporter = EXPORTERS[recipe.export.format](recipe.export)
-    exporter.check(planned)
+    exporter.check(planned, config, passes)
     provider = devices.resolve_provider(recipe.export.execution_provider)
     return Plan(recipe, source, arch, planned, passes, exporter, Path(output) if output else None, provider)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,8 +37,9 @@ class Exporter:
     def __init__(self, config: ExportConfig) -> None:
         self.config = config
 
-    def check(self, arch: ArchInfo) -> None:
-        """Raise RecipeError at plan time when this format cannot hold the planned model."""
+    def check(self, arch: ArchInfo, config: Any = None, passes: Sequence[Any] = ()) -> None:
+        """Raise RecipeError at plan time when this format cannot hold the planned model (`config`: the model's
+        transformers config, `passes`: the recipe's planned passes, where known)."""
 
     def export(self, state: ModelState, folder: Path) -> ExportResult:
         raise NotImplementedError

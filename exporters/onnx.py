@@ -5,8 +5,9 @@ own quantized weights as MatMulNBits, then the requested graph rewrites."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from llmopt.errors import RecipeError
 from llmopt.exporters.base import Exporter, ExportResult
@@ -20,24 +21,44 @@ class OnnxExporter(Exporter):
     format = "onnx"
     runtime = "onnxruntime"
 
-    def check(self, arch: ArchInfo) -> None:
+    def check(self, arch: ArchInfo, config: Any = None, passes: Sequence[Any] = ()) -> None:
         from llmopt.architectures import require
         from llmopt.devices import require_onnxruntime
 
-        # Fusion, packing and the artifact check rely on the family's layout (GQA Falcon or Phi-2 crash inside
-        # optimum's export): undescribed families are refused here, at plan time.
+        # The graph is written from the family's description (GQA Falcon or Phi-2 crashed inside optimum's
+        # export): undescribed families are refused here, at plan time.
         require(arch.model_type, "the ONNX exporter", "export.format")
         require_onnxruntime("export.format: onnx (validating and measuring the artifact)")
+        if not self.needs_optimum(config, passes):
+            return
         import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the configs with TasksManager)
         from optimum.exporters.tasks import TasksManager
 
         supported = TasksManager.get_supported_model_type_for_task(TASK, exporter="onnx")
         if arch.model_type.replace("_", "-") not in supported and arch.model_type not in supported:
             raise RecipeError(
-                f"export.format: optimum's ONNX exporter does not support model_type '{arch.model_type}' "
-                "for text generation with KV cache.",
-                "Use `export: {format: safetensors}` for this model.",
+                f"export.format: this export goes through optimum's ONNX exporter (fp16, a fusion turned off, or "
+                f"a config the direct writer cannot express), which does not support model_type "
+                f"'{arch.model_type}' for text generation with KV cache.",
+                "Use `export: {format: safetensors}` for this model, or drop the half pass / the fuse switch.",
             )
+
+    @staticmethod
+    def needs_optimum(config: Any, passes: Sequence[Any]) -> bool:
+        """Whether the export will take optimum's path (see `_direct`), judged at plan time: a half pass, a fuse
+        pass with a fusion turned off, or a config the direct writer cannot express (unknown: assume so)."""
+        from llmopt.exporters.onnx_writer import writer_problem
+
+        if config is None or writer_problem(config) is not None:
+            return True
+        for p in passes:
+            settings = getattr(p, "config", None)
+            if getattr(settings, "type", None) == "half":
+                return True
+            if getattr(settings, "type", None) == "fuse" and not all(
+                    getattr(settings, k) for k in ("attention", "rotary", "norms", "activations")):
+                return True
+        return False
 
     def export(self, state: ModelState, folder: Path) -> ExportResult:
         if self._direct(state):

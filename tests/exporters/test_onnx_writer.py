@@ -245,3 +245,33 @@ def test_onnxruntime_genai_runs_the_written_graph(model_type, quantize, tmp_path
     while not generator.is_done():
         generator.generate_next_token()
     assert [int(t) for t in generator.get_sequence(0)] == expected
+
+
+def test_only_the_paths_that_need_optimum_ask_for_it_at_plan_time():
+    from llmopt.exporters.onnx import OnnxExporter
+    from llmopt.passes.fuse import FuseConfig, FusePass
+    from llmopt.passes.half import HalfConfig, HalfPass
+    from llmopt.passes.quantize import QuantizeConfig, QuantizePass
+
+    config = config_of("gemma3_text")
+    needs = OnnxExporter.needs_optimum
+    assert not needs(config, [QuantizePass(QuantizeConfig()), FusePass(FuseConfig())])
+    assert needs(config, [HalfPass(HalfConfig())])  # fp16 is converted from optimum's export
+    assert needs(config, [FusePass(FuseConfig(rotary=False))])  # an unfused op is optimum's graph, rewritten
+    dynamic = config_of("llama")
+    dynamic.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
+    assert needs(dynamic, []) and needs(None, [])
+
+
+def test_planning_an_onnx_export_does_not_load_optimum(tiny_model_dir, tmp_path):
+    """The direct writer's path never touches optimum, from planning on (optimum-onnx can become optional)."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - type: quantize\n    bits: 4\n    group_size: 32\nexport: {format: onnx}\n")
+    code = ("import sys\nfrom llmopt.pipeline import plan\n"
+            f"plan({str(recipe)!r}, model={str(tiny_model_dir)!r})\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'optimum'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
