@@ -15,6 +15,8 @@ from llmopt.model import ArchInfo
 from llmopt.state import ModelState
 
 TASK = "text-generation-with-past"
+# The fuse pass's switches the direct writer needs on: it writes every one of these fused, none unfused.
+FUSIONS = ("attention", "rotary", "norms", "activations")
 
 
 class OnnxExporter(Exporter):
@@ -55,8 +57,7 @@ class OnnxExporter(Exporter):
             settings = getattr(p, "config", None)
             if getattr(settings, "type", None) == "half":
                 return True
-            if getattr(settings, "type", None) == "fuse" and not all(
-                    getattr(settings, k) for k in ("attention", "rotary", "norms", "activations")):
+            if getattr(settings, "type", None) == "fuse" and not all(getattr(settings, k) for k in FUSIONS):
                 return True
         return False
 
@@ -115,7 +116,7 @@ class OnnxExporter(Exporter):
         from llmopt.exporters.onnx_writer import experts_problem, writer_problem
 
         fusions = state.graph_fusions or {}
-        switched_off = [k for k in ("attention", "rotary", "norms", "activations") if not fusions.get(k, True)]
+        switched_off = [k for k in FUSIONS if not fusions.get(k, True)]
         return (not switched_off and state.precision is None and writer_problem(state.model.config) is None
                 and experts_problem(state.quantized) is None)
 
