@@ -199,7 +199,6 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
             with timer(f"export baseline ({recipe.export.format}, for comparison)"):
                 baseline_dir.mkdir()
                 plan.exporter.export(ModelState(model, tokenizer), baseline_dir)
-        baseline_float_bytes = 4 * baseline_params  # the loaded model is float32
 
         windows, text_description = _evaluation_windows(recipe, tokenizer)
         probe = windows[:2]  # for the per-layer error
@@ -243,9 +242,8 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
 
         layer_errors = relative_layer_errors(before, hidden_states(state.model, probe)) if before else None
         del before
-        evaluation = _evaluate(plan, state, baseline_dir, staging, timer, windows, text_description)
+        evaluation = _evaluate(plan, state, baseline_dir, baseline_params, staging, timer, windows, text_description)
         if baseline_dir is None:
-            evaluation["baseline_bytes"] = baseline_float_bytes
             exported.notes.append("Baseline size: the input model's float32 weights (no baseline artifact is exported "
                                   "when evaluation is off).")
         tasks, task_notes = _tasks(plan, state, timer)
@@ -384,9 +382,10 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
     return data
 
 
-def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, artifact_dir: Path, timer: _Steps, windows: list[Any],
-              description: str) -> dict[str, Any]:
-    """Validate the artifact, then measure baseline and optimized on the artifact's runtime."""
+def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params: int, artifact_dir: Path,
+              timer: _Steps, windows: list[Any], description: str) -> dict[str, Any]:
+    """Validate the artifact, then measure baseline and optimized on the artifact's runtime (without a baseline
+    artifact, evaluation off, its size is the input model's float32 weights)."""
     import gc
 
     from llmopt.evaluation.quality import CONFIDENCE, compare_quality, generation_samples
@@ -401,9 +400,9 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, artifact_dir: P
     ev = recipe.evaluation
     threads = ev.speed.threads
     tokenizer = state.tokenizer
-    result: dict[str, Any] = {"baseline_bytes": weight_bytes(baseline_dir) if baseline_dir else 0, "baseline": {}, "optimized": {},
-                              "quality": None, "speed_setup": None, "validation": None, "threads": threads,
-                              "samples": []}
+    baseline_bytes = weight_bytes(baseline_dir) if baseline_dir else 4 * baseline_params  # loaded in float32
+    result: dict[str, Any] = {"baseline_bytes": baseline_bytes, "baseline": {}, "optimized": {}, "quality": None,
+                              "speed_setup": None, "validation": None, "threads": threads, "samples": []}
 
     with timer("validate artifact"):
         rss_opt = PeakRss()
