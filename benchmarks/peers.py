@@ -103,16 +103,36 @@ def demo_hf_folder(spec: str = "demo") -> Path:
     return folder
 
 
-def export_optimum_fp32(model_dir: Path, out_dir: Path) -> float:
-    """optimum's fp32 ONNX export (KV cache) of a model folder, with its tokenizer; returns the wall time."""
-    import torch
-    from optimum.exporters.onnx import onnx_export_from_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# optimum-onnx pins transformers < 4.58 while llmopt is on 5: laid over llmopt's environment in their own folder
+# (PYTHONPATH), as .ci/run does for the tests, rather than a third venv with its own torch.
+OPTIMUM_OVERLAY_PACKAGES = ("transformers==4.57.6", "optimum==2.1.0", "optimum-onnx==0.1.0", "huggingface_hub==0.36.0",
+                            "tokenizers==0.22.1")
 
+
+def ensure_optimum_overlay() -> dict[str, str]:
+    """The environment variables of a child process that imports optimum-onnx (installed once into the cache)."""
+    overlay = CACHE / "optimum-overlay"
+    marker = overlay / "llmopt-bench-packages.txt"
+    wanted = "\n".join(OPTIMUM_OVERLAY_PACKAGES)
+    if not (marker.is_file() and marker.read_text() == wanted):
+        shutil.rmtree(overlay, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(overlay),
+                        *OPTIMUM_OVERLAY_PACKAGES], check=True)
+        marker.write_text(wanted)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(overlay), os.environ.get("PYTHONPATH", "")])}
+
+
+def export_optimum_fp32(model_dir: Path, out_dir: Path) -> float:
+    """optimum's fp32 ONNX export (KV cache) of a model folder, with its tokenizer, in the optimum overlay;
+    returns the wall time of the child process."""
+    code = ("import sys, torch\nfrom pathlib import Path\nfrom optimum.exporters.onnx import onnx_export_from_model\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, use_safetensors=True)\n"
+            "onnx_export_from_model(model.eval(), output=Path(sys.argv[2]), task='text-generation-with-past', "
+            "do_validation=False)\nAutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])\n")
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
-    onnx_export_from_model(model, output=Path(out_dir), task="text-generation-with-past", do_validation=False)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    subprocess.run([sys.executable, "-c", code, str(model_dir), str(out_dir)], check=True,
+                   env=ensure_optimum_overlay())
     return time.perf_counter() - start
 
 

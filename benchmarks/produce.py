@@ -1,7 +1,7 @@
 """Time to produce an int4 ONNX model of the demo model, whole processes side by side: llmopt's CLI (the direct
-writer, `int4-fused-onnx` with evaluation off; and, for comparison, the same recipe with one fusion turned off,
-which takes optimum's export and rewrites it) against onnxruntime-genai's model builder (int4, its CPU
-defaults), from the same Hugging Face folder.
+writer, `int4-fused-onnx` with evaluation off) against onnxruntime-genai's model builder (int4, its CPU defaults),
+from the same Hugging Face folder. (The optimum path this was once compared with is gone: docs/benchmarks.md keeps
+its figure.)
 
     python benchmarks/produce.py [--rounds 3]
 
@@ -44,19 +44,14 @@ def run_child(command: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1e6  # kB -> GB
 
 
-def recipe_without_evaluation(name: str, folder: Path, *, optimum: bool = False) -> Path:
-    """The shipped recipe with `evaluation: {enabled: false}`, in a copy we write; `optimum`: its fuse pass with
-    attention left unfused, which makes the exporter take optimum's export and rewrite it."""
+def recipe_without_evaluation(name: str, folder: Path) -> Path:
+    """The shipped recipe with `evaluation: {enabled: false}`, in a copy we write."""
     import yaml
 
     data = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
     data["evaluation"] = {"enabled": False}
     data.pop("checks", None)  # quality gates need the evaluation
-    if optimum:
-        for p in data["passes"]:
-            if p["type"] == "fuse":
-                p["attention"] = False
-    path = folder / f"{name}{'-optimum' if optimum else ''}-no-eval.yaml"
+    path = folder / f"{name}-no-eval.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -72,8 +67,6 @@ def main() -> None:
     llmopt = [sys.executable, "-m", "llmopt"]
     rows = {
         "llmopt int4-fused-onnx (direct writer)": ("llmopt", recipe_without_evaluation("int4-fused-onnx", args.work)),
-        "llmopt via optimum (int4-fused-onnx, attention unfused)": (
-            "llmopt", recipe_without_evaluation("int4-fused-onnx", args.work, optimum=True)),
         "genai builder int4": ("builder", None),
     }
     times: dict[str, list[float]] = {name: [] for name in rows}

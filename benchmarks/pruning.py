@@ -54,9 +54,12 @@ FREEZE = ["model.embed_tokens.*"]  # tied to lm_head: the largest matrix stays f
 
 
 def export_onnx(model: Any, tokenizer: Any, folder: Path) -> Path:
-    from optimum.exporters.onnx import onnx_export_from_model
+    """llmopt's fp32 ONNX graph of the (pruned) model, as its ONNX exporter writes it."""
+    from llmopt.exporters.onnx_writer import model_blocks, write_decoder
 
-    onnx_export_from_model(model, output=folder, task="text-generation-with-past", do_validation=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_decoder(model, model_blocks(model, {}), folder)
+    model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

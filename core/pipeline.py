@@ -136,7 +136,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for name in ("llmopt", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime"):
+    for name in ("llmopt", "torch", "transformers", "compressed-tensors", "onnx", "onnxruntime-gpu", "onnxruntime"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:

@@ -36,7 +36,8 @@ def render_model_card(report: Report) -> str:
     lines += ["", "Full figures: `report.md` / `report.json`; file checksums: `manifest.json`.", "",
               "## Recipe", "", "```yaml", yaml.safe_dump(report.recipe, sort_keys=False).strip(), "```", ""]
     if fmt == "onnx":
-        lines += ["## Use", "", "```python", "from optimum.onnxruntime import ORTModelForCausalLM",
+        lines += ["## Use", "", "With optimum's ORTModelForCausalLM (`pip install optimum-onnx`, which needs "
+                  "transformers < 4.58):", "", "```python", "from optimum.onnxruntime import ORTModelForCausalLM",
                   "from transformers import AutoTokenizer", "model = ORTModelForCausalLM.from_pretrained(PATH)",
                   "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", ""]
         if any("genai" in runtime for runtime in report.export.get("runtimes", [])):

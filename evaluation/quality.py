@@ -86,7 +86,8 @@ def compare_quality(baseline: Runner, optimized: Runner, windows: list[np.ndarra
         lp_opt = torch.log_softmax(torch.from_numpy(optimized.logits(ids)[:-1]), dim=-1)
         targets = torch.from_numpy(ids[1:])[:, None]
         rows.append((-float(lp_base.gather(1, targets).sum()), -float(lp_opt.gather(1, targets).sum()),
-                     float((lp_base.exp() * (lp_base - lp_opt)).sum()),
+                     # per token >= 0 by definition: rounding makes a near-identical model's slightly negative
+                     float((lp_base.exp() * (lp_base - lp_opt)).sum(-1).clamp_min(0).sum()),
                      int((lp_base.argmax(-1) == lp_opt.argmax(-1)).sum()), len(ids) - 1))
     if progress is not None:
         progress(len(windows), len(windows))

@@ -114,8 +114,8 @@ class PlainOnnxLoop:
 
     Written by hand because optimum's ORTModelForCausalLM.generate() goes through transformers' generate()
     and torch tensors on every step, which cost more than a small quantized graph itself (3.2 against 7.7
-    tok/s for SmolLM2 fp32 in one run); the benchmarks drive onnxruntime-genai's builder graphs with the
-    same loop, so the figures compare graphs, not harnesses. The cache of each layer is
+    tok/s for SmolLM2 fp32 in one run), and pins transformers < 4.58; the benchmarks drive onnxruntime-genai's
+    builder graphs with the same loop, so the figures compare graphs, not harnesses. The cache of each layer is
     (B, kv_heads, past, head_dim) in and (B, kv_heads, past + T, head_dim) out; the mask covers past + T.
 
     With `share_buffer` (graphs whose genai_config.json says past_present_share_buffer: every layer's cache goes
@@ -128,8 +128,9 @@ class PlainOnnxLoop:
 
     def __init__(self, session: Any, *, layers: int, kv_heads: int, head_dim: int, ids_name: str, mask_name: str,
                  position_name: str | None, logits_name: str, past_formats: tuple[str, str],
-                 present_formats: tuple[str, str], share_buffer: bool = False) -> None:
+                 present_formats: tuple[str, str], share_buffer: bool = False, device: str = "cpu") -> None:
         self.session = session
+        self.device = device  # where generate()'s shared cache buffers live: "cpu", or "cuda" for the CUDA EP
         self.share_buffer = share_buffer
         self.logits_name = logits_name
         self.ids_name, self.mask_name, self.position_name = ids_name, mask_name, position_name
@@ -146,19 +147,22 @@ class PlainOnnxLoop:
         self.present_names = self.output_names[1:]
 
     @classmethod
-    def optimum_layout(cls, session: Any, config: Any, share_buffer: bool = False) -> "PlainOnnxLoop | None":
-        """The loop for a graph in optimum's format (what llmopt's ONNX exporter writes), or None when the
-        session's inputs are another layout (e.g. a merged decoder with use_cache_branch)."""
-        heads = config.num_attention_heads
+    def optimum_layout(cls, session: Any, share_buffer: bool = False, device: str = "cpu") -> "PlainOnnxLoop | None":
+        """The loop for a graph with optimum's input and output names (what llmopt's ONNX exporter writes), its
+        layer count and cache shape read from the graph's own inputs; None when the session's inputs are another
+        layout (e.g. a merged decoder with use_cache_branch, or a cache without fixed head sizes)."""
+        inputs = {i.name: i for i in session.get_inputs()}
+        layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+        first = inputs.get("past_key_values.0.key")
+        if first is None or len(first.shape) != 4 or not all(isinstance(d, int) for d in first.shape[1::2]):
+            return None
         try:
-            return cls(session, layers=config.num_hidden_layers,
-                       kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                       head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            return cls(session, layers=layers, kv_heads=first.shape[1], head_dim=first.shape[3],
                        ids_name="input_ids", mask_name="attention_mask",
-                       position_name="position_ids" if "position_ids" in {i.name for i in session.get_inputs()}
-                       else None,
+                       position_name="position_ids" if "position_ids" in inputs else None,
                        logits_name="logits", past_formats=("past_key_values.%d.key", "past_key_values.%d.value"),
-                       present_formats=("present.%d.key", "present.%d.value"), share_buffer=share_buffer)
+                       present_formats=("present.%d.key", "present.%d.value"), share_buffer=share_buffer,
+                       device=device)
         except ValueError:
             return None
 
@@ -210,7 +214,12 @@ class PlainOnnxLoop:
         batch, heads, _, head_dim = self.empty_cache_shape
         capacity = len(ids) + new_tokens  # room for every position this call feeds
         shape = (batch, heads, capacity, head_dim)
-        buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.cache_dtype)) for _ in self.past_names]
+        if self.device == "cpu":
+            buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.cache_dtype))
+                       for _ in self.past_names]
+        else:  # on the GPU, so that no step copies the cache (GroupQueryAttention reads the filled positions only)
+            buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.cache_dtype, self.device, 0)
+                       for _ in self.past_names]
         binding = self.session.io_binding()
         for past, present, buffer in zip(self.past_names, self.present_names, buffers):
             binding.bind_ortvalue_input(past, buffer)
@@ -239,49 +248,38 @@ class PlainOnnxLoop:
 
 
 class OrtRunner:
+    """An ONNX artifact folder (model.onnx in optimum's layout, as llmopt writes it) in PlainOnnxLoop, on the asked
+    provider (the CPU when it is not available, and said so through `provider`)."""
+
     runtime = "onnxruntime"
 
     def __init__(self, folder: Path, threads: int | None = None, provider: str = "CPUExecutionProvider") -> None:
         import onnxruntime as ort
-        from optimum.onnxruntime import ORTModelForCausalLM
+
+        from llmopt.exporters.onnx_genai import shares_kv_buffer
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         if provider not in ort.get_available_providers():  # e.g. CUDA asked of the CPU package: run, and say so
             provider = "CPUExecutionProvider"
-        self.model = ORTModelForCausalLM.from_pretrained(folder, provider=provider, session_options=options)
+        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(Path(folder) / "model.onnx"), options, providers=providers)
         self.threads = threads or _cpu_count()
         # What the session runs on: onnxruntime falls back to the CPU when CUDA's libraries fail to load.
-        self.provider = (getattr(self.model, "providers", None) or [provider])[0]
-        # On the CPU, numpy feeds the session directly; on CUDA optimum's IO binding keeps the cache on the GPU.
-        from llmopt.exporters.onnx_genai import shares_kv_buffer
-
-        self.loop = PlainOnnxLoop.optimum_layout(self.model.session, self.model.config, shares_kv_buffer(folder)) \
-            if self.provider == "CPUExecutionProvider" else None
+        self.provider = self.session.get_providers()[0]
+        device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        loop = PlainOnnxLoop.optimum_layout(self.session, shares_kv_buffer(folder), device)
+        if loop is None:
+            raise ValueError(f"{folder}: model.onnx does not take input_ids, attention_mask and "
+                             "past_key_values.<i>.key/.value of fixed head sizes")
+        self.loop = loop
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
-        if self.loop is not None:
-            return self.loop.logits(ids)
-        import torch
-
-        # On the CUDA provider optimum binds inputs where they are: give them on the session's device.
-        input_ids = torch.from_numpy(ids[None].astype(np.int64)).to(self.model.device)
-        with torch.inference_mode():
-            out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-        return np.asarray(out.logits[0].float().cpu(), dtype=np.float32)
+        return self.loop.logits(ids)
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
-        if self.loop is not None:
-            return self.loop.generate(ids, new_tokens)
-        import torch
-
-        input_ids = torch.from_numpy(ids[None].astype(np.int64)).to(self.model.device)
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
-        )
-        return np.asarray(out[0].cpu())
+        return self.loop.generate(ids, new_tokens)
 
 
 def _cpu_count() -> int:

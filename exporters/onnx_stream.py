@@ -14,14 +14,12 @@ if TYPE_CHECKING:
 
 
 def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accuracy_level: int = 0) -> dict[str, Any]:
-    """Write model.onnx + model.onnx.data, config.json and (without sliding windows) genai_config.json into
-    `folder`; returns the export facts."""
-    from llmopt.architectures import attention_windows
+    """Write model.onnx + model.onnx.data, config.json and genai_config.json into `folder`; returns the export
+    facts."""
     from llmopt.exporters.onnx_writer import write_decoder
     from llmopt.streaming_calibrated import empty_model
 
     model = empty_model(reader.folder)  # the module tree on the meta device: the config and the rotary buffers
-    config = model.config
     # One layer at a time: the weights go to model.onnx.data as they come, never gathered in one protobuf.
     info = write_decoder(model, plan.blocks(reader), folder, accuracy_level=accuracy_level, inline=False)
     data = dict(plan.config)
@@ -29,8 +27,6 @@ def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accu
     if plan.untie:
         data["tie_word_embeddings"] = False
     (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    # Sliding-window layers decode right with a growing cache only (see OnnxExporter._genai_or_why_not).
-    if not any(attention_windows(config)):
-        write_genai_config(folder, data)
-        info["runtimes"] = list(RUNTIMES)
+    write_genai_config(folder, data)
+    info["runtimes"] = list(RUNTIMES)
     return {"streaming": True, **info}

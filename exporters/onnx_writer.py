@@ -37,9 +37,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llmopt.architectures import (Architecture, activation, attention_windows, describe, head_dim, kv_heads,
                                   norm_eps, rope_types, rotary_layers, rotary_width, routing, scalings)
-from llmopt.exporters.onnx_blockquant import MS_DOMAIN, _gather_problem, _layout_problem, _pack, _packed_zero_points
-from llmopt.exporters.onnx_blockquant import matmul_nbits_parts
-from llmopt.exporters.onnx_fuse import sequence_length_nodes
+from llmopt.exporters.onnx_codes import (MS_DOMAIN, gather_problem, layout_problem, matmul_nbits_parts, pack_codes,
+                                         packed_zero_points)
 from llmopt.quantized import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -58,7 +57,7 @@ ACTIVATIONS = {"silu": ("QuickGelu", MS_DOMAIN, {"alpha": 1.0}), "swish": ("Quic
 
 
 def writer_problem(config: Any) -> str | None:
-    """Why the writer cannot express this model (None when it can): the exporter then takes optimum's path."""
+    """Why the writer cannot express this model (None when it can): the exporter refuses it at plan time."""
     arch = describe(config.model_type)
     if arch is None:
         return f"model_type '{config.model_type}' has no architecture description"
@@ -114,9 +113,18 @@ class _ExternalData:
 
 
 class _Graph:
-    """Nodes and initializers of the graph being written; names follow the module path they stand for."""
+    """Nodes and initializers of the graph being written; names follow the module path they stand for.
 
-    def __init__(self, data: _ExternalData, accuracy_level: int) -> None:
+    `keep_fp32` (module names, from the half pass) makes an fp16 graph: each matmul, attention and activation
+    runs in fp16 unless its module or one above it is kept, while the residual stream, every normalisation and
+    the logits stay fp32 (what optimum's converter kept fp32 before). Each value's element type is tracked, and a
+    Cast is written only where a consumer needs the other one."""
+
+    def __init__(self, data: _ExternalData, accuracy_level: int, keep_fp32: list[str] | None = None) -> None:
+        self.half = keep_fp32 is not None
+        self.keep_fp32 = tuple(keep_fp32 or ())
+        self.types: dict[str, int] = {}  # value -> TensorProto element type, for float values
+        self.casts: dict[tuple[str, int], str] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.data, self.accuracy_level = data, accuracy_level
@@ -129,25 +137,53 @@ class _Graph:
         self.embedding_codes: tuple[QuantizedTensor, list[str]] | None = None
 
     def node(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
-             **attrs: Any) -> list[str]:
+             out_type: int | None = None, **attrs: Any) -> list[str]:
+        """Add a node; its outputs take `out_type`, or by default the element type of its first input."""
         base, n = name, 1
         while name in self.used:  # e.g. the residual adds of a family without pre-norms, twice in a layer
             name, n = f"{base}_{n}", n + 1
         self.used.add(name)
         names = [f"{name}/output_{i}" for i in range(outputs)] if isinstance(outputs, int) else outputs
         self.nodes.append(helper.make_node(op, inputs, names, name=name, domain=domain, **attrs))
+        for out in names:
+            self.types[out] = out_type if out_type is not None else self.type_of(inputs[0] if inputs else "")
         return names
+
+    def type_of(self, x: str) -> int:
+        return self.types.get(x, TensorProto.FLOAT)
+
+    def compute_type(self, module: str) -> int:
+        """fp16 for a module's matmuls in an fp16 graph, unless it (or a module above it) is kept in fp32."""
+        kept = any(module == k or module.startswith(k + ".") for k in self.keep_fp32)
+        return TensorProto.FLOAT16 if self.half and not kept else TensorProto.FLOAT
+
+    def cast(self, x: str, to: int) -> str:
+        """`x` as element type `to`: itself, or one Cast shared by every consumer that needs it."""
+        if self.type_of(x) == to:
+            return x
+        if (x, to) not in self.casts:
+            suffix = "fp16" if to == TensorProto.FLOAT16 else "fp32"
+            (self.casts[x, to],) = self.node("Cast", [x], f"{x}/Cast_{suffix}", out_type=to, to=to)
+        return self.casts[x, to]
 
     def weight(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(self.data.add(name, array))
+        self.types[name] = helper.np_dtype_to_tensor_dtype(array.dtype)
         return name
 
+    def float_weight(self, name: str, array: Any, to: int) -> str:
+        """A float weight stored in the element type its matmul runs in."""
+        return self.weight(name, _numpy(array).astype(_NUMPY[to], copy=False))
+
     def constant(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        array = np.asarray(array)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        self.types[name] = helper.np_dtype_to_tensor_dtype(array.dtype)
         return name
 
     def scale(self, x: str, factor: float, name: str, op: str = "Mul") -> str:
-        (out,) = self.node(op, [x, self.constant(f"{name}/factor", np.array(factor, np.float32))], name)
+        factor_value = np.array(factor, _NUMPY[self.type_of(x)])
+        (out,) = self.node(op, [x, self.constant(f"{name}/factor", factor_value)], name)
         return out
 
     def tied_head(self, x: str, head: QuantizedTensor) -> str | None:
@@ -157,6 +193,9 @@ class _Graph:
         if self.embedding_codes is None or head.activations != "float":
             return None
         table, (data, *rest) = self.embedding_codes
+        if self.type_of(rest[0]) != self.compute_type("lm_head"):  # the table's scales are in the other type
+            return None
+        x = self.cast(x, self.type_of(rest[0]))
         same = (head.bits, head.group_size, head.shape) == (table.bits, table.group_size, table.shape) and \
             all(np.array_equal(a, b) for a, b in ((head.codes, table.codes), (head.scales, table.scales),
                                                  (head.zero_points, table.zero_points)))
@@ -173,9 +212,14 @@ class _Graph:
         self.stored["MatMulNBits"] += 1
         return out
 
-    def linear(self, x: str, name: str, weight: Any, bias: Any = None, members: int = 1) -> str:
+    def linear(self, x: str, name: str, weight: Any, bias: Any = None, members: int = 1, module: str = "") -> str:
         """x @ W.T (+ b) with the pass's codes (MatMulNBits, or DynamicQuantizeMatMul for W8A8), or a float MatMul;
-        `members`: the projections packed into `weight`."""
+        `members`: the projections packed into `weight`; `module`: the model's module (or modules, comma
+        separated, when packed) it stands for, which decides its element type in an fp16 graph."""
+        dtype = min((self.compute_type(m) for m in module.split(",")), key=_WIDTH.get)  # fp32 if one is kept
+        if isinstance(weight, QuantizedTensor) and weight.activations == "int8":
+            dtype = TensorProto.FLOAT  # DynamicQuantizeMatMul takes float32 activations only
+        x = self.cast(x, dtype)
         if isinstance(weight, QuantizedTensor) and weight.activations == "int8":
             inputs = [x, self.weight(f"{name}.weight_W8A8", np.ascontiguousarray(weight.codes.T)),  # (K, N) uint8
                       self.weight(f"{name}.weight_scale", np.ascontiguousarray(weight.scales[:, 0])),
@@ -184,17 +228,20 @@ class _Graph:
             self.stored["DynamicQuantizeMatMul"] += members
         elif isinstance(weight, QuantizedTensor):
             arrays, attrs = matmul_nbits_parts(weight, self.accuracy_level)
+            arrays[1] = arrays[1].astype(_NUMPY[dtype], copy=False)  # the scales are in the activations' type
             suffixes = (f".weight_Q{weight.bits}", ".weight_scales", ".weight_zero_points")
             inputs = [x, *(self.weight(name + suffix, array) for suffix, array in zip(suffixes, arrays))]
             (out,) = self.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, **attrs)
             self.stored["MatMulNBits"] += members
         elif isinstance(weight, str):  # a tied lm_head: the embedding table (vocab, hidden), transposed at load
-            (table_t,) = self.node("Transpose", [weight], f"{name}/Transpose", perm=[1, 0])
+            (table_t,) = self.node("Transpose", [self.cast(weight, dtype)], f"{name}/Transpose", perm=[1, 0])
             (out,) = self.node("MatMul", [x, table_t], f"{name}/MatMul")
         else:
-            (out,) = self.node("MatMul", [x, self.weight(f"{name}.weight_T", _numpy(weight).T)], f"{name}/MatMul")
+            (out,) = self.node("MatMul", [x, self.float_weight(f"{name}.weight_T", _numpy(weight).T, dtype)],
+                               f"{name}/MatMul")
         if bias is not None:
-            (out,) = self.node("Add", [out, self.weight(f"{name}.bias", _numpy(bias))], f"{name}/Add")
+            (out,) = self.node("Add", [out, self.float_weight(f"{name}.bias", bias, self.type_of(out))],
+                               f"{name}/Add")
         return out
 
 
@@ -208,7 +255,8 @@ class _Stream:
         self.pending: str | None = None
 
     def norm(self, x: str, weight: Any, name: str) -> str:
-        """A norm of `x` alone (q/k norms, post-norms, the residual stream of layer 0)."""
+        """A norm of `x` alone (q/k norms, post-norms, the residual stream of layer 0), in fp32."""
+        x = self.g.cast(x, TensorProto.FLOAT)
         w = self._weight(weight, name)
         if self.arch.norm == "layernorm":
             bias = self.g.weight(f"{name}.bias", np.zeros_like(_numpy(weight)))
@@ -223,13 +271,14 @@ class _Stream:
         if self.pending is None:
             return self.norm(self.residual, weight, name)
         w = self._weight(weight, name)
+        pending, residual = (self.g.cast(x, TensorProto.FLOAT) for x in (self.pending, self.residual))
         if self.arch.norm == "layernorm":
             bias = self.g.weight(f"{name}.bias", np.zeros_like(_numpy(weight)))
-            out, _, _, self.residual = self.g.node("SkipLayerNormalization", [self.pending, self.residual, w, bias],
+            out, _, _, self.residual = self.g.node("SkipLayerNormalization", [pending, residual, w, bias],
                                                    f"{name}/SkipLayerNorm", outputs=4, domain=MS_DOMAIN,
                                                    epsilon=self.eps)
         else:
-            out, _, _, self.residual = self.g.node("SkipSimplifiedLayerNormalization", [self.pending, self.residual, w],
+            out, _, _, self.residual = self.g.node("SkipSimplifiedLayerNormalization", [pending, residual, w],
                                                    f"{name}/SkipSimplifiedLayerNorm", outputs=4, domain=MS_DOMAIN,
                                                    epsilon=self.eps)
         self.pending = None
@@ -238,7 +287,8 @@ class _Stream:
     def stream(self, name: str) -> str:
         """residual + pending as a tensor (for a family whose blocks read the stream without a norm)."""
         if self.pending is not None:
-            (self.residual,) = self.g.node("Add", [self.residual, self.pending], f"{name}/residual_add")
+            residual, pending = (self.g.cast(x, TensorProto.FLOAT) for x in (self.residual, self.pending))
+            (self.residual,) = self.g.node("Add", [residual, pending], f"{name}/residual_add")
             self.pending = None
         return self.residual
 
@@ -247,7 +297,8 @@ class _Stream:
         if self.pending is None:
             self.pending = x
         else:
-            (self.pending,) = self.g.node("Add", [self.pending, x], f"{name}/parallel_add")
+            pending, x = (self.g.cast(v, TensorProto.FLOAT) for v in (self.pending, x))
+            (self.pending,) = self.g.node("Add", [pending, x], f"{name}/parallel_add")
 
     def _weight(self, weight: Any, name: str) -> str:
         w = _numpy(weight)
@@ -256,9 +307,15 @@ class _Stream:
         return self.g.weight(f"{name}.weight", w)
 
 
-def experts_problem(quantized: dict[str, QuantizedTensor]) -> str | None:
-    """Why the experts' codes cannot go into one QMoE per layer (None when they can): QMoE stores every expert
-    of a layer with one bit width and block size, weight-only."""
+def experts_problem(quantized: dict[str, QuantizedTensor], model: Any = None) -> str | None:
+    """Why the experts' codes cannot go into one QMoE (or MoE) per layer (None when they can): QMoE stores every
+    expert of a layer with one bit width and block size, weight-only, and MoE every one in float."""
+    if model is not None:
+        with_codes = {m.group(1) for m in map(_EXPERT.match, quantized) if m}
+        for name, _ in model.named_parameters():
+            match = _EXPERT.match(name)
+            if match and match.group(1) in with_codes and name.endswith("_proj.weight") and name not in quantized:
+                return f"{name} stays float while other experts of {match.group(1)} are quantized"
     layouts: dict[str, set[tuple]] = {}
     for name, t in quantized.items():
         match = _EXPERT.match(name)
@@ -278,11 +335,12 @@ _EXPERT = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.\d+\.")
 
 
 def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy_level: int = 0,
-                  pack: bool = True, inline: bool | None = None) -> dict[str, Any]:
+                  pack: bool = True, inline: bool | None = None, keep_fp32: list[str] | None = None) -> dict[str, Any]:
     """Write `folder/model.onnx` (and model.onnx.data when the weights stay external) of `model` (its config and
     rotary module; the weights may be on the meta device) from `blocks`; returns the export facts for the report.
     `pack`: q/k/v (and quantized gate/up) as one matmul each. `inline`: None puts the weights inside model.onnx
-    when under protobuf's limit."""
+    when under protobuf's limit. `keep_fp32`: an fp16 graph, with these modules (and those inside them) in fp32;
+    the KV cache is fp16 unless an attention module is kept."""
     config = model.config
     problem = writer_problem(config)
     if problem:
@@ -293,9 +351,12 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
     eps = norm_eps(config)
     windows = attention_windows(config)
     data = _ExternalData(folder / DATA_FILE)
-    g = _Graph(data, accuracy_level)
+    g = _Graph(data, accuracy_level, keep_fp32)
     stream = _Stream(g, arch, eps)
-    rotaries = _rotary_tables(g, model, arch)
+    # One element type for every layer's cache: the runtimes that drive the graph allocate it once.
+    cache_type = min((g.compute_type(f"model.layers.{i}.self_attn") for i in range(config.num_hidden_layers)),
+                     key=_WIDTH.get)
+    rotaries = _rotary_tables(g, model, arch, cache_type)
 
     batch, seq, past, total = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
@@ -304,10 +365,11 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, seq, config.vocab_size])]
     for i in range(config.num_hidden_layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", cache_type,
                                                         [batch, kv, past, dim]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", cache_type,
                                                          [batch, kv, total, dim]))
+            g.types[f"past_key_values.{i}.{kind}"] = cache_type
     mask_nodes, mask_constants, seqlens_k, total_len = sequence_length_nodes("attn_mask")
     g.nodes += mask_nodes
     g.initializers += mask_constants
@@ -320,7 +382,8 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
                 stream.residual = _embedding(g, config, t["model.embed_tokens.weight"])
             elif block.kind == "layer":
                 layer = _Layer(g, config, arch, stream, block.index, t, heads, kv, dim)
-                layer.attention(windows[block.index], rotaries[block.index], seqlens_k, total_len, pack, packed)
+                layer.attention(windows[block.index], rotaries[block.index], seqlens_k, total_len, pack, packed,
+                                cache_type)
                 layer.mlp(pack, packed)
             else:
                 x = stream.norm_stream(t["model.norm.weight"], "/model/norm")
@@ -330,7 +393,7 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
                     if head is None:  # the quantize pass unties a head whose table alone was quantized
                         raise ValueError("a tied lm_head needs the float embedding table")
                 shared = g.tied_head(x, head) if isinstance(head, QuantizedTensor) else None
-                logits = _logits(g, config, shared or g.linear(x, "/lm_head", head))
+                logits = _logits(g, config, shared or g.linear(x, "/lm_head", head, module="lm_head"))
                 g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits"))
     finally:
         data.close()
@@ -355,7 +418,12 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
     info.update(matmul_nbits=g.stored["MatMulNBits"], gather_block_quantized=counts.get("GatherBlockQuantized", 0),
                 dynamic_quantize_matmul=g.stored["DynamicQuantizeMatMul"])
     if g.stored["QMoE"]:
-        info["qmoe_experts"] = g.stored["QMoE"]  # expert projections stored as codes in QMoE
+        info["qmoe_experts"] = g.stored["QMoE"]
+    if g.half:
+        computing = [n for n in g.nodes if n.op_type not in _NOT_COMPUTE and g.type_of(n.output[0]) in _WIDTH]
+        info.update(dtype="float16", kv_cache_dtype=_NUMPY[cache_type].__name__,
+                    fp32_nodes=sum(g.type_of(n.output[0]) == TensorProto.FLOAT for n in computing),
+                    compute_nodes=len(computing))  # expert projections stored as codes in QMoE
     if not inline:
         info["external_data"] = DATA_FILE
     if g.gather_fallbacks:
@@ -363,6 +431,10 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
     return info
 
 
+# Nodes that move or cast values rather than compute: left out of the fp32/fp16 node counts.
+_NOT_COMPUTE = ("Cast", "Reshape", "Shape", "Split", "Transpose", "Identity", "Gather")
+_NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+_WIDTH = {TensorProto.FLOAT: 0, TensorProto.FLOAT16: 1}
 _FUSED = ("GroupQueryAttention", "MoE", "QMoE", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
           "SkipLayerNormalization", "LayerNormalization", "QuickGelu", "FastGelu", "Gelu", "MatMulNBits",
           "GatherBlockQuantized", "DynamicQuantizeMatMul")
@@ -388,14 +460,15 @@ class _Layer:
         return self.stream.norm_stream(self.get(norm + ".weight"), f"{self.name}/{norm}")
 
     def attention(self, window: int | None, rotary: _Rotary | None, seqlens_k: str, total_len: str, pack: bool,
-                  packed: dict[str, int]) -> None:
+                  packed: dict[str, int], cache_type: int) -> None:
         x = self._input("input_layernorm")
         self.shared_input = x
         a, name = "self_attn.", f"{self.name}/attn"
         bias = lambda proj: self.get(f"{a}{proj}.bias")  # noqa: E731
         q_dim, kv_dim = self.heads * self.head_dim, self.kv * self.head_dim
         if self.arch.fused_qkv:
-            qkv = self.g.linear(x, f"{name}/qkv_proj", self.get(a + "qkv_proj.weight"), bias("qkv_proj"))
+            qkv = self.g.linear(x, f"{name}/qkv_proj", self.get(a + "qkv_proj.weight"), bias("qkv_proj"),
+                                module=f"{self.p}{a}qkv_proj")
             if self.arch.qk_norm == "none":
                 query, key, value = qkv, "", ""
             else:
@@ -406,18 +479,19 @@ class _Layer:
             if pack and self.arch.qk_norm == "none" and _packable(weights):
                 qkv = self.g.linear(x, f"{name}/qkv_proj", _concat(weights, f"{self.p}{a}qkv_proj.weight"),
                                     _concat_bias([bias(f"{c}_proj") for c in "qkv"], [q_dim, kv_dim, kv_dim]),
-                                    members=3)
+                                    members=3, module=",".join(f"{self.p}{a}{c}_proj" for c in "qkv"))
                 query, key, value = qkv, "", ""
                 packed["qkv"] += 1
             else:
-                query, key, value = (self.g.linear(x, f"{name}/{c}_proj", w, bias(f"{c}_proj"))
-                                     for c, w in zip("qkv", weights))
+                query, key, value = (self.g.linear(x, f"{name}/{c}_proj", w, bias(f"{c}_proj"),
+                                                   module=f"{self.p}{a}{c}_proj") for c, w in zip("qkv", weights))
         if self.arch.qk_norm == "whole":  # OLMo 2: one norm over all heads
             query = self.stream.norm(query, self.get(a + "q_norm.weight"), f"{name}/q_norm")
             key = self.stream.norm(key, self.get(a + "k_norm.weight"), f"{name}/k_norm")
         elif self.arch.qk_norm == "per_head":
             query = self._per_head_norm(query, self.heads, "q_norm")
             key = self._per_head_norm(key, self.kv, "k_norm")
+        query, key, value = (self.g.cast(v, cache_type) if v else v for v in (query, key, value))
         scale = scalings(self.config)
         attrs: dict[str, Any] = {"num_heads": self.heads, "kv_num_heads": self.kv, "scale": scale.attention}
         rotary_inputs = ["", ""]
@@ -434,7 +508,8 @@ class _Layer:
              total_len, *rotary_inputs, "position_ids" if rotary is not None else ""],
             f"{name}/GroupQueryAttention", outputs=[f"{name}/output", f"present.{self.i}.key",
                                                     f"present.{self.i}.value"], domain=MS_DOMAIN, **attrs)
-        out = self.g.linear(attn, f"{name}/o_proj", self.get(a + "o_proj.weight"), bias("o_proj"))
+        out = self.g.linear(attn, f"{name}/o_proj", self.get(a + "o_proj.weight"), bias("o_proj"),
+                            module=f"{self.p}{a}o_proj")
         self._finish_block(out, "post_attention_layernorm")
 
     def mlp(self, pack: bool, packed: dict[str, int]) -> None:
@@ -447,7 +522,8 @@ class _Layer:
             self._finish_block(self._experts(x, name), "post_feedforward_layernorm")
             return
         if self.arch.fused_gate_up:
-            both = self.g.linear(x, f"{name}/gate_up_proj", self.get("mlp.gate_up_proj.weight"))
+            both = self.g.linear(x, f"{name}/gate_up_proj", self.get("mlp.gate_up_proj.weight"),
+                                 module=f"{self.p}mlp.gate_up_proj")
             gate, up = self.g.node("Split", [both], f"{name}/gate_up_split", outputs=2, axis=-1, num_outputs=2)
         else:
             weights = [self.get("mlp.gate_proj.weight"), self.get("mlp.up_proj.weight")]
@@ -456,16 +532,18 @@ class _Layer:
             if pack and isinstance(weights[0], QuantizedTensor) and _packable(weights) \
                     and bias("gate_proj") is None:
                 both = self.g.linear(x, f"{name}/gate_up_proj", _concat(weights, f"{self.p}mlp.gate_up_proj.weight"),
-                                     members=2)
+                                     members=2, module=f"{self.p}mlp.gate_proj,{self.p}mlp.up_proj")
                 gate, up = self.g.node("Split", [both], f"{name}/gate_up_split", outputs=2, axis=-1, num_outputs=2)
                 packed["gate_up"] += 1
             else:
-                gate = self.g.linear(x, f"{name}/gate_proj", weights[0], bias("gate_proj"))
-                up = self.g.linear(x, f"{name}/up_proj", weights[1], bias("up_proj"))
+                gate = self.g.linear(x, f"{name}/gate_proj", weights[0], bias("gate_proj"),
+                                     module=f"{self.p}mlp.gate_proj")
+                up = self.g.linear(x, f"{name}/up_proj", weights[1], bias("up_proj"), module=f"{self.p}mlp.up_proj")
         op, domain, attrs = ACTIVATIONS[activation(self.config)]
         (act,) = self.g.node(op, [gate], f"{name}/act/{op}", domain=domain, **attrs)
-        (product,) = self.g.node("Mul", [act, up], f"{name}/Mul")
-        out = self.g.linear(product, f"{name}/down_proj", self.get("mlp.down_proj.weight"), bias("down_proj"))
+        (product,) = self.g.node("Mul", [act, self.g.cast(up, self.g.type_of(act))], f"{name}/Mul")
+        out = self.g.linear(product, f"{name}/down_proj", self.get("mlp.down_proj.weight"), bias("down_proj"),
+                            module=f"{self.p}mlp.down_proj")
         self._finish_block(out, "post_feedforward_layernorm")
 
     def _experts(self, x: str, name: str) -> str:
@@ -480,7 +558,10 @@ class _Layer:
             count += 1
         parts = {p: [self.get(f"mlp.experts.{e}.{p}_proj.weight") for e in range(count)]
                  for p in ("gate", "up", "down")}
-        router = g.linear(x, f"{name}/gate", self.get("mlp.gate.weight"))  # (batch, seq, experts)
+        router = g.linear(x, f"{name}/gate", self.get("mlp.gate.weight"), module=f"{self.p}mlp.gate")
+        dtype = min((g.compute_type(f"{self.p}mlp.experts.{e}.{p}_proj") for e in range(count)
+                     for p in ("gate", "up", "down")), key=_WIDTH.get)
+        x, router = g.cast(x, dtype), g.cast(router, dtype)  # (batch, seq, hidden), (batch, seq, experts)
         (rows,) = g.node("Reshape", [x, g.constant(f"{name}/rows", np.array([-1, config.hidden_size], np.int64))],
                          f"{name}/Reshape_rows")
         (logits,) = g.node("Reshape", [router, g.constant(f"{name}/router_rows", np.array([-1, count], np.int64))],
@@ -498,9 +579,9 @@ class _Layer:
                    for gw, uw in zip(parts["gate"], parts["up"])]
             stacks = []
             for which, tensors in (("fc1", fc1), ("fc2", parts["down"])):
-                codes = np.stack([_pack(t.codes, t.bits) for t in tensors])  # (experts, out, in * bits / 8)
-                scales = np.stack([t.scales for t in tensors])  # (experts, out, blocks)
-                zeros = np.stack([_pack(t.zero_points, t.bits) for t in tensors])
+                codes = np.stack([pack_codes(t.codes, t.bits) for t in tensors])  # (experts, out, in * bits / 8)
+                scales = np.stack([t.scales for t in tensors]).astype(_NUMPY[dtype])  # (experts, out, blocks)
+                zeros = np.stack([pack_codes(t.zero_points, t.bits) for t in tensors])
                 symmetric = all(np.all(t.zero_points == 2 ** (t.bits - 1)) for t in tensors)
                 stacks.append((g.weight(f"{name}/experts.{which}_Q{first.bits}", codes),
                                g.weight(f"{name}/experts.{which}_scales", scales),
@@ -513,10 +594,11 @@ class _Layer:
                             block_size=first.group_size, **attrs)
             g.stored["QMoE"] += 3 * count
         elif any(isinstance(w, QuantizedTensor) for ws in parts.values() for w in ws):
-            raise ValueError(f"{self.name}: some experts quantized and some not")  # experts_problem rules it out
+            raise ValueError(f"{self.name}: some experts quantized and some not")  # the exporter refuses it first
         else:
             fc1 = np.stack([interleave(_numpy(gw), _numpy(uw)) for gw, uw in zip(parts["gate"], parts["up"])])
             fc2 = np.stack([_numpy(w) for w in parts["down"]])  # (experts, hidden, intermediate)
+            fc1, fc2 = fc1.astype(_NUMPY[dtype], copy=False), fc2.astype(_NUMPY[dtype], copy=False)
             (out,) = g.node("MoE", [rows, logits, g.weight(f"{name}/experts.fc1", fc1), "",
                                     g.weight(f"{name}/experts.fc2", fc2)], f"{name}/MoE", domain=MS_DOMAIN, **attrs)
         (shape,) = g.node("Shape", [x], f"{name}/Shape")
@@ -542,26 +624,48 @@ class _Layer:
         return out
 
 
+def sequence_length_nodes(prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str, str]:
+    """GroupQueryAttention's seqlens_k (B,) int32 = tokens per row - 1, and total_sequence_length int32
+    scalar = the mask's width (past + new), both from ``attention_mask``: the nodes, their constants, and the
+    two output names."""
+    one, axis = f"{prefix}_one_i64", f"{prefix}_axis_1"
+    initializers = [numpy_helper.from_array(np.array(1, dtype=np.int64), one),
+                    numpy_helper.from_array(np.array([1], dtype=np.int64), axis)]
+    nodes = [
+        helper.make_node("ReduceSum", ["attention_mask", axis], [f"{prefix}_mask_tokens"], keepdims=0),
+        helper.make_node("Sub", [f"{prefix}_mask_tokens", one], [f"{prefix}_seqlens_i64"]),
+        helper.make_node("Cast", [f"{prefix}_seqlens_i64"], [f"{prefix}_seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], [f"{prefix}_mask_shape"]),
+        helper.make_node("Gather", [f"{prefix}_mask_shape", one], [f"{prefix}_total_i64"], axis=0),
+        helper.make_node("Cast", [f"{prefix}_total_i64"], [f"{prefix}_total_sequence_length"], to=TensorProto.INT32),
+    ]
+    for node in nodes:
+        node.name = node.output[0] + "_node"
+    return nodes, initializers, f"{prefix}_seqlens_k", f"{prefix}_total_sequence_length"
+
+
 def _embedding(g: _Graph, config: Any, table: Any) -> str:
     name = "/model/embed_tokens"
+    dtype = g.compute_type("model.embed_tokens")
     problem = None
     if isinstance(table, QuantizedTensor):
-        zero_points = _packed_zero_points(table)
-        problem = _layout_problem(table) or _gather_problem(table.bits, table.group_size, zero_points is not None)
+        zero_points = packed_zero_points(table)
+        problem = layout_problem(table) or gather_problem(table.bits, table.group_size, zero_points is not None)
         if problem is None:
-            inputs = [g.weight(f"model.embed_tokens.weight_GBQ{table.bits}", _pack(table.codes, table.bits)),
-                      "input_ids", g.weight("model.embed_tokens.weight_scales", table.scales)]
+            inputs = [g.weight(f"model.embed_tokens.weight_GBQ{table.bits}", pack_codes(table.codes, table.bits)),
+                      "input_ids", g.weight("model.embed_tokens.weight_scales", table.scales.astype(_NUMPY[dtype]))]
             if zero_points is not None:
                 inputs.append(g.weight("model.embed_tokens.weight_zero_points", zero_points))
             g.embedding_codes = (table, [inputs[0], *inputs[2:]])
             (out,) = g.node("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", domain=MS_DOMAIN,
-                            gather_axis=0, quantize_axis=1, block_size=table.group_size, bits=table.bits)
+                            out_type=dtype, gather_axis=0, quantize_axis=1, block_size=table.group_size, bits=table.bits)
         else:
             g.gather_fallbacks.append(problem)
             table = table.dequantized()
     if not isinstance(table, QuantizedTensor) or problem:
-        g.float_table = g.weight("model.embed_tokens.weight", _numpy(table))
+        g.float_table = g.float_weight("model.embed_tokens.weight", table, dtype)
         (out,) = g.node("Gather", [g.float_table, "input_ids"], f"{name}/Gather")
+    out = g.cast(out, TensorProto.FLOAT)  # the residual stream is fp32
     factor = scalings(config).embedding  # Gemma: sqrt(hidden) in float32; Granite: embedding_multiplier
     if factor != 1.0:
         out = g.scale(out, factor, f"{name}/embed_scale")
@@ -569,6 +673,7 @@ def _embedding(g: _Graph, config: Any, table: Any) -> str:
 
 
 def _logits(g: _Graph, config: Any, logits: str) -> str:
+    logits = g.cast(logits, TensorProto.FLOAT)
     scale = scalings(config)
     if scale.logits != 1.0:  # Cohere's logit_scale, Granite's 1 / logits_scaling
         logits = g.scale(logits, scale.logits, "/lm_head/logit_scale")
@@ -579,8 +684,9 @@ def _logits(g: _Graph, config: Any, logits: str) -> str:
     return logits
 
 
-def _rotary_tables(g: _Graph, model: Any, arch: Architecture) -> list[_Rotary | None]:
-    """Per layer, its cos/sin tables (None: a layer without RoPE), stored once per distinct table."""
+def _rotary_tables(g: _Graph, model: Any, arch: Architecture, dtype: int) -> list[_Rotary | None]:
+    """Per layer, its cos/sin tables (None: a layer without RoPE) in the attention's element type, stored once per
+    distinct table."""
     tables: dict[int, _Rotary] = {}
     out: list[_Rotary | None] = []
     for cos, sin in rotary_caches(model, interleaved=arch.rotary == "interleaved"):
@@ -589,7 +695,8 @@ def _rotary_tables(g: _Graph, model: Any, arch: Architecture) -> list[_Rotary | 
             continue
         if id(cos) not in tables:
             n = len(tables)
-            tables[id(cos)] = _Rotary(g.constant(f"cos_cache_{n}", cos), g.constant(f"sin_cache_{n}", sin))
+            tables[id(cos)] = _Rotary(g.constant(f"cos_cache_{n}", cos.astype(_NUMPY[dtype])),
+                                      g.constant(f"sin_cache_{n}", sin.astype(_NUMPY[dtype])))
         out.append(tables[id(cos)])
     return out
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -15,8 +16,9 @@ from llmopt.state import ModelState, PassContext
 class HalfConfig(PassConfig):
     type: Literal["half"] = "half"
     dtype: Literal["float16", "bfloat16"] = Field(
-        "float16", description="float16: ONNX (onnxruntime's converter; for GPUs) or safetensors. bfloat16: "
-                               "safetensors only (fp32's range, so nothing overflows; onnxruntime runs few bf16 ops).")
+        "float16", description="float16: ONNX (for GPUs; fp16 matmuls, attention and KV cache, fp32 norms and "
+                               "residual stream) or safetensors. bfloat16: safetensors only (fp32's range, so "
+                               "nothing overflows; onnxruntime runs few bf16 ops).")
     keep_fp32: list[str] = Field(
         default_factory=list, description="ONNX: module-name glob patterns kept in fp32 besides those chosen "
                                           "automatically (normalisations, softmax, and any module whose output "
@@ -28,9 +30,10 @@ class HalfPass(Pass):
 
     The torch model stays float32 (it is the reference the artifact is validated against); the pass
     measures, on calibration text, which modules' outputs leave fp16's range and records the plan, and
-    the exporter converts: ONNX through onnxruntime's fp16 converter with those modules' nodes, every
-    normalisation and every Softmax blocked in fp32; safetensors by casting the weights. The export
-    validation then checks the artifact's logits are finite and close to the float32 model's.
+    the exporter follows it: the ONNX writer runs every matmul, attention and activation in fp16 except in those
+    modules, and always keeps the normalisations, the residual stream and the logits in fp32; safetensors casts
+    the weights. The export validation then checks the artifact's logits are finite and close to the float32
+    model's.
     """
 
     type = "half"
@@ -47,8 +50,6 @@ class HalfPass(Pass):
                               "Remove keep_fp32, or use dtype: bfloat16, which has float32's range.")
 
     def run(self, state: ModelState, ctx: PassContext) -> ModelState:
-        from llmopt.exporters.onnx_fp16 import FP16_MAX, OVERFLOW_MARGIN, normalization_modules, overflowing_modules
-
         c = self.config
         model = state.model
         overflow = overflowing_modules(model, ctx.calibration_windows("half")) if c.dtype == "float16" else {}
@@ -59,8 +60,12 @@ class HalfPass(Pass):
             raise InputError(f"half: keep_fp32 pattern(s) {', '.join(map(repr, unmatched))} match no module.",
                              f"Module names look like {names[-1]!r}; `llmopt inspect MODEL` lists them.")
         # An overflowing output is consumed in the parent's scope (e.g. up_proj's by the mlp's Mul): keep the parent.
-        # A module inside a kept one is kept with it: list the outermost only.
-        keep = sorted(set(normalization_modules(model)) | {_parent(model, n) for n in overflow} | chosen)
+        # The embedding's and each decoder layer's outputs are the residual stream, which the ONNX graph keeps in
+        # fp32 anyway: keep the table itself (its values overflow), and nothing for a layer. A module inside a kept
+        # one is kept with it: list the outermost only.
+        parents = {n if n == "model.embed_tokens" else _parent(model, n) for n in overflow
+                   if not _DECODER_LAYER.fullmatch(n)}
+        keep = sorted(set(normalization_modules(model)) | parents | chosen)
         keep = [n for n in keep if not any(n.startswith(k + ".") for k in keep)]
         state.precision = {"dtype": c.dtype, "keep_fp32": keep}
         state.pass_info["half"] = {
@@ -73,6 +78,42 @@ class HalfPass(Pass):
             state.pass_info["half"]["note"] = (f"{len(overflow)} module(s) exceed fp16's safe range on calibration "
                                                "text and stay fp32 in ONNX; a safetensors export refuses float16.")
         return state
+
+
+FP16_MAX = 65504.0
+OVERFLOW_MARGIN = 0.5  # an activation above half the range on calibration text may exceed it on other text
+_DECODER_LAYER = re.compile(r"model\.layers\.\d+")
+
+
+def overflowing_modules(model: Any, windows: list[Any]) -> dict[str, float]:
+    """Module name -> max |output| over `windows` for the modules whose outputs leave fp16's safe range
+    (forward hooks on the float32 model)."""
+    import torch
+
+    peaks: dict[str, float] = {}
+
+    def hook(name: str):
+        def record(module, args, output) -> None:
+            tensors = [output] if torch.is_tensor(output) else [o for o in (output if isinstance(output, tuple)
+                                                                                else ()) if torch.is_tensor(o)]
+            for t in tensors:
+                if t.is_floating_point() and t.numel():
+                    peaks[name] = max(peaks.get(name, 0.0), float(t.detach().abs().max()))
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            for ids in windows:
+                model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: peak for name, peak in peaks.items() if peak > FP16_MAX * OVERFLOW_MARGIN}
+
+
+def normalization_modules(model: Any) -> list[str]:
+    return [name for name, m in model.named_modules() if name and "norm" in type(m).__name__.lower()]
 
 
 def _parent(model, name: str) -> str:

@@ -105,3 +105,39 @@ def every_report_matches_the_schema(tmp_path_factory):
         except Exception as exc:  # jsonschema.ValidationError, or a report that is not JSON at all
             failures.append(f"{folder}: {str(exc).splitlines()[0]}")
     assert not failures, "reports that do not match docs/report.schema.json:\n" + "\n".join(failures)
+
+
+OPTIMUM_OVERLAY = Path(os.environ.get("LLMOPT_OPTIMUM_OVERLAY", Path.home() / ".cache" / "llmopt-optimum-overlay"))
+
+
+def optimum_generate(folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """optimum's ORTModelForCausalLM's greedy tokens for an ONNX folder, in a subprocess with optimum-onnx and its
+    transformers < 4.58 laid over this environment (.ci/run installs them with `pip install --target`)."""
+    import json
+    import subprocess
+    import sys
+
+    if not (OPTIMUM_OVERLAY / "optimum" / "onnxruntime").is_dir():
+        message = f"optimum-onnx is not installed in {OPTIMUM_OVERLAY} (see .ci/run)"
+        if os.environ.get("LLMOPT_REQUIRE_OPTIMUM") == "1":  # CI installs it: the test must run, not skip
+            pytest.fail(message)
+        pytest.skip(message)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(OPTIMUM_OVERLAY), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "optimum_generate.py"), str(folder),
+                           json.dumps([int(t) for t in prompt]), str(new_tokens)],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["transformers"].startswith("4.")  # the overlay, not this environment's transformers
+    return result["tokens"]
+
+
+def write_onnx(model, folder: Path, **options) -> dict:
+    """The direct writer's graph of a model in memory (float weights) with its config.json: a folder OrtRunner
+    loads."""
+    from llmopt.exporters.onnx_writer import model_blocks, write_decoder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = write_decoder(model, model_blocks(model, {}), folder, **options)
+    model.config.save_pretrained(folder)
+    return info

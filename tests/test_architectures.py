@@ -180,19 +180,17 @@ def test_fused_attention_keeps_each_layers_window_past_it(tmp_path):
     GroupQueryAttention must window layer 0 only. Compared with PyTorch over 48 tokens in one prefill and
     through a cached decode (a window shorter than the prompt is where a wrong window shows)."""
     import onnx
-    from optimum.exporters.onnx import onnx_export_from_model
 
     from llmopt.evaluation.runners import OrtRunner, TorchRunner
-    from llmopt.exporters.onnx_fuse import attention_shape, fuse_file
+    from tests.conftest import write_onnx
 
     model = tiny("gemma3_text")
-    onnx_export_from_model(model, output=tmp_path, task="text-generation-with-past", do_validation=False)
-    stats = fuse_file(tmp_path / "model.onnx", attention_shape(model.config))
-    assert stats.counts.get("GroupQueryAttention") == 2, stats
+    write_onnx(model, tmp_path)
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
     windows = {n.name: {a.name: a.i for a in n.attribute}.get("local_window_size")
                for n in graph.node if n.op_type == "GroupQueryAttention"}
-    assert windows == {"layer0_GroupQueryAttention": 8, "layer1_GroupQueryAttention": None}, windows
+    assert windows == {"/model/layers.0/attn/GroupQueryAttention": 8,
+                       "/model/layers.1/attn/GroupQueryAttention": None}, windows
     runner, reference = OrtRunner(tmp_path), TorchRunner(model)
     ids = np.random.default_rng(3).integers(3, TINY_VOCAB, 48)
     diff = float(np.abs(runner.logits(ids) - reference.logits(ids)).max())
@@ -217,9 +215,8 @@ def test_the_artifact_check_catches_a_window_wrong_past_it(tmp_path, tiny_tokeni
     v = report.validation
     print(f"right windows: {v}")
     assert v.passed and v.long_tokens >= 256 and v.decode_top1_agreement == 1.0
-    # ... and it decodes with a growing cache only (see the test below): no genai_config.json is offered.
-    assert not (tmp_path / "right" / "genai_config.json").exists()
-    assert any(note.startswith("no genai_config.json: this model has sliding-window layers") for note in report.notes)
+    # ... with the KV cache in one buffer updated in place, as onnxruntime-genai runs it (see the test below).
+    assert (tmp_path / "right" / "genai_config.json").exists()
     from llmopt.exporters import onnx_writer
 
     monkeypatch.setattr(onnx_writer, "attention_windows", lambda config: [8] * config.num_hidden_layers)
@@ -229,47 +226,31 @@ def test_the_artifact_check_catches_a_window_wrong_past_it(tmp_path, tiny_tokeni
     assert not (tmp_path / "wrong").exists()
 
 
-def test_a_windowed_graph_is_not_offered_to_a_shared_kv_buffer(tmp_path):
-    """Why a model with sliding-window layers gets no genai_config.json: onnxruntime's GroupQueryAttention with
-    local_window_size decodes wrongly when past and present share one buffer (onnxruntime-genai's mode), and
-    right with a growing cache. If onnxruntime fixes it, this test fails and the exporter may offer it again."""
-    from optimum.exporters.onnx import onnx_export_from_model
-
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma2", "mistral"])
+def test_a_windowed_graph_decodes_right_in_a_shared_kv_buffer(model_type, tmp_path):
+    """The written graph's sliding-window layers decode as PyTorch does when past and present share one buffer
+    (onnxruntime-genai's mode), past the window: the exporter offers genai_config.json for them. (The graph the
+    old fuse pass rewrote from optimum's export did not: greedy agreement 50-94% after the window.) The artifact
+    check would see it fail: it decodes the same way when genai_config.json is there."""
     from llmopt.evaluation.runners import OrtRunner, PlainOnnxLoop, TorchRunner
-    from llmopt.exporters.onnx_fuse import attention_shape, fuse_file
+    from tests.conftest import write_onnx
 
-    model = tiny("gemma3_text")
-    onnx_export_from_model(model, output=tmp_path, task="text-generation-with-past", do_validation=False)
-    fuse_file(tmp_path / "model.onnx", attention_shape(model.config))
+    model = tiny(model_type)
+    write_onnx(model, tmp_path)
     runner, reference = OrtRunner(tmp_path), TorchRunner(model)
+    assert attention_windows(model.config)[0] == 8
     ids = np.random.default_rng(3).integers(3, TINY_VOCAB, 256)
-
-    def agreement(generate) -> float:
-        out = generate(ids, 16)
-        return float((reference.logits(out)[len(ids) - 1:-1].argmax(-1) == out[len(ids):]).mean())
-
-    shared = PlainOnnxLoop.optimum_layout(runner.model.session, runner.model.config, share_buffer=True)
-    growing, in_place = agreement(runner.generate), agreement(shared.generate)
-    print(f"gemma3_text fused, decode agreement: growing cache {growing:.3f}, shared buffer {in_place:.3f}")
-    assert growing == 1.0 and in_place < 0.95
-
-    # The artifact check sees it, although every prefill is exact: offered a genai_config.json (a shared buffer),
-    # the runner decodes in place and the cached-decoding comparison fails.
-    from llmopt.evaluation.validate import validate_artifact
-    from llmopt.exporters.onnx_genai import write_genai_config
-    from llmopt.recipe import OnnxValidation
-    from tests.conftest import build_tiny_tokenizer
-
-    write_genai_config(tmp_path, model.config.to_dict())
-    v = validate_artifact(reference, OrtRunner(tmp_path), build_tiny_tokenizer(), OnnxValidation(), 256)
-    print(f"with a shared buffer: {v}")
-    assert v.max_abs_logit_diff < 1e-4 and v.top1_agreement == 1.0
-    assert v.decode_top1_agreement < 0.95 and not v.passed
+    shared = PlainOnnxLoop.optimum_layout(runner.session, share_buffer=True)
+    growing = runner.generate(ids, 16)
+    assert np.array_equal(shared.generate(ids, 16), growing)
+    assert np.array_equal(growing, reference.generate(ids, 16))
 
 
 # ---- every family through the pipeline ------------------------------------------------------------------
 
 END_TO_END = ("int4-fused-onnx", "int4-safetensors", "int8-w8a8-onnx")
+# onnxruntime's MoE ops take weight-only codes: W8A8 experts are refused at plan time (tested above).
+REFUSED_END_TO_END = {("qwen3_moe", "int8-w8a8-onnx")}
 
 
 @pytest.fixture(scope="session")
@@ -302,7 +283,10 @@ def test_every_shipped_recipe_plans_or_is_refused_on_every_family(model_type, fa
             llmopt.validate(name, model=str(family_dirs(model_type)))
             outcomes[name] = "plans"
         except RecipeError as refused:
-            assert "Supported:" in refused.hint or "group_size" in str(refused), str(refused)
+            # a family a pass does not describe, a group size that does not divide, or what the ONNX exporter's
+            # MoE op cannot hold
+            assert "Supported:" in refused.hint or "group_size" in str(refused) or \
+                "or export safetensors" in refused.hint, str(refused)
             outcomes[name] = "refused"
     print(model_type, outcomes)
     arch = describe(model_type)
@@ -310,7 +294,10 @@ def test_every_shipped_recipe_plans_or_is_refused_on_every_family(model_type, fa
         assert outcomes[name] == ("plans" if arch.gqa else "refused")
     for name in ("prune-depth", "prune-width"):
         assert outcomes[name] == ("plans" if arch.prune else "refused")
-    assert all(outcomes[name] == "plans" for name in END_TO_END)
+    assert all(outcomes[name] == "plans" for name in END_TO_END if (model_type, name) not in REFUSED_END_TO_END)
+    for model_type_refused, name in REFUSED_END_TO_END:
+        if model_type == model_type_refused:
+            assert outcomes[name] == "refused"
 
 
 @pytest.mark.parametrize("recipe_name", END_TO_END)
@@ -322,6 +309,8 @@ def test_every_family_end_to_end(model_type, recipe_name, family_dirs, tmp_path)
     import llmopt
     from llmopt.recipe import EvaluationConfig, load_recipe
 
+    if (model_type, recipe_name) in REFUSED_END_TO_END:
+        pytest.skip("refused at plan time (test_every_shipped_recipe_plans_or_is_refused_on_every_family)")
     recipe = load_recipe(recipe_name)
     calibration = recipe.calibration.model_copy(update={"samples": 2, "seq_len": 32})
     recipe = recipe.model_copy(update={"evaluation": EvaluationConfig(enabled=False), "calibration": calibration})

@@ -33,7 +33,9 @@ def onnx_run(path, config, tokens: np.ndarray, prefill: int) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    cache = {f"past_key_values.{i}.{k}": np.zeros((1, kv_heads(config), 0, head_dim), np.float32)
+    cache_type = {i.name: np.float16 if "float16" in i.type else np.float32 for i in session.get_inputs()}
+    cache = {f"past_key_values.{i}.{k}": np.zeros((1, kv_heads(config), 0, head_dim),
+                                                  cache_type[f"past_key_values.{i}.{k}"])
              for i in range(config.num_hidden_layers) for k in ("key", "value")}
     out, done = [], 0
     for end in [prefill, *range(prefill + 1, tokens.shape[1] + 1)]:
@@ -76,6 +78,69 @@ def test_float_graph_matches_pytorch_in_prefill_and_cached_decode(model_type, tm
     assert np.abs(full - expected).max() < 1e-4 * scale
     assert np.abs(cached - expected).max() < 1e-4 * scale
     assert (full.argmax(-1) == expected.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("model_type", WRITTEN)
+def test_fp16_graph_matches_pytorch_with_norms_and_the_residual_stream_in_fp32(model_type, tmp_path):
+    """keep_fp32=[] (the half pass with nothing overflowing): fp16 weights, matmuls, attention and KV cache; fp32
+    norms, residual adds and logits. Within fp16's rounding of PyTorch's float32 logits, same greedy tokens."""
+    import onnx
+
+    model = tiny(model_type)
+    info = write(model, tmp_path / "onnx", keep_fp32=[])
+    tokens = ids()
+    expected = torch_logits(model, tokens)
+    cached = onnx_run(tmp_path / "onnx" / "model.onnx", model.config, tokens, PREFILL)
+    scale = np.abs(expected).max()
+    print(f"{model_type} fp16: decode {np.abs(cached - expected).max() / scale:.1e}, "
+          f"{info['fp32_nodes']} of {info['compute_nodes']} nodes fp32")
+    assert cached.dtype == np.float32 and np.abs(cached - expected).max() < 5e-3 * scale
+    assert (cached.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    types = {i.name: i.data_type for i in graph.initializer}
+    produced = {o: n for n in graph.node for o in n.output}
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    for node in graph.node:
+        if node.op_type in ("MatMul", "MoE"):
+            assert types.get(node.input[1], fp16) == fp16 or produced[node.input[1]].op_type == "Transpose"
+        if "LayerNormalization" in node.op_type:  # their weight (LayerNorm: bias), hence their computation, fp32
+            assert types[node.input[-1]] == fp32
+    assert {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past")} == {fp16}
+    assert info["dtype"] == "float16" and info["kv_cache_dtype"] == "float16"
+    assert 0 < info["fp32_nodes"] < info["compute_nodes"]
+
+
+def test_fp16_keeps_the_named_modules_in_fp32(tmp_path, tiny_tokenizer):
+    """A kept MLP's matmuls take fp32 weights and inputs; a kept attention makes every layer's cache fp32 (one cache
+    type for the runtimes); int4 codes take fp16 scales where their matmul runs in fp16."""
+    import onnx
+
+    from llmopt.passes.quantize import QuantizeConfig, QuantizePass
+    from llmopt.state import ModelState, PassContext
+
+    model = tiny("llama")
+    state = QuantizePass(QuantizeConfig(bits=4, group_size=16)).run(ModelState(model, tiny_tokenizer), PassContext())
+    info = write(state.model, tmp_path / "a", state.quantized, keep_fp32=["model.layers.1.mlp"])
+    graph = onnx.load(str(tmp_path / "a" / "model.onnx")).graph
+    types = {i.name: i.data_type for i in graph.initializer}
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    scales = {n.name: types[n.input[2]] for n in graph.node if n.op_type == "MatMulNBits"}
+    assert scales["/model/layers.1/mlp/down_proj/MatMulNBits"] == fp32
+    assert scales["/model/layers.1/mlp/gate_up_proj/MatMulNBits"] == fp32
+    assert scales["/model/layers.0/mlp/down_proj/MatMulNBits"] == fp16
+    assert scales["/model/layers.1/attn/qkv_proj/MatMulNBits"] == fp16
+    assert info["kv_cache_dtype"] == "float16"
+    tokens = ids()
+    expected = torch_logits(state.model, tokens)
+    cached = onnx_run(tmp_path / "a" / "model.onnx", model.config, tokens, PREFILL)
+    assert np.abs(cached - expected).max() < 5e-3 * np.abs(expected).max()
+
+    info = write(state.model, tmp_path / "b", state.quantized, keep_fp32=["model.layers.0.self_attn"])
+    graph = onnx.load(str(tmp_path / "b" / "model.onnx")).graph
+    assert info["kv_cache_dtype"] == "float32"
+    assert {i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past")} == {fp32}
+    cached = onnx_run(tmp_path / "b" / "model.onnx", model.config, tokens, PREFILL)
+    assert np.abs(cached - expected).max() < 5e-3 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -188,35 +253,38 @@ def test_the_check_sees_a_wrong_window(tmp_path, monkeypatch):
     assert np.abs(cached - expected).max() > 1e-2 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
-def test_optimum_drives_the_written_graph(model_type, tmp_path, tiny_tokenizer):
-    """optimum's ORTModelForCausalLM loads the exporter's folder as it is and generates PyTorch's greedy tokens,
-    past the window (Gemma 3: 8 tokens on its sliding layer)."""
-    from optimum.onnxruntime import ORTModelForCausalLM
-
+def test_optimum_drives_the_written_graph(model_type, half, tmp_path, tiny_tokenizer):
+    """optimum's ORTModelForCausalLM (in its own environment: optimum-onnx pins transformers < 4.58) loads the
+    exporter's folder as it is and generates PyTorch's greedy tokens, past the window (Gemma 3: 8 tokens on its
+    sliding layer); the fp16 graph too, with its fp16 KV cache."""
     from llmopt.exporters.onnx import OnnxExporter
     from llmopt.recipe import ExportConfig
     from llmopt.state import ModelState
+    from tests.conftest import optimum_generate
 
     model = tiny(model_type)
+    state = ModelState(model, tiny_tokenizer)
+    if half:
+        state.precision = {"dtype": "float16", "keep_fp32": []}
     (tmp_path / "onnx").mkdir()
-    result = OnnxExporter(ExportConfig()).export(ModelState(model, tiny_tokenizer), tmp_path / "onnx")
+    result = OnnxExporter(ExportConfig()).export(state, tmp_path / "onnx")
     assert result.info["writer"] == "direct"
-    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "onnx", provider="CPUExecutionProvider")
-    prompt = torch.from_numpy(ids(12))
+    prompt = ids(12)
     with torch.no_grad():
-        expected = model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)
-    got = ort_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, min_new_tokens=20,
-                             do_sample=False)
-    assert torch.equal(got, expected)
+        expected = model.generate(torch.from_numpy(prompt), max_new_tokens=20, min_new_tokens=20,
+                                  do_sample=False)[0].tolist()
+    assert optimum_generate(tmp_path / "onnx", prompt[0].tolist(), 20) == expected
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "int4"])
-@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3", "gemma3_text"])
 def test_onnxruntime_genai_runs_the_written_graph(model_type, quantize, tmp_path, tiny_tokenizer):
     """onnxruntime-genai (the `genai` extra, beside the CPU onnxruntime) loads the exporter's folder by its
-    genai_config.json and, updating one KV buffer per layer in place, generates the tokens of the model the
-    graph was written from (PyTorch's greedy tokens; for int4, the model holding the dequantized codes)."""
+    genai_config.json and, updating one KV buffer per layer in place (Gemma 3: past its sliding window), generates
+    the tokens of the model the graph was written from (PyTorch's greedy tokens; for int4, the model holding the
+    dequantized codes)."""
     import os
 
     if os.environ.get("LLMOPT_REQUIRE_GENAI") == "1":  # CI installs the extra: the test must run, not skip
@@ -247,24 +315,53 @@ def test_onnxruntime_genai_runs_the_written_graph(model_type, quantize, tmp_path
     assert [int(t) for t in generator.get_sequence(0)] == expected
 
 
-def test_only_the_paths_that_need_optimum_ask_for_it_at_plan_time():
-    from llmopt.exporters.onnx import OnnxExporter
-    from llmopt.passes.fuse import FuseConfig, FusePass
-    from llmopt.passes.half import HalfConfig, HalfPass
-    from llmopt.passes.quantize import QuantizeConfig, QuantizePass
+def test_what_the_writer_cannot_express_is_refused_at_plan_time(tmp_path, tiny_tokenizer, fast_recipe):
+    """No second, traced path: a config the writer cannot write, a fusion switched off, and quantize settings the
+    experts' QMoE cannot hold are refused before anything loads, with what to do instead (exit 2 on the CLI)."""
+    import subprocess
+    import sys
 
-    config = config_of("gemma3_text")
-    needs = OnnxExporter.needs_optimum
-    assert not needs(config, [QuantizePass(QuantizeConfig()), FusePass(FuseConfig())])
-    assert needs(config, [HalfPass(HalfConfig())])  # fp16 is converted from optimum's export
-    assert needs(config, [FusePass(FuseConfig(rotary=False))])  # an unfused op is optimum's graph, rewritten
-    dynamic = config_of("llama")
-    dynamic.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
-    assert needs(dynamic, []) and needs(None, [])
+    from llmopt.errors import RecipeError
+    from llmopt.pipeline import plan
+
+    dynamic = tiny("llama")
+    dynamic.config.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
+    dynamic.save_pretrained(tmp_path / "dynamic")
+    tiny_tokenizer.save_pretrained(tmp_path / "dynamic")
+    with pytest.raises(RecipeError, match="rope type 'dynamic' changes the rotary frequencies") as err:
+        plan(fast_recipe(""), model=str(tmp_path / "dynamic"))
+    assert "safetensors" in err.value.hint
+    with pytest.raises(RecipeError, match=r"passes\[0\].*rotary: false is no longer possible"):
+        plan(fast_recipe("passes:\n  - {type: fuse, rotary: false}\n"), model=str(tmp_path / "dynamic"))
+
+    tiny("qwen3_moe").save_pretrained(tmp_path / "moe")
+    tiny_tokenizer.save_pretrained(tmp_path / "moe")
+    for settings, why in (("{type: quantize, bits: 8, activations: int8}", "weight-only codes"),
+                          ("{type: quantize, bits: 4, group_size: 16, target_bits_per_weight: 6.0}",
+                           "one bit width per layer")):
+        with pytest.raises(RecipeError, match=why):
+            plan(fast_recipe(f"passes:\n  - {settings}\n"), model=str(tmp_path / "moe"))
+    recipe = fast_recipe("passes:\n  - {type: fuse, norms: false}\n")
+    proc = subprocess.run([sys.executable, "-m", "llmopt", "validate", str(recipe), "--model",
+                           str(tmp_path / "moe")], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and "norms: false is no longer possible" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_experts_left_partly_float_are_refused_before_anything_is_written(tmp_path, tiny_tokenizer, fast_recipe):
+    import llmopt
+    from llmopt.errors import RecipeError
+
+    tiny("qwen3_moe").save_pretrained(tmp_path / "moe")
+    tiny_tokenizer.save_pretrained(tmp_path / "moe")
+    recipe = fast_recipe("passes:\n  - {type: quantize, bits: 4, group_size: 16, exclude: ['*.experts.0.*']}\n")
+    with pytest.raises(RecipeError, match=r"experts\.0\.\w+_proj\.weight stays float while other experts"):
+        llmopt.optimize(recipe, model=str(tmp_path / "moe"), output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_planning_an_onnx_export_does_not_load_optimum(tiny_model_dir, tmp_path):
-    """The direct writer's path never touches optimum, from planning on (optimum-onnx can become optional)."""
+    """Nothing in llmopt's ONNX path touches optimum (no longer a dependency), from planning on."""
     import subprocess
     import sys
 

@@ -473,13 +473,12 @@ def test_end_to_end_safetensors_loads_and_generates(tiny_model_dir, fast_recipe,
 
 
 def test_onnx_of_a_gqa_model_matches_torch(tmp_path):
-    from optimum.exporters.onnx import onnx_export_from_model
-
     from llmopt.evaluation.runners import OrtRunner, TorchRunner
+    from tests.conftest import write_onnx
 
     model = tiny(kv=4)
     gqa(model, 2)
-    onnx_export_from_model(model, output=tmp_path, task="text-generation-with-past", do_validation=False)
+    write_onnx(model, tmp_path)
     runner = OrtRunner(tmp_path)
     ids = windows(1, 12, seed=5)[0]
     diff = float(np.abs(runner.logits(ids) - TorchRunner(model).logits(ids)).max())

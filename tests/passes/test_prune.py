@@ -328,17 +328,13 @@ def test_end_to_end_onnx_of_a_width_pruned_model(tiny_model_dir, fast_recipe, tm
 
 
 def test_onnx_of_a_head_pruned_model_matches_torch(tmp_path):
-    from optimum.exporters.onnx import onnx_export_from_model
-
     from llmopt.evaluation.runners import OrtRunner, TorchRunner
+    from tests.conftest import write_onnx
 
     model = tiny()
     prune(model, method="width", heads=2)
-    onnx_export_from_model(model, output=tmp_path, task="text-generation-with-past", do_validation=False)
-    runner = OrtRunner(tmp_path)
-    # optimum's runtime sizes the empty KV cache as hidden_size // num_attention_heads, not head_dim
-    # (32 instead of 16 here): OrtRunner needs this line too before head-pruned ONNX runs in the pipeline.
-    runner.model.embed_size_per_head = model.config.head_dim
+    write_onnx(model, tmp_path)
+    runner = OrtRunner(tmp_path)  # the cache's head_dim (16, not hidden_size // heads = 32) read from the graph
     ids = windows(1, 12, seed=5)[0]
     diff = float(np.abs(runner.logits(ids) - TorchRunner(model).logits(ids)).max())
     print("max |Δlogit| ONNX vs torch:", diff)

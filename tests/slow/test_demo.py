@@ -39,14 +39,14 @@ def test_int4_onnx_is_small_and_close_to_baseline(int4_onnx):
 
 
 def test_int4_onnx_generates_with_optimum(int4_onnx):
-    from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
 
+    from tests.conftest import optimum_generate
+
     tokenizer = AutoTokenizer.from_pretrained(int4_onnx.output)
-    model = ORTModelForCausalLM.from_pretrained(int4_onnx.output)
-    ids = tokenizer("The capital of France is", return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    text = tokenizer.decode(out[0][ids["input_ids"].shape[1]:])
+    prompt = tokenizer("The capital of France is")["input_ids"]
+    out = optimum_generate(int4_onnx.output, prompt, 8)
+    text = tokenizer.decode(out[len(prompt):])
     print(repr(text))
     assert "Paris" in text
 
