@@ -81,8 +81,10 @@ def check_config_values(config: Any, where: str) -> None:
 
 def check_loading_info(info: dict[str, list[Any]], spec: str) -> None:
     """Raise InputError when transformers had to invent, drop or reshape weights to load `spec`."""
-    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
-    mismatched = list(info.get("mismatched_keys") or [])
+    # sorted: transformers 5 reports sets
+    missing, unexpected = (sorted(info.get(k) or [], key=_natural) for k in ("missing_keys", "unexpected_keys"))
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: _natural(m[0] if isinstance(m, (tuple, list))
+                                                                                     else m))
     problems = []
     if missing:
         problems.append(f"{len(missing)} tensor(s) the architecture needs are missing from the checkpoint "
@@ -115,6 +117,13 @@ def check_checkpoint_tensors(config: Any, shapes: dict[str, tuple[int, ...]], sp
                         "unexpected_keys": sorted(set(shapes) - set(expected)),
                         "mismatched_keys": sorted(n for n in set(expected) & set(shapes) if expected[n] != shapes[n])},
                        spec)
+
+
+def _natural(name: Any) -> list[Any]:
+    """Sort key: layer 2 before layer 10."""
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(name))]
 
 
 def _some(names: list[Any]) -> str:

@@ -260,17 +260,24 @@ def load_tokenizer(source: ModelSource) -> Any:
     """The checkpoint's tokenizer; a missing, truncated or code-requiring tokenizer is the user's to fix."""
     from transformers import AutoTokenizer
 
+    hint = "The tokenizer files (tokenizer.json, tokenizer_config.json, ...) are missing or damaged: copy them from " \
+           "the original checkpoint."
+    serialized = Path(source.path) / "tokenizer.json"
+    if serialized.is_file():  # transformers 5 hides a damaged file behind "Couldn't instantiate the backend tokenizer"
+        try:
+            json.loads(serialized.read_bytes())
+        except ValueError as exc:
+            raise InputError(f"Cannot load the tokenizer of '{source.spec}': tokenizer.json is not valid JSON "
+                             f"({exc}).", hint) from None
     try:
         return AutoTokenizer.from_pretrained(source.path, **source.hf_kwargs())
     except Exception as exc:  # noqa: BLE001 -- tokenizers and transformers raise bare Exceptions for bad files
-        text = f"{type(exc).__name__}: {exc}".strip()
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())  # one paragraph
         if "trust_remote_code" in text:
             raise InputError(f"The tokenizer of '{source.spec}' is defined by the checkpoint's own Python code, which "
                              "llmopt does not run by default.", "If you trust this checkpoint, set "
                              "`trust_remote_code: true` in the recipe or pass --trust-remote-code.") from None
-        raise InputError(f"Cannot load the tokenizer of '{source.spec}': {text[:300]}.",
-                         "The tokenizer files (tokenizer.json, tokenizer_config.json, ...) are missing or damaged: "
-                         "copy them from the original checkpoint.") from None
+        raise InputError(f"Cannot load the tokenizer of '{source.spec}': {text[:300]}.", hint) from None
 
 
 def load_model(source: ModelSource) -> tuple[Any, Any]:
@@ -288,6 +295,12 @@ def load_model(source: ModelSource) -> tuple[Any, Any]:
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise InputError(f"Cannot load model '{source.spec}': {exc}", "Check that the checkpoint is complete and not corrupted.") from None
     check_loading_info(info, source.spec)  # nothing invented, dropped or reshaped (llmopt.consistency)
+    if source.gguf_file:
+        # transformers 5 dequantizes a GGUF to float32 and keeps its GGUF "quantizer", which then refuses to save:
+        # what is loaded is a float model like any other.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.is_quantized = False
     nonfinite = nonfinite_parameters(model)
     if nonfinite:
         raise InputError(f"Model '{source.spec}' has NaN or infinite values in {len(nonfinite)} weight tensor(s): "

@@ -221,7 +221,7 @@ def _config_json(config: Any) -> dict[str, Any]:
 def _model_for_config(model: Any, saved: dict[str, Any]) -> Any:
     """`model` itself when the passes kept its architecture; else a model of the same class built from its config
     with the passes' changes (pruned widths, heads or layers, untied head) applied, its weights left to load."""
-    from transformers.modeling_utils import no_init_weights
+    from transformers.initialization import no_init_weights
 
     current = _config_json(model.config)
     if current == saved:

@@ -18,8 +18,15 @@ class ModelState:
     pass_info: dict[str, Any] = field(default_factory=dict)
     # Storage precision the exporter converts to, set by `half`: {"dtype": "float16", "keep_fp32": [module names]}.
     precision: dict[str, Any] | None = None
-    # ONNX graph fusions the fuse pass asked for ({"attention": True, ...}); the ONNX exporter applies them.
+    # ONNX graph options the fuse pass set ({"pack_projections": True}); the ONNX exporter applies them.
     graph_fusions: dict[str, bool] | None = None
+
+    def __post_init__(self) -> None:
+        # transformers 5 keeps MoE experts as 3-D parameters; every pass and exporter sees one Linear per expert
+        # projection, as on transformers 4 and in the hub's checkpoints (llmopt.experts).
+        from llmopt.experts import unfuse_experts
+
+        unfuse_experts(self.model)
 
 
 @dataclass

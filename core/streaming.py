@@ -225,9 +225,6 @@ def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: 
                           "with or without AWQ) of the decoder layers and lm_head, with a float embedding table; "
                           "mixed precision needs the whole model's sensitivities.",
                           "Remove the option, or use the non-streaming pipeline (the model must then fit in memory).")
-    if export_format == "safetensors" and not q.symmetric:
-        raise RecipeError("quantize.symmetric: false cannot be streamed to safetensors: compressed-tensors "
-                          "pack-quantized holds symmetric groups only.", "Use symmetric: true, or export.format: onnx.")
     hf_config = AutoConfig.from_pretrained(folder)
     if export_format == "onnx":
         from llmopt.exporters.onnx_writer import writer_problem

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,7 +53,7 @@ class TorchRunner:
 
             # Unpacked once at load into plain Linears: run_compressed would unpack every weight on every
             # forward pass on a CPU, which no one serving the model would do.
-            kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+            kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
         # A half-precision checkpoint is measured as it would run: in its own dtype.
         stored = config.get("dtype") or config.get("torch_dtype")
         dtype = getattr(torch, stored) if stored in ("float16", "bfloat16") else torch.float32
@@ -80,11 +81,13 @@ class TorchRunner:
         from transformers import DynamicCache
 
         out = [int(t) for t in ids]
-        cache = DynamicCache()
+        # transformers 5 renames past_key_values to cache (the old name goes in 5.40)
+        keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        cache = {keyword: DynamicCache()}
         step_ids = torch.from_numpy(ids[None].astype(np.int64)).to(self.device)
         with torch.inference_mode():
             for step in range(new_tokens):
-                logits = self.model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits
+                logits = self.model(input_ids=step_ids, use_cache=True, **cache).logits
                 token = int(logits[0, -1].argmax())
                 out.append(token)
                 step_ids = torch.tensor([[token]], dtype=torch.int64, device=self.device)

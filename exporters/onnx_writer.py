@@ -779,7 +779,11 @@ def model_blocks(model: Any, quantized: dict[str, QuantizedTensor]) -> Iterator[
     """The blocks of a model in memory: each parameter as the pass left it, or its codes where it was quantized."""
     from llmopt.streaming import Block
 
-    params = dict(model.named_parameters(remove_duplicate=False))
+    from llmopt.experts import fused_expert_tensors
+
+    params: dict[str, Any] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        params.update(fused_expert_tensors(name, param) or {name: param})  # a model that did not pass ModelState
     stored = lambda name: quantized.get(name, params[name].detach())  # noqa: E731
     yield Block("embedding", 0, {"model.embed_tokens.weight": stored("model.embed_tokens.weight")})
     for i in range(model.config.num_hidden_layers):

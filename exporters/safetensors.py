@@ -1,8 +1,9 @@
 """safetensors: a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads.
 
-Symmetric int4/int8 linear weights are stored packed in the compressed-tensors `pack-quantized` format
-(what llm-compressor writes, and what transformers and vLLM load): the pass's own codes packed by the
-library's `pack_to_int32`, its scales as `weight_scale`, and a `quantization_config` in config.json.
+int4/int8 linear weights are stored packed in the compressed-tensors `pack-quantized` format (what llm-compressor
+writes, and what transformers and vLLM load): the pass's own codes packed by the library's `pack_to_int32`, its
+scales as `weight_scale`, asymmetric groups' zero points as `weight_zero_point` (compressed-tensors >= 0.20 reads
+them back), and a `quantization_config` in config.json.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class SafetensorsExporter(Exporter):
         if unpacked:
             notes.append(
                 f"{len(unpacked)} quantized weights are stored dequantized in float32 (compressed-tensors packs "
-                "symmetric linear weights only; asymmetric groups and quantized embeddings stay float): those tensors "
-                "are not smaller on disk, the quality figures are those of the quantized model.")
+                "linear weights of one layout; quantized embeddings, a tied lm_head and other layouts stay float): "
+                "those tensors are not smaller on disk, the quality figures are those of the quantized model.")
         storage = "pack-quantized" if packed else ("dequantized" if unpacked else "none")
         info: dict[str, Any] = {"dtype": str(dtype or "torch.float32").removeprefix("torch."), "quantized_storage": storage, "packed_tensors": len(packed),
                                 "dequantized_tensors": len(unpacked)}
@@ -88,40 +89,29 @@ class SafetensorsExporter(Exporter):
     @staticmethod
     def _write_packed(state: ModelState, folder: Path, packed: dict[str, QuantizedTensor], dtype: Any = None) -> None:
         import torch
-        from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
         model = state.model
         tensors = model.state_dict()
         for name, qt in packed.items():
-            base = name.removesuffix(".weight")
             del tensors[name]
-            # compressed-tensors holds signed codes (q - 2^(bits-1)) with a zero point of 0 for symmetric groups.
-            signed = torch.from_numpy(qt.codes.astype("int16") - 2 ** (qt.bits - 1)).to(torch.int8)
-            tensors[f"{base}.weight_packed"] = pack_to_int32(signed, qt.bits)  # (out, in * bits / 32) int32
-            tensors[f"{base}.weight_scale"] = torch.from_numpy(qt.scales).to(dtype or model.dtype)  # (out, groups)
-            tensors[f"{base}.weight_shape"] = torch.tensor(qt.shape, dtype=torch.int32)
+            for key, value in compressed_tensors_entries(name, qt):
+                tensors[key] = value.to(dtype or model.dtype) if value.is_floating_point() else value
         save_model(model, folder, state_dict=_cast(tensors, dtype), safe_serialization=True)
 
         first = next(iter(packed.values()))
         linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-            num_bits=first.bits, type="int", symmetric=True, strategy="group", group_size=first.group_size))
-        config = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
-                                    quantization_status="compressed",
-                                    ignore=[n for n in linears if f"{n}.weight" not in packed])
         path = folder / "config.json"
         data = json.loads(path.read_text(encoding="utf-8"))
-        data["quantization_config"] = {**json.loads(config.model_dump_json()), "quant_method": "compressed-tensors"}
+        data["quantization_config"] = quantization_config(first.bits, first.group_size, first.symmetric,
+                                                          [n for n in linears if f"{n}.weight" not in packed])
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def split_packable(state: ModelState) -> tuple[dict[str, QuantizedTensor], dict[str, QuantizedTensor]]:
     """The quantized tensors that pack-quantized can hold, and the rest.
 
-    One config group holds one (bits, group_size): the most common one wins. A linear weight tied to the
-    embedding cannot be packed (the embedding must stay a float table), nor can asymmetric groups, whose
-    packed zero points compressed-tensors 0.12 cannot read back.
+    One config group holds one (bits, group_size, symmetric): the most common one wins. A linear weight tied to
+    the embedding cannot be packed (the embedding must stay a float table).
     """
     from collections import Counter
 
@@ -129,12 +119,51 @@ def split_packable(state: ModelState) -> tuple[dict[str, QuantizedTensor], dict[
     embedding = model.get_input_embeddings().weight
     params = dict(model.named_parameters(remove_duplicate=False))
     candidates = {name: qt for name, qt in state.quantized.items()
-                  if qt.kind == "linear" and qt.symmetric and params.get(name) is not embedding}
+                  if qt.kind == "linear" and qt.activations == "float" and params.get(name) is not embedding}
     if not candidates:
         return {}, dict(state.quantized)
-    layout = Counter((qt.bits, qt.group_size) for qt in candidates.values()).most_common(1)[0][0]
-    packed = {n: qt for n, qt in candidates.items() if (qt.bits, qt.group_size) == layout}
+    layout = Counter((qt.bits, qt.group_size, qt.symmetric) for qt in candidates.values()).most_common(1)[0][0]
+    packed = {n: qt for n, qt in candidates.items() if (qt.bits, qt.group_size, qt.symmetric) == layout}
     return packed, {n: qt for n, qt in state.quantized.items() if n not in packed}
+
+
+def compressed_tensors_entries(name: str, qt: QuantizedTensor, rows_per_call: int | None = None) -> list[tuple[str, Any]]:
+    """(stored name, tensor) of one Linear's codes in compressed-tensors' pack-quantized layout: `weight_packed`
+    (out, in * bits / 32) int32, `weight_scale` (out, groups) float32, for asymmetric groups `weight_zero_point`
+    (ceil(out * bits / 32), groups) int32, and `weight_shape`. compressed-tensors holds signed codes and zero
+    points (q - 2^(bits-1)): (q - z) * scale is unchanged. `rows_per_call` packs the codes a block of rows at a
+    time (pack_to_int32 needs ~10x its input in temporaries)."""
+    import torch
+    from compressed_tensors.compressors import pack_to_int32
+
+    base = name.removesuffix(".weight")
+    offset = 2 ** (qt.bits - 1)
+    signed = lambda codes: torch.from_numpy(codes.astype("int16") - offset).to(torch.int8)  # noqa: E731
+    step = rows_per_call or qt.shape[0]
+    blocks = [pack_to_int32(signed(qt.codes[r:r + step]), qt.bits) for r in range(0, qt.shape[0], step)]
+    entries = [(f"{base}.weight_packed", torch.cat(blocks) if len(blocks) > 1 else blocks[0]),
+               (f"{base}.weight_scale", torch.from_numpy(qt.scales))]
+    if not qt.symmetric:
+        entries.append((f"{base}.weight_zero_point", pack_to_int32(signed(qt.zero_points), qt.bits, packed_dim=0)))
+    entries.append((f"{base}.weight_shape", torch.tensor(qt.shape, dtype=torch.int32)))
+    return entries
+
+
+def quantization_config(bits: int, group_size: int, symmetric: bool, ignore: list[str]) -> dict[str, Any]:
+    """config.json's `quantization_config`: one compressed-tensors group over every Linear but `ignore`."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size))
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                quantization_status="compressed", ignore=ignore)
+    data = {**json.loads(config.model_dump_json()), "quant_method": "compressed-tensors"}
+    if not symmetric:
+        # transformers 5.25 (compressed-tensors 0.20.1) runs packed asymmetric zero points only by dequantizing at
+        # load: its compressed Linears expect them unpacked, and a plain from_pretrained fails on the shapes.
+        # vLLM reads the packed form and ignores the key.
+        data["dequantize"] = True
+    return data
 
 
 def _cast(tensors: dict[str, Any], dtype: Any) -> dict[str, Any]:

@@ -26,14 +26,17 @@ _PACK_ELEMENTS = 1 << 22  # codes packed per pack_to_int32 call
 
 
 def _entries(name: str, shape: tuple[int, ...], plan: StreamPlan) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, dtype, shape) stored for one input tensor: float32, or the three tensors of a packed weight."""
+    """(name, dtype, shape) stored for one input tensor: float32, or the tensors of a packed weight, as
+    exporters.safetensors.compressed_tensors_entries writes them."""
     if name not in plan.quantized:
         return [(name, "F32", shape)]
     rows, cols = shape
     base, q = name.removesuffix(".weight"), plan.quantize
-    return [(f"{base}.weight_packed", "I32", (rows, cols * q.bits // 32)),  # (out, in * bits / 32)
-            (f"{base}.weight_scale", "F32", (rows, cols // q.group_size)),  # (out, groups)
-            (f"{base}.weight_shape", "I32", (2,))]
+    entries = [(f"{base}.weight_packed", "I32", (rows, cols * q.bits // 32)),  # (out, in * bits / 32)
+               (f"{base}.weight_scale", "F32", (rows, cols // q.group_size))]  # (out, groups)
+    if not q.symmetric:  # zero points packed along the output dimension
+        entries.append((f"{base}.weight_zero_point", "I32", (-(-rows * q.bits // 32), cols // q.group_size)))
+    return [*entries, (f"{base}.weight_shape", "I32", (2,))]
 
 
 def _block_layout(plan: StreamPlan, reader: CheckpointReader) -> list[list[tuple[str, str, tuple[int, ...]]]]:
@@ -80,23 +83,11 @@ def _header(entries: list[tuple[str, str, tuple[int, ...]]]) -> tuple[bytes, dic
 
 def _serialize(name: str, item: Any) -> list[tuple[str, Any]]:
     """(stored name, contiguous torch tensor) for one block tensor, in `_entries`' order."""
-    import torch
-
     if not isinstance(item, QuantizedTensor):
         return [(name, item.contiguous())]
-    from compressed_tensors.compressors.quantized_compressors.pack_quantized import pack_to_int32
+    from llmopt.exporters.safetensors import compressed_tensors_entries
 
-    base = name.removesuffix(".weight")
-    rows, cols = item.shape
-    step = max(1, _PACK_ELEMENTS // cols)
-    packed = []
-    for r in range(0, rows, step):  # a block of rows at a time: pack_to_int32 needs ~10x its input in temporaries
-        # compressed-tensors holds signed codes (q - 2^(bits-1)) with a zero point of 0, as exporters/safetensors.py.
-        signed = torch.from_numpy(item.codes[r:r + step].astype("int16") - 2 ** (item.bits - 1)).to(torch.int8)
-        packed.append(pack_to_int32(signed, item.bits))  # (rows, cols * bits / 32) int32, packed along each row
-    return [(f"{base}.weight_packed", torch.cat(packed) if len(packed) > 1 else packed[0]),
-            (f"{base}.weight_scale", torch.from_numpy(item.scales)),  # (out, groups) float32
-            (f"{base}.weight_shape", torch.tensor(item.shape, dtype=torch.int32))]
+    return compressed_tensors_entries(name, item, rows_per_call=max(1, _PACK_ELEMENTS // item.shape[1]))
 
 
 def write_safetensors(plan: StreamPlan, reader: CheckpointReader, folder: Path, *,
@@ -164,7 +155,7 @@ def _check_written(folder: Path, names: list[str]) -> None:
 def _write_config(plan: StreamPlan, folder: Path) -> None:
     """config.json as the non-streaming exporter leaves it: float32, untied when lm_head got codes of its own,
     and the compressed-tensors quantization_config (one group, the unquantized Linears ignored)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from llmopt.exporters.safetensors import quantization_config
 
     data = dict(plan.config)  # the input's config.json
     data["dtype"] = "float32"
@@ -174,10 +165,6 @@ def _write_config(plan: StreamPlan, folder: Path) -> None:
     q = plan.quantize
     # Every Linear the plan could quantize (the family's projections, as the checkpoint names them) and lm_head.
     linears = [n.removesuffix(".weight") for n in sorted(plan.linears)] + ["lm_head"]
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=q.bits, type="int", symmetric=True, strategy="group", group_size=q.group_size))
-    config_q = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
-                                  quantization_status="compressed",
-                                  ignore=[n for n in linears if f"{n}.weight" not in plan.quantized])
-    data["quantization_config"] = {**json.loads(config_q.model_dump_json()), "quant_method": "compressed-tensors"}
+    data["quantization_config"] = quantization_config(q.bits, q.group_size, q.symmetric,
+                                                      [n for n in linears if f"{n}.weight" not in plan.quantized])
     (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -88,14 +88,14 @@ class InputMoments:
     """Sum over calibration tokens of x_j^2 (Wanda) or of x x^T (SparseGPT's Hessian) for one Linear."""
 
     def __init__(self, module: nn.Linear, full: bool) -> None:
-        n = module.in_features
+        n = module.weight.shape[-1]
         self.full = full
         self.moment = torch.zeros(n, n, dtype=torch.float32) if full else torch.zeros(n, dtype=torch.float32)
         self.tokens = 0
         self.handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().float().reshape(-1, module.in_features)  # (T, C)
+        x = args[0].detach().float().reshape(-1, module.weight.shape[-1])  # (T, C)
         self.moment += x.T @ x if self.full else (x * x).sum(0)
         self.tokens += x.shape[0]
 

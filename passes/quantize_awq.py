@@ -75,7 +75,7 @@ class AwqInputs:
         self.handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().float().reshape(-1, module.in_features)  # (T, in)
+        x = args[0].detach().float().reshape(-1, module.weight.shape[-1])  # (T, in)
         self.rows.append(x[torch.randperm(len(x), generator=self.generator)[:MAX_ROWS]])
 
     def sample(self) -> torch.Tensor:

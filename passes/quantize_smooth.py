@@ -32,11 +32,11 @@ class _InputRange(AwqInputs):
 
     def __init__(self, module: torch.nn.Linear, seed: int) -> None:
         super().__init__(module, seed)
-        self.channel_max = torch.zeros(module.in_features)
+        self.channel_max = torch.zeros(module.weight.shape[-1])
 
     def _hook(self, module: torch.nn.Module, args: tuple) -> None:
         super()._hook(module, args)
-        x = args[0].detach().float().reshape(-1, module.in_features)
+        x = args[0].detach().float().reshape(-1, module.weight.shape[-1])
         self.channel_max = torch.maximum(self.channel_max, x.abs().amax(0))
 
 

@@ -46,8 +46,11 @@ def config_of(model_type: str):
 
 
 def tiny(model_type: str):
-    """A tiny random model of the family, its norms and biases moved off their init so that a wrong fold shows."""
+    """A tiny random model of the family, its norms and biases moved off their init so that a wrong fold shows, as
+    llmopt's passes see it (MoE experts one Linear each: llmopt.experts)."""
     from transformers import AutoModelForCausalLM
+
+    from llmopt.experts import unfuse_experts
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config_of(model_type)).eval()
@@ -55,6 +58,7 @@ def tiny(model_type: str):
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.3)
+    unfuse_experts(model)
     return model
 
 
@@ -80,7 +84,7 @@ def fold(model, arch, groups_of) -> None:
     for layer in model.model.layers:
         for group in groups_of(layer):
             readers = [layer.get_submodule(n) for n in group.linears]
-            s = torch.rand(readers[0].in_features, generator=g) * 1.5 + 0.25
+            s = torch.rand(readers[0].weight.shape[1], generator=g) * 1.5 + 0.25
             _fold_into_previous(layer.get_submodule(group.source), s, arch.norm)
             with torch.no_grad():
                 for m in readers:

@@ -142,13 +142,15 @@ def test_safetensors_artifact_packs_int4_and_loads_in_transformers(tiny_model_di
     assert any("pack-quantized" in note for note in result.report.notes)
 
 
-def test_asymmetric_groups_are_stored_dequantized_and_say_so(tiny_model_dir, fast_recipe, tmp_path):
+def test_asymmetric_groups_are_stored_packed_with_their_zero_points(tiny_model_dir, fast_recipe, tmp_path):
     recipe = fast_recipe("passes:\n  - type: quantize\n    bits: 4\n    group_size: 16\n    symmetric: false\n"
                          "export: {format: safetensors}\n")
     result = llmopt.optimize(recipe, model=str(tiny_model_dir), output=tmp_path / "asym")
-    assert "quantization_config" not in json.loads((result.output / "config.json").read_text())
-    assert result.report.export["quantized_storage"] == "dequantized"
-    assert any("stored dequantized" in note for note in result.report.notes)
+    config = json.loads((result.output / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["symmetric"] is False
+    assert result.report.export["quantized_storage"] == "pack-quantized"
+    assert result.report.validation.passed and result.report.validation.max_abs_logit_diff < 1e-4
+    assert result.report.optimized.size_bytes < 0.4 * result.report.baseline.size_bytes
 
 
 def test_failed_check_exits_1_and_keeps_the_report(tiny_model_dir, fast_recipe, tmp_path):

@@ -18,11 +18,10 @@ SMOL = ArchInfo("llama", 30, 576, 1536, 9, 3, 64, 49152, True)  # SmolLM2-135M
 
 
 def tiny(layers: int = 2, **overrides):
-    """tiny_llama with another layer count (its own num_hidden_layers is fixed)."""
+    """tiny_llama with another layer count."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_llama(**overrides).config
-    config.num_hidden_layers = layers
+    config = tiny_llama(**{"num_hidden_layers": layers, **overrides}).config
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
