@@ -21,7 +21,7 @@ _verbosity = [NORMAL]  # the command line's -q / -v, set once by the app's callb
 def set_verbosity(level: int) -> None:
     """-q: errors, warnings of llmopt's own and the final verdict only. Default: llmopt's progress, without the
     libraries' warnings, notices and progress bars (transformers' tokenizer notes, the GGUF conversion bar,
-    optimum's and onnxruntime's messages), which say nothing a user can act on. -v: all of them, as they come."""
+    onnxruntime's messages), which say nothing a user can act on. -v: all of them, as they come."""
     import logging
     import os
     import warnings
@@ -37,7 +37,7 @@ def set_verbosity(level: int) -> None:
     # a value the user set stays.
     for name, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    for name in ("transformers", "optimum", "onnxruntime", "onnxscript", "torch", "accelerate", "huggingface_hub"):
+    for name in ("transformers", "onnxruntime", "torch", "accelerate", "huggingface_hub", "compressed_tensors"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")  # the libraries' DeprecationWarning/UserWarning/TracerWarning lines
 

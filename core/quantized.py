@@ -72,7 +72,8 @@ def simulate_int8_activations(module: Any) -> Any:
 
 @contextmanager
 def float_activations() -> Iterator[None]:
-    """Inside: W8A8 layers take float inputs (for tracing the float graph an exporter then rewrites)."""
+    """Inside: W8A8 layers take float inputs (the model without its simulation of the integer kernels, to show
+    what the simulation changes)."""
     previous = _simulating[0]
     _simulating[0] = False
     try:
