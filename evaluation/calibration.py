@@ -17,8 +17,11 @@ def calibration_batches(tokenizer: Any, *, data: str, text_field: str, samples: 
     `skip_tokens` keeps calibration away from the evaluation tokens when both read the same text,
     so that the report does not measure a model on the text it was calibrated on.
     """
+    from llmopt.evaluation.text import token_ids, window_of
+
     text, description = load_text(data, text_field)
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)[skip_tokens:]
+    ids, first = token_ids(tokenizer, text)
+    ids = ids[skip_tokens:]
     if len(ids) < seq_len:
         raise InputError(
             f"Calibration data has {len(ids)} tokens after the evaluation part, fewer than seq_len={seq_len}.",
@@ -26,4 +29,5 @@ def calibration_batches(tokenizer: Any, *, data: str, text_field: str, samples: 
         )
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(ids) - seq_len + 1, size=samples)
-    return [ids[s:s + seq_len] for s in starts], f"{description}: {samples} samples x {seq_len} tokens, seed {seed}"
+    return [window_of(ids, s, seq_len, first) for s in starts], \
+        f"{description}: {samples} samples x {seq_len} tokens, seed {seed}"

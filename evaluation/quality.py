@@ -12,12 +12,17 @@ from llmopt.evaluation.runners import Runner
 
 
 def token_windows(tokenizer, text: str, max_tokens: int, window: int) -> list[np.ndarray]:
-    """Non-overlapping windows of `window` tokens from the start of `text`, `max_tokens` in all."""
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)[:max_tokens]
-    count = len(ids) // window
+    """Non-overlapping windows of `window` tokens from the start of `text`, `max_tokens` in all, each starting
+    with the tokenizer's leading token where it puts one (then window - 1 of the text's own)."""
+    from llmopt.evaluation.text import token_ids, window_of
+
+    ids, first = token_ids(tokenizer, text)
+    ids = ids[:max_tokens]
+    step = window - (first is not None)
+    count = len(ids) // step if step > 0 else 0
     if count == 0:
         raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {window}")
-    return [ids[i * window:(i + 1) * window] for i in range(count)]
+    return [window_of(ids, i * step, window, first) for i in range(count)]
 
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from llmopt.errors import InputError
 
@@ -28,6 +31,29 @@ def builtin_text() -> str:
             "Set `evaluation.data` (or --eval-data) to a local .txt or .jsonl file.",
         ) from None
     return "\n\n".join(topics[name].strip() for name in sorted(topics))
+
+
+def leading_token(tokenizer: Any) -> int | None:
+    """The token the tokenizer puts before every text (Gemma's `<bos>`), or None (SmolLM2, Llama 3's chat
+    tokenizers put none). Windows cut from a long text start with it too, as every text the model was trained on
+    did: Gemma-3-270M's perplexity on the built-in text is about 17 with it and 64 without."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    marked, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    return int(bos) if marked[:1] == [bos] and plain[:1] != [bos] else None
+
+
+def token_ids(tokenizer: Any, text: str) -> tuple[np.ndarray, int | None]:
+    """`text`'s token ids (int64, no special tokens) and the token each window cut from them starts with."""
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64), leading_token(tokenizer)
+
+
+def window_of(ids: np.ndarray, start: int, length: int, first: int | None) -> np.ndarray:
+    """`length` tokens from `start`: the text's own, or `first` and the text's next length - 1."""
+    if first is None:
+        return ids[start:start + length]
+    return np.concatenate([np.array([first], dtype=np.int64), ids[start:start + length - 1]])
 
 
 def check_data_spec(data: str, key: str) -> None:

@@ -41,8 +41,10 @@ def validate_artifact(reference: Runner, artifact: Runner, tokenizer, config: On
     max_diff, agree, total = 0.0, 0, 0
     sequences = [np.asarray(tokenizer(p)["input_ids"], dtype=np.int64)
                  for p in (PROMPTS * ((config.prompts // len(PROMPTS)) + 1))[: config.prompts]]
-    text_ids = tokenizer(builtin_text()[:200_000], add_special_tokens=False)["input_ids"]
-    long = np.asarray(text_ids[:long_tokens], dtype=np.int64)
+    from llmopt.evaluation.text import token_ids, window_of
+
+    text_ids, first = token_ids(tokenizer, builtin_text()[:200_000])
+    long = window_of(text_ids, 0, long_tokens, first)
     for ids in [*sequences, long]:
         ref, got = reference.logits(ids), artifact.logits(ids)  # (T, V) each
         # NaN/Inf (e.g. an fp16 overflow) must fail: Python's max() would silently skip a NaN difference.
