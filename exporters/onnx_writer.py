@@ -418,12 +418,12 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
     info.update(matmul_nbits=g.stored["MatMulNBits"], gather_block_quantized=counts.get("GatherBlockQuantized", 0),
                 dynamic_quantize_matmul=g.stored["DynamicQuantizeMatMul"])
     if g.stored["QMoE"]:
-        info["qmoe_experts"] = g.stored["QMoE"]
+        info["qmoe_experts"] = g.stored["QMoE"]  # expert projections stored as codes in QMoE
     if g.half:
         computing = [n for n in g.nodes if n.op_type not in _NOT_COMPUTE and g.type_of(n.output[0]) in _WIDTH]
         info.update(dtype="float16", kv_cache_dtype=_NUMPY[cache_type].__name__,
                     fp32_nodes=sum(g.type_of(n.output[0]) == TensorProto.FLOAT for n in computing),
-                    compute_nodes=len(computing))  # expert projections stored as codes in QMoE
+                    compute_nodes=len(computing))
     if not inline:
         info["external_data"] = DATA_FILE
     if g.gather_fallbacks:
