@@ -236,5 +236,8 @@ def _model_for_config(model: Any, saved: dict[str, Any]) -> Any:
         raise ValueError(f"its model config cannot be rebuilt as a {type(config).__name__}")
     with no_init_weights():  # the checkpoint overwrites every weight: skip the random initialization
         rebuilt = type(model)(config)
+    from llmopt.experts import unfuse_experts
+
+    unfuse_experts(rebuilt)  # the checkpoint names experts one by one, as the pipeline's model has them
     rebuilt.generation_config = copy.deepcopy(model.generation_config)
     return rebuilt

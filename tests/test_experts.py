@@ -63,3 +63,17 @@ def test_a_saved_unfused_model_loads_back_fused_with_the_same_logits(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert again.model.layers[0].mlp.experts.gate_up_proj.ndim == 3
     assert torch.equal(logits(again), before)
+
+
+def test_a_resumed_run_that_rebuilds_the_model_gets_per_expert_linears():
+    """A resume checkpoint names experts one by one; a model rebuilt from a changed config (an untied head here)
+    must have them so, or the strict load fails."""
+    from llmopt.resume import _config_json, _model_for_config
+
+    model = fused_moe()
+    unfuse_experts(model)
+    saved = _config_json(model.config)
+    saved["tie_word_embeddings"] = not saved.get("tie_word_embeddings", False)
+    rebuilt = _model_for_config(model, saved)
+    assert rebuilt is not model and isinstance(rebuilt.model.layers[0].mlp.experts, ExpertList)
+    assert set(model.state_dict()) - {"lm_head.weight"} <= set(rebuilt.state_dict())
