@@ -22,20 +22,19 @@ class OnnxExporter(Exporter):
     runtime = "onnxruntime"
 
     def check(self, arch: ArchInfo, config: Any = None, passes: Sequence[Any] = ()) -> None:
-        from llmopt.architectures import describe, require
+        from llmopt.architectures import require
         from llmopt.devices import require_onnxruntime
         from llmopt.exporters.onnx_writer import writer_problem
 
         # The graph is written from the family's description (GQA Falcon or Phi-2 crashed inside optimum's
         # export): undescribed families are refused here, at plan time.
-        require(arch.model_type, "the ONNX exporter", "export.format")
+        description = require(arch.model_type, "the ONNX exporter", "export.format")
         require_onnxruntime("export.format: onnx (validating and measuring the artifact)")
         problem = writer_problem(config) if config is not None else None
         if problem is not None:
             raise RecipeError(f"export.format: onnx cannot write this model: {problem}.",
                               "Use `export: {format: safetensors}` for this model.")
-        arch_description = describe(arch.model_type)
-        if arch_description is not None and arch_description.moe:
+        if description.moe:
             for p in passes:
                 problem = experts_plan_problem(getattr(p, "config", None))
                 if problem is not None:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from llmopt.architectures import LAYERS
 from llmopt.errors import InputError, RecipeError
 from llmopt.passes.base import Pass, PassConfig
 from llmopt.state import ModelState, PassContext
@@ -82,7 +83,7 @@ class HalfPass(Pass):
 
 FP16_MAX = 65504.0
 OVERFLOW_MARGIN = 0.5  # an activation above half the range on calibration text may exceed it on other text
-_DECODER_LAYER = re.compile(r"model\.layers\.\d+")
+_DECODER_LAYER = re.compile(re.escape(LAYERS) + r"\.\d+")
 
 
 def overflowing_modules(model: Any, windows: list[Any]) -> dict[str, float]:

@@ -132,12 +132,12 @@ def optimum_generate(folder: Path, prompt: list[int], new_tokens: int) -> list[i
     return result["tokens"]
 
 
-def write_onnx(model, folder: Path, **options) -> dict:
-    """The direct writer's graph of a model in memory (float weights) with its config.json: a folder OrtRunner
-    loads."""
+def write_onnx(model, folder: Path, quantized: dict | None = None, **options) -> dict:
+    """The direct writer's graph of a model in memory (its float weights, or the pass's codes where `quantized`
+    has them) with its config.json: a folder OrtRunner loads."""
     from llmopt.exporters.onnx_writer import model_blocks, write_decoder
 
     folder.mkdir(parents=True, exist_ok=True)
-    info = write_decoder(model, model_blocks(model, {}), folder, **options)
+    info = write_decoder(model, model_blocks(model, quantized or {}), folder, **options)
     model.config.save_pretrained(folder)
     return info

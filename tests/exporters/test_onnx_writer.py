@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from llmopt.architectures import ARCHITECTURES, describe, kv_heads
-from llmopt.exporters.onnx_writer import model_blocks, write_decoder, writer_problem
-from tests.conftest import TINY_VOCAB
+from llmopt.exporters.onnx_writer import writer_problem
+from tests.conftest import TINY_VOCAB, write_onnx
 from tests.test_architectures import config_of, tiny
 
 WRITTEN = sorted(t for t in ARCHITECTURES if writer_problem(config_of(t)) is None)
@@ -49,8 +49,7 @@ def onnx_run(path, config, tokens: np.ndarray, prefill: int) -> np.ndarray:
 
 
 def write(model, folder, quantized=None, **kw):
-    folder.mkdir(exist_ok=True)
-    return write_decoder(model, model_blocks(model, quantized or {}), folder, **kw)
+    return write_onnx(model, folder, quantized, **kw)
 
 
 def test_every_family_is_written_and_what_it_cannot_express_is_named():
