@@ -73,20 +73,20 @@ def calibrated_layer_blocks(plan: StreamPlan, reader: CheckpointReader) -> Itera
         with torch.no_grad():
             if q.awq:
                 probes = group_probes(i, layer, arch, chosen, AwqInputs, seed=seed)
-                probe_layer(layer, float_inputs, probes)
+                probe_layer(layer, i, float_inputs, probes)
                 awq_totals.add(*scale_layer(layer, arch, probes, awq_search(quantizer.awq_fake_quantize)))
-                float_inputs = None if last else run_layer(layer, float_inputs)
+                float_inputs = None if last else run_layer(layer, i, float_inputs)
             codes = {}
             if q.method == "gptq":
                 moments = layer_hessians(i, layer, arch, chosen)
-                probe_layer(layer, quant_inputs, moments)
+                probe_layer(layer, i, quant_inputs, moments)
 
                 def quantize_one(name: str, module: Any, hessian: torch.Tensor) -> float:
                     codes[f"{name}.weight"], damp = quantizer.gptq_linear(name, module, hessian)
                     return damp
 
                 damping.update(quantize_layer(i, layer, moments, quantize_one))
-                quant_inputs = None if last else run_layer(layer, quant_inputs)
+                quant_inputs = None if last else run_layer(layer, i, quant_inputs)
         tensors = {f"{prefix}{n}": t.detach() for n, t in layer.state_dict().items()}
         block = Block("layer", i, {n: codes[n] if n in codes else plan.stored(n, t) for n, t in tensors.items()})
         del tensors

@@ -32,53 +32,88 @@ def input_groups(layer: nn.Module, arch: Architecture) -> list[tuple[str, nn.Mod
 
 
 class _Stop(Exception):
-    """Raised by the capture hook: nothing after the first layer needs to run."""
+    """Raised by the last layer's recorder: nothing after the decoder layers needs to run."""
 
 
-def capture_layer_inputs(model: Any, batches: list[Any]) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) each calibration window gives the first decoder layer.
+class LayerInputs:
+    """The calibration windows as one decoder layer sees them: each window's hidden states, and the other
+    arguments the model passes each layer (mask, rotary tables, positions).
 
-    Capturing the call itself (hidden states, rotary embeddings, mask) lets every later layer be
-    run alone with what the model would have passed it, on any architecture with this layout.
+    Those arguments are recorded per layer, since they differ between layer types: Gemma 2/3's sliding layers
+    get a windowed mask and local rotary tables, their full-attention layers the full mask and global tables.
+    Layers of one type share the same tensors, so recording them all costs no memory.
     """
-    captured: list[tuple[tuple, dict]] = []
 
-    def grab(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Stop
+    def __init__(self, hidden: list[torch.Tensor], calls: list[list[tuple[tuple, dict]]]) -> None:
+        self.hidden = hidden  # per window: (1, T, H)
+        self.calls = calls  # per window, per layer: the (args, kwargs) of that layer's call
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    def __bool__(self) -> bool:
+        return bool(self.hidden)
+
+    def of_layer(self, index: int) -> list[tuple[tuple, dict]]:
+        """Each window's (args, kwargs) for layer `index`, with the current hidden states."""
+        out = []
+        for hidden, calls in zip(self.hidden, self.calls):
+            args, kwargs = calls[index]
+            out.append(((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden}))
+        return out
+
+
+def capture_layer_inputs(model: Any, batches: list[Any]) -> LayerInputs:
+    """What each calibration window gives the decoder layers: the first layer's hidden states and every layer's
+    other arguments.
+
+    Each layer's forward is swapped for a recorder that hands its input on unchanged, so one cheap pass
+    through the model (embedding, mask and rotary tables only) records the call of every layer, whatever the
+    family builds per layer; a layer can then be run alone with what the model would have passed it.
+    """
+    layers = decoder_layers(model)
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict]]] = []
+
+    def recorder(index: int):
+        def record(*args, **kwargs):
+            calls[-1].append((args, kwargs))
+            if index == len(layers) - 1:
+                raise _Stop
+            return args[0] if args else kwargs["hidden_states"]
+        return record
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)  # an instance attribute: nn.Module.__call__ finds it before the class's
     try:
         for ids in batches:
+            calls.append([])
             try:
                 model.model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None], use_cache=False)  # (1, T)
             except _Stop:
                 pass
+            args, kwargs = calls[-1][0]
+            hidden.append(args[0] if args else kwargs["hidden_states"])
     finally:
-        handle.remove()
-    return captured
+        for layer in layers:
+            del layer.forward
+    return LayerInputs(hidden, calls)
 
 
-def run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
-    """Each window through one layer; the outputs become the next layer's inputs (the rest is shared)."""
-    outputs = []
-    for args, kwargs in inputs:
+def run_layer(layer: nn.Module, index: int, inputs: LayerInputs) -> LayerInputs:
+    """Each window through decoder layer `index`; its outputs become the next layer's hidden states."""
+    hidden = []
+    for args, kwargs in inputs.of_layer(index):
         out = layer(*args, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out  # (1, T, H)
-        if args:
-            outputs.append(((hidden, *args[1:]), kwargs))
-        else:
-            outputs.append((args, {**kwargs, "hidden_states": hidden}))
-    return outputs
+        hidden.append(out[0] if isinstance(out, tuple) else out)  # (1, T, H)
+    return LayerInputs(hidden, inputs.calls)
 
 
-def probe_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]], probes: dict[str, Any]) -> None:
-    """Run the calibration inputs through one layer so that its probes' hooks see them, then remove the hooks."""
+def probe_layer(layer: nn.Module, index: int, inputs: LayerInputs, probes: dict[str, Any]) -> None:
+    """Run the calibration inputs through layer `index` so that its probes' hooks see them, then remove the
+    hooks."""
     if not probes:
         return
     try:
         with torch.no_grad():
-            run_layer(layer, inputs)
+            run_layer(layer, index, inputs)
     finally:
         for probe in probes.values():
             probe.handle.remove()
@@ -111,12 +146,12 @@ def measured_layers(model: Any, batches: list[Any], attach: Callable[[int, nn.Mo
     Memory is one layer plus the calibration activations, whatever the depth.
     """
     layers = decoder_layers(model)
-    inputs = capture_layer_inputs(model, batches) if batches else []
+    inputs = capture_layer_inputs(model, batches) if batches else LayerInputs([], [])
     for i, layer in enumerate(layers):
         probes = attach(i, layer) if inputs else {}
-        probe_layer(layer, inputs, probes)
+        probe_layer(layer, i, inputs, probes)
         yield i, layer, probes
         if inputs:
             with torch.no_grad():
-                inputs = run_layer(layer, inputs)
+                inputs = run_layer(layer, i, inputs)
         progress(i + 1, len(layers))

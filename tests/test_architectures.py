@@ -144,6 +144,30 @@ def test_quantize_covers_every_projection_of_every_family(model_type, tiny_token
     assert info["quantized_parameters"] <= sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_layer_by_layer_inputs_are_the_models_own(model_type):
+    """GPTQ, AWQ and the sparse pruners run one decoder layer at a time on recorded inputs: chained layer by
+    layer over a sequence past every window, they give the model's own hidden states. Gemma 2/3's full-attention
+    layers get another mask and other rotary tables than their sliding ones, which a single recorded call (what
+    llmopt did before) gets wrong."""
+    from llmopt.passes.layerwise import capture_layer_inputs, decoder_layers, run_layer
+
+    model = tiny(model_type)
+    layers = decoder_layers(model)
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for layer in layers]
+    ids = torch.randint(3, TINY_VOCAB, (40,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.model(input_ids=ids[None], use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        inputs = capture_layer_inputs(model, [ids.tolist()])
+        for i, layer in enumerate(layers):
+            inputs = run_layer(layer, i, inputs)
+            assert relative(inputs.hidden[0], outputs[i]) < 1e-5, f"{model_type}: layer {i}"
+
+
 def test_undescribed_families_are_refused_at_plan_time():
     from llmopt.errors import RecipeError
     from llmopt.model import ArchInfo
