@@ -48,8 +48,8 @@ class Architecture:
     moe: bool = False  # MLP of routed experts
     parallel: bool = False  # attention and MLP side by side on one norm, both added to the stream (Cohere)
     scaled_embedding: bool = False  # the embedding's output times sqrt(hidden_size) (Gemma)
-    # What the rewriting passes handle (each needs a standard attention with separate q/k/v and repeat_kv, and the
-    # pruner also a dense gated MLP); quantize, half, distill and the exporters take every described family.
+    # What the rewriting passes handle: `gqa` an attention with repeat_kv, `prune` (width) also a dense gated MLP;
+    # depth and sparse pruning, quantize, half, distill and the exporters take every described family.
     gqa: bool = False
     prune: bool = False
     stream: bool = True  # the layer-by-layer writers (core/streaming.py) know its block (every dense family)
@@ -85,28 +85,30 @@ def _moe_groups(experts: int) -> tuple[InputGroup, ...]:
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     _llama_like("llama", gqa=True, prune=True),
-    _llama_like("qwen3_moe", qk_norm="per_head", moe=True, stream=False),
+    _llama_like("qwen3_moe", qk_norm="per_head", moe=True, gqa=True, stream=False),
     _llama_like("mistral", gqa=True, prune=True),
     _llama_like("qwen2", gqa=True, prune=True),
     _llama_like("qwen3", qk_norm="per_head", gqa=True, prune=True),
-    _llama_like("smollm3", gqa=True),  # every fourth layer without RoPE (a RoPE-commuting map commutes there too)
-    _llama_like("granite", gqa=True),  # embedding, residual, attention and logit multipliers: inside the modules
+    # every fourth layer without RoPE (a RoPE-commuting map commutes there too)
+    _llama_like("smollm3", gqa=True, prune=True),
+    # embedding, residual, attention and logit multipliers: inside the modules
+    _llama_like("granite", gqa=True, prune=True),
     _llama_like("gemma", norm="rms_one_plus", scaled_embedding=True, gqa=True, prune=True),
     Architecture("gemma2", _SANDWICH, norm="rms_one_plus", scaled_embedding=True, gqa=True,
-                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+                 prune=True, post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
     Architecture("gemma3_text", _SANDWICH, norm="rms_one_plus", scaled_embedding=True, qk_norm="per_head", gqa=True,
-                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+                 prune=True, post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
     # Phi-3/Phi-4: fused projections. down_proj reads act(gate) * up, and up is half of gate_up_proj's rows:
     # no whole module to fold into, so that group is not offered.
     Architecture("phi3", (InputGroup("input_layernorm", ("self_attn.qkv_proj",)),
                           InputGroup("post_attention_layernorm", ("mlp.gate_up_proj",))),
-                 fused_qkv=True, fused_gate_up=True),
+                 fused_qkv=True, fused_gate_up=True, gqa=True, prune=True),
     # OLMo 2: norms after each block only, so q/k/v and gate/up read the residual stream (nothing to fold into).
-    Architecture("olmo2", (_DOWN,), qk_norm="whole",
+    Architecture("olmo2", (_DOWN,), qk_norm="whole", gqa=True, prune=True,
                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
     # Cohere: attention and MLP in parallel on one LayerNorm (no bias); RoPE on interleaved pairs.
     Architecture("cohere", (InputGroup("input_layernorm", (*_QKV, *_GATE_UP)), _DOWN), norm="layernorm",
-                 rotary="interleaved", parallel=True),
+                 rotary="interleaved", parallel=True, gqa=True, prune=True),
 )}
 
 
@@ -204,9 +206,40 @@ def rotary_width(config: Any) -> int:
     return int(head_dim(config) * float(getattr(config, "partial_rotary_factor", None) or 1.0))
 
 
+def rotary_pairs(config: Any) -> tuple[list[int], list[int]]:
+    """The head dimensions RoPE rotates together, as two lists: dimension first[f] pairs with second[f].
+
+    Half-split RoPE pairs f with f + r/2 over the rotated width r, interleaved RoPE (Cohere) 2f with 2f + 1.
+    Dimensions past r are not rotated; they are paired among themselves (any map commutes with no rotation), so
+    every head dimension is in exactly one pair. The gqa pass merges keys by maps that commute with RoPE: per
+    pair, a rotation and a scale."""
+    hd, width = head_dim(config), rotary_width(config)
+    arch = describe(config.model_type)
+    if arch is not None and arch.rotary == "interleaved":
+        first, second = list(range(0, width, 2)), list(range(1, width, 2))
+    else:
+        first, second = list(range(width // 2)), list(range(width // 2, width))
+    rest = hd - width
+    first += list(range(width, width + rest // 2))
+    second += list(range(width + rest // 2, width + 2 * (rest // 2)))
+    if rest % 2:
+        raise RecipeError(f"model: {rest} head dimensions outside RoPE's rotated width ({width} of {hd}) is odd; "
+                          "the gqa pass pairs them.", "Use `method: mean` for this model.")
+    return first, second
+
+
 def routing(config: Any) -> tuple[int, bool]:
     """An MoE family's experts per token and whether their top-k router weights are renormalized."""
     return int(config.num_experts_per_tok), bool(getattr(config, "norm_topk_prob", False))
+
+
+def layer_kinds_config(config: Any, dense: list[bool]) -> dict[str, Any]:
+    """Config fields that make layer i dense (one MLP) exactly where `dense[i]`, for an MoE family whose config
+    says by index which layers route to experts (Qwen3-MoE: `mlp_only_layers`, `decoder_sparse_step`); what depth
+    pruning writes after renumbering the layers. Empty for families that have no such fields."""
+    if not hasattr(config, "mlp_only_layers"):
+        return {}
+    return {"mlp_only_layers": [i for i, d in enumerate(dense) if d], "decoder_sparse_step": 1}
 
 
 def _np_float32(value: float) -> float:
@@ -238,6 +271,6 @@ def support_markdown() -> str:
         sources = ", ".join(dict.fromkeys(g.source.split(".")[-1] for g in arch.groups))
         if arch.moe:
             sources += " (router and every expert)"
-        rows.append(f"| `{name}` | yes | {sources} | {mark[arch.gqa]} | {mark[arch.prune]} | {mark[arch.stream]} "
-                    "| yes |")
+        prune = "yes" if arch.prune else "depth, sparse (width refused)"
+        rows.append(f"| `{name}` | yes | {sources} | {mark[arch.gqa]} | {prune} | {mark[arch.stream]} | yes |")
     return "\n".join(rows) + "\n"

@@ -10,7 +10,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from llmopt.architectures import require
+from llmopt.architectures import Architecture, require, rotary_pairs
 from llmopt.errors import InputError, RecipeError
 from llmopt.model import ArchInfo
 from llmopt.passes.base import Pass, PassConfig
@@ -35,12 +35,11 @@ def valid_kv_heads(num_heads: int, num_kv_heads: int) -> list[int]:
     return [k for k in range(1, num_kv_heads + 1) if num_heads % k == 0]
 
 
-def _require_supported(model_type: str, where: str) -> bool:
-    """Whether q and k go through a per-head norm before RoPE; RecipeError naming the family when the pass cannot
-    rewrite it. The families it takes (llmopt.architectures, `gqa=True`) have q/k/v/o_proj Linears in
-    `self_attn`, HF's rotate_half RoPE (dimension f pairs with f + head_dim/2) and repeat_kv driven by
-    `num_key_value_groups`."""
-    return require(model_type, "the gqa pass", where, capability="gqa").qk_norm == "per_head"
+def _require_supported(model_type: str, where: str) -> Architecture:
+    """The family's description; RecipeError naming the family when the pass cannot rewrite it. The families it
+    takes (llmopt.architectures, `gqa=True`) have q/k/v (or a fused qkv) and o projections in `self_attn`, RoPE on
+    pairs of head dimensions (llmopt.architectures.rotary_pairs) and repeat_kv driven by `num_key_value_groups`."""
+    return require(model_type, "the gqa pass", where, capability="gqa")
 
 
 class GqaPass(Pass):
@@ -68,7 +67,8 @@ class GqaPass(Pass):
         weighted by its query heads' energy in that pair): w_f = sum_g alpha_g z_g and
         z_g ~ gamma_g w_f (least squares); q_f <- conj(gamma_g) q_f keeps q·k for the query heads of g.
         This is Procrustes alignment restricted to per-frequency rotations, plus optimal weights.
-        With q_norm/k_norm (Qwen3, Gemma3) no map can pass the norm, so keys are mean-pooled before it.
+        With q_norm/k_norm (Qwen3, Gemma 3, OLMo 2) no map can pass the norm, so keys are mean-pooled before
+        it; a norm with a weight per head (OLMo 2, Cohere) gets the group's weights averaged the same way.
       - grouping: which KV heads share a new head minimises the summed relative merge error
         (exhaustive when the partitions are few, else a seeded swap search on pairwise errors).
     K equal to the current KV heads leaves the model's function unchanged (up to float rounding for pca).
@@ -95,10 +95,12 @@ class GqaPass(Pass):
 
         started = time.perf_counter()
         model, method = state.model, self.config.method
-        qk_norm = _require_supported(model.config.model_type, "gqa")
+        family = _require_supported(model.config.model_type, "gqa")
         arch = ArchInfo.from_config(model.config)
         self.check(arch, "gqa")
-        attns = _attention_modules(model)
+        attns = _attention_modules(model, family)
+        qk_norm = getattr(attns[0], "k_norm", None) is not None  # Cohere has them only with use_qk_norm
+        pairs = rotary_pairs(model.config)
         heads, kv_before, hd = arch.num_heads, arch.num_kv_heads, attns[0].head_dim
         k = self.config.num_key_value_heads
         kv_of = [i // (heads // kv_before) for i in range(heads)]  # query head -> its KV head (repeat_kv order)
@@ -111,7 +113,7 @@ class GqaPass(Pass):
         offset = len(_batches_of(windows, _BATCH))  # progress: calibration batches, then layers
         steps = offset + len(attns)
         if method == "pca":
-            stats, tokens = collect_stats(model, attns, windows, lambda done, _: ctx.progress(done, steps))
+            stats, tokens = collect_stats(model, attns, family, windows, lambda done, _: ctx.progress(done, steps))
 
         chosen, key_errors, value_errors = [], [], []
         with torch.no_grad():
@@ -119,11 +121,11 @@ class GqaPass(Pass):
                 if method == "mean":
                     merges = [mean_merge(hs, qs, kv_of, hd) for hs, qs in contiguous_groups(heads, kv_of, k)]
                 else:
-                    data = LayerData.build(stats[layer], attn.o_proj.weight, kv_of, hd)
+                    data = LayerData.build(stats[layer], attn.o_proj.weight, kv_of, hd, pairs)
                     merges = pca_layer(data, k, qk_norm, seed=ctx.seed)
                     key_errors.append(sum(m.key_error for m in merges) / data.key_energy)
                     value_errors.append(sum(m.value_error for m in merges) / data.value_energy)
-                apply_merges(attn, merges, kv_of, hd)
+                apply_merges(attn, family, merges, kv_of, hd, pairs)
                 attn.num_key_value_groups = heads // k
                 if hasattr(attn, "num_key_value_heads"):
                     attn.num_key_value_heads = k
@@ -158,12 +160,12 @@ def _decoder(model: Any) -> Any:
     return decoder if hasattr(decoder, "layers") else getattr(model, "base_model", None)
 
 
-def _attention_modules(model: Any) -> list[Any]:
+def _attention_modules(model: Any, family: Architecture) -> list[Any]:
     import torch
 
     layers = getattr(_decoder(model), "layers", None) or []
     attns = [getattr(layer, "self_attn", None) for layer in layers]
-    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    names = ("qkv_proj", "o_proj") if family.fused_qkv else ("q_proj", "k_proj", "v_proj", "o_proj")
     if not attns or any(a is None or not all(isinstance(getattr(a, n, None), torch.nn.Linear) for n in names)
                         for a in attns):
         raise InputError(
@@ -196,7 +198,7 @@ def _batches_of(windows: list[Any], size: int) -> list[list[Any]]:
     return batches
 
 
-def collect_stats(model: Any, attns: list[Any], windows: list[Any],
+def collect_stats(model: Any, attns: list[Any], family: Architecture, windows: list[Any],
                   progress: Callable[[int, int], None] = lambda done, total: None) -> tuple[list[LayerStats], int]:
     """One pass of the calibration windows through the decoder, accumulating q/k/v moments with hooks.
 
@@ -205,11 +207,13 @@ def collect_stats(model: Any, attns: list[Any], windows: list[Any],
     import numpy as np
     import torch
 
+    from llmopt.passes.projections import hook_qkv
+
     sums = [{"q": 0.0, "k": 0.0, "v": 0.0} for _ in attns]
     handles = []
 
-    def hook(store: dict, key: str):
-        def accumulate(module, inputs, output) -> None:
+    def hook(store: dict):
+        def accumulate(key: str, output: Any) -> None:
             y = output.detach().reshape(-1, output.shape[-1]).to("cpu", torch.float64)  # (N, out)
             store[key] = store[key] + ((y * y).sum(0) if key == "q" else y.T @ y)
         return accumulate
@@ -219,8 +223,7 @@ def collect_stats(model: Any, attns: list[Any], windows: list[Any],
     tokens = 0
     try:
         for attn, store in zip(attns, sums):
-            for key in ("q", "k", "v"):
-                handles.append(getattr(attn, f"{key}_proj").register_forward_hook(hook(store, key)))
+            handles += hook_qkv(attn, family, hook(store))
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 ids = torch.from_numpy(np.stack(batch).astype(np.int64)).to(device)  # (B, T)
@@ -239,7 +242,7 @@ def collect_stats(model: Any, attns: list[Any], windows: list[Any],
 class LayerData:
     """Per-layer statistics in the shapes the merge needs."""
 
-    key_cov: Any  # (F, kv, kv) complex: E[z_g conj(z_h)] for each RoPE pair f, z = k[f] + i k[f + hd/2]
+    key_cov: Any  # (F, kv, kv) complex: E[z_g conj(z_h)] for each RoPE pair f, z = k[first[f]] + i k[second[f]]
     query_energy: Any  # (H, F): E|q_f|^2 per query head and pair
     value_cov: Any  # (kv, hd, kv, hd): E[v v^T]
     out_metric: Any  # (H, hd, hd): O_i^T O_i, O_i = o_proj columns of query head i
@@ -249,16 +252,20 @@ class LayerData:
     value_energy: float
 
     @classmethod
-    def build(cls, stats: LayerStats, o_weight: Any, kv_of: list[int], hd: int) -> "LayerData":
+    def build(cls, stats: LayerStats, o_weight: Any, kv_of: list[int], hd: int,
+              pairs: tuple[list[int], list[int]] | None = None) -> "LayerData":
+        """`pairs`: the head dimensions RoPE rotates together (llmopt.architectures.rotary_pairs); by default
+        half-split RoPE over the whole head."""
         import torch
 
         kv, f, heads = max(kv_of) + 1, hd // 2, len(kv_of)
-        kc = stats.k_cov.reshape(kv, hd, kv, hd)
+        order = _pair_order(pairs, hd)
+        kc = stats.k_cov.reshape(kv, hd, kv, hd)[:, order][:, :, :, order]  # pair f's dimensions at f and f + F
         diag = lambda block: torch.diagonal(block, dim1=1, dim2=3).permute(2, 0, 1)  # (kv,F,kv,F) -> (F,kv,kv)
         aa, bb = diag(kc[:, :f, :, :f]), diag(kc[:, f:, :, f:])
         ba, ab = diag(kc[:, f:, :, :f]), diag(kc[:, :f, :, f:])
         key_cov = torch.complex(aa + bb, ba - ab)
-        qe = stats.q_energy.reshape(heads, hd)
+        qe = stats.q_energy.reshape(heads, hd)[:, order]
         query_energy = qe[:, :f] + qe[:, f:]  # (H, F)
         o = o_weight.detach().to("cpu", torch.float64).reshape(-1, heads, hd).permute(1, 0, 2)  # (H, hidden, hd)
         out_metric = o.transpose(1, 2) @ o  # (H, hd, hd)
@@ -487,31 +494,32 @@ def _augmented(linear: Any) -> Any:
     return torch.cat([w, b[:, None]], 1)
 
 
-def _new_linear(like: Any, augmented: Any) -> Any:
-    """A Linear with `like`'s dtype, device and bias presence holding [W | b]."""
+def _pair_order(pairs: tuple[list[int], list[int]] | None, hd: int) -> Any:
+    """Head dimensions reordered so that each RoPE pair sits at (f, f + hd/2), as the merge math has it."""
     import torch
 
-    out = torch.nn.Linear(augmented.shape[1] - 1, augmented.shape[0], bias=like.bias is not None,
-                          dtype=like.weight.dtype, device=like.weight.device)
-    with torch.no_grad():
-        out.weight.copy_(augmented[:, :-1])
-        if out.bias is not None:
-            out.bias.copy_(augmented[:, -1])
-    return out
+    return torch.arange(hd) if pairs is None else torch.tensor(pairs[0] + pairs[1])
 
 
-def apply_merges(attn: Any, merges: list[Merge], kv_of: list[int], hd: int) -> None:
+def apply_merges(attn: Any, family: Architecture, merges: list[Merge], kv_of: list[int], hd: int,
+                 pairs: tuple[list[int], list[int]] | None = None) -> None:
     """Write the merged k/v projections and the matching q/o projections into one attention module.
 
-    New KV head j serves merges[j].queries, so query heads are reordered (q rows, o columns) to keep
-    HF's contiguous repeat_kv layout.
+    New KV head j serves merges[j].queries, so query heads are reordered (q rows, o columns, and a q norm's
+    per-head weights) to keep HF's contiguous repeat_kv layout.
     """
     import torch
 
+    from llmopt.passes.projections import linear_like, per_head_norm, qkv, set_head_weights, set_qkv
+
     f = hd // 2
-    wq, wk, wv = _augmented(attn.q_proj), _augmented(attn.k_proj), _augmented(attn.v_proj)
+    order = _pair_order(pairs, hd)
+    back = torch.argsort(order)
+    q_proj, k_proj, v_proj = qkv(attn, family)
+    wq, wk, wv = _augmented(q_proj), _augmented(k_proj), _augmented(v_proj)
     cols = wq.shape[1]
-    wq, wk, wv = wq.reshape(-1, hd, cols), wk.reshape(-1, hd, cols), wv.reshape(-1, hd, cols)  # (heads, hd, in+1)
+    # (heads, hd, in+1), the head dimensions of q and k in pair order
+    wq, wk, wv = wq.reshape(-1, hd, cols)[:, order], wk.reshape(-1, hd, cols)[:, order], wv.reshape(-1, hd, cols)
     wo = attn.o_proj.weight.detach().to("cpu", torch.float64)
     wo = wo.reshape(wo.shape[0], -1, hd)  # (hidden, H, hd)
     q_rows, o_cols, k_rows, v_rows = [], [], [], []
@@ -519,18 +527,27 @@ def apply_merges(attn: Any, merges: list[Merge], kv_of: list[int], hd: int) -> N
         idx = list(merge.heads)
         a, b = wk[idx, :f], wk[idx, f:]  # (S, F, in+1): real and imaginary parts of each RoPE pair
         p, r = merge.alpha.real.T[..., None], merge.alpha.imag.T[..., None]  # (S, F, 1)
-        k_rows.append(torch.cat([(p * a - r * b).sum(0), (r * a + p * b).sum(0)]))  # alpha * z, summed
+        k_rows.append(torch.cat([(p * a - r * b).sum(0), (r * a + p * b).sum(0)])[back])  # alpha * z, summed
         v_rows.append(merge.p @ wv[idx].reshape(-1, cols))  # (hd, in+1)
         for i in merge.queries:
             g = idx.index(kv_of[i])
             c, d = merge.gamma[:, g].real[:, None], merge.gamma[:, g].imag[:, None]  # (F, 1)
             qa, qb = wq[i, :f], wq[i, f:]
-            q_rows.append(torch.cat([c * qa + d * qb, c * qb - d * qa]))  # conj(gamma) * q
+            q_rows.append(torch.cat([c * qa + d * qb, c * qb - d * qa])[back])  # conj(gamma) * q
             o_cols.append(wo[:, i] @ merge.m[g])  # (hidden, hd)
+    queries = [i for merge in merges for i in merge.queries]
+    heads = len(kv_of)
+    q_norm, k_norm = per_head_norm(attn, "q_norm", heads), per_head_norm(attn, "k_norm", max(kv_of) + 1)
     with torch.no_grad():
-        attn.q_proj.weight.copy_(torch.cat(q_rows)[:, :-1])
-        if attn.q_proj.bias is not None:
-            attn.q_proj.bias.copy_(torch.cat(q_rows)[:, -1])
         attn.o_proj.weight.copy_(torch.cat(o_cols, 1))
-    attn.k_proj = _new_linear(attn.k_proj, torch.cat(k_rows))
-    attn.v_proj = _new_linear(attn.v_proj, torch.cat(v_rows))
+        if q_norm is not None:
+            set_head_weights(q_norm, q_norm.weight.detach().reshape(heads, hd)[queries])
+        if k_norm is not None:  # keys are mean-pooled before the norm: its per-head weights are averaged alike
+            old = k_norm.weight.detach().reshape(-1, hd)
+            set_head_weights(k_norm, torch.stack([
+                sum(w * old[g] for w, g in zip(_query_weights(m.heads, m.queries, kv_of), m.heads)) for m in merges]))
+    def built(like: Any, rows: list[Any]) -> Any:  # rows of [W | b]
+        augmented = torch.cat(rows)
+        return linear_like(like, augmented[:, :-1], augmented[:, -1] if like.bias is not None else None)
+
+    set_qkv(attn, family, built(q_proj, q_rows), built(k_proj, k_rows), built(v_proj, v_rows))

@@ -126,7 +126,9 @@ class PrunePass(Pass):
 
     def check(self, arch: ArchInfo, where: str) -> ArchInfo:
         c = self.config
-        require(arch.model_type, "pruning", f"{where}.method", capability="prune")
+        # Depth and sparse pruning take every described family; width pruning needs a dense gated MLP.
+        require(arch.model_type, f"{c.method} pruning", f"{where}.method",
+                capability="prune" if c.method == "width" else None)
         if c.method == "width":
             heads, kv = self._planned_heads(arch, where)
             intermediate = self._planned_intermediate(arch, heads, kv, where)

@@ -10,7 +10,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llmopt.passes.layerwise import decoder_layers
+from llmopt.architectures import Architecture, layer_kinds_config
+from llmopt.passes.layerwise import decoder_layers, layout
+from llmopt.passes.projections import gate_up, linear_like, per_head_norm, qkv, set_gate_up, set_head_weights, set_qkv
 
 Progress = Callable[[int, int], None]
 
@@ -62,7 +64,7 @@ class InputStats:
 def prune_width(model: Any, batches: list[Any], *, mlp_remove: int, heads_remove: int, head_unit: str,
                 importance: str, progress: Progress) -> dict[str, Any]:
     """Remove `mlp_remove` MLP channels and `heads_remove` heads from every layer, least important first."""
-    config, layers = model.config, decoder_layers(model)
+    config, layers, arch = model.config, decoder_layers(model), layout(model)
     head_dim = layers[0].self_attn.head_dim
     stats: list[tuple[InputStats, InputStats]] = []
     if importance != "magnitude" and (mlp_remove or heads_remove):
@@ -79,24 +81,26 @@ def prune_width(model: Any, batches: list[Any], *, mlp_remove: int, heads_remove
         mlp, attn = layer.mlp, layer.self_attn
         if mlp_remove:
             if importance == "magnitude":
-                score = (mlp.gate_proj.weight.pow(2).sum(1) + mlp.up_proj.weight.pow(2).sum(1)
+                gate, up = gate_up(mlp, arch)
+                score = (gate.weight.pow(2).sum(1) + up.weight.pow(2).sum(1)
                          + mlp.down_proj.weight.pow(2).sum(0)).sqrt()  # (I,)
             else:
                 s = stats[i][0]
                 score = s.activation() if importance == "activation" else s.wanda(mlp.down_proj.weight)
             drop = _lowest(score, mlp_remove)
-            _remove_mlp_channels(mlp, drop)
+            _remove_mlp_channels(mlp, arch, drop)
             removed_channels.append(drop.tolist())
         if heads_remove:
             if importance == "magnitude":
-                q = attn.q_proj.weight.reshape(-1, head_dim, attn.q_proj.in_features).pow(2).sum((1, 2))  # (nh,)
+                wq = qkv(attn, arch)[0].weight
+                q = wq.reshape(-1, head_dim, wq.shape[1]).pow(2).sum((1, 2))  # (nh,)
                 o = attn.o_proj.weight.reshape(attn.o_proj.out_features, -1, head_dim).pow(2).sum((0, 2))  # (nh,)
                 score = (q + o).sqrt()
             else:
                 s = stats[i][1]
                 score = s.activation() if importance == "activation" else s.wanda(attn.o_proj.weight)
             drop = _choose_heads(score, heads_remove, config.num_key_value_heads, head_unit)
-            _remove_heads(attn, drop, config.num_key_value_heads, head_unit)
+            _remove_heads(attn, arch, drop, config.num_key_value_heads, head_unit)
             removed_heads.append(drop.tolist())
         progress(i + 1, len(layers))
 
@@ -133,27 +137,55 @@ def _choose_heads(score: torch.Tensor, n: int, kv: int, unit: str) -> torch.Tens
     return torch.sort(heads.flatten()).values
 
 
-def _remove_mlp_channels(mlp: nn.Module, drop: torch.Tensor) -> None:
+def _remove_mlp_channels(mlp: nn.Module, arch: Architecture, drop: torch.Tensor) -> None:
     keep = _complement(drop, mlp.down_proj.in_features)
-    mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=keep)
-    mlp.up_proj = sliced_linear(mlp.up_proj, rows=keep)
+    gate, up = gate_up(mlp, arch)
+    set_gate_up(mlp, arch, sliced_linear(gate, rows=keep), sliced_linear(up, rows=keep))
     mlp.down_proj = sliced_linear(mlp.down_proj, cols=keep)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = keep.numel()
 
 
-def _remove_heads(attn: nn.Module, drop: torch.Tensor, kv: int, unit: str) -> None:
+def _remove_heads(attn: nn.Module, arch: Architecture, drop: torch.Tensor, kv: int, unit: str) -> None:
     d, heads = attn.head_dim, attn.o_proj.in_features // attn.head_dim
     per_group = heads // kv
     keep = _complement(drop, heads)
-    attn.q_proj = sliced_linear(attn.q_proj, rows=_head_rows(keep, d))
+    q, k, v = qkv(attn, arch)
+    _slice_head_norm(attn, arch, "q_norm", q, keep, heads)
+    q = sliced_linear(q, rows=_head_rows(keep, d))
     attn.o_proj = sliced_linear(attn.o_proj, cols=_head_rows(keep, d))
     if unit == "group":
         keep_kv = _complement(torch.unique(drop // per_group), kv)
-        attn.k_proj = sliced_linear(attn.k_proj, rows=_head_rows(keep_kv, d))
-        attn.v_proj = sliced_linear(attn.v_proj, rows=_head_rows(keep_kv, d))
+        _slice_head_norm(attn, arch, "k_norm", k, keep_kv, kv)
+        k = sliced_linear(k, rows=_head_rows(keep_kv, d))
+        v = sliced_linear(v, rows=_head_rows(keep_kv, d))
+        if hasattr(attn, "num_key_value_heads"):
+            attn.num_key_value_heads = keep_kv.numel()
     else:
         attn.num_key_value_groups = per_group - drop.numel() // kv  # repeat_kv reads it
+    set_qkv(attn, arch, q, k, v)
+
+
+def _slice_head_norm(attn: nn.Module, arch: Architecture, which: str, projection: nn.Linear, keep: torch.Tensor,
+                     heads: int) -> None:
+    """Keep the `keep` heads' slices of a q/k norm whose weight has one per head (OLMo 2, Cohere).
+
+    OLMo 2's norm divides by the RMS over *all* heads, which removing heads changes. Its kept weight is scaled
+    by sqrt(N/N' * E_kept/E), N and N' the widths before and after, E the heads' share of the projection's
+    weight energy (the output energy for inputs of equal size in every direction): exact when the removed
+    heads' projections are zero, 1 when they are as large as the rest.
+    """
+    norm = per_head_norm(attn, which, heads)
+    if norm is None:
+        return
+    per_head = norm.weight.detach().reshape(heads, -1)[keep]  # (kept, head_dim)
+    if arch.qk_norm == "whole":
+        rows = projection.weight.detach().double().reshape(heads, -1).pow(2).sum(1)  # (heads,)
+        if projection.bias is not None:
+            rows = rows + projection.bias.detach().double().reshape(heads, -1).pow(2).sum(1)
+        share = float(rows[keep].sum() / rows.sum().clamp_min(torch.finfo(torch.float64).tiny))
+        per_head = per_head * (heads / keep.numel() * share) ** 0.5
+    set_head_weights(norm, per_head)
 
 
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -175,12 +207,7 @@ def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: tor
         bias = bias[rows] if bias is not None else None
     if cols is not None:
         weight = weight[:, cols]
-    # On the meta device: no random initialisation to pay for (nor to draw from the global RNG).
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
-    new.weight = nn.Parameter(weight.clone().contiguous(), requires_grad=linear.weight.requires_grad)
-    if bias is not None:
-        new.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
-    return new
+    return linear_like(linear, weight, bias)
 
 
 def prune_depth(model: Any, batches: list[Any], *, remove: int, choice: str, progress: Progress) -> dict[str, Any]:
@@ -273,6 +300,7 @@ def remove_layers(model: Any, drop: list[int]) -> None:
     if not drop:
         return
     keep = [i for i in range(count) if i not in set(drop)]
+    dense = [getattr(getattr(layers[i], "mlp", None), "experts", None) is None for i in keep]
     model.model.layers = nn.ModuleList(layers[i] for i in keep)
     for new_index, layer in enumerate(model.model.layers):
         for module in layer.modules():
@@ -282,4 +310,6 @@ def remove_layers(model: Any, drop: list[int]) -> None:
         # Per-layer lists such as layer_types; token-id lists that happen to have the same length are not.
         if isinstance(value, list) and len(value) == count and not key.endswith(("_id", "_ids")):
             setattr(config, key, [value[i] for i in keep])
+    for key, value in layer_kinds_config(config, dense).items():  # MoE layers named by index (Qwen3-MoE)
+        setattr(config, key, value)
     config.num_hidden_layers = len(keep)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmopt.architectures import ARCHITECTURES, describe
 from llmopt.errors import InputError, RecipeError
 from llmopt.model import ArchInfo
 from llmopt.passes.gqa import GqaConfig, GqaPass, choose_groups
@@ -385,42 +386,50 @@ def test_validate_rejects_an_invalid_k_for_the_model(tiny_model_dir, fast_recipe
     assert "Valid values: 1, 2 " in str(info.value)
 
 
-# ---- other architectures ------------------------------------------------------------------------
+# ---- every family ------------------------------------------------------------------------------------
+
+GQA_FAMILIES = sorted(t for t, a in ARCHITECTURES.items() if a.gqa)
+# Cohere's q/k norms (off by default) have a weight per head: merging averages them, reordering moves them.
+VARIANTS = [(t, {}) for t in GQA_FAMILIES] + [("cohere", {"use_qk_norm": True})]
 
 
-ARCHS = {
-    "mistral": ("MistralConfig", {}),
-    "qwen2": ("Qwen2Config", {}),  # q/k/v biases
-    "qwen3": ("Qwen3Config", {"head_dim": 16}),  # q_norm/k_norm
-    "gemma": ("GemmaConfig", {"head_dim": 16}),
-    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8}),  # q/k norms, local layers
-    "granite": ("GraniteConfig", {"attention_multiplier": 0.3, "embedding_multiplier": 2.0}),  # its own scaling
-    "smollm3": ("SmolLM3Config", {"no_rope_layer_interval": 2, "pad_token_id": 0}),  # layer 1 without RoPE
-}
+def family(model_type: str, **overrides):
+    """The family-matrix model (tests/test_architectures.py), norms and biases off their init."""
+    from tests.test_architectures import tiny as tiny_family
+
+    return tiny_family(model_type, **overrides)
 
 
-def other(model_type: str):
-    import transformers
+def attention_parts(attn, model_type: str):
+    from llmopt.passes.projections import qkv
 
-    name, extra = ARCHS[model_type]
-    config = getattr(transformers, name)(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    return qkv(attn, describe(model_type))
+
+
+def cached_decode_matches(model, ids: torch.Tensor) -> float:
+    """max |logit difference| between one forward over `ids` and a prefill of all but the last 8 tokens
+    followed by 8 single-token steps through the KV cache: the rewritten cache layout must hold."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.40's name
     with torch.no_grad():
-        for layer in model.model.layers:
-            for name in ("q_proj", "k_proj", "v_proj"):
-                bias = getattr(layer.self_attn, name).bias
-                if bias is not None:  # random init leaves them zero: make them matter
-                    bias.normal_(0, 0.5)
-    return model
+        full = model(input_ids=ids).logits
+        out = model(input_ids=ids[:, :-8], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(ids.shape[1] - 8, ids.shape[1]):
+            out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{name: cache})
+            cache = out.past_key_values
+            steps.append(out.logits)
+    return float((torch.cat(steps, 1) - full).abs().max())
 
 
-@pytest.mark.parametrize("model_type", sorted(ARCHS))
-def test_other_architectures_identity_save_and_reload(model_type, tmp_path):
+@pytest.mark.parametrize("model_type", GQA_FAMILIES)
+def test_every_family_identity_merge_cached_decode_save_and_reload(model_type, tmp_path):
+    """On every family the pass takes: K = current KV heads keeps the function; 2 -> 1 changes it, decodes through
+    the KV cache as it computes in one pass (over a sequence past every window), saves and reloads."""
     from transformers import AutoModelForCausalLM
 
-    base = other(model_type)
+    base = family(model_type)
     reference = logits(base)
     same = copy.deepcopy(base)
     gqa(same, 2)
@@ -429,19 +438,96 @@ def test_other_architectures_identity_save_and_reload(model_type, tmp_path):
     model = copy.deepcopy(base)
     info = gqa(model, 1)
     out = logits(model)
+    ids = torch.as_tensor(windows(1, 40, seed=5)[0])[None]
+    cached = cached_decode_matches(model, ids)
     model.save_pretrained(tmp_path, safe_serialization=True)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     reload = float((logits(loaded) - out).abs().max())
     print(f"{model_type}: identity {identity:.2e}, 2->1 relative {relative(out, reference):.2e}, keys: "
-          f"{info['keys']}, reload {reload:.2e}")
+          f"{info['keys']}, cached decode {cached:.2e}, reload {reload:.2e}")
     assert identity < 1e-4, f"identity={identity:.2e}"
     assert bool(torch.isfinite(out).all()) and relative(out, reference) > 1e-4  # it did change something
-    assert loaded.config.num_key_value_heads == 1 and loaded.model.layers[1].self_attn.v_proj.out_features == 16
+    assert cached < 1e-4, f"cached decode={cached:.2e}"
+    attn = loaded.model.layers[1].self_attn
+    _, _, v = attention_parts(attn, model_type)
+    assert loaded.config.num_key_value_heads == 1 and v.out_features == attn.head_dim
     assert reload < 1e-6, f"reload={reload:.2e}"
-    qk_norm = model_type in ("qwen3", "gemma3_text")
+    qk_norm = describe(model_type).qk_norm != "none"
     assert info["keys"] == ("mean of pre-norm projections" if qk_norm else "RoPE-commuting PCA")
-    if model_type == "qwen2":
-        assert loaded.model.layers[0].self_attn.k_proj.bias.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("model_type,overrides", VARIANTS, ids=[t + ("+qk_norm" if o else "") for t, o in VARIANTS])
+def test_pca_merges_duplicate_heads_losslessly_on_every_family(model_type, overrides):
+    """KV heads 2 and 3 copies of 0 and 1 (with their per-head norm weights): PCA pairs {0, 2} and {1, 3} and the
+    logits do not move, on every family: fused qkv (Phi-3), q/k norms shared, per head (Cohere) or over all heads
+    (OLMo 2), whose query heads' weights move with the reordered query heads. Mean pooling pairs {0, 1} and
+    {2, 3} and changes the model."""
+    from llmopt.passes.projections import per_head_norm, set_qkv
+
+    base = family(model_type, num_key_value_heads=4, **overrides)
+    arch = describe(model_type)
+    with torch.no_grad():
+        for layer in base.model.layers:
+            attn = layer.self_attn
+            q, k, v = attention_parts(attn, model_type)
+            for proj in (k, v):
+                w = proj.weight.reshape(4, -1, proj.in_features)
+                w[2], w[3] = w[0].clone(), w[1].clone()
+                if proj.bias is not None:
+                    b = proj.bias.reshape(4, -1)
+                    b[2], b[3] = b[0].clone(), b[1].clone()
+            set_qkv(attn, arch, q, k, v)
+            norm = per_head_norm(attn, "k_norm", 4)
+            if norm is not None:
+                w = norm.weight.reshape(4, -1)
+                w[2], w[3] = w[0].clone(), w[1].clone()
+    reference = logits(base)
+    errors = {}
+    for method in ("mean", "pca"):
+        model = copy.deepcopy(base)
+        info = gqa(model, 2, method)
+        errors[method] = relative(logits(model), reference)
+        print(f"{model_type}{overrides}: {method} groups {info['groups'][0]}, relative max |Δlogit| "
+              f"{errors[method]:.2e}")
+        assert info["groups"][0] == ([[0, 2], [1, 3]] if method == "pca" else [[0, 1], [2, 3]])
+    assert errors["pca"] < 1e-4, f"pca={errors['pca']:.2e}"
+    assert errors["mean"] > 1e-3, f"mean={errors['mean']:.2e}"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "cohere", "phi3"])
+def test_pca_merges_rope_rotated_heads_losslessly_on_every_rope_layout(model_type):
+    """Key head 2 = head 0 with every RoPE pair rotated and scaled, as the family pairs dimensions: half-split
+    (Llama), interleaved (Cohere), half-split over part of the head with the rest unrotated (the Phi-3 row rotates
+    half of each head; its qkv is fused). PCA merges {0, 2} and {1, 3} exactly only with the family's pairs."""
+    from llmopt.architectures import rotary_pairs
+    from llmopt.passes.projections import set_qkv
+
+    base = family(model_type, num_key_value_heads=4)
+    first, second = (torch.tensor(p) for p in rotary_pairs(base.config))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in base.model.layers:
+            q, k, v = attention_parts(layer.self_attn, model_type)
+            hd = layer.self_attn.head_dim
+            kh, vh = heads_of(k, hd), heads_of(v, hd)
+            for src, dst in ((0, 2), (1, 3)):
+                theta = torch.rand(len(first), 1, generator=gen) * 6.28
+                scale = 0.5 + torch.rand(len(first), 1, generator=gen)
+                re, im = kh[src, first], kh[src, second]
+                c, s = scale * torch.cos(theta), scale * torch.sin(theta)
+                kh[dst, first], kh[dst, second] = c * re - s * im, s * re + c * im
+                vh[dst] = (torch.eye(hd) + 0.3 * torch.randn(hd, hd, generator=gen)) @ vh[src]
+                for proj in (k, v):
+                    if proj.bias is not None:
+                        proj.bias.zero_()
+            set_qkv(layer.self_attn, describe(model_type), q, k, v)
+    reference = logits(base)
+    model = copy.deepcopy(base)
+    info = gqa(model, 2)
+    error = relative(logits(model), reference)
+    print(f"{model_type}: groups {info['groups'][0]}, relative max |Δlogit| {error:.2e}")
+    assert info["groups"][0] == [[0, 2], [1, 3]]
+    assert error < 1e-4, f"{model_type}: {error:.2e}"
 
 
 # ---- end to end ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmopt.architectures import ARCHITECTURES, describe
 from llmopt.errors import RecipeError
 from llmopt.model import ArchInfo
 from llmopt.passes.prune import PruneConfig, PrunePass
@@ -232,7 +233,9 @@ def test_check_returns_the_planned_shape():
     ({"method": "depth", "num_layers": 30}, SMOL, r"passes\[0\]\.num_layers: removing 30 .* leaves none"),
     ({"method": "depth", "ratio": 0.99}, SMOL, r"passes\[0\]\.ratio"),
     ({"method": "unstructured"}, ArchInfo("gpt2", 2, 64, 256, 4, 4, 16, 100, False),
-     r"passes\[0\]\.method: pruning does not handle model_type 'gpt2'"),
+     r"passes\[0\]\.method: unstructured pruning does not handle model_type 'gpt2'"),
+    ({"method": "width", "mlp": 0.5}, ArchInfo("qwen3_moe", 2, 64, 256, 4, 4, 16, 100, False),
+     r"passes\[0\]\.method: width pruning does not handle model_type 'qwen3_moe'"),
 ])
 def test_impossible_targets_fail_at_plan_time(config, arch, match):
     with pytest.raises(RecipeError, match=match):
@@ -263,31 +266,105 @@ def test_shipped_recipes_plan_on_smollm2_shapes():
     assert PrunePass(load_recipe("prune-width").passes[0]).check(SMOL, "p").intermediate_size == 1152
 
 
-ARCHS = {
-    "mistral": ("MistralConfig", {}),
-    "qwen2": ("Qwen2Config", {}),
-    "qwen3": ("Qwen3Config", {"head_dim": 16}),
-    "gemma": ("GemmaConfig", {"head_dim": 16}),
-}
+# ---- every family -------------------------------------------------------------------------------------
+
+WIDTH_FAMILIES = sorted(t for t, a in ARCHITECTURES.items() if a.prune)
+# Cohere's q/k norms (off by default) have a weight per head, which head removal slices.
+VARIANTS = [(t, {}) for t in WIDTH_FAMILIES] + [("cohere", {"use_qk_norm": True})]
 
 
-@pytest.mark.parametrize("model_type", sorted(ARCHS))
-def test_other_architectures_save_and_reload(model_type, tmp_path):
+def family(model_type: str, **overrides):
+    """The family-matrix model (tests/test_architectures.py), norms and biases off their init."""
+    from tests.test_architectures import tiny as tiny_family
+
+    return tiny_family(model_type, **overrides)
+
+
+@pytest.mark.parametrize("head_unit", ["group", "query"])
+@pytest.mark.parametrize("model_type,overrides", VARIANTS, ids=[t + ("+qk_norm" if o else "") for t, o in VARIANTS])
+def test_removing_what_carries_nothing_keeps_the_function_on_every_family(model_type, overrides, head_unit):
+    """MLP channel 5 and the query heads of KV group 1 (with head_unit query: head 1 of each group) zeroed where
+    they are read and written: magnitude pruning removes exactly them and the logits do not move, on every family
+    width pruning takes (fused qkv and gate_up, q/k norms shared, per head or over all heads, parallel blocks).
+    The pruned model saves and reloads."""
+    import copy
+
+    from llmopt.architectures import describe
+    from llmopt.passes.projections import gate_up, qkv, set_gate_up, set_qkv
+
+    model = family(model_type, num_hidden_layers=3, **overrides)
+    arch, hd = describe(model_type), model.model.layers[0].self_attn.head_dim
+    heads = [2, 3] if head_unit == "group" else [1, 3]
+    with torch.no_grad():
+        # A residual stream well above the norms' epsilon: OLMo 2's q/k norms read it directly, and at the init's
+        # 0.02 their epsilon (which nothing can rescale) would be a sizeable part of the variance they divide by.
+        model.model.embed_tokens.weight.mul_(500)
+        for layer in model.model.layers:
+            gate, up = gate_up(layer.mlp, arch)
+            gate.weight[5], up.weight[5] = 0, 0
+            layer.mlp.down_proj.weight[:, 5] = 0
+            set_gate_up(layer.mlp, arch, gate, up)
+            attn = layer.self_attn
+            q, k, v = qkv(attn, arch)
+            for h in heads:
+                q.weight[h * hd:(h + 1) * hd] = 0
+                attn.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
+            if head_unit == "group":  # the group's keys too: OLMo 2's k norm runs over every KV head
+                k.weight[hd:] = 0
+            for proj in (q, k):
+                if proj.bias is not None:
+                    proj.bias.zero_()
+            set_qkv(attn, arch, q, k, v)
+    before = logits(model)
+    pruned = copy.deepcopy(model)
+    info = prune(pruned, method="width", mlp=1 / 128, multiple_of=1, heads=2, head_unit=head_unit,
+                 importance="magnitude")
+    change = float((logits(pruned) - before).abs().max() / before.abs().max())
+    print(f"{model_type}{overrides} {head_unit}: removed heads {info['removed_heads'][0]}, channels "
+          f"{info['removed_mlp_channels'][0]}, relative logit change {change:.2e}")
+    assert info["removed_mlp_channels"] == [[5]] * 3 and info["removed_heads"] == [heads] * 3
+    assert change < 1e-5, f"{model_type}: {change:.2e}"
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_family_prunes_saves_and_reloads(model_type, tmp_path):
+    """Width (where the family takes it) and depth pruning, then save and reload: the same logits and the
+    planned shapes, through the KV cache too."""
     import transformers
 
-    name, extra = ARCHS[model_type]
-    config = getattr(transformers, name)(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    prune(model, method="width", mlp=0.25, heads=2, head_unit="query")
+    from tests.passes.test_gqa import cached_decode_matches
+
+    model = family(model_type, num_hidden_layers=3)
+    width = describe(model_type).prune
+    if width:
+        prune(model, method="width", mlp=0.25, heads=2, head_unit="query")
     prune(model, method="depth", num_layers=1)
     model.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     diff = float((logits(loaded) - logits(model)).abs().max())
-    print(model_type, loaded.config.intermediate_size, loaded.config.num_attention_heads, diff)
-    assert (loaded.config.intermediate_size, loaded.config.num_attention_heads, loaded.config.num_hidden_layers) == (96, 2, 2)
-    assert diff < 1e-5
+    cached = cached_decode_matches(loaded, torch.as_tensor(windows(1, 40, seed=5)[0])[None])
+    print(model_type, loaded.config.intermediate_size, loaded.config.num_attention_heads, diff, cached)
+    shape = (96, 2, 2) if width else (128, 4, 2)
+    config = loaded.config
+    assert (config.intermediate_size, config.num_attention_heads, config.num_hidden_layers) == shape
+    assert diff < 1e-5 and cached < 1e-4
+
+
+def test_depth_pruning_keeps_which_moe_layers_are_dense():
+    """Qwen3-MoE names its dense layers by index (mlp_only_layers): removing layer 0 of [sparse, dense, sparse]
+    must leave [dense, sparse] after a reload, not the old indices."""
+    import transformers
+
+    model = family("qwen3_moe", num_hidden_layers=3, mlp_only_layers=[1])
+    prune(model, method="depth", num_layers=1, layer_choice="last")  # removes layer 2
+    assert model.config.mlp_only_layers == [1]
+    model = family("qwen3_moe", num_hidden_layers=3, mlp_only_layers=[1])
+    from llmopt.passes.prune_structured import remove_layers
+
+    remove_layers(model, [0])
+    reloaded = transformers.AutoModelForCausalLM.from_config(model.config)
+    kinds = [hasattr(layer.mlp, "experts") for layer in reloaded.model.layers]
+    assert model.config.mlp_only_layers == [0] and kinds == [False, True]
 
 
 def test_end_to_end_safetensors_loads_and_generates(tiny_model_dir, fast_recipe, tmp_path, tiny_tokenizer):
