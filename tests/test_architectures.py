@@ -283,9 +283,10 @@ def test_a_windowed_graph_decodes_right_in_a_shared_kv_buffer(model_type, tmp_pa
 
 # ---- every family through the pipeline ------------------------------------------------------------------
 
-END_TO_END = ("int4-fused-onnx", "int4-safetensors", "int8-w8a8-onnx")
-# onnxruntime's MoE ops take weight-only codes: W8A8 experts are refused at plan time (tested above).
-REFUSED_END_TO_END = {("qwen3_moe", "int8-w8a8-onnx")}
+END_TO_END = ("int4-fused-onnx", "int4-safetensors", "int8-w8a8-onnx", "gqa-distill", "prune-width", "prune-depth")
+# onnxruntime's MoE ops take weight-only codes: W8A8 experts are refused at plan time (tested above), and width
+# pruning needs a dense MLP.
+REFUSED_END_TO_END = {("qwen3_moe", "int8-w8a8-onnx"), ("qwen3_moe", "prune-width")}
 
 
 @pytest.fixture(scope="session")
@@ -338,9 +339,9 @@ def test_every_shipped_recipe_plans_or_is_refused_on_every_family(model_type, fa
 @pytest.mark.parametrize("recipe_name", END_TO_END)
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_every_family_end_to_end(model_type, recipe_name, family_dirs, tmp_path):
-    """The shipped int4 (ONNX fused, safetensors GPTQ) and W8A8 recipes on every family, evaluation off: the
-    artifact passes the pipeline's check against the in-memory model (prompts, one sequence longer than every
-    window, cached decoding)."""
+    """The shipped int4 (ONNX fused, safetensors GPTQ), W8A8, GQA (with 2 distillation steps) and pruning recipes
+    on every family, evaluation off: the artifact passes the pipeline's check against the in-memory model
+    (prompts, one sequence longer than every window, cached decoding)."""
     import llmopt
     from llmopt.recipe import EvaluationConfig, load_recipe
 
@@ -348,7 +349,10 @@ def test_every_family_end_to_end(model_type, recipe_name, family_dirs, tmp_path)
         pytest.skip("refused at plan time (test_every_shipped_recipe_plans_or_is_refused_on_every_family)")
     recipe = load_recipe(recipe_name)
     calibration = recipe.calibration.model_copy(update={"samples": 2, "seq_len": 32})
-    recipe = recipe.model_copy(update={"evaluation": EvaluationConfig(enabled=False), "calibration": calibration})
+    passes = [p.model_copy(update={"steps": 2, "batch_size": 2, "eval_every": 1}) if p.type == "distill" else p
+              for p in recipe.passes]
+    recipe = recipe.model_copy(update={"evaluation": EvaluationConfig(enabled=False), "calibration": calibration,
+                                       "passes": passes})
     v = llmopt.optimize(recipe, model=str(family_dirs(model_type)), output=tmp_path / "out").report.validation
     print(f"{model_type} {recipe_name}: max |Δlogit| {v.max_abs_logit_diff:.3g}, top-1 {v.top1_agreement:.3f}, "
           f"decode {v.decode_top1_agreement:.3f} after {v.long_tokens} tokens")
