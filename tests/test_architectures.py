@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llmopt.architectures import ARCHITECTURES, InputGroup, attention_windows, describe, kv_heads
+from llmopt.recipe import shipped_recipe_names
 from tests.conftest import TINY_VOCAB
 
 COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -283,10 +284,11 @@ def test_a_windowed_graph_decodes_right_in_a_shared_kv_buffer(model_type, tmp_pa
 
 # ---- every family through the pipeline ------------------------------------------------------------------
 
-END_TO_END = ("int4-fused-onnx", "int4-safetensors", "int8-w8a8-onnx", "gqa-distill", "prune-width", "prune-depth")
-# onnxruntime's MoE ops take weight-only codes: W8A8 experts are refused at plan time (tested above), and width
-# pruning needs a dense MLP.
-REFUSED_END_TO_END = {("qwen3_moe", "int8-w8a8-onnx"), ("qwen3_moe", "prune-width")}
+# Every shipped recipe. onnxruntime's MoE op takes weight-only codes of one bit width per layer: W8A8 and mixed
+# 4/8-bit experts are refused at plan time (tested above), and width pruning needs a dense MLP.
+END_TO_END = tuple(shipped_recipe_names())
+REFUSED_END_TO_END = {("qwen3_moe", "int8-w8a8-onnx"), ("qwen3_moe", "int4-mixed-onnx"), ("qwen3_moe", "prune-width"),
+                      ("qwen3_moe", "prune-width-distill")}
 
 
 @pytest.fixture(scope="session")
@@ -339,9 +341,9 @@ def test_every_shipped_recipe_plans_or_is_refused_on_every_family(model_type, fa
 @pytest.mark.parametrize("recipe_name", END_TO_END)
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_every_family_end_to_end(model_type, recipe_name, family_dirs, tmp_path):
-    """The shipped int4 (ONNX fused, safetensors GPTQ), W8A8, GQA (with 2 distillation steps) and pruning recipes
-    on every family, evaluation off: the artifact passes the pipeline's check against the in-memory model
-    (prompts, one sequence longer than every window, cached decoding)."""
+    """Every shipped recipe (distillation cut to 2 steps) on every family, evaluation off: the artifact passes the
+    pipeline's check against the in-memory model (prompts, one sequence longer than every window, cached
+    decoding)."""
     import llmopt
     from llmopt.recipe import EvaluationConfig, load_recipe
 
