@@ -19,6 +19,10 @@ class Runner(Protocol):
     def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
         """Greedy decoding with the KV cache, exactly `new_tokens` tokens: (T,) -> (T + new_tokens,)."""
 
+    def decode_logits(self, ids: np.ndarray, prefill: int) -> np.ndarray:
+        """Cached decoding of given tokens: ids[:prefill] in one prefill, then each later token fed alone through
+        the KV cache, as generate() feeds it; the logits after each of those tokens, (T - prefill, vocab)."""
+
 
 class TorchRunner:
     runtime = "pytorch"
@@ -77,6 +81,16 @@ class TorchRunner:
         """Greedy, with the KV cache, in a plain loop of forward passes: the same tokens as transformers'
         generate(), without its per-step logits processors and stopping checks, so the speed measured is
         the model's (and comparable with OrtRunner's loop)."""
+        tokens, _ = self._decode(ids, new_tokens)
+        return tokens
+
+    def decode_logits(self, ids: np.ndarray, prefill: int) -> np.ndarray:
+        _, logits = self._decode(ids[:prefill], len(ids) - prefill, forced=ids[prefill:])
+        return logits
+
+    def _decode(self, ids: np.ndarray, new_tokens: int, forced: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
+        """Prefill, then `new_tokens` steps of one token each: the greedy choice, or forced[step] when given.
+        Returns the tokens and, when forced, the logits after each forced token (new_tokens, V)."""
         import torch
         from transformers import DynamicCache
 
@@ -85,13 +99,18 @@ class TorchRunner:
         keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         cache = {keyword: DynamicCache()}
         step_ids = torch.from_numpy(ids[None].astype(np.int64)).to(self.device)
+        steps = []
         with torch.inference_mode():
-            for step in range(new_tokens):
+            for step in range(new_tokens + (forced is not None)):
                 logits = self.model(input_ids=step_ids, use_cache=True, **cache).logits
-                token = int(logits[0, -1].argmax())
+                if step and forced is not None:
+                    steps.append(logits[0, -1].float().cpu().numpy())
+                if step == new_tokens:
+                    break
+                token = int(forced[step]) if forced is not None else int(logits[0, -1].argmax())
                 out.append(token)
                 step_ids = torch.tensor([[token]], dtype=torch.int64, device=self.device)
-        return np.asarray(out, dtype=np.int64)
+        return np.asarray(out, dtype=np.int64), np.stack(steps) if steps else None
 
 
 class CachedRunner:
@@ -109,6 +128,9 @@ class CachedRunner:
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
         return self.runner.generate(ids, new_tokens)
+
+    def decode_logits(self, ids: np.ndarray, prefill: int) -> np.ndarray:
+        return self.runner.decode_logits(ids, prefill)
 
 
 class PlainOnnxLoop:
@@ -193,7 +215,7 @@ class PlainOnnxLoop:
     def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
         """Greedy, with the KV cache, exactly `new_tokens` tokens (no stop at end-of-sequence, as TorchRunner)."""
         if self.share_buffer:
-            return self._generate_in_place(ids, new_tokens)
+            return self._generate_in_place(ids, new_tokens)[0]
         out = [int(t) for t in ids]
         logits, cache = self._forward(ids[None].astype(np.int64), self._empty_cache())
         for step in range(new_tokens):
@@ -203,17 +225,33 @@ class PlainOnnxLoop:
                 logits, cache = self._forward(np.array([[token]], dtype=np.int64), cache)
         return np.asarray(out, dtype=np.int64)
 
-    def _generate_in_place(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+    def decode_logits(self, ids: np.ndarray, prefill: int) -> np.ndarray:
+        """As generate() decodes, through the same cache handling, with the tokens given instead of chosen."""
+        ids = ids.astype(np.int64)
+        if self.share_buffer:
+            return self._generate_in_place(ids[:prefill], len(ids) - prefill, forced=ids[prefill:])[1]
+        _, cache = self._forward(ids[None, :prefill], self._empty_cache())
+        steps = []
+        for t in range(prefill, len(ids)):
+            logits, cache = self._forward(ids[None, t:t + 1], cache)
+            steps.append(logits[0, -1])
+        return np.stack(steps)
+
+    def _generate_in_place(self, ids: np.ndarray, new_tokens: int,
+                           forced: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """generate() with each layer's cache in one buffer that the graph updates in place (share_buffer).
 
         A decode step binds only its attention mask (the one input whose shape grows). The token and its
         position live in arrays bound once and written in place, and the logits, (1, 1, vocab) at every step,
         in one bound buffer that is read directly. So no step allocates its output or wraps the cache outputs
-        again (get_outputs): 0.35 -> 0.11 ms of Python between two SmolLM2 fp32 runs of 20.8 ms here."""
+        again (get_outputs): 0.35 -> 0.11 ms of Python between two SmolLM2 fp32 runs of 20.8 ms here.
+
+        With `forced`, token i fed is forced[i] instead of the greedy choice, and the logits after each forced
+        token come back too, (len(forced), V): cached decoding checked against a reference on known tokens."""
         import onnxruntime as ort
 
         if new_tokens < 1:
-            return ids.astype(np.int64)
+            return ids.astype(np.int64), None
         batch, heads, _, head_dim = self.empty_cache_shape
         capacity = len(ids) + new_tokens  # room for every position this call feeds
         shape = (batch, heads, capacity, head_dim)
@@ -232,7 +270,9 @@ class PlainOnnxLoop:
         binding.bind_output(self.logits_name, "cpu")  # the prefill's logits: (1, len(ids), vocab)
         self.session.run_with_iobinding(binding)
         prefill_logits = binding.get_outputs()[-1].numpy()  # bound last, so listed last
-        out = [*(int(t) for t in ids), int(prefill_logits[0, -1].argmax())]
+        chosen = lambda step, logits: int(forced[step]) if forced is not None else int(logits.argmax())
+        out = [*(int(t) for t in ids), chosen(0, prefill_logits[0, -1])]
+        steps = []
 
         # An OrtValue made from a numpy array shares its memory: writing the array changes what is bound.
         token, position = np.zeros((1, 1), dtype=np.int64), np.zeros((1, 1), dtype=np.int64)
@@ -242,12 +282,18 @@ class PlainOnnxLoop:
         if self.position_name:
             binding.bind_ortvalue_input(self.position_name, ort.OrtValue.ortvalue_from_numpy(position))
         binding.bind_ortvalue_output(self.logits_name, ort.OrtValue.ortvalue_from_numpy(step_logits))
-        for seen in range(len(ids), capacity - 1):
+        # Forced: one more step, for the logits after the last forced token.
+        for seen in range(len(ids), capacity - (forced is None)):
             token[0, 0], position[0, 0] = out[-1], seen
             binding.bind_cpu_input(self.mask_name, mask[:, :seen + 1])
             self.session.run_with_iobinding(binding)
-            out.append(int(step_logits[0, -1].argmax()))
-        return np.asarray(out, dtype=np.int64)
+            if forced is not None:
+                steps.append(step_logits[0, -1].astype(np.float32))
+                if seen + 1 < capacity:
+                    out.append(int(forced[seen + 1 - len(ids)]))
+            else:
+                out.append(int(step_logits[0, -1].argmax()))
+        return np.asarray(out, dtype=np.int64), np.stack(steps) if steps else None
 
 
 class OrtRunner:
@@ -283,6 +329,9 @@ class OrtRunner:
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
         return self.loop.generate(ids, new_tokens)
+
+    def decode_logits(self, ids: np.ndarray, prefill: int) -> np.ndarray:
+        return self.loop.decode_logits(ids, prefill)
 
 
 def _cpu_count() -> int:

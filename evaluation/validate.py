@@ -3,8 +3,8 @@
 Short prompts alone miss what only shows late in a sequence or in cached decoding: a wrong sliding window
 (correct up to the window, wrong after it), a rotary table cut short, a KV cache written in the wrong layout. So
 besides the prompts, one long sequence (at least 256 tokens and longer than every attention window of the
-model) is compared in one prefill, and the artifact then decodes greedily with its KV cache from that long
-context, each of its tokens checked against the reference's next-token choice on the same context (a near-tie
+model) is compared in one prefill, and the artifact then decodes the text's next tokens one at a time with its KV
+cache from that long context, each of its choices checked against the reference's on the same tokens (a near-tie
 within the measured logit error counts as agreeing).
 """
 
@@ -34,35 +34,47 @@ def long_sequence_length(windows: list[int | None], max_positions: int | None) -
     return min(length, max_positions - DECODE_TOKENS) if max_positions else length
 
 
-def validate_artifact(reference: Runner, artifact: Runner, tokenizer, config: OnnxValidation,
-                      long_tokens: int = LONG_TOKENS) -> ValidationRecord:
-    from llmopt.evaluation.text import builtin_text
+def validation_sequences(tokenizer, config: OnnxValidation, long_tokens: int = LONG_TOKENS) -> list[np.ndarray]:
+    """The token sequences the check runs: the prompts, then the long sequence followed by the DECODE_TOKENS that
+    the artifact is fed one at a time through its KV cache."""
+    from llmopt.evaluation.text import builtin_text, token_ids, window_of
 
-    max_diff, agree, total = 0.0, 0, 0
     sequences = [np.asarray(tokenizer(p)["input_ids"], dtype=np.int64)
                  for p in (PROMPTS * ((config.prompts // len(PROMPTS)) + 1))[: config.prompts]]
-    from llmopt.evaluation.text import token_ids, window_of
-
     text_ids, first = token_ids(tokenizer, builtin_text()[:200_000])
-    long = window_of(text_ids, 0, long_tokens, first)
-    for ids in [*sequences, long]:
-        ref, got = reference.logits(ids), artifact.logits(ids)  # (T, V) each
+    return [*sequences, window_of(text_ids, 0, long_tokens + DECODE_TOKENS, first)]
+
+
+def validate_artifact(reference: Runner, artifact: Runner, tokenizer, config: OnnxValidation,
+                      long_tokens: int = LONG_TOKENS, reference_logits: list[np.ndarray] | None = None
+                      ) -> ValidationRecord:
+    """Compare the artifact with `reference` on validation_sequences(); `reference_logits`, when given, are the
+    reference's logits on those sequences computed beforehand (a streamed model, never whole in memory)."""
+    sequences = validation_sequences(tokenizer, config, long_tokens)
+    refs = reference_logits if reference_logits is not None else [reference.logits(ids) for ids in sequences]
+    max_diff, agree, total = 0.0, 0, 0
+    *prompts, long = sequences
+    for ids, ref in zip([*prompts, long[:-DECODE_TOKENS]], refs):
+        got = artifact.logits(ids)  # (T, V)
+        ref = ref[:len(ids)]  # the long sequence's reference runs on into the decoded tokens
         # NaN/Inf (e.g. an fp16 overflow) must fail: Python's max() would silently skip a NaN difference.
         diff = float(np.abs(ref - got).max()) if np.isfinite(got).all() else float("inf")
         max_diff = max(max_diff, diff)
         agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
         total += len(ids)
     top1 = agree / total
-    # Cached decoding: the artifact's greedy tokens after the long context, each judged by the reference on the
-    # same tokens (teacher-forced, so one near-tie does not derail the rest). A token agrees when the reference
-    # ranks it within twice the largest logit difference the prefills measured: a near-tie that int8 compute
-    # may break either way agrees, a token a wrong cache picks (the prefills exact, the decode not) does not.
-    generated = artifact.generate(long, DECODE_TOKENS)
-    ref = reference.logits(generated)[len(long) - 1:-1]  # (DECODE_TOKENS, V)
-    chosen = generated[len(long):]
-    margin = ref.max(-1) - ref[np.arange(len(chosen)), chosen]  # 0 where the artifact picked the reference's best
+    # Cached decoding: after the long context in one prefill, the next tokens fed one at a time through the
+    # artifact's KV cache, as generate() feeds them (the same in-place buffers where the graph shares them), each
+    # step's choice judged by the reference on the same tokens. A choice agrees when the reference ranks it within
+    # twice the largest logit difference the prefills measured: a near-tie that int8 compute may break either way
+    # agrees, a token a wrong cache picks (the prefills exact, the decode not) does not.
+    prefill = len(long) - DECODE_TOKENS
+    steps = artifact.decode_logits(long, prefill)  # (DECODE_TOKENS, V)
+    ref = refs[-1][prefill:]
+    chosen = steps.argmax(-1) if np.isfinite(steps).all() else np.full(len(steps), -1)
+    margin = ref.max(-1) - np.where(chosen >= 0, ref[np.arange(len(ref)), chosen.clip(0)], -np.inf)
     decode_top1 = float((margin <= 2 * max_diff).mean())
     passed = bool(max_diff <= config.max_abs_logit_diff and top1 >= config.min_top1_agreement
                   and decode_top1 >= config.min_top1_agreement)
     return ValidationRecord(prompts=config.prompts, max_abs_logit_diff=max_diff, top1_agreement=top1, passed=passed,
-                            long_tokens=len(long), decode_tokens=DECODE_TOKENS, decode_top1_agreement=decode_top1)
+                            long_tokens=prefill, decode_tokens=DECODE_TOKENS, decode_top1_agreement=decode_top1)

@@ -235,6 +235,27 @@ def test_fused_attention_keeps_each_layers_window_past_it(tmp_path):
     assert np.array_equal(runner.generate(ids[:20], 16), reference.generate(ids[:20], 16))
 
 
+@pytest.mark.parametrize("share_buffer", [False, True])
+def test_cached_decoding_of_given_tokens_matches_one_prefill(tmp_path, share_buffer):
+    """decode_logits, which the artifact check runs: a prefill of 20 tokens, then 28 fed one at a time through the
+    KV cache (growing, or one buffer the graph updates in place as generate() runs it), past Gemma 3's window of 8:
+    the same logits as one prefill over all 48, in onnxruntime and in PyTorch."""
+    from llmopt.evaluation.runners import OrtRunner, TorchRunner
+    from tests.conftest import write_onnx
+
+    model = tiny("gemma3_text")
+    write_onnx(model, tmp_path)
+    runner, reference = OrtRunner(tmp_path), TorchRunner(model)
+    runner.loop.share_buffer = share_buffer
+    ids = np.random.default_rng(3).integers(3, TINY_VOCAB, 48)
+    expected = reference.logits(ids)[20:]
+    onnx_steps, torch_steps = runner.decode_logits(ids, 20), reference.decode_logits(ids, 20)
+    print(f"share_buffer={share_buffer}: onnx {np.abs(onnx_steps - expected).max():.2e}, "
+          f"torch {np.abs(torch_steps - expected).max():.2e}")
+    assert onnx_steps.shape == torch_steps.shape == (28, TINY_VOCAB)
+    assert np.abs(onnx_steps - expected).max() < 1e-3 and np.abs(torch_steps - expected).max() < 1e-4
+
+
 def test_the_artifact_check_catches_a_window_wrong_past_it(tmp_path, tiny_tokenizer, monkeypatch):
     """The pipeline's artifact check runs a sequence longer than every window, in one prefill and in cached
     decoding: with the old single-window fusion (every layer windowed) it fails the run (exit 4) instead of
