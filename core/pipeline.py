@@ -393,7 +393,8 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params
     from llmopt.evaluation.runners import TorchRunner, load_runner
     from llmopt.evaluation.speed import PeakRss, measure_speed
     from llmopt.architectures import attention_windows
-    from llmopt.evaluation.validate import long_sequence_length, validate_artifact
+    from llmopt.evaluation.validate import (long_sequence_length, validate_artifact, validation_failure,
+                                            validation_sequences)
     from llmopt.exporters.base import weight_bytes
 
     recipe, fmt = plan.recipe, plan.recipe.export.format
@@ -411,20 +412,14 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params
         try:
             long_tokens = long_sequence_length(attention_windows(state.model.config),
                                                getattr(state.model.config, "max_position_embeddings", None))
-            validation = validate_artifact(TorchRunner(state.model), optimized, tokenizer, recipe.export.validate_result,
-                                           long_tokens)
+            limits = recipe.export.validate_result
+            validation = validate_artifact(TorchRunner(state.model), optimized,
+                                           validation_sequences(tokenizer, limits, long_tokens), limits)
         except Exception as exc:  # a runtime that cannot execute the artifact is a validation failure too
             raise ResultValidationError(f"The exported artifact could not be run: {exc}",
                                         "Report this with the recipe; try `export.accuracy_level: 0`.") from None
         if not validation.passed:
-            raise ResultValidationError(
-                f"The exported artifact does not reproduce the optimized model: max |Δlogit| "
-                f"{validation.max_abs_logit_diff:.4g} (limit {recipe.export.validate_result.max_abs_logit_diff}), top-1 "
-                f"agreement {validation.top1_agreement:.3f} and in cached decoding after {validation.long_tokens} "
-                f"tokens {validation.decode_top1_agreement:.3f} (minimum "
-                f"{recipe.export.validate_result.min_top1_agreement}).",
-                "Nothing was written. Try `export.accuracy_level: 0`, or loosen `export.validate` if this is expected.",
-            )
+            raise validation_failure(validation, limits)
         result["validation"] = validation
     result["threads"] = getattr(optimized, "threads", threads)
     result["provider"] = optimized.provider

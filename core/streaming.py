@@ -7,9 +7,10 @@
 or, from a recipe, `export: {streaming: true}` with one `quantize` pass (the pipeline hands the plan to
 `run_plan`). RTN needs nothing but each layer's tensors: peak memory is about one decoder layer in float32 (or
 the embedding table, when larger), whatever the depth. GPTQ and AWQ add the calibration activations and each
-layer's module (llmopt.streaming_calibrated). The whole model is never built, and nothing is evaluated (that
-would need it whole). The codes are those of the `quantize` pass, so the artifacts match what the
-non-streaming pipeline writes for the same recipe.
+layer's module (llmopt.streaming_calibrated). The whole model is never built. The artifact is checked against
+the model it holds with a reference computed layer by layer as it is written (llmopt.streaming_reference), then
+loaded by its runtime; nothing is evaluated (perplexity would need the baseline whole). The codes are those of
+the `quantize` pass, so the artifacts match what the non-streaming pipeline writes for the same recipe.
 
 Why tensors are read by hand: safetensors' `safe_open` memory-maps the file, and every page of the map that a
 read touches is counted in the process's resident memory until the kernel evicts it, so reading a 27 GB
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from llmopt.passes.quantize import QuantizeConfig
+    from llmopt.recipe import OnnxValidation
 
 _DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2)}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -148,13 +150,22 @@ class StreamPlan:
     windows: tuple[Any, ...] | None = None
     seed: int = 0
     pass_info: dict[str, Any] = field(default_factory=dict)  # what calibration recorded, for the report
+    # The artifact check's reference (llmopt.streaming_reference.ReferenceTrace): every block passes through it.
+    reference: Any = None
 
     @property
     def calibrated(self) -> bool:
         return self.quantize.method == "gptq" or self.quantize.awq
 
     def blocks(self, reader: CheckpointReader) -> Iterator[Block]:
-        """Embedding, each decoder layer, then final norm and lm_head; each block's tensors read when it is due."""
+        """Embedding, each decoder layer, then final norm and lm_head; each block's tensors read when it is due,
+        and run through the reference (when there is one) before the writer gets it."""
+        for block in self._blocks(reader):
+            if self.reference is not None:
+                self.reference.see(block)
+            yield block
+
+    def _blocks(self, reader: CheckpointReader) -> Iterator[Block]:
         names = reader.names()
         if self.calibrated:
             from llmopt.streaming_calibrated import calibrated_layer_blocks
@@ -182,7 +193,9 @@ class StreamPlan:
 
 
 STREAMING_NOTE = ("Quantized and written layer by layer from the safetensors checkpoint (export.streaming): the model "
-                  "was never whole in memory, so the artifact was not validated against it nor evaluated.")
+                  "was never whole in memory. The artifact was checked against it as it was written (validation: "
+                  "each layer run on the check's sequences with the weights the artifact stores), but not evaluated "
+                  "(perplexity and speed need the baseline whole).")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 per quantize_rtn call
 
@@ -259,6 +272,8 @@ class StreamResult:
     quantized_tensors: int
     info: dict[str, Any] = field(default_factory=dict)  # the export's
     pass_info: dict[str, Any] = field(default_factory=dict)  # GPTQ / AWQ's, as the quantize pass reports them
+    validation: Any = None  # llmopt.evaluation.report.ValidationRecord, or None when not validated
+    notes: list[str] = field(default_factory=list)
 
     @property
     def size_bytes(self) -> int:
@@ -269,18 +284,23 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
                         export_format: Literal["onnx", "safetensors"] = "onnx", accuracy_level: int = 0,
                         max_shard_bytes: int = 5_000_000_000, force: bool = False,
                         recipe: dict[str, Any] | None = None, seed: int = 0, calibration: list[Any] | None = None,
+                        validation: OnnxValidation | None = None, validate: bool = True,
                         before_manifest: Callable[[Path, StreamResult], None] | None = None) -> StreamResult:
     """Quantize a local safetensors checkpoint layer by layer into an ONNX or safetensors artifact folder.
 
     GPTQ and AWQ calibrate on `calibration` (token id arrays; by default 32 windows of 256 tokens of the
-    built-in text, drawn with `seed`). The folder appears at `output` only when complete (staged
-    beside it, then renamed), with a manifest that records `recipe` (by default, the quantize pass and export
-    format this call ran); `before_manifest` may add files to the staged folder first (the pipeline's report).
+    built-in text, drawn with `seed`). The artifact is checked against the model it holds, as the pipeline checks
+    its artifacts (`validation`'s limits; prompts and a sequence past every window, in one prefill and through
+    the KV cache), with a reference computed layer by layer as the layers are written; a failed check raises
+    ResultValidationError and writes nothing. The folder appears at `output` only when complete (staged beside
+    it, then renamed), with a manifest that records `recipe` (by default, the quantize pass and export format
+    this call ran); `before_manifest` may add files to the staged folder first (the pipeline's report).
     """
     import shutil
 
     from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
     from llmopt.pipeline import library_versions
+    from llmopt.recipe import OnnxValidation
     from llmopt.write_safety import Input, real
 
     plan, reader = plan_stream(model, quantize, export_format=export_format)
@@ -290,6 +310,9 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
     out = check_destination(Path(output), force, [Input("the model", real(model))])
     with OutputLock(out):
         _check_disk(plan, reader, out)
+        check = _ArtifactCheck(plan, reader, export_format, validation or OnnxValidation()) if validate else None
+        if check is not None:
+            plan = replace(plan, reference=check.reference)
         staging = new_staging(out)
         try:
             if export_format == "onnx":
@@ -305,6 +328,8 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
                                 "export": {"format": export_format}, "streaming": True}
             files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
             result = StreamResult(out, files, len(plan.quantized), info, plan.pass_info)
+            if check is not None:
+                result.validation, result.notes = check.run(staging)
             if before_manifest is not None:
                 before_manifest(staging, result)
             write_manifest(staging, recipe=recipe, versions=library_versions(), seed=seed)
@@ -312,6 +337,68 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+class _ArtifactCheck:
+    """The pipeline's artifact check for a streamed artifact: the check's sequences, their reference logits
+    computed as the blocks are written (llmopt.streaming_reference), then the artifact loaded and compared."""
+
+    def __init__(self, plan: StreamPlan, reader: CheckpointReader, export_format: str, limits: OnnxValidation) -> None:
+        from transformers import AutoConfig
+
+        from llmopt.architectures import attention_windows
+        from llmopt.evaluation.validate import long_sequence_length, validation_sequences
+        from llmopt.streaming_reference import ReferenceTrace
+
+        config = AutoConfig.from_pretrained(reader.folder)
+        self.export_format, self.limits, self.notes = export_format, limits, []
+        tokenizer = checkpoint_tokenizer(reader.folder, required=False)
+        if tokenizer is None:
+            self.notes.append("validation: the checkpoint has no tokenizer, so the check ran on random token ids.")
+        long_tokens = long_sequence_length(attention_windows(config), getattr(config, "max_position_embeddings", None))
+        self.sequences = validation_sequences(tokenizer, limits, long_tokens, vocab_size=config.vocab_size)
+        # Loading a safetensors artifact back dequantizes it whole (transformers): only when that fits.
+        self.float_bytes = 4 * sum(_elements(e.shape) for e in reader.entries.values())
+        self.reference = ReferenceTrace(reader, self.sequences)
+
+    def run(self, folder: Path) -> tuple[Any, list[str]]:
+        """The validation record (ResultValidationError when it fails) and notes for the report."""
+        import gc
+
+        import psutil
+
+        from llmopt.errors import ResultValidationError
+        from llmopt.evaluation.runners import load_runner
+        from llmopt.evaluation.validate import validate_artifact, validation_failure
+
+        logits, self.reference = self.reference.logits, None  # the trace's module tree is no longer needed
+        gc.collect()
+        if self.export_format == "safetensors" and self.float_bytes > 0.7 * psutil.virtual_memory().available:
+            return None, self.notes + [
+                f"validation: not run; loading the safetensors artifact back dequantizes it to "
+                f"{self.float_bytes / 1e9:.1f} GB of float32, more than this machine has free. The ONNX format is "
+                "checked whatever the model's size (onnxruntime holds the int4 weights)."]
+        try:
+            artifact = load_runner(folder, self.export_format)
+            record = validate_artifact(logits, artifact, self.sequences, self.limits)
+        except MemoryError:
+            raise
+        except Exception as exc:  # a runtime that cannot execute the artifact is a validation failure too
+            raise ResultValidationError(f"The streamed artifact could not be run: {exc}",
+                                        "Report this with the recipe; try `export.accuracy_level: 0`.") from None
+        finally:
+            artifact = None
+            gc.collect()
+        if not record.passed:
+            raise validation_failure(record, self.limits)
+        return record, self.notes
+
+
+def _elements(shape: tuple[int, ...]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
 
 
 def default_calibration(model: Path, seed: int) -> list[Any]:
@@ -325,12 +412,15 @@ def default_calibration(model: Path, seed: int) -> list[Any]:
     return windows
 
 
-def checkpoint_tokenizer(model: Path) -> Any:
-    """The checkpoint's tokenizer, which GPTQ and AWQ need to turn calibration text into token ids."""
+def checkpoint_tokenizer(model: Path, required: bool = True) -> Any:
+    """The checkpoint's tokenizer, which GPTQ and AWQ need to turn calibration text into token ids (None when the
+    checkpoint has none and it is not `required`)."""
     from transformers import AutoTokenizer
 
     hint = "Put the model's tokenizer files next to its weights, or use method: rtn without awq."
     if not any((model / name).is_file() for name in TOKENIZER_FILES):
+        if not required:
+            return None
         raise InputError(f"GPTQ and AWQ calibrate on text, and '{model}' has no tokenizer "
                          f"({', '.join(TOKENIZER_FILES)}).", hint)
     try:
@@ -370,8 +460,8 @@ def _check_disk(plan: StreamPlan, reader: CheckpointReader, out: Path) -> None:
 
 def streaming_problem(plan: Any) -> str | None:
     """Why a pipeline plan (llmopt.pipeline.Plan) cannot take the streaming path, or None when it can: a single
-    weight-only `quantize` pass (RTN or GPTQ, with or without AWQ) on a local or hub safetensors checkpoint of a Llama-family model, and no
-    quality or speed checks (nothing is evaluated: that would need the whole model)."""
+    weight-only `quantize` pass (RTN or GPTQ, with or without AWQ) on a local or hub safetensors checkpoint of a
+    dense family, and no quality or speed checks (nothing is evaluated: that would need the whole model)."""
     from llmopt.errors import LlmoptError
 
     passes = plan.recipe.passes
@@ -412,7 +502,7 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
     problem = streaming_problem(plan)
     if problem:
         raise RecipeError(f"export.streaming: this recipe cannot be streamed: {problem}.",
-                          "Use one weight-only `quantize` pass on a safetensors Llama/Mistral/Qwen2 checkpoint, "
+                          "Use one weight-only `quantize` pass on a safetensors checkpoint of a dense family, "
                           "with size checks only; or remove export.streaming.")
     started = time.perf_counter()
     if progress is not None:
@@ -450,7 +540,9 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
                 **result.pass_info})],
             kv_cache_context_tokens=arch.extra.get("max_position_embeddings"),
             environment={**versions, "cpu": cpu_name()},
-            notes=[STREAMING_NOTE] + ([f"calibration data: {calibration.description}"] if calibration else [])
+            validation=result.validation,
+            notes=[STREAMING_NOTE] + result.notes
+            + ([f"calibration data: {calibration.description}"] if calibration else [])
             + (["--resume: a streamed run keeps no checkpoints, so this one started over."] if resume else []),
             total_seconds=seconds,
         )
@@ -461,7 +553,7 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
     quantize_checkpoint(plan.source.path, output, quantize, export_format=fmt,
                         accuracy_level=plan.recipe.export.accuracy_level, force=force, recipe=recipe,
                         seed=plan.recipe.seed, calibration=calibration() if calibration else None,
-                        before_manifest=write_report)
+                        validation=plan.recipe.export.validate_result, before_manifest=write_report)
     if progress is not None:
         progress.done("quantize and export, layer by layer", time.perf_counter() - started)
     return Result(Path(output), reports[0], [c for c in reports[0].checks if not c.passed])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmopt.errors import ResultValidationError
 from llmopt.evaluation.report import ValidationRecord
 from llmopt.evaluation.runners import Runner
 from llmopt.recipe import OnnxValidation
@@ -34,9 +35,15 @@ def long_sequence_length(windows: list[int | None], max_positions: int | None) -
     return min(length, max_positions - DECODE_TOKENS) if max_positions else length
 
 
-def validation_sequences(tokenizer, config: OnnxValidation, long_tokens: int = LONG_TOKENS) -> list[np.ndarray]:
+def validation_sequences(tokenizer, config: OnnxValidation, long_tokens: int = LONG_TOKENS,
+                         vocab_size: int | None = None) -> list[np.ndarray]:
     """The token sequences the check runs: the prompts, then the long sequence followed by the DECODE_TOKENS that
-    the artifact is fed one at a time through its KV cache."""
+    the artifact is fed one at a time through its KV cache. Without a tokenizer (a bare checkpoint streamed), seeded
+    random ids below `vocab_size`: the numbers are checked as well, on text of no meaning."""
+    if tokenizer is None:
+        rng = np.random.default_rng(0)
+        lengths = [8 + 4 * i for i in range(config.prompts)] + [long_tokens + DECODE_TOKENS]
+        return [rng.integers(3, vocab_size, n).astype(np.int64) for n in lengths]
     from llmopt.evaluation.text import builtin_text, token_ids, window_of
 
     sequences = [np.asarray(tokenizer(p)["input_ids"], dtype=np.int64)
@@ -45,13 +52,11 @@ def validation_sequences(tokenizer, config: OnnxValidation, long_tokens: int = L
     return [*sequences, window_of(text_ids, 0, long_tokens + DECODE_TOKENS, first)]
 
 
-def validate_artifact(reference: Runner, artifact: Runner, tokenizer, config: OnnxValidation,
-                      long_tokens: int = LONG_TOKENS, reference_logits: list[np.ndarray] | None = None
-                      ) -> ValidationRecord:
-    """Compare the artifact with `reference` on validation_sequences(); `reference_logits`, when given, are the
-    reference's logits on those sequences computed beforehand (a streamed model, never whole in memory)."""
-    sequences = validation_sequences(tokenizer, config, long_tokens)
-    refs = reference_logits if reference_logits is not None else [reference.logits(ids) for ids in sequences]
+def validate_artifact(reference: Runner | list[np.ndarray], artifact: Runner, sequences: list[np.ndarray],
+                      config: OnnxValidation) -> ValidationRecord:
+    """Compare the artifact with `reference` on `sequences` (validation_sequences()). `reference` is a runner, or
+    its logits on those sequences computed beforehand (a streamed model, never whole in memory)."""
+    refs = reference if isinstance(reference, list) else [reference.logits(ids) for ids in sequences]
     max_diff, agree, total = 0.0, 0, 0
     *prompts, long = sequences
     for ids, ref in zip([*prompts, long[:-DECODE_TOKENS]], refs):
@@ -78,3 +83,13 @@ def validate_artifact(reference: Runner, artifact: Runner, tokenizer, config: On
                   and decode_top1 >= config.min_top1_agreement)
     return ValidationRecord(prompts=config.prompts, max_abs_logit_diff=max_diff, top1_agreement=top1, passed=passed,
                             long_tokens=prefill, decode_tokens=DECODE_TOKENS, decode_top1_agreement=decode_top1)
+
+
+def validation_failure(validation: ValidationRecord, config: OnnxValidation) -> ResultValidationError:
+    """The error that stops a run whose artifact does not reproduce its model (exit 4, nothing written)."""
+    return ResultValidationError(
+        f"The exported artifact does not reproduce the optimized model: max |Δlogit| "
+        f"{validation.max_abs_logit_diff:.4g} (limit {config.max_abs_logit_diff}), top-1 agreement "
+        f"{validation.top1_agreement:.3f} and in cached decoding after {validation.long_tokens} tokens "
+        f"{validation.decode_top1_agreement:.3f} (minimum {config.min_top1_agreement}).",
+        "Nothing was written. Try `export.accuracy_level: 0`, or loosen `export.validate` if this is expected.")

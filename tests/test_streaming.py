@@ -283,7 +283,9 @@ def test_export_streaming_runs_a_recipe_layer_by_layer(tiny_model_dir, tmp_path)
     assert "--resume: a streamed run keeps no checkpoints, so this one started over." in report["notes"]
     assert report["optimized"]["size_bytes"] == (tmp_path / "out/model.safetensors").stat().st_size
     assert report["baseline"]["size_bytes"] == (tiny_model_dir / "model.safetensors").stat().st_size
-    assert report["quality"] is None and "not validated against it nor evaluated" in report["notes"][0]
+    assert report["quality"] is None and "but not evaluated" in report["notes"][0]
+    validation = report["validation"]  # the streamed artifact checked against the model it holds
+    assert validation["passed"] and validation["long_tokens"] >= 256 and validation["decode_tokens"] == 16
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert manifest["recipe"]["export"]["streaming"] is True and "report.json" in manifest["files"]
     assert "torch" in manifest["versions"] and manifest["seed"] == 0
@@ -388,6 +390,9 @@ def test_onnx_stream_every_family(model_type, options, tiny_tokenizer, tmp_path)
     print(f"{model_type} {options}: max |dlogit| {diff:.2e} (logits up to {np.abs(reference).max():.2f})")
     assert diff < 1e-4 * max(1.0, np.abs(reference).max())
     assert result.info["matmul_nbits"] == len(state.quantized) == result.quantized_tensors
+    # The check's reference, computed layer by layer as the layers were written, is that same model.
+    v = result.validation
+    assert v.passed and v.long_tokens >= 256 and v.max_abs_logit_diff < 1e-4 * max(1.0, np.abs(reference).max())
     assert (tmp_path / "out" / "genai_config.json").exists()  # sliding-window families too
 
 
@@ -409,6 +414,25 @@ def test_safetensors_stream_every_family(model_type, tiny_tokenizer, tmp_path):
     written, reference = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("out", "ref"))
     assert written["quantization_config"] == reference["quantization_config"]
     assert result.quantized_tensors == len(state.quantized)
+
+
+def test_the_streamed_check_catches_a_window_wrong_past_it(tiny_tokenizer, tmp_path, monkeypatch):
+    """A streamed artifact is checked as the pipeline checks its artifacts: a graph that windows Gemma 3's full
+    attention layer too is right on short prompts and wrong past the window, and the stream fails (exit 4)
+    without writing anything."""
+    from llmopt.errors import ResultValidationError
+    from llmopt.exporters import onnx_writer
+    from tests.test_architectures import tiny
+
+    tiny("gemma3_text").save_pretrained(tmp_path / "in", safe_serialization=True)
+    tiny_tokenizer.save_pretrained(tmp_path / "in")
+    config = QuantizeConfig(group_size=16)
+    assert quantize_checkpoint(tmp_path / "in", tmp_path / "right", config).validation.passed
+    monkeypatch.setattr(onnx_writer, "attention_windows", lambda config: [8] * config.num_hidden_layers)
+    with pytest.raises(ResultValidationError, match="does not reproduce the optimized model") as failed:
+        quantize_checkpoint(tmp_path / "in", tmp_path / "wrong", config)
+    print(failed.value)
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_moe_is_not_streamed(tiny_tokenizer, tmp_path):

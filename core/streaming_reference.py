@@ -1,0 +1,88 @@
+"""The model a stream writes, run on the artifact check's sequences while it is written, so that a streamed
+artifact is checked as the in-memory pipeline checks its artifacts: against the model it holds.
+
+Each block the writer receives (the embedding, one decoder layer, the final norm and lm_head) takes the sequences'
+hidden states one step further, with the weights the artifact stores (codes dequantized) in the module tree of
+`empty_model`, and is freed with the block. Memory: one layer in float32 and the sequences' hidden states; the
+model is never whole. The logits come out when the last block has passed, before the artifact is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llmopt.quantized import QuantizedTensor
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmopt.streaming import Block, CheckpointReader
+
+
+def _float(tensor: Any) -> torch.Tensor:
+    import torch
+
+    return torch.from_numpy(tensor.dequantized()) if isinstance(tensor, QuantizedTensor) else tensor
+
+
+class ReferenceTrace:
+    """Logits of `sequences` (token id arrays) through the blocks `see` is handed, in order."""
+
+    def __init__(self, reader: CheckpointReader, sequences: list[np.ndarray]) -> None:
+        from llmopt.streaming_calibrated import empty_model
+
+        self.reader = reader
+        self.model = empty_model(reader.folder)  # the module tree on the meta device, rotary buffers real
+        self.sequences = sequences
+        self.inputs: Any = None  # llmopt.passes.layerwise.LayerInputs between blocks
+        self.logits: list[np.ndarray] | None = None  # per sequence (T, V) float32, after the final block
+
+    def see(self, block: Block) -> None:
+        import torch
+
+        from llmopt.passes.layerwise import capture_layer_inputs, run_layer
+
+        tensors = {name: _float(t) for name, t in block.tensors.items()}
+        model = self.model
+        with torch.no_grad():
+            if block.kind == "embedding":
+                table = tensors["model.embed_tokens.weight"]
+                model.model.embed_tokens.weight = torch.nn.Parameter(table, requires_grad=False)
+                self.inputs = capture_layer_inputs(model, [np.asarray(s) for s in self.sequences])
+                model.model.embed_tokens.to("meta")
+            elif block.kind == "layer":
+                prefix = f"model.layers.{block.index}."
+                layer = model.model.layers[block.index]
+                layer.load_state_dict({n.removeprefix(prefix): t for n, t in tensors.items()}, strict=True,
+                                      assign=True)
+                self.inputs = run_layer(layer, block.index, self.inputs)
+                layer.to("meta")
+            else:
+                self.logits = self._logits(tensors)
+        del tensors
+
+    def _logits(self, tensors: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        """The final norm, lm_head (the embedding table when tied and not written apart) and the family's logit
+        scale and soft-cap, as the writer's graph applies them."""
+        import torch
+
+        from llmopt.architectures import scalings
+
+        model = self.model
+        head = tensors.pop("lm_head.weight", None)
+        if head is None:
+            head = self.reader.read("model.embed_tokens.weight")
+        model.load_state_dict(tensors, strict=False, assign=True)
+        model.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)
+        scale = scalings(model.config)
+        out = []
+        for hidden in self.inputs.hidden:
+            logits = model.lm_head(model.model.norm(hidden))[0].float()  # (T, V)
+            logits = logits * scale.logits
+            if scale.final_softcap:
+                logits = torch.tanh(logits / scale.final_softcap) * scale.final_softcap
+            out.append(logits.numpy())
+        model.to("meta")
+        return out
