@@ -3,7 +3,7 @@
     python benchmarks/scale.py [--dir ~/.cache/llmopt-bench/scale] [--kv-heads 32] [--group-size 32]
                                [--layers 32] [--keep] [--skip-7b] [--skip-smollm2] [--skip-onnx-check]
                                [--formats onnx safetensors] [--method rtn|gptq] [--awq]
-                               [--calibration-samples 32] [--calibration-len 256]
+                               [--calibration-samples 32] [--calibration-len 256] [--no-validate]
 
 1. Writes a random-weight, 7B-shaped Llama checkpoint in float32 (hidden 4096, 32 layers, 32 heads,
    intermediate 11008, vocab 32000: ~27 GB) as one safetensors shard per layer, generated a layer at a time
@@ -11,7 +11,9 @@
    unless --keep.
 2. Streams it through `llmopt.streaming.quantize_checkpoint` to ONNX (MatMulNBits + GroupQueryAttention) and to
    safetensors (compressed-tensors pack-quantized), each in a fresh child process, and prints each run's peak
-   resident memory (the child's own `getrusage` ru_maxrss), wall time and output size. The ONNX artifact is
+   resident memory (the child's own `getrusage` ru_maxrss), wall time and output size. The stream checks its
+   artifact as it does for users (a reference computed layer by layer, then the artifact loaded by its runtime
+   and compared), so the peak and the time include the check; `--no-validate` leaves it out. The ONNX artifact is
    then loaded by onnxruntime and run for a prefill and two decode steps (finite logits of the right shape),
    in its own child, whose peak is printed apart: it is the runtime's, holding the whole int4 model.
 3. The same streaming runs for the real SmolLM2-135M (`demo`, converted to float32 safetensors first), with its
@@ -101,7 +103,7 @@ def child_generate(folder: Path, kv_heads: int, seed: int, layers: int) -> None:
 
 
 def child_stream(model: Path, output: Path, fmt: str, group_size: int, method: str, awq: bool, samples: int,
-                 seq_len: int) -> None:
+                 seq_len: int, validate: bool) -> None:
     import numpy as np
 
     from llmopt.passes.quantize import QuantizeConfig
@@ -114,9 +116,13 @@ def child_stream(model: Path, output: Path, fmt: str, group_size: int, method: s
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         rng = np.random.default_rng(0)
         windows = [rng.integers(0, vocab, size=seq_len, dtype=np.int64) for _ in range(samples)]
-    result = quantize_checkpoint(model, output, config, export_format=fmt, force=True, calibration=windows)
+    result = quantize_checkpoint(model, output, config, export_format=fmt, force=True, calibration=windows,
+                                 validate=validate)
     weights = sum(size for name, size in result.files.items() if name.endswith((".onnx", ".data", ".safetensors")))
-    _child_report(started, weights_bytes=weights, quantized_tensors=result.quantized_tensors)
+    v = result.validation
+    checked = ({"validated": v.passed, "max_abs_logit_diff": round(v.max_abs_logit_diff, 5),
+                "decode_top1": v.decode_top1_agreement} if v is not None else {"validated": None})
+    _child_report(started, weights_bytes=weights, quantized_tensors=result.quantized_tensors, **checked)
 
 
 def child_imports() -> None:
@@ -193,7 +199,8 @@ def stream_rows(title: str, model: Path, work: Path, args: argparse.Namespace) -
         out = work / f"out-{fmt}"
         print_row(f"stream int4 {method} g{args.group_size} -> {fmt}", size,
                   run_child("stream", str(model), str(out), fmt, str(args.group_size), args.method,
-                            str(int(args.awq)), str(args.calibration_samples), str(args.calibration_len)))
+                            str(int(args.awq)), str(args.calibration_samples), str(args.calibration_len),
+                            str(int(not args.no_validate))))
         if fmt == "onnx" and not args.skip_onnx_check:
             print_row("onnxruntime: load the ONNX artifact, prefill 8 + decode 2", size, run_child("run-onnx", str(out)))
         shutil.rmtree(out)
@@ -216,7 +223,7 @@ def main() -> None:
             child_generate(Path(args[0]), int(args[1]), int(args[2]), int(args[3]))
         elif kind == "stream":
             child_stream(Path(args[0]), Path(args[1]), args[2], int(args[3]), args[4], args[5] == "1", int(args[6]),
-                         int(args[7]))
+                         int(args[7]), args[8] == "1")
         elif kind == "imports":
             child_imports()
         elif kind == "run-onnx":
@@ -240,6 +247,9 @@ def main() -> None:
     parser.add_argument("--skip-7b", action="store_true")
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-onnx-check", action="store_true")
+    parser.add_argument("--no-validate", action="store_true", help="stream without the artifact check (its "
+                                                                    "reference layer by layer, then the artifact "
+                                                                    "loaded), to see what the check costs")
     parser.add_argument("--formats", nargs="+", choices=["onnx", "safetensors"], default=["onnx", "safetensors"])
     args = parser.parse_args()
 

@@ -172,7 +172,7 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
     import torch
 
     from llmopt.evaluation.quality import hidden_states, relative_layer_errors
-    from llmopt.evaluation.report import ModelMetrics, PassRecord, Report, SpeedSetup
+    from llmopt.evaluation.report import ModelMetrics, PassRecord, SpeedSetup
     from llmopt.resume import ResumeStore, fingerprint
     from llmopt.state import ModelState, PassContext
 
@@ -254,12 +254,8 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
         del state, model
         original = None
 
-        report = Report(
-            llmopt_version=versions.get("llmopt", "dev"),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            model={"spec": plan.source.spec, "kind": plan.source.kind, "model_type": plan.arch.model_type,
-                   "name": plan.source.name, "input_bytes": plan.source.input_bytes},
-            recipe=recipe_json,
+        report = write_report(
+            plan, staging, started, versions,
             export={"format": recipe.export.format, "runtime": plan.exporter.runtime,
                     "files": sorted(p.name for p in staging.iterdir()), **exported.info},
             baseline=ModelMetrics(runtime=plan.exporter.runtime, parameters=baseline_params,
@@ -278,19 +274,10 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
             samples=evaluation["samples"],
             tasks=tasks,
             validation=evaluation["validation"],
-            environment={**versions, "cpu": devices.cpu_name(), "device": devices.device_name(evaluation["provider"]),
-                         "threads": str(evaluation["threads"])},
+            environment={"device": devices.device_name(evaluation["provider"]), "threads": str(evaluation["threads"])},
             notes=exported.notes + task_notes + _fallback_note(plan.provider, evaluation["provider"])
             + ([f"calibration data: {calibration.description}"] if calibration.description else []) + resume_notes,
-            total_seconds=time.perf_counter() - started,
         )
-        from llmopt.evaluation.checks import evaluate_checks
-
-        report.checks = evaluate_checks(recipe.checks, report)
-        report.write(staging)
-        from llmopt.evaluation.model_card import render_model_card
-
-        (staging / "README.md").write_text(render_model_card(report), encoding="utf-8")
         write_manifest(staging, recipe=recipe_json, versions=versions, seed=recipe.seed)
         promote(staging, out)
     except MemoryError:
@@ -310,6 +297,32 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
         if checkpoints is not None:  # done, failed or interrupted: only a killed run leaves its checkpoints
             checkpoints.remove()
     return Result(out, report, [c for c in report.checks if not c.passed])
+
+
+def write_report(plan: Plan, folder: Path, started: float, versions: dict[str, str], *,
+                 environment: dict[str, str] | None = None, **fields: Any) -> Any:
+    """The run's report, as every schedule writes it (in memory, or streamed layer by layer): what identifies the
+    run (version, time, model, recipe, environment), `fields` (llmopt.evaluation.report.Report's: sizes, passes,
+    quality, validation, notes), the recipe's checks judged on it; written into `folder` as report.json,
+    report.html and the model card (README.md)."""
+    from llmopt.evaluation.checks import evaluate_checks
+    from llmopt.evaluation.model_card import render_model_card
+    from llmopt.evaluation.report import Report
+
+    report = Report(
+        llmopt_version=versions.get("llmopt", "dev"),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model={"spec": plan.source.spec, "kind": plan.source.kind, "model_type": plan.arch.model_type,
+               "name": plan.source.name, "input_bytes": plan.source.input_bytes},
+        recipe=recipe_dict(plan.recipe),
+        environment={**versions, "cpu": devices.cpu_name(), **(environment or {})},
+        total_seconds=time.perf_counter() - started,
+        **fields,
+    )
+    report.checks = evaluate_checks(plan.recipe.checks, report)
+    report.write(folder)
+    (folder / "README.md").write_text(render_model_card(report), encoding="utf-8")
+    return report
 
 
 def _keep_generation_config(source: ModelSource, folder: Path) -> list[str]:

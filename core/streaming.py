@@ -490,13 +490,10 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
     `resume` starts over: a streamed run is one pass and keeps no checkpoints (its artifact is the same either
     way, as the run is deterministic); the report says so."""
     import time
-    from datetime import datetime, timezone
 
-    from llmopt.devices import cpu_name
-    from llmopt.evaluation.checks import evaluate_checks
-    from llmopt.evaluation.report import ModelMetrics, PassRecord, Report
+    from llmopt.evaluation.report import ModelMetrics, PassRecord
     from llmopt.model import ArchInfo, load_config
-    from llmopt.pipeline import Result, library_versions, recipe_dict
+    from llmopt.pipeline import Result, library_versions, recipe_dict, write_report
     from llmopt.preflight import parameter_count
 
     problem = streaming_problem(plan)
@@ -517,43 +514,33 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
 
         calibration = CalibrationSource(plan.recipe, checkpoint_tokenizer(Path(plan.source.path)))
 
-    def write_report(folder: Path, result: StreamResult) -> None:
+    def report(folder: Path, result: StreamResult) -> None:
         from llmopt.exporters.base import weight_bytes
 
-        versions = library_versions()
         runtime = "onnxruntime" if fmt == "onnx" else "pytorch"
         parameters = parameter_count(plan.source)
-        seconds = time.perf_counter() - started
-        report = Report(
-            llmopt_version=versions.get("llmopt", "dev"),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            model={"spec": plan.source.spec, "kind": plan.source.kind, "model_type": arch.model_type},
-            recipe=recipe,
+        reports.append(write_report(
+            plan, folder, started, library_versions(),
             export={"format": fmt, "runtime": runtime, "files": sorted(result.files), **result.info},
             baseline=ModelMetrics(runtime="safetensors checkpoint (not run)", parameters=parameters,
                                   size_bytes=input_bytes, kv_cache_bytes_per_token=arch.kv_cache_bytes_per_token()),
             optimized=ModelMetrics(runtime=runtime, parameters=parameters, size_bytes=weight_bytes(folder),
                                    kv_cache_bytes_per_token=arch.kv_cache_bytes_per_token()),
-            passes=[PassRecord(type="quantize", seconds=seconds, info={
+            passes=[PassRecord(type="quantize", seconds=time.perf_counter() - started, info={
                 "method": quantize.method, "bits": quantize.bits, "group_size": quantize.group_size,
                 "symmetric": quantize.symmetric, "quantized_tensors": result.quantized_tensors, "streaming": True,
                 **result.pass_info})],
             kv_cache_context_tokens=arch.extra.get("max_position_embeddings"),
-            environment={**versions, "cpu": cpu_name()},
             validation=result.validation,
             notes=[STREAMING_NOTE] + result.notes
             + ([f"calibration data: {calibration.description}"] if calibration else [])
             + (["--resume: a streamed run keeps no checkpoints, so this one started over."] if resume else []),
-            total_seconds=seconds,
-        )
-        report.checks = evaluate_checks(plan.recipe.checks, report)
-        report.write(folder)
-        reports.append(report)
+        ))
 
     quantize_checkpoint(plan.source.path, output, quantize, export_format=fmt,
                         accuracy_level=plan.recipe.export.accuracy_level, force=force, recipe=recipe,
                         seed=plan.recipe.seed, calibration=calibration() if calibration else None,
-                        validation=plan.recipe.export.validate_result, before_manifest=write_report)
+                        validation=plan.recipe.export.validate_result, before_manifest=report)
     if progress is not None:
         progress.done("quantize and export, layer by layer", time.perf_counter() - started)
     return Result(Path(output), reports[0], [c for c in reports[0].checks if not c.passed])

@@ -286,6 +286,8 @@ def test_export_streaming_runs_a_recipe_layer_by_layer(tiny_model_dir, tmp_path)
     assert report["quality"] is None and "but not evaluated" in report["notes"][0]
     validation = report["validation"]  # the streamed artifact checked against the model it holds
     assert validation["passed"] and validation["long_tokens"] >= 256 and validation["decode_tokens"] == 16
+    # The report every schedule writes: the model card and the HTML page too.
+    assert "optimized with llmopt" in (tmp_path / "out/README.md").read_text() and (tmp_path / "out/report.html").exists()
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert manifest["recipe"]["export"]["streaming"] is True and "report.json" in manifest["files"]
     assert "torch" in manifest["versions"] and manifest["seed"] == 0
