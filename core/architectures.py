@@ -52,7 +52,7 @@ class Architecture:
     # depth and sparse pruning, quantize, half, distill and the exporters take every described family.
     gqa: bool = False
     prune: bool = False
-    stream: bool = True  # the layer-by-layer writers (core/streaming.py) know its block (every dense family)
+    stream: bool = True  # the layer-by-layer writers (core/streaming.py) know its block (every family, MoE too)
 
     def layer_groups(self, layer: Any) -> tuple[InputGroup, ...]:
         """The groups of one decoder layer: an MoE family's sparse layers read the norm through a router and
@@ -85,7 +85,7 @@ def _moe_groups(experts: int) -> tuple[InputGroup, ...]:
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     _llama_like("llama", gqa=True, prune=True),
-    _llama_like("qwen3_moe", qk_norm="per_head", moe=True, gqa=True, stream=False),
+    _llama_like("qwen3_moe", qk_norm="per_head", moe=True, gqa=True),
     _llama_like("mistral", gqa=True, prune=True),
     _llama_like("qwen2", gqa=True, prune=True),
     _llama_like("qwen3", qk_norm="per_head", gqa=True, prune=True),

@@ -108,8 +108,11 @@ def check_checkpoint_tensors(config: Any, shapes: dict[str, tuple[int, ...]], sp
     import torch
     from transformers import AutoModelForCausalLM
 
+    from llmopt.experts import unfuse_experts
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    unfuse_experts(model)  # checkpoints name experts one by one; transformers 5 fuses them at load
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in shapes:
         del expected["lm_head.weight"]  # the embedding serves as the head

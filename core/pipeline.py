@@ -420,15 +420,17 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params
 
     with timer("validate artifact"):
         rss_opt = PeakRss()
-        with rss_opt:
-            optimized = load_runner(artifact_dir, fmt, threads, plan.provider)
         try:
+            with rss_opt:
+                optimized = load_runner(artifact_dir, fmt, threads, plan.provider)
             long_tokens = long_sequence_length(attention_windows(state.model.config),
                                                getattr(state.model.config, "max_position_embeddings", None))
             limits = recipe.export.validate_result
             validation = validate_artifact(TorchRunner(state.model), optimized,
                                            validation_sequences(tokenizer, limits, long_tokens), limits)
-        except Exception as exc:  # a runtime that cannot execute the artifact is a validation failure too
+        except MemoryError:
+            raise
+        except Exception as exc:  # a runtime that cannot load or execute the artifact is a validation failure too
             raise ResultValidationError(f"The exported artifact could not be run: {exc}",
                                         "Report this with the recipe; try `export.accuracy_level: 0`.") from None
         if not validation.passed:

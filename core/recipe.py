@@ -44,7 +44,7 @@ class ExportConfig(StrictModel):
     streaming: bool = Field(
         False, description="Quantize and write one decoder layer at a time from the safetensors checkpoint (peak "
                            "memory about one layer plus calibration activations, for models bigger than RAM): one "
-                           "weight-only `quantize` pass (rtn or gptq, with or without awq) of a dense family. The "
+                           "weight-only `quantize` pass (rtn or gptq, with or without awq) of a described family. The "
                            "artifact is validated against the model layer by layer, but not evaluated.")
     validate_result: OnnxValidation = Field(
         default_factory=OnnxValidation,

@@ -239,6 +239,12 @@ def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: 
                           "mixed precision needs the whole model's sensitivities.",
                           "Remove the option, or use the non-streaming pipeline (the model must then fit in memory).")
     hf_config = AutoConfig.from_pretrained(folder)
+    if export_format == "safetensors":
+        from llmopt.exporters.safetensors import experts_layout_problem
+
+        problem = experts_layout_problem(hf_config.model_type, [q])
+        if problem:
+            raise RecipeError(f"export.streaming: {problem}.", "Set `symmetric: true`, or export onnx.")
     if export_format == "onnx":
         from llmopt.exporters.onnx_writer import writer_problem
 
@@ -461,7 +467,7 @@ def _check_disk(plan: StreamPlan, reader: CheckpointReader, out: Path) -> None:
 def streaming_problem(plan: Any) -> str | None:
     """Why a pipeline plan (llmopt.pipeline.Plan) cannot take the streaming path, or None when it can: a single
     weight-only `quantize` pass (RTN or GPTQ, with or without AWQ) on a local or hub safetensors checkpoint of a
-    dense family, and no quality or speed checks (nothing is evaluated: that would need the whole model)."""
+    described family, and no quality or speed checks (nothing is evaluated: that would need the whole model)."""
     from llmopt.errors import LlmoptError
 
     passes = plan.recipe.passes
@@ -499,7 +505,7 @@ def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: An
     problem = streaming_problem(plan)
     if problem:
         raise RecipeError(f"export.streaming: this recipe cannot be streamed: {problem}.",
-                          "Use one weight-only `quantize` pass on a safetensors checkpoint of a dense family, "
+                          "Use one weight-only `quantize` pass on a safetensors checkpoint of a described family, "
                           "with size checks only; or remove export.streaming.")
     started = time.perf_counter()
     if progress is not None:

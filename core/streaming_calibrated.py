@@ -35,9 +35,12 @@ def empty_model(folder: Any) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llmopt.experts import unfuse_experts
+
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    unfuse_experts(model)  # transformers 5's 3-D experts as the checkpoint names them: one Linear per expert
     return model.eval()
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from llmopt.errors import InputError
+from llmopt.errors import InputError, RecipeError
 from llmopt.exporters.base import Exporter, ExportResult
+from llmopt.model import ArchInfo
 from llmopt.quantized import QuantizedTensor
 from llmopt.state import ModelState
 
@@ -43,6 +45,12 @@ def save_model(model: Any, folder: Path, **kwargs: Any) -> None:
 class SafetensorsExporter(Exporter):
     format = "safetensors"
     runtime = "pytorch"
+
+    def check(self, arch: ArchInfo, config: Any = None, passes: Sequence[Any] = ()) -> None:
+        problem = experts_layout_problem(arch.model_type, [getattr(p, "config", p) for p in passes])
+        if problem is not None:
+            raise RecipeError(f"export.format: safetensors: {problem}.",
+                              "Set `symmetric: true` in the quantize pass, or export onnx.")
 
     def export(self, state: ModelState, folder: Path) -> ExportResult:
         packed, unpacked = split_packable(state)
@@ -105,6 +113,21 @@ class SafetensorsExporter(Exporter):
         data["quantization_config"] = quantization_config(first.bits, first.group_size, first.symmetric,
                                                           [n for n in linears if f"{n}.weight" not in packed])
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def experts_layout_problem(model_type: str, settings: Sequence[Any]) -> str | None:
+    """Why a compressed-tensors checkpoint of these quantize settings would not load back (None when it would):
+    transformers 5.25 fuses an MoE family's experts at load and loses their zero points on the way, so
+    asymmetric experts fail to load (a bug of its converter, not of the file)."""
+    from llmopt.architectures import describe
+
+    family = describe(model_type)
+    if family is None or not family.moe:
+        return None
+    if any(getattr(s, "type", None) == "quantize" and not s.symmetric for s in settings):
+        return ("transformers cannot load an MoE checkpoint whose experts are quantized asymmetrically (its "
+                "converter drops their zero points when it fuses the experts)")
+    return None
 
 
 def split_packable(state: ModelState) -> tuple[dict[str, QuantizedTensor], dict[str, QuantizedTensor]]:
