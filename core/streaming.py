@@ -316,7 +316,7 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
     out = check_destination(Path(output), force, [Input("the model", real(model))])
     with OutputLock(out):
         _check_disk(plan, reader, out)
-        check = _ArtifactCheck(plan, reader, export_format, validation or OnnxValidation()) if validate else None
+        check = _ArtifactCheck(reader, export_format, validation or OnnxValidation()) if validate else None
         if check is not None:
             plan = replace(plan, reference=check.reference)
         staging = new_staging(out)
@@ -349,7 +349,7 @@ class _ArtifactCheck:
     """The pipeline's artifact check for a streamed artifact: the check's sequences, their reference logits
     computed as the blocks are written (llmopt.streaming_reference), then the artifact loaded and compared."""
 
-    def __init__(self, plan: StreamPlan, reader: CheckpointReader, export_format: str, limits: OnnxValidation) -> None:
+    def __init__(self, reader: CheckpointReader, export_format: str, limits: OnnxValidation) -> None:
         from transformers import AutoConfig
 
         from llmopt.architectures import attention_windows

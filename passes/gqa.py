@@ -100,7 +100,7 @@ class GqaPass(Pass):
         self.check(arch, "gqa")
         attns = _attention_modules(model, family)
         qk_norm = getattr(attns[0], "k_norm", None) is not None  # Cohere has them only with use_qk_norm
-        pairs = rotary_pairs(model.config)
+        pairs = rotary_pairs(model.config) if method == "pca" else None  # mean's merges are the same on any pairs
         heads, kv_before, hd = arch.num_heads, arch.num_kv_heads, attns[0].head_dim
         k = self.config.num_key_value_heads
         kv_of = [i // (heads // kv_before) for i in range(heads)]  # query head -> its KV head (repeat_kv order)
