@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmopt.errors import RecipeError
 
@@ -116,6 +116,15 @@ class Recipe(StrictModel):
 
     source: str | None = Field(None, exclude=True, description="Where the recipe was read from (not in YAML).")
 
+    @field_validator("passes", mode="before")
+    @classmethod
+    def _typed_passes(cls, value: Any) -> Any:
+        """Each pass as its type's config, so that `Recipe(passes=[{"type": "quantize", "bitz": 4}])` from Python
+        is refused as the same YAML is (RecipeError, not an AttributeError later in plan())."""
+        if not isinstance(value, list):
+            return value  # pydantic's own "should be a valid list"
+        return [p if isinstance(p, BaseModel) else _parse_pass(p, i, "recipe", {}) for i, p in enumerate(value)]
+
 
 def _key_lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
     """Map each key path of a YAML document to its 1-based line, for error messages."""
@@ -196,7 +205,7 @@ def _raise_validation(exc: ValidationError, where: str, lines: dict[tuple, int],
                 msg += f" (got {err['input']!r})"
         problems.append(f"{at}: {_format_path(full)}: {msg}")
     raise RecipeError(
-        "Invalid recipe: " + "; ".join(problems) + ".",
+        "Invalid recipe: " + "; ".join(p.rstrip(".") for p in problems) + ".",
         "Fix the key(s) named above; `llmopt schema` prints every valid key, and `llmopt recipes` lists working examples.",
     )
 
@@ -232,21 +241,22 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
                           "Start from `llmopt recipes show int4-onnx`.")
     _check_duplicate_keys(root, where)
     lines = _key_lines(root) if root is not None else {}
-    try:
-        recipe = Recipe.model_validate({**data, "source": where})
+    try:  # the passes apart: each is validated by its own type's config, with the lines of the file
+        recipe = Recipe.model_validate({**{k: v for k, v in data.items() if k != "passes"}, "source": where})
     except ValidationError as exc:
         _raise_validation(exc, where, lines, (), Recipe)
-    if not isinstance(data.get("passes", []), list):
+    raw_passes = data.get("passes") or []
+    if not isinstance(raw_passes, list):
         raise RecipeError(f"{where}:{lines.get(('passes',), '?')}: passes must be a list of mappings.",
                           "Write each pass as a list item: `- type: quantize`.")
-    passes = [_parse_pass(p, i, where, lines) for i, p in enumerate(recipe.passes)]
+    passes = [_parse_pass(p, i, where, lines) for i, p in enumerate(raw_passes)]
     return recipe.model_copy(update={"passes": passes})
 
 
 def _parse_pass(raw: Any, index: int, where: str, lines: dict[tuple, int]) -> BaseModel:
     from llmopt.passes import PASSES
 
-    at = f"{where}:{lines.get(('passes', index), '?')}"
+    at = f"{where}:{lines[('passes', index)]}" if ("passes", index) in lines else where
     if not isinstance(raw, dict) or "type" not in raw:
         raise RecipeError(
             f"{at}: passes[{index}] needs a 'type' (one of: {', '.join(PASSES)}).",
@@ -254,9 +264,9 @@ def _parse_pass(raw: Any, index: int, where: str, lines: dict[tuple, int]) -> Ba
         )
     pass_type = raw["type"]
     if not isinstance(pass_type, str) or pass_type not in PASSES:  # `type: [..]` is unhashable
-        line = lines.get(("passes", index, "type"), "?")
+        line = lines.get(("passes", index, "type"))
         raise RecipeError(
-            f"{where}:{line}: passes[{index}].type: unknown pass type '{pass_type}'.{_closest(pass_type, list(PASSES))}"
+            f"{where}{f':{line}' if line else ''}: passes[{index}].type: unknown pass type '{pass_type}'.{_closest(pass_type, list(PASSES))}"
             f" Available: {', '.join(PASSES)}.",
             "Use one of the available types.",
         )

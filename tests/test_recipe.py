@@ -35,6 +35,23 @@ def test_unknown_pass_type_suggests_closest():
     assert "r.yaml:2" in msg and "unknown pass type 'quantise'" in msg and "Did you mean 'quantize'?" in msg
 
 
+@pytest.mark.parametrize("passes,message", [
+    ([{"type": "quantize", "bitz": 4}], "passes[0].bitz: unknown key 'bitz'. Did you mean 'bits'?"),
+    ([{"type": "quantise"}], "passes[0].type: unknown pass type 'quantise'. Did you mean 'quantize'?"),
+    (["quantize"], "passes[0] needs a 'type'"),
+])
+def test_the_python_api_refuses_a_bad_pass_as_yaml_does(passes, message):
+    """Recipe(passes=[...]) from Python validates each pass by its type's config: a RecipeError (exit 2) at once,
+    not an AttributeError (exit 70) in plan()."""
+    from llmopt.recipe import Recipe
+
+    with pytest.raises(RecipeError) as info:
+        Recipe(passes=passes)
+    print(info.value)
+    assert message in str(info.value) and ".." not in str(info.value)
+    assert Recipe(passes=[{"type": "quantize", "bits": 8}]).passes[0].bits == 8
+
+
 def test_misspelt_top_level_and_nested_keys():
     assert "Did you mean 'evaluation'?" in error_of("evaluaton: {}\n")
     msg = error_of("export:\n  formt: onnx\n")
