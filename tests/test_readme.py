@@ -107,7 +107,8 @@ def assert_report_md_carries_the_headline_numbers(folder: Path) -> dict:
     for label, key in headline.items():
         for side, cell in zip(("baseline", "optimized"), rows[label][:2]):
             expected = report[side][key] / (1e6 if key == "size_bytes" else 1)
-            assert float(cell) == pytest.approx(expected, abs=6e-4)  # report.md rounds to 3 decimals, f"{folder.name} {label} {side}: {cell} vs {expected}"
+            # report.md rounds to 3 decimals
+            assert float(cell) == pytest.approx(expected, abs=6e-4), f"{folder.name} {label} {side}: {cell} vs {expected}"
     md = (folder / "report.md").read_text()
     assert f"{report['quality']['kl_divergence']:.4f} nats/token" in md
     assert f"top-1 next-token agreement: {report['quality']['top1_agreement'] * 100:.2f}%" in md

@@ -26,7 +26,7 @@ def test_shipped_recipe_runs_on_a_tiny_model(name, tiny_model_dir, tmp_path):
     print(f"{name}: perplexity {report.baseline.perplexity:.1f} -> {report.optimized.perplexity:.1f}, "
           f"size {report.baseline.size_bytes} -> {report.optimized.size_bytes}")
     assert_report_matches_schema(result.output)
-    assert report.validation is None or report.validation.passed
+    assert report.validation.passed  # an in-memory run always checks its artifact
     assert [p.type for p in report.passes] == [p.type for p in recipe.passes]
     info = {p.type: p.info for p in report.passes}
     assert report.optimized.perplexity > 1 and report.quality.kl_divergence >= 0
