@@ -307,6 +307,7 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
     from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
     from llmopt.pipeline import library_versions
     from llmopt.recipe import OnnxValidation
+    from llmopt.streaming_reference import StreamCheck
     from llmopt.write_safety import Input, real
 
     plan, reader = plan_stream(model, quantize, export_format=export_format)
@@ -316,7 +317,7 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
     out = check_destination(Path(output), force, [Input("the model", real(model))])
     with OutputLock(out):
         _check_disk(plan, reader, out)
-        check = _ArtifactCheck(reader, export_format, validation or OnnxValidation()) if validate else None
+        check = StreamCheck(reader, export_format, validation or OnnxValidation()) if validate else None
         if check is not None:
             plan = replace(plan, reference=check.reference)
         staging = new_staging(out)
@@ -343,68 +344,6 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return result
-
-
-class _ArtifactCheck:
-    """The pipeline's artifact check for a streamed artifact: the check's sequences, their reference logits
-    computed as the blocks are written (llmopt.streaming_reference), then the artifact loaded and compared."""
-
-    def __init__(self, reader: CheckpointReader, export_format: str, limits: OnnxValidation) -> None:
-        from transformers import AutoConfig
-
-        from llmopt.architectures import attention_windows
-        from llmopt.evaluation.validate import long_sequence_length, validation_sequences
-        from llmopt.streaming_reference import ReferenceTrace
-
-        config = AutoConfig.from_pretrained(reader.folder)
-        self.export_format, self.limits, self.notes = export_format, limits, []
-        tokenizer = checkpoint_tokenizer(reader.folder, required=False)
-        if tokenizer is None:
-            self.notes.append("validation: the checkpoint has no tokenizer, so the check ran on random token ids.")
-        long_tokens = long_sequence_length(attention_windows(config), getattr(config, "max_position_embeddings", None))
-        self.sequences = validation_sequences(tokenizer, limits, long_tokens, vocab_size=config.vocab_size)
-        # Loading a safetensors artifact back dequantizes it whole (transformers): only when that fits.
-        self.float_bytes = 4 * sum(_elements(e.shape) for e in reader.entries.values())
-        self.reference = ReferenceTrace(reader, self.sequences)
-
-    def run(self, folder: Path) -> tuple[Any, list[str]]:
-        """The validation record (ResultValidationError when it fails) and notes for the report."""
-        import gc
-
-        import psutil
-
-        from llmopt.errors import ResultValidationError
-        from llmopt.evaluation.runners import load_runner
-        from llmopt.evaluation.validate import validate_artifact, validation_failure
-
-        logits, self.reference = self.reference.logits, None  # the trace's module tree is no longer needed
-        gc.collect()
-        if self.export_format == "safetensors" and self.float_bytes > 0.7 * psutil.virtual_memory().available:
-            return None, self.notes + [
-                f"validation: not run; loading the safetensors artifact back dequantizes it to "
-                f"{self.float_bytes / 1e9:.1f} GB of float32, more than this machine has free. The ONNX format is "
-                "checked whatever the model's size (onnxruntime holds the int4 weights)."]
-        try:
-            artifact = load_runner(folder, self.export_format)
-            record = validate_artifact(logits, artifact, self.sequences, self.limits)
-        except MemoryError:
-            raise
-        except Exception as exc:  # a runtime that cannot execute the artifact is a validation failure too
-            raise ResultValidationError(f"The streamed artifact could not be run: {exc}",
-                                        "Report this with the recipe; try `export.accuracy_level: 0`.") from None
-        finally:
-            artifact = None
-            gc.collect()
-        if not record.passed:
-            raise validation_failure(record, self.limits)
-        return record, self.notes
-
-
-def _elements(shape: tuple[int, ...]) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count
 
 
 def default_calibration(model: Path, seed: int) -> list[Any]:

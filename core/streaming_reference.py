@@ -4,12 +4,16 @@ artifact is checked as the in-memory pipeline checks its artifacts: against the 
 Each block the writer receives (the embedding, one decoder layer, the final norm and lm_head) takes the sequences'
 hidden states one step further, with the weights the artifact stores (codes dequantized) in the module tree of
 `empty_model`, and is freed with the block. Memory: one layer in float32 and the sequences' hidden states; the
-model is never whole. The logits come out when the last block has passed, before the artifact is loaded.
+model is never whole. The logits come out when the last block has passed; StreamCheck then loads the artifact
+and compares it with them, as the pipeline compares its artifacts with the in-memory model.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+import math
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +22,7 @@ from llmopt.quantized import QuantizedTensor
 if TYPE_CHECKING:
     import torch
 
+    from llmopt.recipe import OnnxValidation
     from llmopt.streaming import Block, CheckpointReader
 
 
@@ -86,3 +91,58 @@ class ReferenceTrace:
             out.append(logits.numpy())
         model.to("meta")
         return out
+
+
+class StreamCheck:
+    """The pipeline's artifact check for a streamed artifact: the check's sequences, their reference logits
+    computed as the blocks are written (ReferenceTrace), then the artifact loaded by its runtime and compared."""
+
+    def __init__(self, reader: CheckpointReader, export_format: str, limits: OnnxValidation) -> None:
+        from transformers import AutoConfig
+
+        from llmopt.architectures import attention_windows
+        from llmopt.evaluation.validate import long_sequence_length, validation_sequences
+        from llmopt.streaming import checkpoint_tokenizer
+
+        config = AutoConfig.from_pretrained(reader.folder)
+        self.export_format, self.limits, self.notes = export_format, limits, []
+        tokenizer = checkpoint_tokenizer(reader.folder, required=False)
+        if tokenizer is None:
+            self.notes.append("validation: the checkpoint has no tokenizer, so the check ran on random token ids.")
+        long_tokens = long_sequence_length(attention_windows(config), getattr(config, "max_position_embeddings", None))
+        self.sequences = validation_sequences(tokenizer, limits, long_tokens, vocab_size=config.vocab_size)
+        # Loading a safetensors artifact back dequantizes it whole (transformers): only when that fits.
+        self.float_bytes = 4 * sum(math.prod(e.shape) for e in reader.entries.values())
+        self.reference = ReferenceTrace(reader, self.sequences)
+
+    def run(self, folder: Path) -> tuple[Any, list[str]]:
+        """The validation record (ResultValidationError when it fails) and notes for the report."""
+        import gc
+
+        import psutil
+
+        from llmopt.errors import ResultValidationError
+        from llmopt.evaluation.runners import load_runner
+        from llmopt.evaluation.validate import validate_artifact, validation_failure
+
+        logits, self.reference = self.reference.logits, None  # the trace's module tree is no longer needed
+        gc.collect()
+        if self.export_format == "safetensors" and self.float_bytes > 0.7 * psutil.virtual_memory().available:
+            return None, self.notes + [
+                f"validation: not run; loading the safetensors artifact back dequantizes it to "
+                f"{self.float_bytes / 1e9:.1f} GB of float32, more than this machine has free. The ONNX format is "
+                "checked whatever the model's size (onnxruntime holds the int4 weights)."]
+        try:
+            artifact = load_runner(folder, self.export_format)
+            record = validate_artifact(logits, artifact, self.sequences, self.limits)
+        except MemoryError:
+            raise
+        except Exception as exc:  # a runtime that cannot execute the artifact is a validation failure too
+            raise ResultValidationError(f"The streamed artifact could not be run: {exc}",
+                                        "Report this with the recipe; try `export.accuracy_level: 0`.") from None
+        finally:
+            artifact = None
+            gc.collect()
+        if not record.passed:
+            raise validation_failure(record, self.limits)
+        return record, self.notes
