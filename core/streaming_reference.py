@@ -10,10 +10,9 @@ and compares it with them, as the pipeline compares its artifacts with the in-me
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
