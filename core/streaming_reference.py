@@ -3,8 +3,8 @@ artifact is checked as the in-memory pipeline checks its artifacts: against the 
 
 Each block the writer receives (the embedding, one decoder layer, the final norm and lm_head) takes the sequences'
 hidden states one step further, with the weights the artifact stores (codes dequantized) in the module tree of
-`empty_model`, and is freed with the block. Memory: one layer in float32 and the sequences' hidden states; the
-model is never whole. The logits come out when the last block has passed; StreamCheck then loads the artifact
+`empty_model`, and is freed with the block. Memory: one Linear in float32 at a time and the sequences' hidden
+states; the model is never whole. The logits come out when the last block has passed; StreamCheck then loads the artifact
 and compares it with them, as the pipeline compares its artifacts with the in-memory model.
 """
 
@@ -31,6 +31,35 @@ def _float(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(tensor.dequantized()) if isinstance(tensor, QuantizedTensor) else tensor
 
 
+def _load_layer(layer: Any, prefix: str, tensors: dict[str, Any]) -> list[Any]:
+    """Give a decoder layer the block's tensors: float ones as they are, each quantized Linear its weight
+    dequantized just before it runs and dropped after, so the reference holds one Linear in float32 at a time
+    beside the block's codes, not the whole layer (0.8 GB for a 7B layer, next to the calibration's own peak).
+    Returns the hooks to remove."""
+    import torch
+
+    local = {name.removeprefix(prefix): t for name, t in tensors.items()}
+    expected = set(layer.state_dict())
+    if set(local) != expected:  # a bug, not input: the writer gets the same names
+        raise RuntimeError(f"{prefix}: the block's tensors differ from the layer's: {sorted(set(local) ^ expected)[:4]}")
+    layer.load_state_dict({n: t for n, t in local.items() if not isinstance(t, QuantizedTensor)}, strict=False,
+                          assign=True)
+    handles = []
+    for name, codes in local.items():
+        if not isinstance(codes, QuantizedTensor):
+            continue
+        module = layer.get_submodule(name.removesuffix(".weight"))
+
+        def materialize(module: Any, args: Any, codes: QuantizedTensor = codes) -> None:
+            module.weight = torch.nn.Parameter(torch.from_numpy(codes.dequantized()), requires_grad=False)
+
+        def release(module: Any, args: Any, output: Any) -> None:
+            module.weight = torch.nn.Parameter(module.weight.to("meta"), requires_grad=False)
+
+        handles += [module.register_forward_pre_hook(materialize), module.register_forward_hook(release)]
+    return handles
+
+
 class ReferenceTrace:
     """Logits of `sequences` (token id arrays) through the blocks `see` is handed, in order."""
 
@@ -48,24 +77,24 @@ class ReferenceTrace:
 
         from llmopt.passes.layerwise import capture_layer_inputs, run_layer
 
-        tensors = {name: _float(t) for name, t in block.tensors.items()}
         model = self.model
         with torch.no_grad():
             if block.kind == "embedding":
-                table = tensors["model.embed_tokens.weight"]
+                table = _float(block.tensors["model.embed_tokens.weight"])
                 model.model.embed_tokens.weight = torch.nn.Parameter(table, requires_grad=False)
                 self.inputs = capture_layer_inputs(model, [np.asarray(s) for s in self.sequences])
                 model.model.embed_tokens.to("meta")
             elif block.kind == "layer":
-                prefix = f"model.layers.{block.index}."
                 layer = model.model.layers[block.index]
-                layer.load_state_dict({n.removeprefix(prefix): t for n, t in tensors.items()}, strict=True,
-                                      assign=True)
-                self.inputs = run_layer(layer, block.index, self.inputs)
+                handles = _load_layer(layer, f"model.layers.{block.index}.", block.tensors)
+                try:
+                    self.inputs = run_layer(layer, block.index, self.inputs)
+                finally:
+                    for handle in handles:
+                        handle.remove()
                 layer.to("meta")
             else:
-                self.logits = self._logits(tensors)
-        del tensors
+                self.logits = self._logits({name: _float(t) for name, t in block.tensors.items()})
 
     def _logits(self, tensors: dict[str, torch.Tensor]) -> list[np.ndarray]:
         """The final norm, lm_head (the embedding table when tied and not written apart) and the family's logit
