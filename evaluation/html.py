@@ -469,10 +469,9 @@ def _precision_key(precision: str) -> tuple[int, str]:
 
 
 def _precision_maps(report: Report) -> str:
-    maps = [(p.type, p.info["precision_map"]) for p in report.passes if isinstance(p.info.get("precision_map"), dict)]
-    extra = getattr(report, "precision_map", None)
-    if isinstance(extra, dict) and extra:
-        maps.append(("model", extra))
+    """The bits each Linear got, where a pass chose them per layer (quantize with target_bits_per_weight)."""
+    maps = [(p.type, {name: f"int{bits}" for name, bits in p.info["bits_per_layer"].items()})
+            for p in report.passes if isinstance(p.info.get("bits_per_layer"), dict)]
     blocks = []
     for source, pmap in maps:
         if not pmap:
@@ -518,7 +517,7 @@ def _precision_maps(report: Report) -> str:
             f"{counts[p]} {'tensor' if counts[p] == 1 else 'tensors'}</span>"
             for p in sorted(counts, key=_precision_key)) + "</div>"
         listing = _table(["layer", "precision"], [[_e(k), _e(v)] for k, v in list(pmap.items())[:5000]])
-        title = f"from the {source} pass" if source != "model" else "of the model"
+        title = f"from the {source} pass"
         blocks.append(f"<h3>{_e(title.capitalize())}</h3>{legend}{''.join(parts)}"
                       f"<details><summary>every layer ({len(pmap)})</summary>{listing}</details>")
     return _section("Precision map", "".join(blocks), "precision-map") if blocks else ""

@@ -35,14 +35,15 @@ def make_report(ppl: float = 11.0, size: int = 100_000_000, decode: float = 30.0
     if not full:
         return report
     curve = [[s, 3.0 - 0.02 * s, (2.9 - 0.018 * s) if s % 20 == 0 else None] for s in range(0, 101, 5)]
-    layers = {f"model.layers.{i}.{m}": ("int4" if (i + j) % 3 else "int8") for i in range(6)
+    # What quantize with target_bits_per_weight records: the bits each Linear got.
+    layers = {f"model.layers.{i}.{m}": (4 if (i + j) % 3 else 8) for i in range(6)
               for j, m in enumerate(["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"])}
-    layers["lm_head"] = "fp32"
+    layers["lm_head"] = 8
     passes = [
         PassRecord(type="distill", seconds=12.34, info={"steps": 100, "steps_done": 100, "best_step": 80,
                                                          "best_eval_loss": 1.46, "loss_curve": curve,
                                                          "big_list": list(range(500)), "long": "x" * 5000}),
-        PassRecord(type="quantize", seconds=0.5, info={"method": "rtn", "bits": 4, "precision_map": layers}),
+        PassRecord(type="quantize", seconds=0.5, info={"method": "rtn", "bits": 4, "bits_per_layer": layers}),
     ]
     checks = [CheckResult(name="max_perplexity_increase_pct", threshold=5.0, value=increase, passed=False,
                           interval=[increase - 2.5, increase + 3.0]),
@@ -74,6 +75,7 @@ def test_report_html_holds_the_numbers_and_nothing_external():
         assert number in page, number
     assert "<svg" in page and "polyline" in page  # bar charts, per-layer error and loss curve
     assert "Distillation loss" in page and "Per-layer error" in page and "Precision map" in page
+    assert "int8: 7 tensors" in page and "int4: 12 tensors" in page  # the mixed pass's bits_per_layer, counted
     assert "peak memory, load (MB)" in page and "610" in page
     assert "FAIL" in page and "pass" in page and "Paris, " in page
     assert "http://" not in page and "https://" not in page
