@@ -142,7 +142,8 @@ def test_report_html_shows_task_scores():
 
 def test_changes_within_noise_are_shown_not_judged():
     """A sub-megabyte memory change or a speed change inside the runs' spread is no finding: muted, not red."""
-    from llmopt.evaluation.html import _bar_pair, _change_html, _noise
+    from llmopt.evaluation.html.charts import _bar_pair
+    from llmopt.evaluation.html.report_page import _change_html, _noise
 
     assert _change_html(0.1, 0.62, False, _noise("peak memory added (MB)")) == \
         '<span class="muted">+520.0% (within noise)</span>'
