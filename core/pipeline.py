@@ -14,7 +14,7 @@ from llmopt import devices
 from llmopt.artifact import (OutputLock, check_destination, new_scratch, new_staging, promote, remove_tree,
                              write_manifest)
 from llmopt.checkpoint import nonfinite_parameters
-from llmopt.errors import InputError, RecipeError, ResourceError, ResultValidationError, translate
+from llmopt.errors import InputError, LlmoptError, RecipeError, ResourceError, ResultValidationError, translate
 from llmopt.model import ArchInfo, ModelSource, check_causal_lm, load_config, load_model, resolve_model
 from llmopt.recipe import Recipe, load_recipe
 from llmopt.write_safety import Input, recipe_inputs
@@ -259,23 +259,23 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
             export={"format": recipe.export.format, "runtime": plan.exporter.runtime,
                     "files": sorted(p.name for p in staging.iterdir()), **exported.info},
             baseline=ModelMetrics(runtime=plan.exporter.runtime, parameters=baseline_params,
-                                  size_bytes=evaluation["baseline_bytes"],
+                                  size_bytes=evaluation.baseline_bytes,
                                   kv_cache_bytes_per_token=plan.arch.kv_cache_bytes_per_token(),
-                                  **evaluation["baseline"]),
+                                  **evaluation.baseline),
             optimized=ModelMetrics(runtime=plan.exporter.runtime, parameters=optimized_params,
                                    size_bytes=exported.weights_bytes,
                                    kv_cache_bytes_per_token=arch_after.kv_cache_bytes_per_token(),
-                                   **evaluation["optimized"]),
-            quality=evaluation["quality"],
-            speed_setup=SpeedSetup(**evaluation["speed_setup"]) if evaluation["speed_setup"] else None,
+                                   **evaluation.optimized),
+            quality=evaluation.quality,
+            speed_setup=SpeedSetup(**evaluation.speed_setup) if evaluation.speed_setup else None,
             passes=records,
             kv_cache_context_tokens=recipe.evaluation.context_length or plan.arch.extra.get("max_position_embeddings"),
             layer_errors=layer_errors,
-            samples=evaluation["samples"],
+            samples=evaluation.samples,
             tasks=tasks,
-            validation=evaluation["validation"],
-            environment={"device": devices.device_name(evaluation["provider"]), "threads": str(evaluation["threads"])},
-            notes=exported.notes + task_notes + _fallback_note(plan.provider, evaluation["provider"])
+            validation=evaluation.validation,
+            environment={"device": devices.device_name(evaluation.provider), "threads": str(evaluation.threads)},
+            notes=exported.notes + task_notes + _fallback_note(plan.provider, evaluation.provider)
             + ([f"calibration data: {calibration.description}"] if calibration.description else []) + resume_notes,
         )
         write_manifest(staging, recipe=recipe_json, versions=versions, seed=recipe.seed)
@@ -395,8 +395,24 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
     return data
 
 
+@dataclass
+class Evaluation:
+    """What `_evaluate` measured, for the report: the baseline's size, each side's figures (ModelMetrics fields),
+    quality, the speed setup, the artifact check, and where and how it ran."""
+
+    baseline_bytes: int
+    threads: int | None
+    baseline: dict[str, Any] = field(default_factory=dict)
+    optimized: dict[str, Any] = field(default_factory=dict)
+    quality: Any = None  # llmopt.evaluation.report.QualityReport
+    speed_setup: dict[str, Any] | None = None
+    validation: Any = None  # llmopt.evaluation.report.ValidationRecord
+    provider: str = "CPUExecutionProvider"
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
 def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params: int, artifact_dir: Path,
-              timer: _Steps, windows: list[Any], description: str) -> dict[str, Any]:
+              timer: _Steps, windows: list[Any], description: str) -> Evaluation:
     """Validate the artifact, then measure baseline and optimized on the artifact's runtime (without a baseline
     artifact, evaluation off, its size is the input model's float32 weights)."""
     import gc
@@ -415,8 +431,7 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params
     threads = ev.speed.threads
     tokenizer = state.tokenizer
     baseline_bytes = weight_bytes(baseline_dir) if baseline_dir else 4 * baseline_params  # loaded in float32
-    result: dict[str, Any] = {"baseline_bytes": baseline_bytes, "baseline": {}, "optimized": {}, "quality": None,
-                              "speed_setup": None, "validation": None, "threads": threads, "samples": []}
+    result = Evaluation(baseline_bytes=baseline_bytes, threads=threads)
 
     with timer("validate artifact"):
         rss_opt = PeakRss()
@@ -428,47 +443,48 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params
             limits = recipe.export.validate_result
             validation = validate_artifact(TorchRunner(state.model), optimized,
                                            validation_sequences(tokenizer, limits, long_tokens), limits)
-        except MemoryError:
+        except (MemoryError, LlmoptError):
             raise
         except Exception as exc:  # a runtime that cannot load or execute the artifact is a validation failure too
             raise ResultValidationError(f"The exported artifact could not be run: {exc}",
                                         "Report this with the recipe; try `export.accuracy_level: 0`.") from None
         if not validation.passed:
             raise validation_failure(validation, limits)
-        result["validation"] = validation
-    result["threads"] = getattr(optimized, "threads", threads)
-    result["provider"] = optimized.provider
+        result.validation = validation
+    result.threads = getattr(optimized, "threads", threads)
+    result.provider = optimized.provider
     if not ev.enabled:
         return result
 
-    result["optimized"]["peak_load_mb"] = rss_opt.added_mb
+    result.optimized["peak_load_mb"] = rss_opt.added_mb
     rss_base = PeakRss()
     with rss_base:
         baseline = load_runner(baseline_dir, fmt, threads, plan.provider)
-    result["baseline"]["peak_load_mb"] = rss_base.added_mb
+    result.baseline["peak_load_mb"] = rss_base.added_mb
     if ev.speed.enabled:
         prompt = _speed_prompt(tokenizer, ev.speed.prompt_tokens)
-        result["speed_setup"] = {"prompt_tokens": len(prompt), "new_tokens": ev.speed.new_tokens,
-                                 "runs": ev.speed.runs, "threads": result["threads"]}
+        result.speed_setup = {"prompt_tokens": len(prompt), "new_tokens": ev.speed.new_tokens,
+                              "runs": ev.speed.runs, "threads": result.threads}
         for name, runner, rss in (("baseline", baseline, rss_base), ("optimized", optimized, rss_opt)):
             with timer(f"speed {name}"):
                 decode_rss = PeakRss()  # what generating adds on top of the loaded model
                 with rss, decode_rss:  # rss re-entered: the peak keeps counting from the first entry
                     scores = measure_speed(runner, prompt, ev.speed.new_tokens, ev.speed.runs)
-            result[name]["peak_decode_mb"] = decode_rss.added_mb
-            result[name].update(prefill_ms=scores.prefill_ms, prefill_ms_spread=scores.prefill_ms_spread,
+            measured = getattr(result, name)
+            measured["peak_decode_mb"] = decode_rss.added_mb
+            measured.update(prefill_ms=scores.prefill_ms, prefill_ms_spread=scores.prefill_ms_spread,
                                 decode_tokens_per_s=scores.decode_tokens_per_s,
                                 decode_tokens_per_s_spread=scores.decode_tokens_per_s_spread)
-    result["baseline"]["peak_memory_mb"] = rss_base.added_mb
-    result["optimized"]["peak_memory_mb"] = rss_opt.added_mb
+    result.baseline["peak_memory_mb"] = rss_base.added_mb
+    result.optimized["peak_memory_mb"] = rss_opt.added_mb
 
     with timer("quality (perplexity, KL, top-1)"):
         scores = compare_quality(baseline, optimized, windows, timer.progress.advance)
     with timer("generation samples"):
-        result["samples"] = generation_samples(baseline, optimized, tokenizer)
-    result["baseline"]["perplexity"] = scores.baseline_perplexity
-    result["optimized"]["perplexity"] = scores.perplexity
-    result["quality"] = QualityReport(
+        result.samples = generation_samples(baseline, optimized, tokenizer)
+    result.baseline["perplexity"] = scores.baseline_perplexity
+    result.optimized["perplexity"] = scores.perplexity
+    result.quality = QualityReport(
         data=description, tokens=scores.tokens, windows=scores.windows, window=ev.window,
         kl_divergence=scores.kl_divergence, top1_agreement=scores.top1_agreement,
         perplexity_increase_pct=(scores.perplexity / scores.baseline_perplexity - 1) * 100,

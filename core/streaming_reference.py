@@ -149,7 +149,7 @@ class StreamCheck:
 
         import psutil
 
-        from llmopt.errors import ResultValidationError
+        from llmopt.errors import LlmoptError, ResultValidationError
         from llmopt.evaluation.runners import load_runner
         from llmopt.evaluation.validate import validate_artifact, validation_failure
         from llmopt.exporters.base import weight_bytes
@@ -167,7 +167,7 @@ class StreamCheck:
         try:
             artifact = load_runner(folder, self.export_format)
             record = validate_artifact(logits, artifact, self.sequences, self.limits)
-        except MemoryError:
+        except (MemoryError, LlmoptError):
             raise
         except Exception as exc:  # a runtime that cannot execute the artifact is a validation failure too
             raise ResultValidationError(f"The streamed artifact could not be run: {exc}",
