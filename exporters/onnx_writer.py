@@ -37,15 +37,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llmopt.architectures import (Architecture, activation, attention_windows, describe, head_dim, kv_heads,
                                   norm_eps, rope_types, rotary_layers, rotary_width, routing, scalings)
-from llmopt.exporters.onnx_codes import (MS_DOMAIN, gather_problem, layout_problem, matmul_nbits_parts, pack_codes,
-                                         packed_zero_points)
+from llmopt.exporters.onnx_codes import MS_DOMAIN, gather_problem, layout_problem, pack_codes, packed_zero_points
+from llmopt.exporters.onnx_graph import NUMPY_DTYPE, TYPE_WIDTH, ExternalData, Graph, ResidualStream, as_numpy
 from llmopt.quantized import QuantizedTensor
 
 if TYPE_CHECKING:
     from llmopt.streaming import Block
 
 DATA_FILE = "model.onnx.data"
-_ALIGN = 4096  # tensor offsets page-aligned, so onnxruntime can map them
 # Protobuf cannot serialize one message over 2 GiB: above this the weights stay in the external-data file.
 INLINE_LIMIT = 1_800_000_000
 # Rotary scalings whose frequencies do not change with the sequence length: one cos/sin table holds them.
@@ -85,226 +84,6 @@ def writer_problem(config: Any) -> str | None:
 class _Rotary:
     cos: str
     sin: str
-
-
-class _ExternalData:
-    """Initializers whose bytes are appended to one file as they come; the graph keeps only their locations."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.handle = open(path, "wb")  # noqa: SIM115 - closed by close()
-
-    def add(self, name: str, array: np.ndarray) -> TensorProto:
-        array = np.ascontiguousarray(array)
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-        start = -(-self.offset // _ALIGN) * _ALIGN
-        self.handle.seek(start)
-        self.handle.write(memoryview(array).cast("B") if array.size else b"")
-        # By hand: onnx's set_external_data wants the bytes in the proto first, which is what we avoid.
-        for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(array.nbytes))):
-            tensor.external_data.add(key=key, value=value)
-        tensor.data_location = TensorProto.EXTERNAL
-        self.offset = start + array.nbytes
-        return tensor
-
-    def close(self) -> None:
-        self.handle.close()
-
-
-class _Graph:
-    """Nodes and initializers of the graph being written; names follow the module path they stand for.
-
-    `keep_fp32` (module names, from the half pass) makes an fp16 graph: each matmul, attention and activation
-    runs in fp16 unless its module or one above it is kept, while the residual stream, every normalisation and
-    the logits stay fp32 (what optimum's converter kept fp32 before). Each value's element type is tracked, and a
-    Cast is written only where a consumer needs the other one."""
-
-    def __init__(self, data: _ExternalData, accuracy_level: int, keep_fp32: list[str] | None = None) -> None:
-        self.half = keep_fp32 is not None
-        self.keep_fp32 = tuple(keep_fp32 or ())
-        self.types: dict[str, int] = {}  # value -> TensorProto element type, for float values
-        self.casts: dict[tuple[str, int], str] = {}
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
-        self.data, self.accuracy_level = data, accuracy_level
-        self.gather_fallbacks: list[str] = []
-        self.used: set[str] = set()
-        self.stored = Counter()  # op -> weights it stores (a packed matmul counts each projection in it)
-        self.float_table: str | None = None  # the embedding table's initializer, when stored in float
-        # The embedding's GatherBlockQuantized inputs (data, scales, zero points), which a tied lm_head with the
-        # same codes reads too.
-        self.embedding_codes: tuple[QuantizedTensor, list[str]] | None = None
-
-    def node(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
-             out_type: int | None = None, **attrs: Any) -> list[str]:
-        """Add a node; its outputs take `out_type`, or by default the element type of its first input."""
-        base, n = name, 1
-        while name in self.used:  # e.g. the residual adds of a family without pre-norms, twice in a layer
-            name, n = f"{base}_{n}", n + 1
-        self.used.add(name)
-        names = [f"{name}/output_{i}" for i in range(outputs)] if isinstance(outputs, int) else outputs
-        self.nodes.append(helper.make_node(op, inputs, names, name=name, domain=domain, **attrs))
-        for out in names:
-            self.types[out] = out_type if out_type is not None else self.type_of(inputs[0] if inputs else "")
-        return names
-
-    def type_of(self, x: str) -> int:
-        return self.types.get(x, TensorProto.FLOAT)
-
-    def compute_type(self, module: str) -> int:
-        """fp16 for a module's matmuls in an fp16 graph, unless it (or a module above it) is kept in fp32."""
-        kept = any(module == k or module.startswith(k + ".") for k in self.keep_fp32)
-        return TensorProto.FLOAT16 if self.half and not kept else TensorProto.FLOAT
-
-    def cast(self, x: str, to: int) -> str:
-        """`x` as element type `to`: itself, or one Cast shared by every consumer that needs it."""
-        if self.type_of(x) == to:
-            return x
-        if (x, to) not in self.casts:
-            suffix = "fp16" if to == TensorProto.FLOAT16 else "fp32"
-            (self.casts[x, to],) = self.node("Cast", [x], f"{x}/Cast_{suffix}", out_type=to, to=to)
-        return self.casts[x, to]
-
-    def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(self.data.add(name, array))
-        self.types[name] = helper.np_dtype_to_tensor_dtype(array.dtype)
-        return name
-
-    def float_weight(self, name: str, array: Any, to: int) -> str:
-        """A float weight stored in the element type its matmul runs in."""
-        return self.weight(name, _numpy(array).astype(_NUMPY[to], copy=False))
-
-    def constant(self, name: str, array: np.ndarray) -> str:
-        array = np.asarray(array)
-        self.initializers.append(numpy_helper.from_array(array, name))
-        self.types[name] = helper.np_dtype_to_tensor_dtype(array.dtype)
-        return name
-
-    def scale(self, x: str, factor: float, name: str, op: str = "Mul") -> str:
-        factor_value = np.array(factor, _NUMPY[self.type_of(x)])
-        (out,) = self.node(op, [x, self.constant(f"{name}/factor", factor_value)], name)
-        return out
-
-    def tied_head(self, x: str, head: QuantizedTensor) -> str | None:
-        """lm_head as MatMulNBits over the embedding table's own stored codes, when they are the same: the table is
-        stored once, and MatMulNBits reads it through a Reshape (onnxruntime folds it at load), as
-        onnxruntime-genai's builder shares its table."""
-        if self.embedding_codes is None or head.activations != "float":
-            return None
-        table, (data, *rest) = self.embedding_codes
-        if self.type_of(rest[0]) != self.compute_type("lm_head"):  # the table's scales are in the other type
-            return None
-        x = self.cast(x, self.type_of(rest[0]))
-        same = (head.bits, head.group_size, head.shape) == (table.bits, table.group_size, table.shape) and \
-            all(np.array_equal(a, b) for a, b in ((head.codes, table.codes), (head.scales, table.scales),
-                                                 (head.zero_points, table.zero_points)))
-        if not same:
-            return None
-        rows, cols = head.shape
-        shape = self.constant("/lm_head/shared_table_shape",
-                              np.array([rows, cols // head.group_size, head.group_size * head.bits // 8], np.int64))
-        (b,) = self.node("Reshape", [data, shape], "/lm_head/shared_table")
-        attrs = {"K": cols, "N": rows, "bits": head.bits, "block_size": head.group_size}
-        if self.accuracy_level:
-            attrs["accuracy_level"] = self.accuracy_level
-        (out,) = self.node("MatMulNBits", [x, b, *rest], "/lm_head/MatMulNBits", domain=MS_DOMAIN, **attrs)
-        self.stored["MatMulNBits"] += 1
-        return out
-
-    def linear(self, x: str, name: str, weight: Any, bias: Any = None, members: int = 1, module: str = "") -> str:
-        """x @ W.T (+ b) with the pass's codes (MatMulNBits, or DynamicQuantizeMatMul for W8A8), or a float MatMul;
-        `members`: the projections packed into `weight`; `module`: the model's module (or modules, comma
-        separated, when packed) it stands for, which decides its element type in an fp16 graph."""
-        dtype = min((self.compute_type(m) for m in module.split(",")), key=_WIDTH.get)  # fp32 if one is kept
-        if isinstance(weight, QuantizedTensor) and weight.activations == "int8":
-            dtype = TensorProto.FLOAT  # DynamicQuantizeMatMul takes float32 activations only
-        x = self.cast(x, dtype)
-        if isinstance(weight, QuantizedTensor) and weight.activations == "int8":
-            inputs = [x, self.weight(f"{name}.weight_W8A8", np.ascontiguousarray(weight.codes.T)),  # (K, N) uint8
-                      self.weight(f"{name}.weight_scale", np.ascontiguousarray(weight.scales[:, 0])),
-                      self.weight(f"{name}.weight_zero_point", np.ascontiguousarray(weight.zero_points[:, 0]))]
-            (out,) = self.node("DynamicQuantizeMatMul", inputs, f"{name}/DynamicQuantizeMatMul", domain=MS_DOMAIN)
-            self.stored["DynamicQuantizeMatMul"] += members
-        elif isinstance(weight, QuantizedTensor):
-            arrays, attrs = matmul_nbits_parts(weight, self.accuracy_level)
-            arrays[1] = arrays[1].astype(_NUMPY[dtype], copy=False)  # the scales are in the activations' type
-            suffixes = (f".weight_Q{weight.bits}", ".weight_scales", ".weight_zero_points")
-            inputs = [x, *(self.weight(name + suffix, array) for suffix, array in zip(suffixes, arrays))]
-            (out,) = self.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN, **attrs)
-            self.stored["MatMulNBits"] += members
-        elif isinstance(weight, str):  # a tied lm_head: the embedding table (vocab, hidden), transposed at load
-            (table_t,) = self.node("Transpose", [self.cast(weight, dtype)], f"{name}/Transpose", perm=[1, 0])
-            (out,) = self.node("MatMul", [x, table_t], f"{name}/MatMul")
-        else:
-            (out,) = self.node("MatMul", [x, self.float_weight(f"{name}.weight_T", _numpy(weight).T, dtype)],
-                               f"{name}/MatMul")
-        if bias is not None:
-            (out,) = self.node("Add", [out, self.float_weight(f"{name}.bias", bias, self.type_of(out))],
-                               f"{name}/Add")
-        return out
-
-
-class _Stream:
-    """The residual stream between ops: `residual` so far plus a `pending` block output not yet added, so that
-    the add goes into the next norm (Skip*Normalization) as onnxruntime fuses it."""
-
-    def __init__(self, g: _Graph, arch: Architecture, eps: float) -> None:
-        self.g, self.arch, self.eps = g, arch, eps
-        self.residual = ""
-        self.pending: str | None = None
-
-    def norm(self, x: str, weight: Any, name: str) -> str:
-        """A norm of `x` alone (q/k norms, post-norms, the residual stream of layer 0), in fp32."""
-        x = self.g.cast(x, TensorProto.FLOAT)
-        w = self._weight(weight, name)
-        if self.arch.norm == "layernorm":
-            bias = self.g.weight(f"{name}.bias", np.zeros_like(_numpy(weight)))
-            (out,) = self.g.node("LayerNormalization", [x, w, bias], f"{name}/LayerNorm", axis=-1, epsilon=self.eps)
-        else:
-            (out,) = self.g.node("SimplifiedLayerNormalization", [x, w], f"{name}/SimplifiedLayerNorm", axis=-1,
-                                 epsilon=self.eps, stash_type=1)
-        return out
-
-    def norm_stream(self, weight: Any, name: str) -> str:
-        """The norm of residual + pending, which also becomes the new residual."""
-        if self.pending is None:
-            return self.norm(self.residual, weight, name)
-        w = self._weight(weight, name)
-        pending, residual = (self.g.cast(x, TensorProto.FLOAT) for x in (self.pending, self.residual))
-        if self.arch.norm == "layernorm":
-            bias = self.g.weight(f"{name}.bias", np.zeros_like(_numpy(weight)))
-            out, _, _, self.residual = self.g.node("SkipLayerNormalization", [pending, residual, w, bias],
-                                                   f"{name}/SkipLayerNorm", outputs=4, domain=MS_DOMAIN,
-                                                   epsilon=self.eps)
-        else:
-            out, _, _, self.residual = self.g.node("SkipSimplifiedLayerNormalization", [pending, residual, w],
-                                                   f"{name}/SkipSimplifiedLayerNorm", outputs=4, domain=MS_DOMAIN,
-                                                   epsilon=self.eps)
-        self.pending = None
-        return out
-
-    def stream(self, name: str) -> str:
-        """residual + pending as a tensor (for a family whose blocks read the stream without a norm)."""
-        if self.pending is not None:
-            residual, pending = (self.g.cast(x, TensorProto.FLOAT) for x in (self.residual, self.pending))
-            (self.residual,) = self.g.node("Add", [residual, pending], f"{name}/residual_add")
-            self.pending = None
-        return self.residual
-
-    def add(self, x: str, name: str) -> None:
-        """Queue a block's output for the residual stream."""
-        if self.pending is None:
-            self.pending = x
-        else:
-            pending, x = (self.g.cast(v, TensorProto.FLOAT) for v in (self.pending, x))
-            (self.pending,) = self.g.node("Add", [pending, x], f"{name}/parallel_add")
-
-    def _weight(self, weight: Any, name: str) -> str:
-        w = _numpy(weight)
-        if self.arch.norm == "rms_one_plus":  # Gemma's x * (1 + w), folded into the stored weight
-            w = w + 1.0
-        return self.g.weight(f"{name}.weight", w)
 
 
 def experts_problem(quantized: dict[str, QuantizedTensor], model: Any = None) -> str | None:
@@ -350,12 +129,12 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
     heads, kv, dim = int(config.num_attention_heads), kv_heads(config), head_dim(config)
     eps = norm_eps(config)
     windows = attention_windows(config)
-    data = _ExternalData(folder / DATA_FILE)
-    g = _Graph(data, accuracy_level, keep_fp32)
-    stream = _Stream(g, arch, eps)
+    data = ExternalData(folder / DATA_FILE)
+    g = Graph(data, accuracy_level, keep_fp32)
+    stream = ResidualStream(g, arch, eps)
     # One element type for every layer's cache: the runtimes that drive the graph allocate it once.
     cache_type = min((g.compute_type(f"model.layers.{i}.self_attn") for i in range(config.num_hidden_layers)),
-                     key=_WIDTH.get)
+                     key=TYPE_WIDTH.get)
     rotaries = _rotary_tables(g, model, arch, cache_type)
 
     batch, seq, past, total = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
@@ -420,8 +199,8 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
     if g.stored["QMoE"]:
         info["qmoe_experts"] = g.stored["QMoE"]  # expert projections stored as codes in QMoE
     if g.half:
-        computing = [n for n in g.nodes if n.op_type not in _NOT_COMPUTE and g.type_of(n.output[0]) in _WIDTH]
-        info.update(dtype="float16", kv_cache_dtype=_NUMPY[cache_type].__name__,
+        computing = [n for n in g.nodes if n.op_type not in _NOT_COMPUTE and g.type_of(n.output[0]) in TYPE_WIDTH]
+        info.update(dtype="float16", kv_cache_dtype=NUMPY_DTYPE[cache_type].__name__,
                     fp32_nodes=sum(g.type_of(n.output[0]) == TensorProto.FLOAT for n in computing),
                     compute_nodes=len(computing))
     if not inline:
@@ -433,8 +212,6 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
 
 # Nodes that move or cast values rather than compute: left out of the fp32/fp16 node counts.
 _NOT_COMPUTE = ("Cast", "Reshape", "Shape", "Split", "Transpose", "Identity", "Gather")
-_NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
-_WIDTH = {TensorProto.FLOAT: 0, TensorProto.FLOAT16: 1}
 _FUSED = ("GroupQueryAttention", "MoE", "QMoE", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
           "SkipLayerNormalization", "LayerNormalization", "QuickGelu", "FastGelu", "Gelu", "MatMulNBits",
           "GatherBlockQuantized", "DynamicQuantizeMatMul")
@@ -443,7 +220,7 @@ _FUSED = ("GroupQueryAttention", "MoE", "QMoE", "SkipSimplifiedLayerNormalizatio
 class _Layer:
     """One decoder layer of a described family, written into the graph."""
 
-    def __init__(self, g: _Graph, config: Any, arch: Architecture, stream: _Stream, index: int,
+    def __init__(self, g: Graph, config: Any, arch: Architecture, stream: ResidualStream, index: int,
                  tensors: dict[str, Any], heads: int, kv: int, head_dim: int) -> None:
         self.g, self.config, self.arch, self.stream, self.i = g, config, arch, stream, index
         self.t, self.heads, self.kv, self.head_dim = tensors, heads, kv, head_dim
@@ -560,7 +337,7 @@ class _Layer:
                  for p in ("gate", "up", "down")}
         router = g.linear(x, f"{name}/gate", self.get("mlp.gate.weight"), module=f"{self.p}mlp.gate")
         dtype = min((g.compute_type(f"{self.p}mlp.experts.{e}.{p}_proj") for e in range(count)
-                     for p in ("gate", "up", "down")), key=_WIDTH.get)
+                     for p in ("gate", "up", "down")), key=TYPE_WIDTH.get)
         x, router = g.cast(x, dtype), g.cast(router, dtype)  # (batch, seq, hidden), (batch, seq, experts)
         (rows,) = g.node("Reshape", [x, g.constant(f"{name}/rows", np.array([-1, config.hidden_size], np.int64))],
                          f"{name}/Reshape_rows")
@@ -580,7 +357,7 @@ class _Layer:
             stacks = []
             for which, tensors in (("fc1", fc1), ("fc2", parts["down"])):
                 codes = np.stack([pack_codes(t.codes, t.bits) for t in tensors])  # (experts, out, in * bits / 8)
-                scales = np.stack([t.scales for t in tensors]).astype(_NUMPY[dtype])  # (experts, out, blocks)
+                scales = np.stack([t.scales for t in tensors]).astype(NUMPY_DTYPE[dtype])  # (experts, out, blocks)
                 zeros = np.stack([pack_codes(t.zero_points, t.bits) for t in tensors])
                 symmetric = all(np.all(t.zero_points == 2 ** (t.bits - 1)) for t in tensors)
                 stacks.append((g.weight(f"{name}/experts.{which}_Q{first.bits}", codes),
@@ -596,9 +373,9 @@ class _Layer:
         elif any(isinstance(w, QuantizedTensor) for ws in parts.values() for w in ws):
             raise ValueError(f"{self.name}: some experts quantized and some not")  # the exporter refuses it first
         else:
-            fc1 = np.stack([interleave(_numpy(gw), _numpy(uw)) for gw, uw in zip(parts["gate"], parts["up"])])
-            fc2 = np.stack([_numpy(w) for w in parts["down"]])  # (experts, hidden, intermediate)
-            fc1, fc2 = fc1.astype(_NUMPY[dtype], copy=False), fc2.astype(_NUMPY[dtype], copy=False)
+            fc1 = np.stack([interleave(as_numpy(gw), as_numpy(uw)) for gw, uw in zip(parts["gate"], parts["up"])])
+            fc2 = np.stack([as_numpy(w) for w in parts["down"]])  # (experts, hidden, intermediate)
+            fc1, fc2 = fc1.astype(NUMPY_DTYPE[dtype], copy=False), fc2.astype(NUMPY_DTYPE[dtype], copy=False)
             (out,) = g.node("MoE", [rows, logits, g.weight(f"{name}/experts.fc1", fc1), "",
                                     g.weight(f"{name}/experts.fc2", fc2)], f"{name}/MoE", domain=MS_DOMAIN, **attrs)
         (shape,) = g.node("Shape", [x], f"{name}/Shape")
@@ -644,7 +421,7 @@ def sequence_length_nodes(prefix: str) -> tuple[list[onnx.NodeProto], list[Tenso
     return nodes, initializers, f"{prefix}_seqlens_k", f"{prefix}_total_sequence_length"
 
 
-def _embedding(g: _Graph, config: Any, table: Any) -> str:
+def _embedding(g: Graph, config: Any, table: Any) -> str:
     name = "/model/embed_tokens"
     dtype = g.compute_type("model.embed_tokens")
     problem = None
@@ -653,7 +430,7 @@ def _embedding(g: _Graph, config: Any, table: Any) -> str:
         problem = layout_problem(table) or gather_problem(table.bits, table.group_size, zero_points is not None)
         if problem is None:
             inputs = [g.weight(f"model.embed_tokens.weight_GBQ{table.bits}", pack_codes(table.codes, table.bits)),
-                      "input_ids", g.weight("model.embed_tokens.weight_scales", table.scales.astype(_NUMPY[dtype]))]
+                      "input_ids", g.weight("model.embed_tokens.weight_scales", table.scales.astype(NUMPY_DTYPE[dtype]))]
             if zero_points is not None:
                 inputs.append(g.weight("model.embed_tokens.weight_zero_points", zero_points))
             g.embedding_codes = (table, [inputs[0], *inputs[2:]])
@@ -672,7 +449,7 @@ def _embedding(g: _Graph, config: Any, table: Any) -> str:
     return out
 
 
-def _logits(g: _Graph, config: Any, logits: str) -> str:
+def _logits(g: Graph, config: Any, logits: str) -> str:
     logits = g.cast(logits, TensorProto.FLOAT)
     scale = scalings(config)
     if scale.logits != 1.0:  # Cohere's logit_scale, Granite's 1 / logits_scaling
@@ -684,7 +461,7 @@ def _logits(g: _Graph, config: Any, logits: str) -> str:
     return logits
 
 
-def _rotary_tables(g: _Graph, model: Any, arch: Architecture, dtype: int) -> list[_Rotary | None]:
+def _rotary_tables(g: Graph, model: Any, arch: Architecture, dtype: int) -> list[_Rotary | None]:
     """Per layer, its cos/sin tables (None: a layer without RoPE) in the attention's element type, stored once per
     distinct table."""
     tables: dict[int, _Rotary] = {}
@@ -695,8 +472,8 @@ def _rotary_tables(g: _Graph, model: Any, arch: Architecture, dtype: int) -> lis
             continue
         if id(cos) not in tables:
             n = len(tables)
-            tables[id(cos)] = _Rotary(g.constant(f"cos_cache_{n}", cos.astype(_NUMPY[dtype])),
-                                      g.constant(f"sin_cache_{n}", sin.astype(_NUMPY[dtype])))
+            tables[id(cos)] = _Rotary(g.constant(f"cos_cache_{n}", cos.astype(NUMPY_DTYPE[dtype])),
+                                      g.constant(f"sin_cache_{n}", sin.astype(NUMPY_DTYPE[dtype])))
         out.append(tables[id(cos)])
     return out
 
@@ -754,7 +531,7 @@ def _packable(weights: list[Any]) -> bool:
 def _concat(weights: list[Any], name: str) -> Any:
     """The stacked rows of sibling projections: their stored integers side by side, never re-quantized."""
     if not isinstance(weights[0], QuantizedTensor):
-        return np.concatenate([_numpy(w) for w in weights])
+        return np.concatenate([as_numpy(w) for w in weights])
     first = weights[0]
     return QuantizedTensor(name=name, kind="linear", bits=first.bits, group_size=first.group_size,
                            symmetric=all(w.symmetric for w in weights), activations=first.activations,
@@ -766,13 +543,7 @@ def _concat(weights: list[Any], name: str) -> Any:
 def _concat_bias(biases: list[Any], sizes: list[int]) -> np.ndarray | None:
     if all(b is None for b in biases):
         return None
-    return np.concatenate([_numpy(b) if b is not None else np.zeros(n, np.float32) for b, n in zip(biases, sizes)])
-
-
-def _numpy(x: Any) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x.astype(np.float32, copy=False)
-    return x.detach().float().cpu().numpy()
+    return np.concatenate([as_numpy(b) if b is not None else np.zeros(n, np.float32) for b, n in zip(biases, sizes)])
 
 
 def model_blocks(model: Any, quantized: dict[str, QuantizedTensor]) -> Iterator[Block]:
