@@ -265,8 +265,9 @@ def _parse_pass(raw: Any, index: int, where: str, lines: dict[tuple, int]) -> Ba
     pass_type = raw["type"]
     if not isinstance(pass_type, str) or pass_type not in PASSES:  # `type: [..]` is unhashable
         line = lines.get(("passes", index, "type"))
+        at = f"{where}:{line}" if line else where
         raise RecipeError(
-            f"{where}{f':{line}' if line else ''}: passes[{index}].type: unknown pass type '{pass_type}'.{_closest(pass_type, list(PASSES))}"
+            f"{at}: passes[{index}].type: unknown pass type '{pass_type}'.{_closest(pass_type, list(PASSES))}"
             f" Available: {', '.join(PASSES)}.",
             "Use one of the available types.",
         )

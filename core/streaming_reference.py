@@ -4,8 +4,8 @@ artifact is checked as the in-memory pipeline checks its artifacts: against the 
 Each block the writer receives (the embedding, one decoder layer, the final norm and lm_head) takes the sequences'
 hidden states one step further, with the weights the artifact stores (codes dequantized) in the module tree of
 `empty_model`, and is freed with the block. Memory: one Linear in float32 at a time and the sequences' hidden
-states; the model is never whole. The logits come out when the last block has passed; StreamCheck then loads the artifact
-and compares it with them, as the pipeline compares its artifacts with the in-memory model.
+states; the model is never whole. The logits come out when the last block has passed; StreamCheck then loads
+the artifact and compares it with them, as the pipeline compares its artifacts with the in-memory model.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def _load_layer(layer: Any, prefix: str, tensors: dict[str, Any]) -> list[Any]:
     local = {name.removeprefix(prefix): t for name, t in tensors.items()}
     expected = set(layer.state_dict())
     if set(local) != expected:  # a bug, not input: the writer gets the same names
-        raise RuntimeError(f"{prefix}: the block's tensors differ from the layer's: {sorted(set(local) ^ expected)[:4]}")
+        differ = sorted(set(local) ^ expected)[:4]
+        raise RuntimeError(f"{prefix}: the block's tensors differ from the layer's: {differ}")
     layer.load_state_dict({n: t for n, t in local.items() if not isinstance(t, QuantizedTensor)}, strict=False,
                           assign=True)
     handles = []
