@@ -306,7 +306,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 @pytest.mark.parametrize("text,needles", [
     ("seed: abc\n", ("r.yaml:1: seed: Input should be a valid integer", "(got 'abc')")),
     ("passes:\n  - type: quantize\n    bits: four\n", ("r.yaml:3: passes[0].bits",)),
-    ("passes: {type: quantize}\n", ("r.yaml:1: passes: Input should be a valid list",)),
+    ("passes: {type: quantize}\n", ("r.yaml:1: passes must be a list of mappings",)),
     ("evaluation:\n  window: 4\n", ("r.yaml:2: evaluation.window: Input should be greater than or equal to 8",)),
     ("checks: {min_top1_agreement: 1.5}\n", ("checks.min_top1_agreement: Input should be less than or equal to 1",)),
     ("- type: quantize\n", ("a recipe must be a YAML mapping (key: value), got list",)),
