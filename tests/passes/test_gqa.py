@@ -63,6 +63,18 @@ def kl(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
+def merged_to_two(base, label: str = "", methods: tuple[str, ...] = ("mean", "pca")) -> tuple[dict, dict]:
+    """Each method's 4 -> 2 KV-head merge of a copy of `base`: the relative logit change and the groups chosen."""
+    reference = logits(base)
+    errors, groups = {}, {}
+    for method in methods:
+        model = copy.deepcopy(base)
+        info = gqa(model, 2, method)
+        errors[method], groups[method] = relative(logits(model), reference), info["groups"]
+        print(f"{label} {method}: groups {groups[method][0]}, relative max |Δlogit| {errors[method]:.2e}")
+    return errors, groups
+
+
 def heads_of(linear: torch.nn.Linear, hd: int = 16) -> torch.Tensor:
     return linear.weight.detach().reshape(-1, hd, linear.in_features)  # (heads, hd, in)
 
@@ -242,15 +254,8 @@ def test_pca_merges_heads_that_differ_by_a_rope_commuting_rotation_losslessly():
                 c, s = scale * torch.cos(theta), scale * torch.sin(theta)
                 k[dst] = torch.cat([c * re - s * im, s * re + c * im])
                 v[dst] = (torch.eye(16) + 0.3 * torch.randn(16, 16, generator=gen)) @ v[src]
-    reference = logits(base)
-    errors = {}
-    for method in ("mean", "pca"):
-        model = copy.deepcopy(base)
-        info = gqa(model, 2, method)
-        errors[method] = relative(logits(model), reference)
-        print(f"{method}: groups {info['groups']}, relative max |Δlogit| {errors[method]:.2e}")
-        if method == "pca":
-            assert info["groups"] == [[[0, 2], [1, 3]]] * 2
+    errors, groups = merged_to_two(base)
+    assert groups["pca"] == [[[0, 2], [1, 3]]] * 2
     assert errors["pca"] < 1e-4, f"pca={errors['pca']:.2e}"
     assert errors["mean"] > 100 * errors["pca"], f"mean={errors['mean']:.2e} pca={errors['pca']:.2e}"
 
@@ -481,15 +486,8 @@ def test_pca_merges_duplicate_heads_losslessly_on_every_family(model_type, overr
             if norm is not None:
                 w = norm.weight.reshape(4, -1)
                 w[2], w[3] = w[0].clone(), w[1].clone()
-    reference = logits(base)
-    errors = {}
-    for method in ("mean", "pca"):
-        model = copy.deepcopy(base)
-        info = gqa(model, 2, method)
-        errors[method] = relative(logits(model), reference)
-        print(f"{model_type}{overrides}: {method} groups {info['groups'][0]}, relative max |Δlogit| "
-              f"{errors[method]:.2e}")
-        assert info["groups"][0] == ([[0, 2], [1, 3]] if method == "pca" else [[0, 1], [2, 3]])
+    errors, groups = merged_to_two(base, f"{model_type}{overrides}")
+    assert groups["pca"][0] == [[0, 2], [1, 3]] and groups["mean"][0] == [[0, 1], [2, 3]]
     assert errors["pca"] < 1e-4, f"pca={errors['pca']:.2e}"
     assert errors["mean"] > 1e-3, f"mean={errors['mean']:.2e}"
 
@@ -521,13 +519,9 @@ def test_pca_merges_rope_rotated_heads_losslessly_on_every_rope_layout(model_typ
                     if proj.bias is not None:
                         proj.bias.zero_()
             set_qkv(layer.self_attn, describe(model_type), q, k, v)
-    reference = logits(base)
-    model = copy.deepcopy(base)
-    info = gqa(model, 2)
-    error = relative(logits(model), reference)
-    print(f"{model_type}: groups {info['groups'][0]}, relative max |Δlogit| {error:.2e}")
-    assert info["groups"][0] == [[0, 2], [1, 3]]
-    assert error < 1e-4, f"{model_type}: {error:.2e}"
+    errors, groups = merged_to_two(base, model_type, methods=("pca",))
+    assert groups["pca"][0] == [[0, 2], [1, 3]]
+    assert errors["pca"] < 1e-4, f"{model_type}: {errors['pca']:.2e}"
 
 
 # ---- end to end ---------------------------------------------------------------------------------
