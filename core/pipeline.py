@@ -14,7 +14,7 @@ from llmopt import devices
 from llmopt.artifact import (OutputLock, check_destination, new_scratch, new_staging, promote, remove_tree,
                              write_manifest)
 from llmopt.checkpoint import nonfinite_parameters
-from llmopt.errors import InputError, LlmoptError, RecipeError, ResourceError, ResultValidationError, translate
+from llmopt.errors import InputError, RecipeError, ResourceError, ResultValidationError, translate
 from llmopt.model import ArchInfo, ModelSource, check_causal_lm, load_config, load_model, resolve_model
 from llmopt.recipe import Recipe, load_recipe
 from llmopt.write_safety import Input, recipe_inputs
@@ -422,8 +422,8 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params
     from llmopt.evaluation.runners import TorchRunner, load_runner
     from llmopt.evaluation.speed import PeakRss, measure_speed
     from llmopt.architectures import attention_windows
-    from llmopt.evaluation.validate import (long_sequence_length, validate_artifact, validation_failure,
-                                            validation_sequences)
+    from llmopt.evaluation.validate import (long_sequence_length, runtime_failures, validate_artifact,
+                                            validation_failure, validation_sequences)
     from llmopt.exporters.base import weight_bytes
 
     recipe, fmt = plan.recipe, plan.recipe.export.format
@@ -435,19 +435,14 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params
 
     with timer("validate artifact"):
         rss_opt = PeakRss()
-        try:
+        limits = recipe.export.validate_result
+        long_tokens = long_sequence_length(attention_windows(state.model.config),
+                                           getattr(state.model.config, "max_position_embeddings", None))
+        with runtime_failures():
             with rss_opt:
                 optimized = load_runner(artifact_dir, fmt, threads, plan.provider)
-            long_tokens = long_sequence_length(attention_windows(state.model.config),
-                                               getattr(state.model.config, "max_position_embeddings", None))
-            limits = recipe.export.validate_result
             validation = validate_artifact(TorchRunner(state.model), optimized,
                                            validation_sequences(tokenizer, limits, long_tokens), limits)
-        except (MemoryError, LlmoptError):
-            raise
-        except Exception as exc:  # a runtime that cannot load or execute the artifact is a validation failure too
-            raise ResultValidationError(f"The exported artifact could not be run: {exc}",
-                                        "Report this with the recipe; try `export.accuracy_level: 0`.") from None
         if not validation.passed:
             raise validation_failure(validation, limits)
         result.validation = validation
@@ -473,8 +468,8 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params
             measured = getattr(result, name)
             measured["peak_decode_mb"] = decode_rss.added_mb
             measured.update(prefill_ms=scores.prefill_ms, prefill_ms_spread=scores.prefill_ms_spread,
-                                decode_tokens_per_s=scores.decode_tokens_per_s,
-                                decode_tokens_per_s_spread=scores.decode_tokens_per_s_spread)
+                            decode_tokens_per_s=scores.decode_tokens_per_s,
+                            decode_tokens_per_s_spread=scores.decode_tokens_per_s_spread)
     result.baseline["peak_memory_mb"] = rss_base.added_mb
     result.optimized["peak_memory_mb"] = rss_opt.added_mb
 

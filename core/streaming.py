@@ -193,9 +193,9 @@ class StreamPlan:
 
 
 STREAMING_NOTE = ("Quantized and written layer by layer from the safetensors checkpoint (export.streaming): the model "
-                  "was never whole in memory. The artifact was checked against it as it was written (validation: "
-                  "each layer run on the check's sequences with the weights the artifact stores), but not evaluated "
-                  "(perplexity and speed need the baseline whole).")
+                  "was never whole in memory. The artifact is checked against a reference computed layer by layer as "
+                  "it was written (see the validation), but not evaluated (perplexity and speed need the baseline "
+                  "whole).")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 per quantize_rtn call
 

@@ -64,12 +64,12 @@ def _load_layer(layer: Any, prefix: str, tensors: dict[str, Any]) -> list[Any]:
 class ReferenceTrace:
     """Logits of `sequences` (token id arrays) through the blocks `see` is handed, in order."""
 
-    def __init__(self, reader: CheckpointReader, sequences: list[np.ndarray]) -> None:
+    def __init__(self, reader: CheckpointReader, sequences: list[np.ndarray] | None = None) -> None:
         from llmopt.streaming_calibrated import empty_model
 
         self.reader = reader
         self.model = empty_model(reader.folder)  # the module tree on the meta device, rotary buffers real
-        self.sequences = sequences
+        self.sequences = sequences or []
         self.inputs: Any = None  # llmopt.passes.layerwise.LayerInputs between blocks
         self.logits: list[np.ndarray] | None = None  # per sequence (T, V) float32, after the final block
 
@@ -127,22 +127,21 @@ class StreamCheck:
     computed as the blocks are written (ReferenceTrace), then the artifact loaded by its runtime and compared."""
 
     def __init__(self, reader: CheckpointReader, export_format: str, limits: OnnxValidation) -> None:
-        from transformers import AutoConfig
-
         from llmopt.architectures import attention_windows
         from llmopt.evaluation.validate import long_sequence_length, validation_sequences
         from llmopt.streaming import checkpoint_tokenizer
 
-        config = AutoConfig.from_pretrained(reader.folder)
         self.export_format, self.limits, self.notes = export_format, limits, []
         tokenizer = checkpoint_tokenizer(reader.folder, required=False)
         if tokenizer is None:
             self.notes.append("validation: the checkpoint has no tokenizer, so the check ran on random token ids.")
+        self.reference = ReferenceTrace(reader)
+        config = self.reference.model.config
         long_tokens = long_sequence_length(attention_windows(config), getattr(config, "max_position_embeddings", None))
-        self.sequences = validation_sequences(tokenizer, limits, long_tokens, vocab_size=config.vocab_size)
+        self.sequences = self.reference.sequences = validation_sequences(tokenizer, limits, long_tokens,
+                                                                         vocab_size=config.vocab_size)
         # Loading a safetensors artifact back dequantizes it whole (transformers): only when that fits.
         self.float_bytes = 4 * sum(math.prod(e.shape) for e in reader.entries.values())
-        self.reference = ReferenceTrace(reader, self.sequences)
 
     def run(self, folder: Path) -> tuple[Any, list[str]]:
         """The validation record (ResultValidationError when it fails) and notes for the report."""
@@ -150,9 +149,8 @@ class StreamCheck:
 
         import psutil
 
-        from llmopt.errors import LlmoptError, ResultValidationError
         from llmopt.evaluation.runners import load_runner
-        from llmopt.evaluation.validate import validate_artifact, validation_failure
+        from llmopt.evaluation.validate import runtime_failures, validate_artifact, validation_failure
         from llmopt.exporters.base import weight_bytes
 
         logits, self.reference = self.reference.logits, None  # the trace's module tree is no longer needed
@@ -165,17 +163,9 @@ class StreamCheck:
             return None, self.notes + [
                 f"validation: not run; {'onnxruntime' if self.export_format == 'onnx' else 'transformers'} would "
                 f"hold {needed / 1e9:.1f} GB to load the artifact, more than this machine has free."]
-        try:
-            artifact = load_runner(folder, self.export_format)
-            record = validate_artifact(logits, artifact, self.sequences, self.limits)
-        except (MemoryError, LlmoptError):
-            raise
-        except Exception as exc:  # a runtime that cannot execute the artifact is a validation failure too
-            raise ResultValidationError(f"The streamed artifact could not be run: {exc}",
-                                        "Report this with the recipe; try `export.accuracy_level: 0`.") from None
-        finally:
-            artifact = None
-            gc.collect()
+        with runtime_failures():
+            record = validate_artifact(logits, load_runner(folder, self.export_format), self.sequences, self.limits)
+        gc.collect()  # the runtime's session
         if not record.passed:
             raise validation_failure(record, self.limits)
         return record, self.notes
