@@ -195,6 +195,15 @@ def activation(config: Any) -> str:
     return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu"))
 
 
+def qk_norm(config: Any) -> str:
+    """The model's q/k norms: the family's (`Architecture.qk_norm`), or "per_head_weights" where a config switches
+    on optional ones with a weight per head (Cohere's `use_qk_norm`)."""
+    arch = describe(config.model_type)
+    if getattr(config, "use_qk_norm", False):
+        return "per_head_weights"
+    return arch.qk_norm if arch is not None else "none"
+
+
 def rotary_layers(config: Any) -> list[bool]:
     """Per decoder layer, whether it applies RoPE (SmolLM3 leaves it out of every few layers: no_rope_layers 0)."""
     no_rope = getattr(config, "no_rope_layers", None)

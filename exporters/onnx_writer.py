@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from llmopt.architectures import (Architecture, activation, attention_windows, describe, head_dim, kv_heads,
-                                  norm_eps, rope_types, rotary_layers, rotary_width, routing, scalings)
+                                  norm_eps, qk_norm, rope_types, rotary_layers, rotary_width, routing, scalings)
 from llmopt.exporters.onnx_codes import MS_DOMAIN, gather_problem, layout_problem, pack_codes, packed_zero_points
 from llmopt.exporters.onnx_graph import NUMPY_DTYPE, TYPE_WIDTH, ExternalData, Graph, ResidualStream, as_numpy
 from llmopt.quantized import QuantizedTensor
@@ -73,7 +73,7 @@ def writer_problem(config: Any) -> str | None:
     rotary_half = rotary_width(config) // 2
     if rotary_half % 8:  # GroupQueryAttention's rotary kernels take its tables in steps of 8 columns
         return f"the rotary tables' width {rotary_half} is not a multiple of 8, as GroupQueryAttention requires"
-    if getattr(config, "use_qk_norm", False):  # Cohere's optional per-head LayerNorm of q and k
+    if qk_norm(config) == "per_head_weights":  # Cohere's optional per-head LayerNorm of q and k
         return "Cohere's use_qk_norm is not written by the direct writer"
     if getattr(config, "mlp_bias", False) and arch.fused_gate_up:
         return "a fused gate_up projection with a bias"

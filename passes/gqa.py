@@ -10,7 +10,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from llmopt.architectures import Architecture, require, rotary_pairs
+from llmopt.architectures import Architecture, qk_norm, require, rotary_pairs
 from llmopt.errors import InputError, RecipeError
 from llmopt.model import ArchInfo
 from llmopt.passes.base import Pass, PassConfig
@@ -99,7 +99,7 @@ class GqaPass(Pass):
         arch = ArchInfo.from_config(model.config)
         self.check(arch, "gqa")
         attns = _attention_modules(model, family)
-        qk_norm = getattr(attns[0], "k_norm", None) is not None  # Cohere has them only with use_qk_norm
+        normed = qk_norm(model.config) != "none"  # no RoPE-commuting map passes a norm: keys are mean-pooled
         pairs = rotary_pairs(model.config) if method == "pca" else None  # mean's merges are the same on any pairs
         heads, kv_before, hd = arch.num_heads, arch.num_kv_heads, attns[0].head_dim
         k = self.config.num_key_value_heads
@@ -122,7 +122,7 @@ class GqaPass(Pass):
                     merges = [mean_merge(hs, qs, kv_of, hd) for hs, qs in contiguous_groups(heads, kv_of, k)]
                 else:
                     data = LayerData.build(stats[layer], attn.o_proj.weight, kv_of, hd, pairs)
-                    merges = pca_layer(data, k, qk_norm, seed=ctx.seed)
+                    merges = pca_layer(data, k, normed, seed=ctx.seed)
                     key_errors.append(sum(m.key_error for m in merges) / data.key_energy)
                     value_errors.append(sum(m.value_error for m in merges) / data.value_energy)
                 apply_merges(attn, family, merges, kv_of, hd, pairs)
@@ -139,7 +139,7 @@ class GqaPass(Pass):
             "num_key_value_heads_after": k,
             "kv_cache_bytes_per_token_before": arch.kv_cache_bytes_per_token(),
             "kv_cache_bytes_per_token_after": replace(arch, num_kv_heads=k).kv_cache_bytes_per_token(),
-            "keys": "mean of pre-norm projections" if (qk_norm or method == "mean") else "RoPE-commuting PCA",
+            "keys": "mean of pre-norm projections" if (normed or method == "mean") else "RoPE-commuting PCA",
             # Per layer, the old KV heads each new KV head was made from.
             "groups": chosen,
             "seconds": round(time.perf_counter() - started, 2),
