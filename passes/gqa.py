@@ -537,7 +537,7 @@ def apply_merges(attn: Any, family: Architecture, merges: list[Merge], kv_of: li
             o_cols.append(wo[:, i] @ merge.m[g])  # (hidden, hd)
     queries = [i for merge in merges for i in merge.queries]
     heads = len(kv_of)
-    q_norm, k_norm = per_head_norm(attn, "q_norm", heads), per_head_norm(attn, "k_norm", max(kv_of) + 1)
+    q_norm, k_norm = per_head_norm(attn, "q_norm", attn.config), per_head_norm(attn, "k_norm", attn.config)
     with torch.no_grad():
         attn.o_proj.weight.copy_(torch.cat(o_cols, 1))
         if q_norm is not None:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llmopt.architectures import Architecture
+from llmopt.architectures import Architecture, qk_norm
 
 
 def linear_like(like: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -90,15 +90,11 @@ def hook_qkv(attn: nn.Module, arch: Architecture,
         lambda module, inputs, output, key=key: receive(key, output)) for key in "qkv"]
 
 
-def per_head_norm(attn: nn.Module, which: str, heads: int) -> nn.Module | None:
-    """`attn.q_norm` / `attn.k_norm` when its weight holds one slice per head (OLMo 2's norm over all heads,
-    Cohere's per-head LayerNorm); None when there is none or its weight is shared by every head (Qwen3, Gemma 3),
-    which head removal and merging leave as it is."""
-    norm = getattr(attn, which, None)
-    weight = getattr(norm, "weight", None)
-    if weight is None or heads == 1 or weight.numel() != heads * attn.head_dim:
-        return None
-    return norm
+def per_head_norm(attn: nn.Module, which: str, config: Any) -> nn.Module | None:
+    """`attn.q_norm` / `attn.k_norm` when its weight holds one slice per head (llmopt.architectures.qk_norm: OLMo
+    2's norm over all heads, Cohere's optional per-head LayerNorm); None when there is none or its weight is shared
+    by every head (Qwen3, Gemma 3), which head removal and merging leave as it is."""
+    return getattr(attn, which, None) if qk_norm(config) in ("whole", "per_head_weights") else None
 
 
 def set_head_weights(norm: nn.Module, per_head: torch.Tensor) -> None:

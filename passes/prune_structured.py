@@ -175,7 +175,7 @@ def _slice_head_norm(attn: nn.Module, arch: Architecture, which: str, projection
     weight energy (the output energy for inputs of equal size in every direction): exact when the removed
     heads' projections are zero, 1 when they are as large as the rest.
     """
-    norm = per_head_norm(attn, which, heads)
+    norm = per_head_norm(attn, which, attn.config)
     if norm is None:
         return
     per_head = norm.weight.detach().reshape(heads, -1)[keep]  # (kept, head_dim)

@@ -482,7 +482,7 @@ def test_pca_merges_duplicate_heads_losslessly_on_every_family(model_type, overr
                     b = proj.bias.reshape(4, -1)
                     b[2], b[3] = b[0].clone(), b[1].clone()
             set_qkv(attn, arch, q, k, v)
-            norm = per_head_norm(attn, "k_norm", 4)
+            norm = per_head_norm(attn, "k_norm", base.config)
             if norm is not None:
                 w = norm.weight.reshape(4, -1)
                 w[2], w[3] = w[0].clone(), w[1].clone()
