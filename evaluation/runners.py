@@ -270,8 +270,8 @@ class PlainOnnxLoop:
         binding.bind_output(self.logits_name, "cpu")  # the prefill's logits: (1, len(ids), vocab)
         self.session.run_with_iobinding(binding)
         prefill_logits = binding.get_outputs()[-1].numpy()  # bound last, so listed last
-        chosen = lambda step, logits: int(forced[step]) if forced is not None else int(logits.argmax())
-        out = [*(int(t) for t in ids), chosen(0, prefill_logits[0, -1])]
+        first = int(forced[0]) if forced is not None else int(prefill_logits[0, -1].argmax())
+        out = [*(int(t) for t in ids), first]
         steps = []
 
         # An OrtValue made from a numpy array shares its memory: writing the array changes what is bound.
