@@ -3,11 +3,13 @@
     python benchmarks/scale.py [--dir ~/.cache/llmopt-bench/scale] [--kv-heads 32] [--group-size 32]
                                [--layers 32] [--keep] [--skip-7b] [--skip-smollm2] [--skip-onnx-check]
                                [--formats onnx safetensors] [--method rtn|gptq] [--awq]
+                               [--families llama qwen3 ... | all]
                                [--calibration-samples 32] [--calibration-len 256] [--no-validate]
 
-1. Writes a random-weight, 7B-shaped Llama checkpoint in float32 (hidden 4096, 32 layers, 32 heads,
-   intermediate 11008, vocab 32000: ~27 GB) as one safetensors shard per layer, generated a layer at a time
-   with numpy (never the whole model in memory). Free disk is checked first; the folder is deleted at the end
+1. Writes a random-weight, 7B-shaped checkpoint in float32 (hidden 4096, 32 layers, 32 heads, intermediate
+   11008, vocab 32000: ~27 GB for Llama) of each family in `--families` (Llama by default; `all` for every
+   described family, each with its own layout: FAMILY_7B) as one safetensors shard per layer, generated a layer
+   at a time with numpy (never the whole model in memory). Free disk is checked first; the folder is deleted at the end
    unless --keep.
 2. Streams it through `llmopt.streaming.quantize_checkpoint` to ONNX (MatMulNBits + GroupQueryAttention) and to
    safetensors (compressed-tensors pack-quantized), each in a fresh child process, and prints each run's peak
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -52,38 +55,71 @@ def _child_report(started: float, **extra) -> None:
     print(json.dumps({"peak_rss_bytes": peak, "wall_s": time.perf_counter() - started, **extra}))
 
 
-def child_generate(folder: Path, kv_heads: int, seed: int, layers: int) -> None:
-    """A random Llama checkpoint, one layer per safetensors shard, each generated and written before the next."""
+# What a 7B-shaped model of each described family sets beyond SHAPE_7B (the family's own layout: head width,
+# windows, multipliers, experts); everything else is the config class's default.
+FAMILY_7B = {
+    "llama": {}, "qwen2": {}, "olmo2": {}, "cohere": {},
+    "mistral": {"sliding_window": 4096},
+    "qwen3": {"head_dim": 128},
+    "qwen3_moe": {"head_dim": 128, "num_experts": 16, "num_experts_per_tok": 2, "moe_intermediate_size": 1408,
+                  "norm_topk_prob": True},
+    "smollm3": {"no_rope_layer_interval": 4},
+    "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125,
+                "logits_scaling": 16.0},
+    "gemma": {"head_dim": 128},
+    "gemma2": {"head_dim": 128, "sliding_window": 4096},
+    "gemma3_text": {"head_dim": 128, "sliding_window": 1024},
+    "phi3": {"partial_rotary_factor": 0.75},  # Phi-4-mini's partial rotary
+}
+
+
+def family_config(family: str, kv_heads: int, layers: int):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(family, **{**SHAPE_7B, "num_hidden_layers": layers, **FAMILY_7B[family]},
+                                num_key_value_heads=kv_heads, tie_word_embeddings=False, bos_token_id=1,
+                                eos_token_id=2, pad_token_id=0)
+
+
+def checkpoint_shapes(config, scratch: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a checkpoint of `config`, from its module tree on the meta device."""
+    from llmopt.streaming_calibrated import empty_model
+
+    config.save_pretrained(scratch)
+    try:
+        return {name: tuple(t.shape) for name, t in empty_model(scratch).state_dict().items()}
+    finally:
+        shutil.rmtree(scratch)
+
+
+def child_generate(folder: Path, kv_heads: int, seed: int, layers: int, family: str) -> None:
+    """A random checkpoint of `family`, one layer per safetensors shard, each generated and written before the
+    next. The tensor names and shapes are the family's own, read from its module tree on the meta device (no
+    memory), with MoE experts one Linear each as checkpoints store them."""
     import numpy as np
     from safetensors.numpy import save_file
-    from transformers import LlamaConfig
 
     started = time.perf_counter()
-    config = LlamaConfig(**{**SHAPE_7B, "num_hidden_layers": layers}, num_key_value_heads=kv_heads, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, torch_dtype="float32")
-    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = kv_heads * hidden // config.num_attention_heads
+    config = family_config(family, kv_heads, layers)
+    shapes = checkpoint_shapes(config, folder.with_name(folder.name + ".config"))
     rng = np.random.default_rng(seed)
 
-    def normal(*shape: int) -> np.ndarray:
-        out = rng.standard_normal(shape, dtype=np.float32)
-        out *= 0.02  # in place: the std of Llama's initializer
-        return out
+    def make(name: str, shape: tuple[int, ...]):
+        def tensor() -> np.ndarray:
+            if len(shape) == 1:  # norms at 1 (Gemma's 1 + w: doubled, harmless), biases at 0
+                return np.zeros(shape, np.float32) if name.endswith(".bias") else np.ones(shape, np.float32)
+            out = rng.standard_normal(shape, dtype=np.float32)
+            out *= 0.02  # in place: the std of the families' initializers
+            return out
+        return tensor
 
-    shards: list[dict] = [{"model.embed_tokens.weight": lambda: normal(vocab, hidden)}]
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shards.append({p + "input_layernorm.weight": lambda: np.ones(hidden, np.float32),
-                       p + "post_attention_layernorm.weight": lambda: np.ones(hidden, np.float32),
-                       p + "self_attn.q_proj.weight": lambda: normal(hidden, hidden),
-                       p + "self_attn.k_proj.weight": lambda: normal(kv, hidden),
-                       p + "self_attn.v_proj.weight": lambda: normal(kv, hidden),
-                       p + "self_attn.o_proj.weight": lambda: normal(hidden, hidden),
-                       p + "mlp.gate_proj.weight": lambda: normal(inter, hidden),
-                       p + "mlp.up_proj.weight": lambda: normal(inter, hidden),
-                       p + "mlp.down_proj.weight": lambda: normal(hidden, inter)})
-    shards.append({"model.norm.weight": lambda: np.ones(hidden, np.float32),
-                   "lm_head.weight": lambda: normal(vocab, hidden)})
+    def block(prefix: str) -> dict:
+        return {n: make(n, shape) for n, shape in shapes.items() if n.startswith(prefix)}
+
+    shards: list[dict] = [block("model.embed_tokens.")]
+    shards += [block(f"model.layers.{i}.") for i in range(config.num_hidden_layers)]
+    top = {n for n in shapes if not n.startswith(("model.embed_tokens.", "model.layers."))}
+    shards.append({n: make(n, shapes[n]) for n in sorted(top)})
     final, folder = folder, folder.with_name(folder.name + ".partial")  # renamed when complete
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -145,17 +181,17 @@ def child_run_onnx(folder: Path) -> None:
     started = time.perf_counter()
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     loaded = time.perf_counter() - started
-    config = json.loads((folder / "config.json").read_text())
-    heads = config["num_attention_heads"]
-    kv_heads, head_dim = config.get("num_key_value_heads") or heads, config["hidden_size"] // heads
-    past = {f"past_key_values.{i}.{k}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
-            for i in range(config["num_hidden_layers"]) for k in ("key", "value")}
+    # The cache's heads and width as the graph declares them (batch, kv heads, past length, head width).
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+            for i in session.get_inputs() if i.name.startswith("past_key_values")}
+    wanted = {i.name for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     ids = np.arange(100, 110, dtype=np.int64)
     start, finite, shapes = 0, True, []
     for end in (8, 9, 10):
-        outputs = session.run(None, {"input_ids": ids[None, start:end], "attention_mask": np.ones((1, end), np.int64),
-                                     "position_ids": np.arange(start, end)[None], **past})
+        feeds = {"input_ids": ids[None, start:end], "attention_mask": np.ones((1, end), np.int64),
+                 "position_ids": np.arange(start, end)[None], **past}
+        outputs = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
         past = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], outputs[1:], strict=True)}
         finite &= bool(np.isfinite(outputs[0]).all())
         shapes.append(list(outputs[0].shape))
@@ -220,7 +256,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, args = sys.argv[2], sys.argv[3:]
         if kind == "generate":
-            child_generate(Path(args[0]), int(args[1]), int(args[2]), int(args[3]))
+            child_generate(Path(args[0]), int(args[1]), int(args[2]), int(args[3]), args[4])
         elif kind == "stream":
             child_stream(Path(args[0]), Path(args[1]), args[2], int(args[3]), args[4], args[5] == "1", int(args[6]),
                          int(args[7]), args[8] == "1")
@@ -245,6 +281,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--families", nargs="+", default=["llama"], metavar="MODEL_TYPE",
+                        help="the 7B-shaped checkpoints' families (llmopt's described model types), or 'all'")
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-onnx-check", action="store_true")
     parser.add_argument("--no-validate", action="store_true", help="stream without the artifact check (its "
@@ -252,6 +290,10 @@ def main() -> None:
                                                                     "loaded), to see what the check costs")
     parser.add_argument("--formats", nargs="+", choices=["onnx", "safetensors"], default=["onnx", "safetensors"])
     args = parser.parse_args()
+    if args.families == ["all"]:
+        from llmopt.architectures import ARCHITECTURES
+
+        args.families = sorted(ARCHITECTURES)
 
     import psutil
 
@@ -269,11 +311,12 @@ def main() -> None:
         stream_rows("SmolLM2-135M (demo, float32 safetensors)", demo, args.dir, args)
         shutil.rmtree(demo)
 
-    if not args.skip_7b:
-        model = args.dir / f"llama-7b-shaped-kv{args.kv_heads}-{args.layers}layers"
-        h, i, v, layers = 4096, 11008, 32000, args.layers
-        kv = args.kv_heads * h // 32
-        planned = 4 * (2 * v * h + layers * (2 * h * h + 2 * kv * h + 3 * h * i + 2 * h) + h)
+    if args.skip_7b:
+        return
+    for family in args.families:
+        model = args.dir / f"{family}-7b-shaped-kv{args.kv_heads}-{args.layers}layers"
+        shapes = checkpoint_shapes(family_config(family, args.kv_heads, args.layers), args.dir / f"{family}.config")
+        planned = 4 * sum(math.prod(shape) for shape in shapes.values())
         outputs = planned // 5  # int4 + scales + the float embedding: under a fifth of float32
         free = shutil.disk_usage(args.dir).free
         if not model.exists() and free < planned + outputs + 5 * GB:
@@ -281,20 +324,19 @@ def main() -> None:
                      "needed (checkpoint + one artifact at a time) plus 5 GB to spare")
         try:
             if not model.exists():
-                gen = run_child("generate", str(model), str(args.kv_heads), str(args.seed), str(args.layers))
+                gen = run_child("generate", str(model), str(args.kv_heads), str(args.seed), str(args.layers), family)
                 print(f"\ngenerated {model.name}: {gen['bytes'] / GB:.2f} GB in {gen['wall_s']:.0f} s, "
                       f"peak RSS {gen['peak_rss_bytes'] / GB:.2f} GB", flush=True)
             size = folder_bytes(model)
             print(f"checkpoint {size / GB:.2f} GB vs {memory / GB:.1f} GB RAM: "
                   f"{'larger' if size > memory else 'NOT larger'} than memory", flush=True)
-            stream_rows(f"7B-shaped Llama ({layers} layers, kv heads {args.kv_heads}, float32, random)", model, args.dir,
-                        args)
+            stream_rows(f"7B-shaped {family} ({args.layers} layers, kv heads {args.kv_heads}, float32, random)", model,
+                        args.dir, args)
         finally:
             for folder in (model, model.with_name(model.name + ".partial")):
                 if folder.exists() and (not args.keep or folder != model):
                     shutil.rmtree(folder)
                     print(f"deleted {folder}")
-
 
 if __name__ == "__main__":
     main()

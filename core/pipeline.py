@@ -110,6 +110,10 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
     exporter = EXPORTERS[recipe.export.format](recipe.export)
     exporter.check(planned, config, passes)
     provider = devices.resolve_provider(recipe.export.execution_provider)
+    if recipe.export.streaming:  # layer by layer from the checkpoint (llmopt.streaming): what it can run
+        from llmopt.streaming import check_streamable
+
+        check_streamable(Plan(recipe, source, arch, planned, passes, exporter, None))
     return Plan(recipe, source, arch, planned, passes, exporter, Path(output) if output else None, provider)
 
 
@@ -155,131 +159,60 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     if out is None:
         raise RecipeError("No output folder given.", "Pass --output DIR.")
     out = check_destination(out, force, plan_inputs(plan))  # resolved: a symlinked --output is its target
-    if plan.recipe.export.streaming:  # layer by layer from the checkpoint, never the whole model (llmopt.streaming)
-        from llmopt.streaming import run_plan
-
-        return run_plan(plan, out, force=force, progress=progress, resume=resume)
-    from llmopt import preflight
-
     started = time.perf_counter()
     with OutputLock(out):  # first: an output that cannot be written is the problem to name, not its free space
-        preflight.check(preflight.estimate(plan, out))
+        if plan.recipe.export.streaming:
+            from llmopt.streaming import check_disk, check_streamable
+
+            check_disk(*check_streamable(plan), out)
+        else:
+            from llmopt import preflight
+
+            preflight.check(preflight.estimate(plan, out))
         return _run_locked(plan, out, progress, started, resume)
 
 
+@dataclass
+class Outcome:
+    """What a schedule (in memory, or streamed layer by layer) hands the report: ModelMetrics for both sides,
+    the passes' records, the export's description, what `Evaluation` measured, and notes."""
+
+    export: dict[str, Any]
+    baseline: Any  # llmopt.evaluation.report.ModelMetrics
+    optimized: Any
+    passes: list[Any]  # llmopt.evaluation.report.PassRecord
+    evaluation: Evaluation
+    notes: list[str]
+    kv_cache_context_tokens: int | None = None
+    layer_errors: list[float] | None = None
+    tasks: dict[str, Any] = field(default_factory=dict)
+
+
 def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resume: bool = False) -> Result:
+    """Stage, run the plan's schedule, write the report and manifest, promote; nothing is left behind otherwise."""
+    import contextlib
+
     import numpy as np
     import torch
-
-    from llmopt.evaluation.quality import hidden_states, relative_layer_errors
-    from llmopt.evaluation.report import ModelMetrics, PassRecord, SpeedSetup
-    from llmopt.resume import ResumeStore, fingerprint
-    from llmopt.state import ModelState, PassContext
 
     recipe = plan.recipe
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
-    staging = scratch = checkpoints = None
-    try:  # entered before anything is created, so an interrupt at any point leaves nothing behind
-        staging = new_staging(out)
-        recipe_json, versions = recipe_dict(recipe), library_versions()
-        # Checkpoints after each pass, kept only by a run that could not unwind (llmopt.resume).
-        store = ResumeStore(out, fingerprint(recipe_json, plan.source, versions))
-        resuming = store.start(resume)  # a mismatch raises before `checkpoints` is set: the folder stays
-        checkpoints = store
-        scratch = new_scratch()  # its name carries our pid: a later run removes it if we are killed
-        timer = _Steps(progress)
-        with timer("load model"):
-            model, tokenizer = load_model(plan.source)
-        state = ModelState(model, tokenizer)
-        baseline_params = _count_parameters(model)
-        baseline_dir: Path | None = None
-        if recipe.evaluation.enabled:  # measured side by side with the artifact; without evaluation, not needed
-            baseline_dir = scratch / "baseline"
-            with timer(f"export baseline ({recipe.export.format}, for comparison)"):
-                baseline_dir.mkdir()
-                plan.exporter.export(ModelState(model, tokenizer), baseline_dir)
+    try:
+        with contextlib.ExitStack() as cleanup:  # done, failed or interrupted: what a step created goes
+            staging = new_staging(out)
+            cleanup.callback(remove_tree, staging)
+            versions = library_versions()
+            steps = _Steps(progress)
+            if recipe.export.streaming:  # layer by layer from the checkpoint, never the whole model
+                from llmopt.streaming import run_streamed
 
-        windows, text_description = _evaluation_windows(recipe, tokenizer)
-        probe = windows[:2]  # for the per-layer error
-        before = hidden_states(model, probe) if probe else None
-        records = []
-        calibration = CalibrationSource(recipe, tokenizer)
-        # A frozen copy of the input model for passes that learn from it (distillation).
-        original = copy.deepcopy(model).eval() if any(p.needs_teacher for p in plan.passes) else None
-        # The state after the passes a killed run completed.
-        passes_done, resume_notes = 0, []
-        if resuming and store.latest() is not None:
-            restored = store.restore(state)
-            state, passes_done = restored.state, restored.passes_done
-            records = [PassRecord(**r) for r in restored.records]
-            resume_notes = [(f"resumed after {passes_done} completed pass(es) of a killed run "
-                             f"({', '.join(r.type for r in records)}): their records are that run's.")]
-        for index, p in enumerate(plan.passes):
-            if index < passes_done:
-                continue
-            p = store.checkpointing(p, index)
-            progress.step(f"pass {p.type}")
-            t0 = time.perf_counter()
-            ctx = PassContext(seed=recipe.seed, progress=progress.advance,
-                              calibration=calibration if p.needs_calibration else None,
-                              teacher=(lambda: original) if p.needs_teacher else None)
-            state = p.run(state, ctx)
-            nonfinite = nonfinite_parameters(state.model)
-            if nonfinite:
-                raise ResultValidationError(
-                    f"Pass '{p.type}' produced NaN or infinite values in {len(nonfinite)} weight tensor(s): "
-                    f"{', '.join(nonfinite[:3])}; nothing was written.",
-                    "Check the pass's settings (a learning rate or a damping too small), or report it with the recipe.")
-            seconds = time.perf_counter() - t0
-            progress.done(f"pass {p.type}", seconds)
-            records.append(PassRecord(type=p.type, seconds=seconds, info=state.pass_info.get(p.type, {})))
-            store.save(index + 1, state, [r.model_dump(mode="json") for r in records])
-
-        with timer(f"export {recipe.export.format}"):
-            exported = plan.exporter.export(state, staging)
-            exported.notes.extend(_keep_generation_config(plan.source, staging))
-
-        layer_errors = relative_layer_errors(before, hidden_states(state.model, probe)) if before else None
-        del before
-        evaluation = _evaluate(plan, state, baseline_dir, baseline_params, staging, timer, windows, text_description)
-        if baseline_dir is None:
-            exported.notes.append("Baseline size: the input model's float32 weights (no baseline artifact is exported "
-                                  "when evaluation is off).")
-        tasks, task_notes = _tasks(plan, state, timer)
-        arch_after = ArchInfo.from_config(state.model.config)
-        optimized_params = _count_parameters(state.model)
-        # Free the torch copies before the report is written (the teacher is rebound, not deleted: the
-        # passes' context closes over it).
-        del state, model
-        original = None
-
-        report = write_report(
-            plan, staging, started, versions,
-            export={"format": recipe.export.format, "runtime": plan.exporter.runtime,
-                    "files": sorted(p.name for p in staging.iterdir()), **exported.info},
-            baseline=ModelMetrics(runtime=plan.exporter.runtime, parameters=baseline_params,
-                                  size_bytes=evaluation.baseline_bytes,
-                                  kv_cache_bytes_per_token=plan.arch.kv_cache_bytes_per_token(),
-                                  **evaluation.baseline),
-            optimized=ModelMetrics(runtime=plan.exporter.runtime, parameters=optimized_params,
-                                   size_bytes=exported.weights_bytes,
-                                   kv_cache_bytes_per_token=arch_after.kv_cache_bytes_per_token(),
-                                   **evaluation.optimized),
-            quality=evaluation.quality,
-            speed_setup=SpeedSetup(**evaluation.speed_setup) if evaluation.speed_setup else None,
-            passes=records,
-            kv_cache_context_tokens=recipe.evaluation.context_length or plan.arch.extra.get("max_position_embeddings"),
-            layer_errors=layer_errors,
-            samples=evaluation.samples,
-            tasks=tasks,
-            validation=evaluation.validation,
-            environment={"device": devices.device_name(evaluation.provider), "threads": str(evaluation.threads)},
-            notes=exported.notes + task_notes + _fallback_note(plan.provider, evaluation.provider)
-            + ([f"calibration data: {calibration.description}"] if calibration.description else []) + resume_notes,
-        )
-        write_manifest(staging, recipe=recipe_json, versions=versions, seed=recipe.seed)
-        promote(staging, out)
+                outcome = run_streamed(plan, staging, steps, resume)
+            else:
+                outcome = _run_in_memory(plan, out, staging, steps, versions, resume, cleanup)
+            report = write_report(plan, staging, started, versions, outcome)
+            write_manifest(staging, recipe=recipe_dict(recipe), versions=versions, seed=recipe.seed)
+            promote(staging, out)
     except MemoryError:
         lower = ("set `evaluation.enabled: false` to skip loading the baseline and the artifact side by side"
                  if recipe.evaluation.enabled else "lower `calibration.samples` or `calibration.seq_len`")
@@ -290,34 +223,144 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
         if typed is None or typed is exc:
             raise
         raise typed from None
-    finally:
-        for folder in (staging, scratch):
-            if folder is not None:
-                remove_tree(folder)
-        if checkpoints is not None:  # done, failed or interrupted: only a killed run leaves its checkpoints
-            checkpoints.remove()
     return Result(out, report, [c for c in report.checks if not c.passed])
 
 
-def write_report(plan: Plan, folder: Path, started: float, versions: dict[str, str], *,
-                 environment: dict[str, str] | None = None, **fields: Any) -> Any:
-    """The run's report, as every schedule writes it (in memory, or streamed layer by layer): what identifies the
-    run (version, time, model, recipe, environment), `fields` (llmopt.evaluation.report.Report's: sizes, passes,
-    quality, validation, notes), the recipe's checks judged on it; written into `folder` as report.json,
-    report.html and the model card (README.md)."""
+def _run_in_memory(plan: Plan, out: Path, staging: Path, steps: _Steps, versions: dict[str, str], resume: bool,
+                   cleanup: Any) -> Outcome:
+    """The in-memory schedule: load, export the baseline, run the passes (checkpointed for --resume), export
+    into `staging`, validate, evaluate. `cleanup` (an ExitStack) removes the scratch folder and checkpoints."""
+    from llmopt.evaluation.quality import hidden_states, relative_layer_errors
+    from llmopt.evaluation.report import ModelMetrics
+    from llmopt.resume import ResumeStore, fingerprint
+    from llmopt.state import ModelState
+
+    recipe = plan.recipe
+    # Checkpoints after each pass, kept only by a run that could not unwind (llmopt.resume).
+    store = ResumeStore(out, fingerprint(recipe_dict(recipe), plan.source, versions))
+    resuming = store.start(resume)  # a mismatch raises before the removal is registered: the folder stays
+    cleanup.callback(store.remove)
+    scratch = new_scratch()  # its name carries our pid: a later run removes it if we are killed
+    cleanup.callback(remove_tree, scratch)
+    with steps("load model"):
+        model, tokenizer = load_model(plan.source)
+    baseline_params = _count_parameters(model)
+    baseline_dir: Path | None = None
+    if recipe.evaluation.enabled:  # measured side by side with the artifact; without evaluation, not needed
+        baseline_dir = scratch / "baseline"
+        with steps(f"export baseline ({recipe.export.format}, for comparison)"):
+            baseline_dir.mkdir()
+            plan.exporter.export(ModelState(model, tokenizer), baseline_dir)
+
+    windows, text_description = evaluation_windows(recipe, tokenizer)
+    probe = windows[:2]  # for the per-layer error
+    before = hidden_states(model, probe) if probe else None
+    calibration = CalibrationSource(recipe, tokenizer)
+    state, records, resume_notes = _run_passes(plan, ModelState(model, tokenizer), store, resuming, calibration, steps)
+
+    with steps(f"export {recipe.export.format}"):
+        exported = plan.exporter.export(state, staging)
+        exported.notes.extend(_keep_generation_config(plan.source, staging))
+
+    layer_errors = relative_layer_errors(before, hidden_states(state.model, probe)) if before else None
+    del before
+    evaluation = _evaluate(plan, state, baseline_dir, baseline_params, staging, steps, windows, text_description)
+    if baseline_dir is None:
+        exported.notes.append("Baseline size: the input model's float32 weights (no baseline artifact is exported "
+                              "when evaluation is off).")
+    tasks, task_notes = _tasks(plan, state, steps)
+    arch_after = ArchInfo.from_config(state.model.config)
+    runtime = plan.exporter.runtime
+    return Outcome(
+        export={"format": recipe.export.format, "runtime": runtime,
+                "files": sorted(p.name for p in staging.iterdir()), **exported.info},
+        baseline=ModelMetrics(runtime=runtime, parameters=baseline_params, size_bytes=evaluation.baseline_bytes,
+                              kv_cache_bytes_per_token=plan.arch.kv_cache_bytes_per_token(), **evaluation.baseline),
+        optimized=ModelMetrics(runtime=runtime, parameters=_count_parameters(state.model),
+                               size_bytes=exported.weights_bytes,
+                               kv_cache_bytes_per_token=arch_after.kv_cache_bytes_per_token(), **evaluation.optimized),
+        passes=records,
+        evaluation=evaluation,
+        notes=exported.notes + task_notes + _fallback_note(plan.provider, evaluation.provider)
+        + ([f"calibration data: {calibration.description}"] if calibration.description else []) + resume_notes,
+        kv_cache_context_tokens=recipe.evaluation.context_length or plan.arch.extra.get("max_position_embeddings"),
+        layer_errors=layer_errors,
+        tasks=tasks,
+    )
+
+
+def _run_passes(plan: Plan, state: Any, store: Any, resuming: bool, calibration: CalibrationSource,
+                steps: _Steps) -> tuple[Any, list[Any], list[str]]:
+    """The plan's passes in order, from where a killed run stopped when resuming; each checked for non-finite
+    weights and checkpointed. Returns the state, the passes' records and notes."""
+    from llmopt.evaluation.report import PassRecord
+    from llmopt.state import PassContext
+
+    recipe = plan.recipe
+    # A frozen copy of the input model for passes that learn from it (distillation).
+    original = copy.deepcopy(state.model).eval() if any(p.needs_teacher for p in plan.passes) else None
+    passes_done, records, notes = 0, [], []
+    if resuming and store.latest() is not None:  # the state after the passes a killed run completed
+        restored = store.restore(state)
+        state, passes_done = restored.state, restored.passes_done
+        records = [PassRecord(**r) for r in restored.records]
+        notes = [(f"resumed after {passes_done} completed pass(es) of a killed run "
+                  f"({', '.join(r.type for r in records)}): their records are that run's.")]
+    for index, p in enumerate(plan.passes):
+        if index < passes_done:
+            continue
+        p = store.checkpointing(p, index)
+        steps.progress.step(f"pass {p.type}")
+        t0 = time.perf_counter()
+        ctx = PassContext(seed=recipe.seed, progress=steps.progress.advance,
+                          calibration=calibration if p.needs_calibration else None,
+                          teacher=(lambda: original) if p.needs_teacher else None)
+        state = p.run(state, ctx)
+        nonfinite = nonfinite_parameters(state.model)
+        if nonfinite:
+            raise ResultValidationError(
+                f"Pass '{p.type}' produced NaN or infinite values in {len(nonfinite)} weight tensor(s): "
+                f"{', '.join(nonfinite[:3])}; nothing was written.",
+                "Check the pass's settings (a learning rate or a damping too small), or report it with the recipe.")
+        seconds = time.perf_counter() - t0
+        steps.progress.done(f"pass {p.type}", seconds)
+        records.append(PassRecord(type=p.type, seconds=seconds, info=state.pass_info.get(p.type, {})))
+        store.save(index + 1, state, [r.model_dump(mode="json") for r in records])
+    return state, records, notes
+
+
+def write_report(plan: Plan, folder: Path, started: float, versions: dict[str, str], outcome: Outcome) -> Any:
+    """The run's report, as every schedule writes it: what identifies the run (version, time, model, recipe,
+    environment), the schedule's outcome, the recipe's checks judged on it; written into `folder` as
+    report.json, report.html and the model card (README.md)."""
     from llmopt.evaluation.checks import evaluate_checks
     from llmopt.evaluation.model_card import render_model_card
-    from llmopt.evaluation.report import Report
+    from llmopt.evaluation.report import Report, SpeedSetup
 
+    evaluation = outcome.evaluation
+    environment = {**versions, "cpu": devices.cpu_name(), "device": devices.device_name(evaluation.provider)}
+    if evaluation.threads is not None:
+        environment["threads"] = str(evaluation.threads)
     report = Report(
         llmopt_version=versions.get("llmopt", "dev"),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model={"spec": plan.source.spec, "kind": plan.source.kind, "model_type": plan.arch.model_type,
                "name": plan.source.name, "input_bytes": plan.source.input_bytes},
         recipe=recipe_dict(plan.recipe),
-        environment={**versions, "cpu": devices.cpu_name(), **(environment or {})},
+        environment=environment,
         total_seconds=time.perf_counter() - started,
-        **fields,
+        export=outcome.export,
+        baseline=outcome.baseline,
+        optimized=outcome.optimized,
+        quality=evaluation.quality,
+        speed_setup=SpeedSetup(**evaluation.speed_setup) if evaluation.speed_setup else None,
+        passes=outcome.passes,
+        kv_cache_context_tokens=outcome.kv_cache_context_tokens,
+        layer_errors=outcome.layer_errors,
+        samples=evaluation.samples,
+        tasks=outcome.tasks,
+        validation=evaluation.validation,
+        notes=outcome.notes,
     )
     report.checks = evaluate_checks(plan.recipe.checks, report)
     report.write(folder)
@@ -417,8 +460,7 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params
     artifact, evaluation off, its size is the input model's float32 weights)."""
     import gc
 
-    from llmopt.evaluation.quality import CONFIDENCE, compare_quality, generation_samples
-    from llmopt.evaluation.report import QualityReport
+    from llmopt.evaluation.quality import compare_quality, generation_samples
     from llmopt.evaluation.runners import TorchRunner, load_runner
     from llmopt.evaluation.speed import PeakRss, measure_speed
     from llmopt.architectures import attention_windows
@@ -479,15 +521,22 @@ def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params
         result.samples = generation_samples(baseline, optimized, tokenizer)
     result.baseline["perplexity"] = scores.baseline_perplexity
     result.optimized["perplexity"] = scores.perplexity
-    result.quality = QualityReport(
-        data=description, tokens=scores.tokens, windows=scores.windows, window=ev.window,
-        kl_divergence=scores.kl_divergence, top1_agreement=scores.top1_agreement,
-        perplexity_increase_pct=(scores.perplexity / scores.baseline_perplexity - 1) * 100,
-        confidence_level=CONFIDENCE, intervals={k: list(v) for k, v in (scores.intervals or {}).items()},
-    )
+    result.quality = quality_report(scores, description, ev.window)
     del baseline, optimized
     gc.collect()
     return result
+
+
+def quality_report(scores: Any, description: str, window: int) -> Any:
+    """The report's quality section from llmopt.evaluation.quality.QualityScores."""
+    from llmopt.evaluation.quality import CONFIDENCE
+    from llmopt.evaluation.report import QualityReport
+
+    return QualityReport(
+        data=description, tokens=scores.tokens, windows=scores.windows, window=window,
+        kl_divergence=scores.kl_divergence, top1_agreement=scores.top1_agreement,
+        perplexity_increase_pct=(scores.perplexity / scores.baseline_perplexity - 1) * 100,
+        confidence_level=CONFIDENCE, intervals={k: list(v) for k, v in (scores.intervals or {}).items()})
 
 
 def _tasks(plan: Plan, state: Any, timer: Any) -> tuple[dict[str, Any], list[str]]:
@@ -511,7 +560,7 @@ def _tasks(plan: Plan, state: Any, timer: Any) -> tuple[dict[str, Any], list[str
     return scores, []
 
 
-def _evaluation_windows(recipe: Recipe, tokenizer: Any) -> tuple[list[Any], str]:
+def evaluation_windows(recipe: Recipe, tokenizer: Any) -> tuple[list[Any], str]:
     """The evaluation windows and a description of their text, read and tokenized once per run, before the
     passes (so a text too short for one window fails at once). None when evaluation is off."""
     from llmopt.evaluation.quality import token_windows

@@ -4,13 +4,14 @@
     from llmopt.streaming import quantize_checkpoint
     quantize_checkpoint("llama-7b/", "out/", QuantizeConfig(method="gptq", awq=True), export_format="onnx")
 
-or, from a recipe, `export: {streaming: true}` with one `quantize` pass (the pipeline hands the plan to
-`run_plan`). RTN needs nothing but each layer's tensors: peak memory is about one decoder layer in float32 (or
+or, from a recipe, `export: {streaming: true}` with one `quantize` pass (the pipeline's streamed schedule,
+`run_streamed`). RTN needs nothing but each layer's tensors: peak memory is about one decoder layer in float32 (or
 the embedding table, when larger), whatever the depth. GPTQ and AWQ add the calibration activations and each
 layer's module (llmopt.streaming_calibrated). The whole model is never built. The artifact is checked against
 the model it holds with a reference computed layer by layer as it is written (llmopt.streaming_reference), then
-loaded by its runtime; nothing is evaluated (perplexity would need the baseline whole). The codes are those of
-the `quantize` pass, so the artifacts match what the non-streaming pipeline writes for the same recipe.
+loaded by its runtime; the pipeline's evaluation windows go through the same walk, and through the checkpoint's
+float weights, for the quality figures. The codes are those of the `quantize` pass, so the artifacts match what
+the non-streaming pipeline writes for the same recipe.
 
 Why tensors are read by hand: safetensors' `safe_open` memory-maps the file, and every page of the map that a
 read touches is counted in the process's resident memory until the kernel evicts it, so reading a 27 GB
@@ -150,8 +151,8 @@ class StreamPlan:
     windows: tuple[Any, ...] | None = None
     seed: int = 0
     pass_info: dict[str, Any] = field(default_factory=dict)  # what calibration recorded, for the report
-    # The artifact check's reference (llmopt.streaming_reference.ReferenceTrace): every block passes through it.
-    reference: Any = None
+    # What sees every block before the writer (llmopt.streaming_reference.LayerTrace: the check and evaluation).
+    observers: tuple[Any, ...] = ()
 
     @property
     def calibrated(self) -> bool:
@@ -159,10 +160,10 @@ class StreamPlan:
 
     def blocks(self, reader: CheckpointReader) -> Iterator[Block]:
         """Embedding, each decoder layer, then final norm and lm_head; each block's tensors read when it is due,
-        and run through the reference (when there is one) before the writer gets it."""
+        and shown to the observers before the writer gets it."""
         for block in self._blocks(reader):
-            if self.reference is not None:
-                self.reference.see(block)
+            for observer in self.observers:
+                observer.see(block)
             yield block
 
     def _blocks(self, reader: CheckpointReader) -> Iterator[Block]:
@@ -193,9 +194,10 @@ class StreamPlan:
 
 
 STREAMING_NOTE = ("Quantized and written layer by layer from the safetensors checkpoint (export.streaming): the model "
-                  "was never whole in memory. The artifact is checked against a reference computed layer by layer as "
-                  "it was written (see the validation), but not evaluated (perplexity and speed need the baseline "
-                  "whole).")
+                  "was never whole in memory.")
+EVALUATED_NOTE = ("Quality measured layer by layer in PyTorch on the evaluation windows: the checkpoint's float weights "
+                  "against the weights the artifact stores (the validation compares the artifact with the latter). "
+                  "Speed is not measured: it needs the baseline whole in memory.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 per quantize_rtn call
 
@@ -286,21 +288,38 @@ class StreamResult:
         return sum(self.files.values())
 
 
+def stream_artifact(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, export_format: str,
+                    accuracy_level: int = 0, max_shard_bytes: int = 5_000_000_000) -> StreamResult:
+    """Write the plan's artifact (weights, config, tokenizer) into `folder`, block by block, every block shown to
+    the plan's observers first."""
+    if export_format == "onnx":
+        from llmopt.exporters.onnx_stream import write_onnx
+
+        info = write_onnx(plan, reader, folder, accuracy_level=accuracy_level)
+    else:
+        from llmopt.exporters.safetensors_stream import write_safetensors
+
+        info = write_safetensors(plan, reader, folder, max_shard_bytes=max_shard_bytes)
+    _copy_tokenizer(reader.folder, folder)
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    return StreamResult(folder, files, len(plan.quantized), info, plan.pass_info)
+
+
 def quantize_checkpoint(model: str | Path, output: str | Path, quantize: QuantizeConfig, *,
                         export_format: Literal["onnx", "safetensors"] = "onnx", accuracy_level: int = 0,
-                        max_shard_bytes: int = 5_000_000_000, force: bool = False,
-                        recipe: dict[str, Any] | None = None, seed: int = 0, calibration: list[Any] | None = None,
-                        validation: OnnxValidation | None = None, validate: bool = True,
-                        before_manifest: Callable[[Path, StreamResult], None] | None = None) -> StreamResult:
-    """Quantize a local safetensors checkpoint layer by layer into an ONNX or safetensors artifact folder.
+                        max_shard_bytes: int = 5_000_000_000, force: bool = False, seed: int = 0,
+                        calibration: list[Any] | None = None, validation: OnnxValidation | None = None,
+                        validate: bool = True) -> StreamResult:
+    """Quantize a local safetensors checkpoint layer by layer into an ONNX or safetensors artifact folder: the
+    streamed schedule's artifact without a recipe, a report or an evaluation (`llmopt.optimize` with
+    `export: {streaming: true}` gives those).
 
     GPTQ and AWQ calibrate on `calibration` (token id arrays; by default 32 windows of 256 tokens of the
     built-in text, drawn with `seed`). The artifact is checked against the model it holds, as the pipeline checks
     its artifacts (`validation`'s limits; prompts and a sequence past every window, in one prefill and through
     the KV cache), with a reference computed layer by layer as the layers are written; a failed check raises
     ResultValidationError and writes nothing. The folder appears at `output` only when complete (staged beside
-    it, then renamed), with a manifest that records `recipe` (by default, the quantize pass and export format
-    this call ran); `before_manifest` may add files to the staged folder first (the pipeline's report).
+    it, then renamed), with a manifest that records the quantize pass and export format.
     """
     import shutil
 
@@ -316,31 +335,23 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
                                            else default_calibration(Path(model), seed)), seed=seed)
     out = check_destination(Path(output), force, [Input("the model", real(model))])
     with OutputLock(out):
-        _check_disk(plan, reader, out)
-        check = StreamCheck(reader, export_format, validation or OnnxValidation()) if validate else None
-        if check is not None:
-            plan = replace(plan, reference=check.reference)
+        check_disk(plan, reader, out)
+        check = None
+        if validate:
+            check = StreamCheck(reader, export_format, validation or OnnxValidation(),
+                                tokenizer=checkpoint_tokenizer(Path(model), required=False))
+            plan = replace(plan, observers=check.traces)
         staging = new_staging(out)
         try:
-            if export_format == "onnx":
-                from llmopt.exporters.onnx_stream import write_onnx
-
-                info = write_onnx(plan, reader, staging, accuracy_level=accuracy_level)
-            else:
-                from llmopt.exporters.safetensors_stream import write_safetensors
-
-                info = write_safetensors(plan, reader, staging, max_shard_bytes=max_shard_bytes)
-            _copy_tokenizer(Path(model), staging)
-            recipe = recipe or {"model": str(model), "passes": [quantize.model_dump(mode="json")],
-                                "export": {"format": export_format}, "streaming": True}
-            files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
-            result = StreamResult(out, files, len(plan.quantized), info, plan.pass_info)
+            result = stream_artifact(plan, reader, staging, export_format=export_format,
+                                     accuracy_level=accuracy_level, max_shard_bytes=max_shard_bytes)
             if check is not None:
                 result.validation, result.notes = check.run(staging)
-            if before_manifest is not None:
-                before_manifest(staging, result)
+            recipe = {"model": str(model), "passes": [quantize.model_dump(mode="json")],
+                      "export": {"format": export_format, "streaming": True}}
             write_manifest(staging, recipe=recipe, versions=library_versions(), seed=seed)
             promote(staging, out)
+            result.output = out
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return result
@@ -390,7 +401,7 @@ def estimated_output_bytes(plan: StreamPlan, reader: CheckpointReader) -> int:
     return int(total)
 
 
-def _check_disk(plan: StreamPlan, reader: CheckpointReader, out: Path) -> None:
+def check_disk(plan: StreamPlan, reader: CheckpointReader, out: Path) -> None:
     import shutil
 
     from llmopt.errors import ResourceError
@@ -403,92 +414,102 @@ def _check_disk(plan: StreamPlan, reader: CheckpointReader, out: Path) -> None:
                             f"Free disk space or choose another output folder; set {SKIP_ENV}=1 to try anyway.")
 
 
-def streaming_problem(plan: Any) -> str | None:
-    """Why a pipeline plan (llmopt.pipeline.Plan) cannot take the streaming path, or None when it can: a single
-    weight-only `quantize` pass (RTN or GPTQ, with or without AWQ) on a local or hub safetensors checkpoint of a
-    described family, and no quality or speed checks (nothing is evaluated: that would need the whole model)."""
-    from llmopt.errors import LlmoptError
-
-    passes = plan.recipe.passes
+def check_streamable(plan: Any) -> tuple[StreamPlan, CheckpointReader]:
+    """The stream plan and reader of a pipeline plan (llmopt.pipeline.Plan) that can take the streaming path: a
+    single weight-only `quantize` pass (RTN or GPTQ, with or without AWQ) on a local or hub safetensors
+    checkpoint of a described family, and nothing measured that needs the whole model (speed, lm-eval tasks).
+    RecipeError naming why when it cannot; InputError for a damaged checkpoint (streamed or not, exit 3)."""
+    passes, recipe = plan.recipe.passes, plan.recipe
+    problem = None
     if len(passes) != 1 or passes[0].type != "quantize":
-        return "the streaming path runs recipes made of one `quantize` pass"
-    if plan.source.kind not in ("local", "hub"):
-        return f"the streaming path reads safetensors checkpoint folders (the model is a {plan.source.kind} source)"
-    checks = plan.recipe.checks
-    unmeasured = [n for n in ("max_perplexity_increase_pct", "min_top1_agreement", "max_kl", "min_decode_speedup")
-                  if getattr(checks, n) is not None]
-    if unmeasured:
-        return f"a streamed artifact is not evaluated, so checks.{unmeasured[0]} cannot be judged (size checks can)"
-    try:
-        plan_stream(plan.source.path, passes[0], export_format=plan.recipe.export.format)
-    except InputError:  # a damaged or inconsistent checkpoint is the input's problem, streamed or not (exit 3)
-        raise
-    except LlmoptError as exc:
-        return exc.message
-    return None
+        problem = "the streaming path runs recipes made of one `quantize` pass"
+    elif plan.source.kind not in ("local", "hub"):
+        problem = f"the streaming path reads safetensors checkpoint folders (the model is a {plan.source.kind} source)"
+    elif recipe.checks.min_decode_speedup is not None:
+        problem = ("speed is not measured on a streamed run (it needs the baseline whole), so "
+                   "checks.min_decode_speedup cannot be judged")
+    elif recipe.evaluation.enabled and recipe.evaluation.tasks:
+        problem = "lm-eval tasks (evaluation.tasks) run the whole model"
+    else:
+        try:
+            return plan_stream(plan.source.path, passes[0], export_format=recipe.export.format)
+        except RecipeError as exc:
+            problem = exc.message
+    raise RecipeError(f"export.streaming: this recipe cannot be streamed: {problem}.",
+                      "Use one weight-only `quantize` pass on a safetensors checkpoint of a described family, "
+                      "without speed checks or lm-eval tasks; or remove export.streaming.")
 
 
-def run_plan(plan: Any, output: str | Path, *, force: bool = False, progress: Any = None, resume: bool = False) -> Any:
-    """Run a pipeline plan through the streaming path; returns the pipeline's Result, whose report has sizes and
-    timings but no quality or speed figures (evaluating needs the whole model in memory).
-
-    `resume` starts over: a streamed run is one pass and keeps no checkpoints (its artifact is the same either
-    way, as the run is deterministic); the report says so."""
+def run_streamed(plan: Any, staging: Path, steps: Any, resume: bool = False) -> Any:
+    """The pipeline's streamed schedule (llmopt.pipeline.run with `export: {streaming: true}`): the recipe's
+    `quantize` pass and export layer by layer into `staging`, the artifact checked, and the quality evaluated
+    with both models run layer by layer; returns the pipeline's Outcome for its report. `steps` is the
+    pipeline's step timer. `resume` starts over: a streamed run is one pass and keeps no checkpoints (its
+    artifact is the same either way, as the run is deterministic); the report says so."""
     import time
 
     from llmopt.evaluation.report import ModelMetrics, PassRecord
-    from llmopt.model import ArchInfo, load_config
-    from llmopt.pipeline import Result, library_versions, recipe_dict, write_report
+    from llmopt.exporters.base import weight_bytes
+    from llmopt.pipeline import CalibrationSource, Evaluation, Outcome, evaluation_windows, quality_report
     from llmopt.preflight import parameter_count
+    from llmopt.streaming_reference import StreamCheck
 
-    problem = streaming_problem(plan)
-    if problem:
-        raise RecipeError(f"export.streaming: this recipe cannot be streamed: {problem}.",
-                          "Use one weight-only `quantize` pass on a safetensors checkpoint of a described family, "
-                          "with size checks only; or remove export.streaming.")
-    started = time.perf_counter()
-    if progress is not None:
-        progress.step("quantize and export, layer by layer")
-    recipe, quantize, fmt = recipe_dict(plan.recipe), plan.recipe.passes[0], plan.recipe.export.format
-    arch = ArchInfo.from_config(load_config(plan.source))
-    input_bytes = sum(p.stat().st_size for p in Path(plan.source.path).glob("*.safetensors"))
-    reports: list[Any] = []
+    recipe, folder = plan.recipe, Path(plan.source.path)
+    quantize, fmt, ev = recipe.passes[0], recipe.export.format, recipe.evaluation
+    stream_plan, reader = plan_stream(folder, quantize, export_format=fmt)
+    tokenizer = checkpoint_tokenizer(folder, required=stream_plan.calibrated)
+    notes = [STREAMING_NOTE]
     calibration = None
-    if quantize.method == "gptq" or quantize.awq:  # the windows the in-memory pipeline would give the pass
-        from llmopt.pipeline import CalibrationSource
+    if stream_plan.calibrated:  # the windows the in-memory pipeline would give the pass
+        calibration = CalibrationSource(recipe, tokenizer)
+        stream_plan = replace(stream_plan, windows=tuple(calibration()), seed=recipe.seed)
+    windows: list[Any] = []
+    description = ""
+    if ev.enabled and tokenizer is None:
+        notes.append("Not evaluated: the checkpoint has no tokenizer to read the evaluation text with.")
+    elif ev.enabled:
+        windows, description = evaluation_windows(recipe, tokenizer)
+        notes.append(EVALUATED_NOTE)
+    else:
+        notes.append("Not evaluated (evaluation.enabled: false).")
+    check = StreamCheck(reader, fmt, recipe.export.validate_result, windows, tokenizer)
+    stream_plan = replace(stream_plan, observers=check.traces)
 
-        calibration = CalibrationSource(plan.recipe, checkpoint_tokenizer(Path(plan.source.path)))
+    t0 = time.perf_counter()
+    with steps("quantize and export, layer by layer"):
+        result = stream_artifact(stream_plan, reader, staging, export_format=fmt,
+                                 accuracy_level=recipe.export.accuracy_level)
+    seconds = time.perf_counter() - t0
+    input_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    evaluation = Evaluation(baseline_bytes=input_bytes, threads=None)
+    if windows:
+        with steps("quality (perplexity, KL, top-1)"):
+            scores = check.quality(steps.progress.advance)
+        evaluation.baseline["perplexity"], evaluation.optimized["perplexity"] = scores.baseline_perplexity, scores.perplexity
+        evaluation.quality = quality_report(scores, description, ev.window)
+    with steps("validate artifact"):
+        evaluation.validation, check_notes = check.run(staging)
 
-    def report(folder: Path, result: StreamResult) -> None:
-        from llmopt.exporters.base import weight_bytes
-
-        runtime = "onnxruntime" if fmt == "onnx" else "pytorch"
-        parameters = parameter_count(plan.source)
-        reports.append(write_report(
-            plan, folder, started, library_versions(),
-            export={"format": fmt, "runtime": runtime, "files": sorted(result.files), **result.info},
-            baseline=ModelMetrics(runtime="safetensors checkpoint (not run)", parameters=parameters,
-                                  size_bytes=input_bytes, kv_cache_bytes_per_token=arch.kv_cache_bytes_per_token()),
-            optimized=ModelMetrics(runtime=runtime, parameters=parameters, size_bytes=weight_bytes(folder),
-                                   kv_cache_bytes_per_token=arch.kv_cache_bytes_per_token()),
-            passes=[PassRecord(type="quantize", seconds=time.perf_counter() - started, info={
-                "method": quantize.method, "bits": quantize.bits, "group_size": quantize.group_size,
-                "symmetric": quantize.symmetric, "quantized_tensors": result.quantized_tensors, "streaming": True,
-                **result.pass_info})],
-            kv_cache_context_tokens=arch.extra.get("max_position_embeddings"),
-            validation=result.validation,
-            notes=[STREAMING_NOTE] + result.notes
-            + ([f"calibration data: {calibration.description}"] if calibration else [])
-            + (["--resume: a streamed run keeps no checkpoints, so this one started over."] if resume else []),
-        ))
-
-    quantize_checkpoint(plan.source.path, output, quantize, export_format=fmt,
-                        accuracy_level=plan.recipe.export.accuracy_level, force=force, recipe=recipe,
-                        seed=plan.recipe.seed, calibration=calibration() if calibration else None,
-                        validation=plan.recipe.export.validate_result, before_manifest=report)
-    if progress is not None:
-        progress.done("quantize and export, layer by layer", time.perf_counter() - started)
-    return Result(Path(output), reports[0], [c for c in reports[0].checks if not c.passed])
+    parameters = parameter_count(plan.source)
+    runtime = "onnxruntime" if fmt == "onnx" else "pytorch"
+    kv_bytes = plan.arch.kv_cache_bytes_per_token()
+    return Outcome(
+        export={"format": fmt, "runtime": runtime, "files": sorted(result.files), **result.info},
+        baseline=ModelMetrics(runtime="pytorch, layer by layer" if windows else "safetensors checkpoint (not run)",
+                              parameters=parameters, size_bytes=input_bytes, kv_cache_bytes_per_token=kv_bytes,
+                              **evaluation.baseline),
+        optimized=ModelMetrics(runtime=runtime, parameters=parameters, size_bytes=weight_bytes(staging),
+                               kv_cache_bytes_per_token=kv_bytes, **evaluation.optimized),
+        passes=[PassRecord(type="quantize", seconds=seconds, info={
+            "method": quantize.method, "bits": quantize.bits, "group_size": quantize.group_size,
+            "symmetric": quantize.symmetric, "quantized_tensors": result.quantized_tensors, "streaming": True,
+            **result.pass_info})],
+        evaluation=evaluation,
+        notes=notes + check_notes
+        + ([f"calibration data: {calibration.description}"] if calibration else [])
+        + (["--resume: a streamed run keeps no checkpoints, so this one started over."] if resume else []),
+        kv_cache_context_tokens=plan.arch.extra.get("max_position_embeddings"),
+    )
 
 
 def _copy_tokenizer(model: Path, folder: Path) -> None:

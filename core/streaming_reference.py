@@ -1,11 +1,14 @@
-"""The model a stream writes, run on the artifact check's sequences while it is written, so that a streamed
-artifact is checked as the in-memory pipeline checks its artifacts: against the model it holds.
+"""The model a stream writes, run on the artifact check's sequences and the evaluation's windows while it is
+written, so that a streamed artifact is checked and evaluated as the in-memory pipeline checks and evaluates its
+artifacts: against the model it holds, and against the checkpoint it came from.
 
 Each block the writer receives (the embedding, one decoder layer, the final norm and lm_head) takes the sequences'
 hidden states one step further, with the weights the artifact stores (codes dequantized) in the module tree of
 `empty_model`, and is freed with the block. Memory: one Linear in float32 at a time and the sequences' hidden
-states; the model is never whole. The logits come out when the last block has passed; StreamCheck then loads
-the artifact and compares it with them, as the pipeline compares its artifacts with the in-memory model.
+states; the model is never whole. The same walk with the checkpoint's float weights gives the baseline's logits
+on the evaluation windows. The logits come out when the last block has passed; StreamCheck then scores the
+quality and loads the artifact and compares it with them, as the pipeline compares its artifacts with the
+in-memory model.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ def _float(tensor: Any) -> torch.Tensor:
 
 
 def _load_layer(layer: Any, prefix: str, tensors: dict[str, Any]) -> list[Any]:
-    """Give a decoder layer the block's tensors: float ones as they are, each quantized Linear its weight
-    dequantized just before it runs and dropped after, so the reference holds one Linear in float32 at a time
-    beside the block's codes, not the whole layer (0.8 GB for a 7B layer, next to the calibration's own peak).
-    Returns the hooks to remove."""
+    """Give a decoder layer the block's tensors: float ones as they are, each quantized Linear (or one left on
+    disk) its float weight made just before it runs and dropped after, so the trace holds one Linear in float32
+    at a time beside the block's codes, not the whole layer (0.8 GB for a 7B layer, next to the calibration's own
+    peak). Returns the hooks to remove."""
     import torch
 
     local = {name.removeprefix(prefix): t for name, t in tensors.items()}
@@ -43,16 +46,14 @@ def _load_layer(layer: Any, prefix: str, tensors: dict[str, Any]) -> list[Any]:
     if set(local) != expected:  # a bug, not input: the writer gets the same names
         differ = sorted(set(local) ^ expected)[:4]
         raise RuntimeError(f"{prefix}: the block's tensors differ from the layer's: {differ}")
-    layer.load_state_dict({n: t for n, t in local.items() if not isinstance(t, QuantizedTensor)}, strict=False,
-                          assign=True)
+    lazy = {name: t for name, t in local.items() if isinstance(t, (QuantizedTensor, _OnDisk))}
+    layer.load_state_dict({n: t for n, t in local.items() if n not in lazy}, strict=False, assign=True)
     handles = []
-    for name, codes in local.items():
-        if not isinstance(codes, QuantizedTensor):
-            continue
+    for name, weight in lazy.items():
         module = layer.get_submodule(name.removesuffix(".weight"))
 
-        def materialize(module: Any, args: Any, codes: QuantizedTensor = codes) -> None:
-            module.weight = torch.nn.Parameter(torch.from_numpy(codes.dequantized()), requires_grad=False)
+        def materialize(module: Any, args: Any, weight: Any = weight) -> None:
+            module.weight = torch.nn.Parameter(torch.from_numpy(weight.dequantized()), requires_grad=False)
 
         def release(module: Any, args: Any, output: Any) -> None:
             module.weight = torch.nn.Parameter(module.weight.to("meta"), requires_grad=False)
@@ -61,17 +62,21 @@ def _load_layer(layer: Any, prefix: str, tensors: dict[str, Any]) -> list[Any]:
     return handles
 
 
-class ReferenceTrace:
-    """Logits of `sequences` (token id arrays) through the blocks `see` is handed, in order."""
+class LayerTrace:
+    """`sequences` (token id arrays) taken through the blocks `see` is handed, in order: with the weights the
+    artifact stores (`weights="stored"`, codes dequantized), or with the checkpoint's own float weights
+    (`weights="checkpoint"`, the baseline a streamed run is evaluated against; each Linear read from disk just
+    before it runs). After the final block, `logits(i)` gives sequence i's (T, V) float32 logits."""
 
-    def __init__(self, reader: CheckpointReader, sequences: list[np.ndarray] | None = None) -> None:
+    def __init__(self, reader: CheckpointReader, sequences: list[np.ndarray] | None = None, *,
+                 weights: str = "stored") -> None:
         from llmopt.streaming_calibrated import empty_model
 
-        self.reader = reader
+        self.reader, self.weights = reader, weights
         self.model = empty_model(reader.folder)  # the module tree on the meta device, rotary buffers real
         self.sequences = sequences or []
         self.inputs: Any = None  # llmopt.passes.layerwise.LayerInputs between blocks
-        self.logits: list[np.ndarray] | None = None  # per sequence (T, V) float32, after the final block
+        self.final: list[torch.Tensor] | None = None  # per sequence (1, T, H), normed, after the final block
 
     def see(self, block: Block) -> None:
         import torch
@@ -80,14 +85,14 @@ class ReferenceTrace:
 
         model = self.model
         with torch.no_grad():
-            if block.kind == "embedding":
+            if block.kind == "embedding":  # the stream writes the table as the checkpoint has it
                 table = _float(block.tensors["model.embed_tokens.weight"])
                 model.model.embed_tokens.weight = torch.nn.Parameter(table, requires_grad=False)
                 self.inputs = capture_layer_inputs(model, [np.asarray(s) for s in self.sequences])
                 model.model.embed_tokens.to("meta")
             elif block.kind == "layer":
                 layer = model.model.layers[block.index]
-                handles = _load_layer(layer, f"model.layers.{block.index}.", block.tensors)
+                handles = _load_layer(layer, f"model.layers.{block.index}.", self._weights(block.tensors))
                 try:
                     self.inputs = run_layer(layer, block.index, self.inputs)
                 finally:
@@ -95,53 +100,103 @@ class ReferenceTrace:
                         handle.remove()
                 layer.to("meta")
             else:
-                self.logits = self._logits({name: _float(t) for name, t in block.tensors.items()})
+                self._final(block.tensors)
 
-    def _logits(self, tensors: dict[str, torch.Tensor]) -> list[np.ndarray]:
-        """The final norm, lm_head (the embedding table when tied and not written apart) and the family's logit
-        scale and soft-cap, as the writer's graph applies them."""
+    def _weights(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        if self.weights == "stored":
+            return tensors
+        # The baseline: projections read again when they run (one at a time, as the stored ones are
+        # dequantized), the small tensors at once.
+        return {name: _OnDisk(self.reader, name) if name.endswith("_proj.weight") else self.reader.read(name)
+                for name in tensors}
+
+    def _final(self, tensors: dict[str, Any]) -> None:
+        """The final norm applied; lm_head (the embedding table when tied and not written apart) kept for
+        `logits`."""
         import torch
 
-        from llmopt.architectures import scalings
-
         model = self.model
+        if self.weights == "stored":
+            tensors = {name: _float(t) for name, t in tensors.items()}
+        else:  # the checkpoint's own: its lm_head, or the embedding table it ties to (the stream may untie it)
+            tensors = {name: self.reader.read(name) for name in tensors if name in self.reader.entries}
         head = tensors.pop("lm_head.weight", None)
         if head is None:
             head = self.reader.read("model.embed_tokens.weight")
         model.load_state_dict(tensors, strict=False, assign=True)
         model.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)
-        scale = scalings(model.config)
-        out = []
-        for hidden in self.inputs.hidden:
-            logits = model.lm_head(model.model.norm(hidden))[0].float()  # (T, V)
-            logits = logits * scale.logits
+        self.final = [model.model.norm(hidden) for hidden in self.inputs.hidden]
+        self.inputs = None
+
+    def logits(self, index: int) -> np.ndarray:
+        """Sequence `index`'s logits (T, V), with the family's logit scale and soft-cap as the writer's graph
+        applies them."""
+        import torch
+
+        from llmopt.architectures import scalings
+
+        scale = scalings(self.model.config)
+        with torch.no_grad():
+            logits = self.model.lm_head(self.final[index])[0].float() * scale.logits  # (T, V)
             if scale.final_softcap:
                 logits = torch.tanh(logits / scale.final_softcap) * scale.final_softcap
-            out.append(logits.numpy())
-        model.to("meta")
-        return out
+        return logits.numpy()
+
+    def release(self) -> None:
+        self.model.to("meta")
+        self.final = None
+
+
+class _OnDisk:
+    """A float weight left in the checkpoint until its Linear runs (LayerTrace's baseline)."""
+
+    def __init__(self, reader: CheckpointReader, name: str) -> None:
+        self.reader, self.name = reader, name
+
+    def dequantized(self) -> np.ndarray:
+        return self.reader.read(self.name).numpy()
 
 
 class StreamCheck:
-    """The pipeline's artifact check for a streamed artifact: the check's sequences, their reference logits
-    computed as the blocks are written (ReferenceTrace), then the artifact loaded by its runtime and compared."""
+    """What the pipeline measures on an artifact, for one that is streamed: the artifact check's sequences and
+    the evaluation's windows taken through the stored weights as the blocks are written, the windows also
+    through the checkpoint's float weights (the baseline); then the quality figures from the two, and the
+    artifact loaded by its runtime and compared with the stored weights' logits."""
 
-    def __init__(self, reader: CheckpointReader, export_format: str, limits: OnnxValidation) -> None:
+    def __init__(self, reader: CheckpointReader, export_format: str, limits: OnnxValidation,
+                 windows: list[np.ndarray] | None = None, tokenizer: Any = None) -> None:
         from llmopt.architectures import attention_windows
         from llmopt.evaluation.validate import long_sequence_length, validation_sequences
-        from llmopt.streaming import checkpoint_tokenizer
 
         self.export_format, self.limits, self.notes = export_format, limits, []
-        tokenizer = checkpoint_tokenizer(reader.folder, required=False)
         if tokenizer is None:
             self.notes.append("validation: the checkpoint has no tokenizer, so the check ran on random token ids.")
-        self.reference = ReferenceTrace(reader)
-        config = self.reference.model.config
+        self.windows = windows or []
+        self.stored = LayerTrace(reader)
+        config = self.stored.model.config
         long_tokens = long_sequence_length(attention_windows(config), getattr(config, "max_position_embeddings", None))
-        self.sequences = self.reference.sequences = validation_sequences(tokenizer, limits, long_tokens,
-                                                                         vocab_size=config.vocab_size)
+        self.sequences = validation_sequences(tokenizer, limits, long_tokens, vocab_size=config.vocab_size)
+        self.stored.sequences = self.sequences + self.windows
+        self.baseline = LayerTrace(reader, self.windows, weights="checkpoint") if self.windows else None
         # Loading a safetensors artifact back dequantizes it whole (transformers): only when that fits.
         self.float_bytes = 4 * sum(math.prod(e.shape) for e in reader.entries.values())
+
+    @property
+    def traces(self) -> tuple[LayerTrace, ...]:
+        """What sees every block as it is written (StreamPlan.observers)."""
+        return (self.stored,) if self.baseline is None else (self.stored, self.baseline)
+
+    def quality(self, progress: Any = None) -> Any:
+        """The evaluation windows' perplexity, KL and top-1 (llmopt.evaluation.quality.QualityScores): the
+        checkpoint's float weights against the weights the artifact stores, both in PyTorch."""
+        from llmopt.evaluation.quality import quality_scores
+
+        first = len(self.sequences)
+        pairs = ((self.baseline.logits(i), self.stored.logits(first + i), ids) for i, ids in enumerate(self.windows))
+        scores = quality_scores(pairs, len(self.windows), progress)
+        self.baseline.release()
+        self.baseline = None
+        return scores
 
     def run(self, folder: Path) -> tuple[Any, list[str]]:
         """The validation record (ResultValidationError when it fails) and notes for the report."""
@@ -153,7 +208,8 @@ class StreamCheck:
         from llmopt.evaluation.validate import runtime_failures, validate_artifact, validation_failure
         from llmopt.exporters.base import weight_bytes
 
-        logits, self.reference = self.reference.logits, None  # the trace's module tree is no longer needed
+        logits = [self.stored.logits(i) for i in range(len(self.sequences))]
+        self.stored.release()  # the trace's head and hidden states are no longer needed
         gc.collect()
         _return_freed_memory()
         # The runtime holds the artifact whole: onnxruntime the int4 weights, transformers the float32 model it

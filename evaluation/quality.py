@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,22 +80,30 @@ class QualityScores:
 def compare_quality(baseline: Runner, optimized: Runner, windows: list[np.ndarray],
                     progress: Callable[[int, int], None] | None = None) -> QualityScores:
     """`progress(done, total)` after each window (the longest step of a run: it shows how far it is)."""
+    pairs = ((baseline.logits(ids), optimized.logits(ids), ids) for ids in windows)
+    return quality_scores(pairs, len(windows), progress)
+
+
+def quality_scores(windows: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], count: int,
+                   progress: Callable[[int, int], None] | None = None) -> QualityScores:
+    """The scores of `count` windows given as (baseline logits (T, V), optimized logits (T, V), token ids (T,)),
+    one at a time: a streamed model's logits come from its layer-by-layer traces, not from a runner."""
     import torch  # multi-threaded softmax over the vocabulary: numpy made this the slowest step
 
     rows = []
-    for i, ids in enumerate(windows):
+    for i, (base, opt, ids) in enumerate(windows):
         if progress is not None:
-            progress(i, len(windows))
+            progress(i, count)
         # (T-1, V): the predictions for ids[1:]
-        lp_base = torch.log_softmax(torch.from_numpy(baseline.logits(ids)[:-1]), dim=-1)
-        lp_opt = torch.log_softmax(torch.from_numpy(optimized.logits(ids)[:-1]), dim=-1)
+        lp_base = torch.log_softmax(torch.from_numpy(base[:-1]), dim=-1)
+        lp_opt = torch.log_softmax(torch.from_numpy(opt[:-1]), dim=-1)
         targets = torch.from_numpy(ids[1:])[:, None]
         rows.append((-float(lp_base.gather(1, targets).sum()), -float(lp_opt.gather(1, targets).sum()),
                      # per token >= 0 by definition: rounding makes a near-identical model's slightly negative
                      float((lp_base.exp() * (lp_base - lp_opt)).sum(-1).clamp_min(0).sum()),
                      int((lp_base.argmax(-1) == lp_opt.argmax(-1)).sum()), len(ids) - 1))
     if progress is not None:
-        progress(len(windows), len(windows))
+        progress(count, count)
     sums = WindowSums(*(np.array(column, dtype=np.float64) for column in zip(*rows)))
     predicted = float(sums.predicted.sum())
     point = {name: float(value[0]) for name, value in sums.metrics().items()}  # every window once
@@ -104,8 +112,8 @@ def compare_quality(baseline: Runner, optimized: Runner, windows: list[np.ndarra
         perplexity=point["perplexity"],
         kl_divergence=point["kl_divergence"],
         top1_agreement=point["top1_agreement"],
-        tokens=int(predicted) + len(windows),
-        windows=len(windows),
+        tokens=int(predicted) + len(rows),
+        windows=len(rows),
         intervals=bootstrap_intervals(sums),
     )
 
