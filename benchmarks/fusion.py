@@ -159,7 +159,7 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
     from transformers import AutoTokenizer
 
     from llmopt.evaluation.speed import measure_speed
-    from llmopt.pipeline import _speed_prompt
+    from llmopt.measure import speed_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(folders["optimum fp32 (unfused)"])
     runners = {name: plain_onnx_runner(folder, threads=args.threads) for name, folder in folders.items()}
@@ -169,7 +169,7 @@ def measure(args, folders: dict[str, Path], build_s: dict[str, float], notes: li
             runners[f"{name}, growing cache"] = plain_onnx_runner(folders[name], args.threads, share_buffer=False)
     reference = runners["optimum fp32 (unfused)"]
     gaps = {name: logit_gap(reference, runner, tokenizer) for name, runner in runners.items()}
-    prompt = _speed_prompt(tokenizer, args.prompt_tokens)
+    prompt = speed_prompt(tokenizer, args.prompt_tokens)
     decode: dict[str, list[float]] = {name: [] for name in runners}
     prefill: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.rounds):

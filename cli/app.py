@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import typer
 
+from llmopt.cli.summaries import print_version
 from llmopt.errors import ExitCode, LlmoptError
 
 app = typer.Typer(
@@ -31,23 +32,12 @@ def flag(*names: str, **kwargs: Any) -> Any:
     return typer.Option(False, *names, metavar="", **kwargs)
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            print(f"llmopt {version('llmopt')}")
-        except PackageNotFoundError:  # run from a source tree that was never installed
-            print("llmopt (not installed)")
-        raise typer.Exit(0)
-
-
 @app.callback()
 def _options(
     quiet: bool = flag("--quiet", "-q", help="Only errors, the final verdict and results (for CI)."),
     verbose: bool = flag("--verbose", "-v", help="Also the libraries' own warnings, notices and "
                                  "progress bars (transformers, optimum, onnxruntime), hidden by default."),
-    version: bool = flag("--version", callback=_print_version, is_eager=True,
+    version: bool = flag("--version", callback=print_version, is_eager=True,
                                  help="Print llmopt's version and exit."),
 ) -> None:
     """Options for every command: `llmopt -q optimize ...`."""
@@ -89,12 +79,13 @@ def optimize(
     from llmopt.api import plan, run
     from llmopt.artifact import check_destination
     from llmopt.cli.render import ConsoleProgress, console, err_console, quiet
+    from llmopt.cli.summaries import print_plan, print_summary, verdict
     from llmopt.evaluation.junit import junit_xml as to_junit
     from llmopt.pipeline import plan_inputs
     from llmopt.write_safety import Input, check_file_output, real, write_file
 
     if dry_run:
-        _print_plan(recipe, as_json, model=model, output=output, format=format, eval_data=eval_data,
+        print_plan(recipe, as_json, model=model, output=output, format=format, eval_data=eval_data,
                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, force=force, junit_xml=junit_xml)
         return
 
@@ -125,7 +116,7 @@ def optimize(
     if as_json:
         print(result.report.model_dump_json(indent=2))
     elif not quiet():
-        _print_summary(result.report, console)
+        print_summary(result.report, console)
     if not result.passed:
         failed = "; ".join(f"{c.name}: {c.value if c.value is None else round(c.value, 4)} vs {c.threshold}"
                            for c in result.failed_checks)
@@ -135,51 +126,6 @@ def optimize(
         console.print(verdict(result), soft_wrap=True)
     if not result.passed:
         raise typer.Exit(ExitCode.CHECK_FAILED)
-
-
-def verdict(result) -> str:
-    """The run's last line: checks passed or failed, the headline figures, and where the report is."""
-    report = result.report
-    b, o = report.baseline, report.optimized
-    figures = []
-    if b.perplexity and o.perplexity:
-        figures.append(f"perplexity {b.perplexity:.2f} → {o.perplexity:.2f} ({(o.perplexity / b.perplexity - 1):+.1%})")
-    if b.size_bytes and o.size_bytes:
-        given = report.model.get("input_bytes")
-        figures.append(f"size {b.size_bytes / 1e6:.1f} → {o.size_bytes / 1e6:.1f} MB"
-                       + (f" (the input's files: {given / 1e6:.1f} MB)" if given else ""))
-    if b.decode_tokens_per_s and o.decode_tokens_per_s:
-        figures.append(f"decode {b.decode_tokens_per_s:.1f} → {o.decode_tokens_per_s:.1f} tokens/s")
-    checks = report.checks
-    if not checks:
-        status = "[bold]DONE[/] (the recipe has no quality checks)"
-    elif result.passed:
-        status = f"[bold green]PASSED[/] ({len(checks)} of {len(checks)} checks)"
-    else:
-        status = f"[bold red]FAILED[/] ({len(result.failed_checks)} of {len(checks)} checks failed)"
-    page = result.output / "report.html"
-    where = f"report: {page}" if page.is_file() else f"artifact and report: {result.output}"
-    return f"{status}: " + ", ".join(figures) + ("; " if figures else "") + where
-
-
-def _print_summary(report, console) -> None:
-    from llmopt.cli.render import table
-    from llmopt.evaluation.report import headline_rows
-
-    def fmt(v):
-        return "–" if v is None else (f"{v:,.3f}" if isinstance(v, float) else f"{v:,}")
-
-    rows = [[name, fmt(a), fmt(b)] for name, a, b in headline_rows(report)]
-    if report.quality:
-        rows += [["KL divergence (nats/token)", "", f"{report.quality.kl_divergence:.4f}"],
-                 ["top-1 agreement", "", f"{report.quality.top1_agreement:.2%}"]]
-    for check in report.checks:
-        sense = "≤" if check.name.startswith("max_") else "≥"  # max_* gates are upper bounds, min_* lower ones
-        rows.append([f"check {check.name} {sense} {check.threshold}", "", "pass" if check.passed else "FAIL"])
-    name = report.model.get("name") or report.model["spec"]
-    console.print(table(f"llmopt — {name} → {report.export['format']}", ["metric", "baseline", "optimized"], rows))
-    for note in report.notes:
-        console.print(f"note: {note}", soft_wrap=True)
 
 
 @app.command()
@@ -215,62 +161,6 @@ def validate(
                   f"{passes} → {summary['export']}")
 
 
-def _print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, junit_xml: Path | None,
-                **overrides) -> None:
-    from llmopt import preflight
-    from llmopt.api import validate as run_validate
-    from llmopt.artifact import check_destination
-    from llmopt.cli.render import console
-    from llmopt.devices import device_name
-    from llmopt.pipeline import plan_inputs
-    from llmopt.write_safety import Input, check_file_output, real
-
-    the_plan = run_validate(recipe, **overrides)
-    check_destination(output, force, plan_inputs(the_plan), dry_run=True)  # every output check; creates nothing
-    if junit_xml is not None:
-        check_file_output(junit_xml, [Input("the output folder", real(output)), *plan_inputs(the_plan)])
-    r = the_plan.recipe
-    need = preflight.estimate(the_plan, output)
-    parameters, memory = need.parameters, need.memory_bytes
-    plan = {
-        "model": the_plan.source.spec, "source": the_plan.source.kind, "model_type": the_plan.arch.model_type,
-        "parameters": parameters, "output": str(output),
-        "passes": [p.config.model_dump(mode="json") for p in the_plan.passes],
-        "calibration": r.calibration.model_dump() if any(p.needs_calibration for p in the_plan.passes) else None,
-        "export": r.export.model_dump(mode="json", by_alias=True),
-        "evaluation": r.evaluation.model_dump() if r.evaluation.enabled else None,
-        "checks": {k: v for k, v in r.checks.model_dump().items() if v is not None},
-        "estimated_peak_memory_mb": round(memory / 1e6, 1),
-        "available_memory_mb": round(need.available_memory_bytes / 1e6, 1),
-        "estimated_disk_mb": round(need.disk_bytes / 1e6, 1),
-        "fits": need.fits_memory and need.fits_disk,
-        "device": device_name(the_plan.provider),
-        "kv_cache_bytes_per_token": {"before": the_plan.arch.kv_cache_bytes_per_token(),
-                                     "after": the_plan.planned_arch.kv_cache_bytes_per_token()},
-    }
-    if as_json:
-        print(json.dumps(plan, indent=2))
-        preflight.check(need)
-        return
-    console.print(f"[bold]Plan[/] for {plan['model']} ({plan['model_type']}, {parameters:,} parameters) -> {output}")
-    for i, p in enumerate(the_plan.passes):
-        # The settings as the recipe gives them (what it leaves to the defaults is not repeated).
-        given = p.config.model_dump(mode="json", exclude_unset=True)
-        settings = ", ".join(f"{k}: {json.dumps(v)}" for k, v in given.items() if k != "type")
-        console.print(f"  {i + 1}. {p.type}" + (f" ({settings})" if settings else ""), soft_wrap=True)
-    if plan["calibration"]:
-        c = plan["calibration"]
-        console.print(f"  calibration: {c['data']}, {c['samples']} x {c['seq_len']} tokens")
-    console.print(f"  export: {r.export.format}; evaluated on {plan['device']}; evaluation: "
-                  + (f"{r.evaluation.data}, {r.evaluation.max_tokens} tokens" if r.evaluation.enabled else "off"))
-    gates = ", ".join(f"{k} {'≤' if k.startswith('max_') else '≥'} {v}" for k, v in plan["checks"].items())
-    console.print(f"  checks: {gates or 'none'}")
-    console.print(f"  estimated peak memory: {plan['estimated_peak_memory_mb']:,.0f} MB (float32 copies in memory at once; "
-                  f"{plan['available_memory_mb']:,.0f} MB available), disk: {plan['estimated_disk_mb']:,.0f} MB")
-    console.print("Dry run: nothing was loaded or written.")
-    preflight.check(need)  # a plan that cannot fit fails the dry run too (exit 5), after showing it
-
-
 def _can_ask() -> bool:
     return sys.stdin.isatty()
 
@@ -300,7 +190,9 @@ def init(
         if model is None:
             model = typer.prompt("Model (folder, .gguf file, hub id or 'demo')")
         if goal is None:
-            _print_recipes(console, {name: recipe_summary(name) for name in shipped_recipe_names()}, indent="  ")
+            from llmopt.cli.summaries import print_recipes
+
+            print_recipes(console, {name: recipe_summary(name) for name in shipped_recipe_names()}, indent="  ")
             goal = typer.prompt("Goal (one of the recipes above)", default="int4-onnx")
     from llmopt.model import resolve_model
     from llmopt.write_safety import Input, real
@@ -372,7 +264,7 @@ def compare(
 ) -> None:
     """Metrics of several runs side by side: change against the first, significance, and the Pareto front."""
     from llmopt.errors import RecipeError
-    from llmopt.evaluation.compare import compare_many, comparison_to_markdown, format_value as fmt
+    from llmopt.evaluation.compare import compare_many, comparison_to_markdown
 
     if as_json:
         if format not in ("table", "json"):
@@ -383,25 +275,14 @@ def compare(
         raise RecipeError(f"Unknown --format '{format}'.", "Use table, md, json or html.")
     if len(reports) < 2:
         raise RecipeError("compare needs at least two reports.", "Give a reference and one or more runs to compare.")
-    names = _unique_names(reports)
+    from llmopt.cli.summaries import unique_names
+
+    names = unique_names(reports)
     c = compare_many(reports, names)
     if format == "table":
-        from llmopt.cli.render import console, table
+        from llmopt.cli.summaries import print_comparison
 
-        body = []
-        for i, row in enumerate(c.rows[0]):
-            cells = [row.metric, fmt(row.a)]
-            for rows in c.rows:
-                r = rows[i]
-                pct = "" if r.change_pct is None or not r.change else f" {r.change_pct:+.1f}%{'*' if r.significant else ''}"
-                colour = "" if r.better is None or not r.significant else ("green" if r.better else "red")
-                cells.append(f"[{colour}]{fmt(r.b)}{pct}[/]" if colour else f"{fmt(r.b)}{pct}")
-            body.append(cells)
-        console.print(table(f"{names[0]} → " + ", ".join(names[1:]), ["metric", *names], body))
-        front = [n for n, p in zip(c.names, c.pareto) if p]
-        console.print("* significant: beyond the 95% intervals (quality), the spread over runs (speed), or any change "
-                      f"(exact metrics). Pareto front on perplexity, size and decode speed: {', '.join(front) or '–'}",
-                      soft_wrap=True)
+        print_comparison(c, names)
         return
     if format == "json":
         text = json.dumps(c.as_dict(), indent=2) + "\n"
@@ -419,12 +300,6 @@ def compare(
         write_file(output, text, [Input("a compared report", real(p)) for p in reports])
 
 
-def _unique_names(paths: list[Path]) -> list[str]:
-    """Short names for the runs: the artifact folder's name, or the full path when two would clash."""
-    short = [_short_name(p) for p in paths]
-    return short if len(set(short)) == len(short) else [str(p) for p in paths]
-
-
 @app.command()
 def bench(
     model: str = typer.Argument(..., help="The model to speed up: folder (safetensors), .gguf file, hub id or 'demo'."),
@@ -439,21 +314,15 @@ def bench(
 ) -> None:
     """Speculative decoding with a draft model: acceptance rate, tokens/s with and without it, output equality."""
     from llmopt.api import bench as run_bench
-    from llmopt.cli.render import console, table
 
     s = run_bench(model, assistant=assistant, new_tokens=new_tokens, draft_tokens=draft_tokens, threads=threads,
                   allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if as_json:
         print(json.dumps(s.as_dict(), indent=2))
         return
-    rows = [["acceptance rate (per drafted token)", f"{s.acceptance_rate:.1%}"],
-            [f"expected tokens per target step (k = {s.draft_tokens})", f"{s.expected_tokens_per_step:.2f}"],
-            ["tokens/s, model alone", f"{s.tokens_per_s_plain:.1f}"],
-            ["tokens/s, with the draft", f"{s.tokens_per_s_assisted:.1f}"],
-            ["speed-up", f"{s.speedup:.2f}x"],
-            ["greedy outputs identical", "yes" if s.outputs_equal else "NO"]]
-    console.print(table(f"{model} assisted by {assistant}: {s.prompts} prompts x {s.new_tokens} greedy tokens, "
-                        f"{s.threads} threads", ["metric", "value"], rows))
+    from llmopt.cli.summaries import print_speculative
+
+    print_speculative(s, model, assistant)
 
 
 @app.command()
@@ -483,10 +352,6 @@ def verify(
         console.print(f"intact: {files} files match the sha256 and size in {artifact / 'manifest.json'}")
 
 
-def _short_name(path: Path) -> str:
-    return path.parent.name if path.name == "report.json" else path.name
-
-
 @recipes_app.callback()
 def recipes_list(ctx: typer.Context,
                  as_json: bool = flag("--json", help="Print as JSON.")) -> None:
@@ -500,19 +365,9 @@ def recipes_list(ctx: typer.Context,
     if as_json:
         print(json.dumps(summaries, indent=2))
         return
-    _print_recipes(console, summaries)
+    from llmopt.cli.summaries import print_recipes
 
-
-def _print_recipes(console, summaries: dict[str, str], indent: str = "") -> None:
-    """Names in one column, whole descriptions beside them (wrapped under the description on a terminal)."""
-    from rich.table import Table
-
-    listing = Table.grid(padding=(0, 2))
-    listing.add_column(style="bold", no_wrap=True)
-    listing.add_column()
-    for name, summary in summaries.items():
-        listing.add_row(f"{indent}{name}", summary)
-    console.print(listing)
+    print_recipes(console, summaries)
 
 
 @recipes_app.command("show")

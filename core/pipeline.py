@@ -14,7 +14,7 @@ from llmopt import devices
 from llmopt.artifact import (OutputLock, check_destination, new_scratch, new_staging, promote, remove_tree,
                              write_manifest)
 from llmopt.checkpoint import nonfinite_parameters
-from llmopt.errors import InputError, RecipeError, ResourceError, ResultValidationError, translate
+from llmopt.errors import RecipeError, ResourceError, ResultValidationError, translate
 from llmopt.model import ArchInfo, ModelSource, check_causal_lm, load_config, load_model, resolve_model
 from llmopt.recipe import Recipe, load_recipe
 from llmopt.write_safety import Input, recipe_inputs
@@ -161,14 +161,9 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
     out = check_destination(out, force, plan_inputs(plan))  # resolved: a symlinked --output is its target
     started = time.perf_counter()
     with OutputLock(out):  # first: an output that cannot be written is the problem to name, not its free space
-        if plan.recipe.export.streaming:
-            from llmopt.streaming import check_disk, check_streamable
+        from llmopt import preflight
 
-            check_disk(*check_streamable(plan), out)
-        else:
-            from llmopt import preflight
-
-            preflight.check(preflight.estimate(plan, out))
+        preflight.check(preflight.estimate(plan, out))
         return _run_locked(plan, out, progress, started, resume)
 
 
@@ -181,7 +176,7 @@ class Outcome:
     baseline: Any  # llmopt.evaluation.report.ModelMetrics
     optimized: Any
     passes: list[Any]  # llmopt.evaluation.report.PassRecord
-    evaluation: Evaluation
+    evaluation: Any  # llmopt.measure.Evaluation
     notes: list[str]
     kv_cache_context_tokens: int | None = None
     layer_errors: list[float] | None = None
@@ -232,6 +227,7 @@ def _run_in_memory(plan: Plan, out: Path, staging: Path, steps: _Steps, versions
     into `staging`, validate, evaluate. `cleanup` (an ExitStack) removes the scratch folder and checkpoints."""
     from llmopt.evaluation.quality import hidden_states, relative_layer_errors
     from llmopt.evaluation.report import ModelMetrics
+    from llmopt.measure import evaluate, evaluation_windows, task_scores
     from llmopt.resume import ResumeStore, fingerprint
     from llmopt.state import ModelState
 
@@ -264,11 +260,11 @@ def _run_in_memory(plan: Plan, out: Path, staging: Path, steps: _Steps, versions
 
     layer_errors = relative_layer_errors(before, hidden_states(state.model, probe)) if before else None
     del before
-    evaluation = _evaluate(plan, state, baseline_dir, baseline_params, staging, steps, windows, text_description)
+    evaluation = evaluate(plan, state, baseline_dir, baseline_params, staging, steps, windows, text_description)
     if baseline_dir is None:
         exported.notes.append("Baseline size: the input model's float32 weights (no baseline artifact is exported "
                               "when evaluation is off).")
-    tasks, task_notes = _tasks(plan, state, steps)
+    tasks, task_notes = task_scores(plan, state, steps)
     arch_after = ArchInfo.from_config(state.model.config)
     runtime = plan.exporter.runtime
     return Outcome(
@@ -436,151 +432,3 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
     data = recipe.model_dump(mode="json", by_alias=True, exclude={"source"})
     data["passes"] = [p.model_dump(mode="json") for p in recipe.passes]
     return data
-
-
-@dataclass
-class Evaluation:
-    """What `_evaluate` measured, for the report: the baseline's size, each side's figures (ModelMetrics fields),
-    quality, the speed setup, the artifact check, and where and how it ran."""
-
-    baseline_bytes: int
-    threads: int | None
-    baseline: dict[str, Any] = field(default_factory=dict)
-    optimized: dict[str, Any] = field(default_factory=dict)
-    quality: Any = None  # llmopt.evaluation.report.QualityReport
-    speed_setup: dict[str, Any] | None = None
-    validation: Any = None  # llmopt.evaluation.report.ValidationRecord
-    provider: str = "CPUExecutionProvider"
-    samples: list[dict[str, str]] = field(default_factory=list)
-
-
-def _evaluate(plan: Plan, state: Any, baseline_dir: Path | None, baseline_params: int, artifact_dir: Path,
-              timer: _Steps, windows: list[Any], description: str) -> Evaluation:
-    """Validate the artifact, then measure baseline and optimized on the artifact's runtime (without a baseline
-    artifact, evaluation off, its size is the input model's float32 weights)."""
-    import gc
-
-    from llmopt.evaluation.quality import compare_quality, generation_samples
-    from llmopt.evaluation.runners import TorchRunner, load_runner
-    from llmopt.evaluation.speed import PeakRss, measure_speed
-    from llmopt.architectures import attention_windows
-    from llmopt.evaluation.validate import (long_sequence_length, runtime_failures, validate_artifact,
-                                            validation_failure, validation_sequences)
-    from llmopt.exporters.base import weight_bytes
-
-    recipe, fmt = plan.recipe, plan.recipe.export.format
-    ev = recipe.evaluation
-    threads = ev.speed.threads
-    tokenizer = state.tokenizer
-    baseline_bytes = weight_bytes(baseline_dir) if baseline_dir else 4 * baseline_params  # loaded in float32
-    result = Evaluation(baseline_bytes=baseline_bytes, threads=threads)
-
-    with timer("validate artifact"):
-        rss_opt = PeakRss()
-        limits = recipe.export.validate_result
-        long_tokens = long_sequence_length(attention_windows(state.model.config),
-                                           getattr(state.model.config, "max_position_embeddings", None))
-        with runtime_failures():
-            with rss_opt:
-                optimized = load_runner(artifact_dir, fmt, threads, plan.provider)
-            validation = validate_artifact(TorchRunner(state.model), optimized,
-                                           validation_sequences(tokenizer, limits, long_tokens), limits)
-        if not validation.passed:
-            raise validation_failure(validation, limits)
-        result.validation = validation
-    result.threads = getattr(optimized, "threads", threads)
-    result.provider = optimized.provider
-    if not ev.enabled:
-        return result
-
-    result.optimized["peak_load_mb"] = rss_opt.added_mb
-    rss_base = PeakRss()
-    with rss_base:
-        baseline = load_runner(baseline_dir, fmt, threads, plan.provider)
-    result.baseline["peak_load_mb"] = rss_base.added_mb
-    if ev.speed.enabled:
-        prompt = _speed_prompt(tokenizer, ev.speed.prompt_tokens)
-        result.speed_setup = {"prompt_tokens": len(prompt), "new_tokens": ev.speed.new_tokens,
-                              "runs": ev.speed.runs, "threads": result.threads}
-        for name, runner, rss in (("baseline", baseline, rss_base), ("optimized", optimized, rss_opt)):
-            with timer(f"speed {name}"):
-                decode_rss = PeakRss()  # what generating adds on top of the loaded model
-                with rss, decode_rss:  # rss re-entered: the peak keeps counting from the first entry
-                    scores = measure_speed(runner, prompt, ev.speed.new_tokens, ev.speed.runs)
-            measured = getattr(result, name)
-            measured["peak_decode_mb"] = decode_rss.added_mb
-            measured.update(prefill_ms=scores.prefill_ms, prefill_ms_spread=scores.prefill_ms_spread,
-                            decode_tokens_per_s=scores.decode_tokens_per_s,
-                            decode_tokens_per_s_spread=scores.decode_tokens_per_s_spread)
-    result.baseline["peak_memory_mb"] = rss_base.added_mb
-    result.optimized["peak_memory_mb"] = rss_opt.added_mb
-
-    with timer("quality (perplexity, KL, top-1)"):
-        scores = compare_quality(baseline, optimized, windows, timer.progress.advance)
-    with timer("generation samples"):
-        result.samples = generation_samples(baseline, optimized, tokenizer)
-    result.baseline["perplexity"] = scores.baseline_perplexity
-    result.optimized["perplexity"] = scores.perplexity
-    result.quality = quality_report(scores, description, ev.window)
-    del baseline, optimized
-    gc.collect()
-    return result
-
-
-def quality_report(scores: Any, description: str, window: int) -> Any:
-    """The report's quality section from llmopt.evaluation.quality.QualityScores."""
-    from llmopt.evaluation.quality import CONFIDENCE
-    from llmopt.evaluation.report import QualityReport
-
-    return QualityReport(
-        data=description, tokens=scores.tokens, windows=scores.windows, window=window,
-        kl_divergence=scores.kl_divergence, top1_agreement=scores.top1_agreement,
-        perplexity_increase_pct=(scores.perplexity / scores.baseline_perplexity - 1) * 100,
-        confidence_level=CONFIDENCE, intervals={k: list(v) for k, v in (scores.intervals or {}).items()})
-
-
-def _tasks(plan: Plan, state: Any, timer: Any) -> tuple[dict[str, Any], list[str]]:
-    """lm-eval-harness scores of the input and the optimized model, or a note saying why there are none."""
-    from llmopt.evaluation.tasks import lm_eval_available, task_scores
-
-    ev = plan.recipe.evaluation
-    if not ev.tasks or not ev.enabled:
-        return {}, []
-    if not lm_eval_available():
-        return {}, [f"tasks {', '.join(ev.tasks)} skipped: lm-eval-harness is not installed (`pip install lm-eval`)."]
-    with timer(f"tasks ({', '.join(ev.tasks)})"):
-        baseline, _ = load_model(plan.source)  # the input model again: the pipeline keeps no copy of it
-        try:
-            scores = task_scores({"baseline": baseline, "optimized": state.model}, state.tokenizer, ev.tasks,
-                                 ev.task_limit, plan.recipe.seed)
-        except Exception as exc:  # unknown task names, datasets that cannot be fetched offline, ...
-            raise InputError(f"lm-eval-harness could not score tasks {ev.tasks}: {type(exc).__name__}: {exc}",
-                             "Check the task names (`lm-eval ls tasks`) and that their datasets are reachable or "
-                             "cached; or remove `evaluation.tasks`.") from None
-    return scores, []
-
-
-def evaluation_windows(recipe: Recipe, tokenizer: Any) -> tuple[list[Any], str]:
-    """The evaluation windows and a description of their text, read and tokenized once per run, before the
-    passes (so a text too short for one window fails at once). None when evaluation is off."""
-    from llmopt.evaluation.quality import token_windows
-    from llmopt.evaluation.text import load_text
-
-    ev = recipe.evaluation
-    if not ev.enabled:
-        return [], ""
-    text, description = load_text(ev.data, ev.text_field)
-    try:
-        return token_windows(tokenizer, text, ev.max_tokens, ev.window), description
-    except ValueError as exc:
-        raise InputError(f"Evaluation data: {exc}.", "Use more text or a smaller `evaluation.window`.") from None
-
-
-def _speed_prompt(tokenizer: Any, length: int):
-    """A prompt of exactly `length` tokens from the built-in text (the same for both models)."""
-    import numpy as np
-
-    from llmopt.evaluation.text import builtin_text
-
-    ids = tokenizer(builtin_text()[:20000], add_special_tokens=False)["input_ids"][:length]
-    return np.asarray(ids, dtype=np.int64)

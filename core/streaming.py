@@ -12,26 +12,19 @@ the model it holds with a reference computed layer by layer as it is written (ll
 loaded by its runtime; the pipeline's evaluation windows go through the same walk, and through the checkpoint's
 float weights, for the quality figures. The codes are those of the `quantize` pass, so the artifacts match what
 the non-streaming pipeline writes for the same recipe.
-
-Why tensors are read by hand: safetensors' `safe_open` memory-maps the file, and every page of the map that a
-read touches is counted in the process's resident memory until the kernel evicts it, so reading a 27 GB
-checkpoint through it shows a resident size near the file's, whatever we hold. Each tensor is read here with
-explicit `pread`s into a buffer of its own, freed when the layer is done; the page cache stays the kernel's.
-The files are validated by safetensors' own reader first (`check_checkpoint`), so the header offsets used
-here are trusted.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from llmopt.blocks import Block
+from llmopt.checkpoint_reader import SKIPPED, CheckpointReader
 from llmopt.errors import InputError, RecipeError
 from llmopt.quantized import QuantizedTensor
 
@@ -41,98 +34,7 @@ if TYPE_CHECKING:
     from llmopt.passes.quantize import QuantizeConfig
     from llmopt.recipe import OnnxValidation
 
-_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2)}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-# Buffers older checkpoints saved that transformers recomputes (never weights).
-_SKIPPED = re.compile(r"\.rotary_emb\.inv_freq$")
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    path: Path
-    dtype: str  # safetensors dtype name: F32, F16, BF16
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    end: int
-
-
-class CheckpointReader:
-    """The tensors of a safetensors checkpoint folder (one file or a sharded index), read one at a time."""
-
-    def __init__(self, folder: str | Path) -> None:
-        from llmopt.checkpoint import SAFETENSORS_INDEX, check_checkpoint, read_shard_index
-
-        self.folder = Path(folder)
-        config_path = self.folder / "config.json"
-        try:
-            self.config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"Cannot read '{config_path}': {exc}.",
-                             "Point the streaming path at a Hugging Face checkpoint folder (config.json and "
-                             "*.safetensors).") from None
-        if (self.folder / SAFETENSORS_INDEX).exists():
-            files = [self.folder / shard for shard in read_shard_index(self.folder, SAFETENSORS_INDEX)]
-        else:
-            files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            raise InputError(f"'{self.folder}' has no *.safetensors weights; the streaming path reads safetensors only.",
-                             "Convert the checkpoint to safetensors, or use the non-streaming pipeline.")
-        check_checkpoint(self.folder, self.config, allow_pickle=False)  # safetensors' own validation of every header
-        self.entries: dict[str, TensorEntry] = {}
-        for path in files:
-            self.entries.update(_header_entries(path))
-        unsupported = {e.dtype for e in self.entries.values()} - set(_DTYPES)
-        if unsupported:
-            raise InputError(f"'{self.folder}' holds tensors of dtype {', '.join(sorted(unsupported))}; the streaming "
-                             "path reads float32, float16 and bfloat16 checkpoints.",
-                             "Dequantize the checkpoint to a float dtype first.")
-
-    def names(self) -> list[str]:
-        return [n for n in self.entries if not _SKIPPED.search(n)]
-
-    def layer_names(self, index: int) -> list[str]:
-        prefix = f"model.layers.{index}."
-        return [n for n in self.names() if n.startswith(prefix)]
-
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor in float32, from a buffer of its own (no memory map): (shape) float32."""
-        import torch
-
-        entry = self.entries[name]
-        buffer = bytearray(entry.end - entry.start)
-        view = memoryview(buffer)
-        with open(entry.path, "rb", buffering=0) as fh:
-            done = 0
-            while done < len(buffer):
-                got = os.preadv(fh.fileno(), [view[done:]], entry.start + done)
-                if got <= 0:
-                    raise InputError(f"'{entry.path}' ended while reading '{name}'.",
-                                     "Re-download or re-save the checkpoint; the file is damaged.")
-                done += got
-        dtype = getattr(torch, _DTYPES[entry.dtype][0])
-        tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-        return tensor.reshape(entry.shape).float()  # float32 input: no copy, the tensor owns the buffer
-
-
-def _header_entries(path: Path) -> dict[str, TensorEntry]:
-    # The format is 8 bytes (little-endian header length), a JSON header, then the data; offsets are
-    # relative to the end of the header.
-    with open(path, "rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(length))
-    base = 8 + length
-    return {name: TensorEntry(path, info["dtype"], tuple(info["shape"]), base + info["data_offsets"][0],
-                              base + info["data_offsets"][1])
-            for name, info in header.items() if name != "__metadata__"}
-
-
-@dataclass
-class Block:
-    """What a writer receives at a time: the embedding, one decoder layer, or the final norm and lm_head."""
-
-    kind: Literal["embedding", "layer", "final"]
-    index: int  # layer number (0 for the other kinds)
-    tensors: dict[str, Any] = field(default_factory=dict)  # name -> float32 torch.Tensor or QuantizedTensor
 
 
 @dataclass(frozen=True)
@@ -257,7 +159,7 @@ def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: 
     arch = ArchInfo.from_config(hf_config)
     QuantizePass(q).check(arch, "quantize")  # group_size divides every input width
     # Every tensor the architecture needs, with its shape, and none it does not: the layers are read by name.
-    check_checkpoint_tensors(hf_config, {n: e.shape for n, e in reader.entries.items() if not _SKIPPED.search(n)},
+    check_checkpoint_tensors(hf_config, {n: e.shape for n, e in reader.entries.items() if not SKIPPED.search(n)},
                              str(folder))
     names = set(reader.names())
     excluded = lambda name: any(fnmatch.fnmatchcase(name.removesuffix(".weight"), p) for p in q.exclude)
@@ -325,6 +227,7 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
 
     from llmopt.artifact import OutputLock, check_destination, new_staging, promote, write_manifest
     from llmopt.pipeline import library_versions
+    from llmopt.preflight import check_disk
     from llmopt.recipe import OnnxValidation
     from llmopt.streaming_reference import StreamCheck
     from llmopt.write_safety import Input, real
@@ -386,34 +289,6 @@ def checkpoint_tokenizer(model: Path, required: bool = True) -> Any:
                          f"{str(exc).splitlines()[0]}", hint) from None
 
 
-def estimated_output_bytes(plan: StreamPlan, reader: CheckpointReader) -> int:
-    """The artifact's weight bytes: float32 for what stays float, codes + float32 scales for the rest."""
-    q = plan.quantize
-    total = 0
-    for name, entry in reader.entries.items():
-        count = 1
-        for d in entry.shape:
-            count *= d
-        total += count * (q.bits / 8 + 4 / q.group_size) if name in plan.quantized else count * 4
-    if plan.untie:  # lm_head's codes, from the embedding table
-        rows, cols = reader.entries["model.embed_tokens.weight"].shape
-        total += rows * cols * (q.bits / 8 + 4 / q.group_size)
-    return int(total)
-
-
-def check_disk(plan: StreamPlan, reader: CheckpointReader, out: Path) -> None:
-    import shutil
-
-    from llmopt.errors import ResourceError
-    from llmopt.preflight import SKIP_ENV
-
-    needed, free = estimated_output_bytes(plan, reader), shutil.disk_usage(out.resolve().parent).free
-    if needed > free and os.environ.get(SKIP_ENV) != "1":
-        raise ResourceError(f"The artifact needs about {needed / 1e9:.1f} GB next to '{out}' and "
-                            f"{free / 1e9:.1f} GB is free; nothing was started.",
-                            f"Free disk space or choose another output folder; set {SKIP_ENV}=1 to try anyway.")
-
-
 def check_streamable(plan: Any) -> tuple[StreamPlan, CheckpointReader]:
     """The stream plan and reader of a pipeline plan (llmopt.pipeline.Plan) that can take the streaming path: a
     single weight-only `quantize` pass (RTN or GPTQ, with or without AWQ) on a local or hub safetensors
@@ -450,7 +325,8 @@ def run_streamed(plan: Any, staging: Path, steps: Any, resume: bool = False) -> 
 
     from llmopt.evaluation.report import ModelMetrics, PassRecord
     from llmopt.exporters.base import weight_bytes
-    from llmopt.pipeline import CalibrationSource, Evaluation, Outcome, evaluation_windows, quality_report
+    from llmopt.measure import Evaluation, evaluation_windows, quality_report
+    from llmopt.pipeline import CalibrationSource, Outcome
     from llmopt.preflight import parameter_count
     from llmopt.streaming_reference import StreamCheck
 
@@ -473,7 +349,7 @@ def run_streamed(plan: Any, staging: Path, steps: Any, resume: bool = False) -> 
     else:
         notes.append("Not evaluated (evaluation.enabled: false).")
     check = StreamCheck(reader, fmt, recipe.export.validate_result, windows, tokenizer)
-    stream_plan = replace(stream_plan, observers=check.traces)
+    stream_plan = replace(stream_plan, observers=(*check.traces, _BlockProgress(steps.progress, stream_plan.num_layers)))
 
     t0 = time.perf_counter()
     with steps("quantize and export, layer by layer"):
@@ -510,6 +386,17 @@ def run_streamed(plan: Any, staging: Path, steps: Any, resume: bool = False) -> 
         + (["--resume: a streamed run keeps no checkpoints, so this one started over."] if resume else []),
         kv_cache_context_tokens=plan.arch.extra.get("max_position_embeddings"),
     )
+
+
+class _BlockProgress:
+    """The layers written so far, on the run's progress (a 7B layer takes seconds to minutes)."""
+
+    def __init__(self, progress: Any, layers: int) -> None:
+        self.progress, self.total, self.done = progress, layers + 2, 0  # with the embedding and the final block
+
+    def see(self, block: Block) -> None:
+        self.done += 1
+        self.progress.advance(self.done, self.total)
 
 
 def _copy_tokenizer(model: Path, folder: Path) -> None:

@@ -26,7 +26,9 @@ from llmopt.passes.quantize_awq import AwqInputs, ScaleTotals, awq_search, group
 from llmopt.passes.quantize_gptq import layer_hessians, quantize_layer
 
 if TYPE_CHECKING:
-    from llmopt.streaming import Block, CheckpointReader, StreamPlan
+    from llmopt.checkpoint_reader import CheckpointReader
+    from llmopt.blocks import Block
+    from llmopt.streaming import StreamPlan
 
 
 def empty_model(folder: Any) -> Any:
@@ -48,7 +50,7 @@ def calibrated_layer_blocks(plan: StreamPlan, reader: CheckpointReader) -> Itera
     """The embedding block, then each decoder layer's block with its Linears quantized by AWQ (+ RTN) or
     (AWQ +) GPTQ on the plan's calibration windows, with its seed. `plan.pass_info` receives, once the last
     layer is done, what the report records (the pass's own keys)."""
-    from llmopt.streaming import Block
+    from llmopt.blocks import Block
 
     q, windows, seed = plan.quantize, list(plan.windows or ()), plan.seed
     quantizer = QuantizePass(q)

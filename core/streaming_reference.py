@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     import torch
 
     from llmopt.recipe import OnnxValidation
-    from llmopt.streaming import Block, CheckpointReader
+    from llmopt.checkpoint_reader import CheckpointReader
+    from llmopt.blocks import Block
 
 
 def _float(tensor: Any) -> torch.Tensor:

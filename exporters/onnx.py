@@ -54,7 +54,8 @@ class OnnxExporter(Exporter):
 
     def _write(self, state: ModelState, folder: Path) -> ExportResult:
         from llmopt.devices import resolve_provider
-        from llmopt.exporters.onnx_writer import model_blocks, write_decoder
+        from llmopt.exporters.onnx_writer import write_decoder
+        from llmopt.blocks import model_blocks
 
         config = state.model.config
         inline = {"auto": None, "always": False, "never": True}[self.config.external_data]

@@ -246,3 +246,57 @@ class ResidualStream:
         if self.arch.norm == "rms_one_plus":  # Gemma's x * (1 + w), folded into the stored weight
             w = w + 1.0
         return self.g.weight(f"{name}.weight", w)
+
+
+# ---- sibling projections (q/k/v, gate/up) stored as one matmul ----
+
+
+def packable(weights: list[Any]) -> bool:
+    """Sibling projections store as one matmul when all are float, or all codes of one layout."""
+    if any(w is None for w in weights):
+        return False
+    if all(not isinstance(w, QuantizedTensor) for w in weights):
+        return True
+    if not all(isinstance(w, QuantizedTensor) for w in weights):
+        return False
+    first = weights[0]
+    return all((w.bits, w.group_size, w.activations) == (first.bits, first.group_size, first.activations)
+               and w.shape[1] == first.shape[1] for w in weights)
+
+
+def stacked(weights: list[Any], name: str) -> Any:
+    """The stacked rows of sibling projections: their stored integers side by side, never re-quantized."""
+    if not isinstance(weights[0], QuantizedTensor):
+        return np.concatenate([as_numpy(w) for w in weights])
+    first = weights[0]
+    return QuantizedTensor(name=name, kind="linear", bits=first.bits, group_size=first.group_size,
+                           symmetric=all(w.symmetric for w in weights), activations=first.activations,
+                           codes=np.concatenate([w.codes for w in weights]),
+                           scales=np.concatenate([w.scales for w in weights]),
+                           zero_points=np.concatenate([w.zero_points for w in weights]))
+
+
+def stacked_bias(biases: list[Any], sizes: list[int]) -> np.ndarray | None:
+    if all(b is None for b in biases):
+        return None
+    return np.concatenate([as_numpy(b) if b is not None else np.zeros(n, np.float32) for b, n in zip(biases, sizes)])
+
+
+def sequence_length_nodes(prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str, str]:
+    """GroupQueryAttention's seqlens_k (B,) int32 = tokens per row - 1, and total_sequence_length int32
+    scalar = the mask's width (past + new), both from ``attention_mask``: the nodes, their constants, and the
+    two output names."""
+    one, axis = f"{prefix}_one_i64", f"{prefix}_axis_1"
+    initializers = [numpy_helper.from_array(np.array(1, dtype=np.int64), one),
+                    numpy_helper.from_array(np.array([1], dtype=np.int64), axis)]
+    nodes = [
+        helper.make_node("ReduceSum", ["attention_mask", axis], [f"{prefix}_mask_tokens"], keepdims=0),
+        helper.make_node("Sub", [f"{prefix}_mask_tokens", one], [f"{prefix}_seqlens_i64"]),
+        helper.make_node("Cast", [f"{prefix}_seqlens_i64"], [f"{prefix}_seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], [f"{prefix}_mask_shape"]),
+        helper.make_node("Gather", [f"{prefix}_mask_shape", one], [f"{prefix}_total_i64"], axis=0),
+        helper.make_node("Cast", [f"{prefix}_total_i64"], [f"{prefix}_total_sequence_length"], to=TensorProto.INT32),
+    ]
+    for node in nodes:
+        node.name = node.output[0] + "_node"
+    return nodes, initializers, f"{prefix}_seqlens_k", f"{prefix}_total_sequence_length"

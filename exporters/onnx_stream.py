@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from llmopt.exporters.onnx_genai import RUNTIMES, write_genai_config
 
 if TYPE_CHECKING:
-    from llmopt.streaming import CheckpointReader, StreamPlan
+    from llmopt.checkpoint_reader import CheckpointReader
+    from llmopt.streaming import StreamPlan
 
 
 def write_onnx(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, accuracy_level: int = 0) -> dict[str, Any]:

@@ -13,7 +13,7 @@ reads, with onnx.helper (one node per fused op needs nothing more):
     final norm -> lm_head -> logit scaling / soft-capping
 
 Weights come in blocks (the embedding, one decoder layer, the final norm and lm_head): from a model in memory
-(`model_blocks`) or streamed from a checkpoint one layer at a time (core/streaming.py), through the same code,
+(llmopt.streaming.model_blocks) or streamed from a checkpoint one layer at a time (core/streaming.py), through the same code,
 each appended to one external-data file as it comes so only one layer is held. A quantize pass's codes go in as
 they are (MatMulNBits, GatherBlockQuantized, DynamicQuantizeMatMul), never searched for by content.
 
@@ -26,23 +26,24 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from llmopt.architectures import (Architecture, activation, attention_windows, describe, head_dim, kv_heads,
-                                  norm_eps, qk_norm, rope_types, rotary_layers, rotary_width, routing, scalings)
+                                  norm_eps, qk_norm, rope_types, rotary_width, routing, scalings)
 from llmopt.exporters.onnx_codes import MS_DOMAIN, gather_problem, layout_problem, pack_codes, packed_zero_points
-from llmopt.exporters.onnx_graph import NUMPY_DTYPE, TYPE_WIDTH, ExternalData, Graph, ResidualStream, as_numpy
+from llmopt.exporters.onnx_graph import (NUMPY_DTYPE, TYPE_WIDTH, ExternalData, Graph, ResidualStream, as_numpy,
+                                         packable, sequence_length_nodes, stacked, stacked_bias)
+from llmopt.exporters.onnx_rotary import Rotary, rotary_caches, rotary_tables
 from llmopt.quantized import QuantizedTensor
 
 if TYPE_CHECKING:
-    from llmopt.streaming import Block
+    from llmopt.blocks import Block
 
 DATA_FILE = "model.onnx.data"
 # Protobuf cannot serialize one message over 2 GiB: above this the weights stay in the external-data file.
@@ -78,12 +79,6 @@ def writer_problem(config: Any) -> str | None:
     if getattr(config, "mlp_bias", False) and arch.fused_gate_up:
         return "a fused gate_up projection with a bias"
     return None
-
-
-@dataclass(frozen=True)
-class _Rotary:
-    cos: str
-    sin: str
 
 
 def experts_problem(quantized: dict[str, QuantizedTensor], model: Any = None) -> str | None:
@@ -135,7 +130,7 @@ def write_decoder(model: Any, blocks: Iterable[Block], folder: Path, *, accuracy
     # One element type for every layer's cache: the runtimes that drive the graph allocate it once.
     cache_type = min((g.compute_type(f"model.layers.{i}.self_attn") for i in range(config.num_hidden_layers)),
                      key=TYPE_WIDTH.get)
-    rotaries = _rotary_tables(g, model, arch, cache_type)
+    rotaries = rotary_tables(g, model, arch, cache_type)
 
     batch, seq, past, total = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
@@ -236,7 +231,7 @@ class _Layer:
             return self.stream.stream(self.name)
         return self.stream.norm_stream(self.get(norm + ".weight"), f"{self.name}/{norm}")
 
-    def attention(self, window: int | None, rotary: _Rotary | None, seqlens_k: str, total_len: str, pack: bool,
+    def attention(self, window: int | None, rotary: Rotary | None, seqlens_k: str, total_len: str, pack: bool,
                   packed: dict[str, int], cache_type: int) -> None:
         x = self._input("input_layernorm")
         self.shared_input = x
@@ -253,9 +248,9 @@ class _Layer:
                     [q_dim, kv_dim, kv_dim], np.int64))], f"{name}/qkv_split", outputs=3, axis=-1)
         else:
             weights = [self.get(f"{a}{c}_proj.weight") for c in "qkv"]
-            if pack and self.arch.qk_norm == "none" and _packable(weights):
-                qkv = self.g.linear(x, f"{name}/qkv_proj", _concat(weights, f"{self.p}{a}qkv_proj.weight"),
-                                    _concat_bias([bias(f"{c}_proj") for c in "qkv"], [q_dim, kv_dim, kv_dim]),
+            if pack and self.arch.qk_norm == "none" and packable(weights):
+                qkv = self.g.linear(x, f"{name}/qkv_proj", stacked(weights, f"{self.p}{a}qkv_proj.weight"),
+                                    stacked_bias([bias(f"{c}_proj") for c in "qkv"], [q_dim, kv_dim, kv_dim]),
                                     members=3, module=",".join(f"{self.p}{a}{c}_proj" for c in "qkv"))
                 query, key, value = qkv, "", ""
                 packed["qkv"] += 1
@@ -306,9 +301,9 @@ class _Layer:
             weights = [self.get("mlp.gate_proj.weight"), self.get("mlp.up_proj.weight")]
             # Packed only when quantized: in a float graph the Split costs more than the second matmul it saves
             # (measured with benchmarks/fusion.py, fp32 decode 0.993x; int4 1.04x).
-            if pack and isinstance(weights[0], QuantizedTensor) and _packable(weights) \
+            if pack and isinstance(weights[0], QuantizedTensor) and packable(weights) \
                     and bias("gate_proj") is None:
-                both = self.g.linear(x, f"{name}/gate_up_proj", _concat(weights, f"{self.p}mlp.gate_up_proj.weight"),
+                both = self.g.linear(x, f"{name}/gate_up_proj", stacked(weights, f"{self.p}mlp.gate_up_proj.weight"),
                                      members=2, module=f"{self.p}mlp.gate_proj,{self.p}mlp.up_proj")
                 gate, up = self.g.node("Split", [both], f"{name}/gate_up_split", outputs=2, axis=-1, num_outputs=2)
                 packed["gate_up"] += 1
@@ -401,26 +396,6 @@ class _Layer:
         return out
 
 
-def sequence_length_nodes(prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str, str]:
-    """GroupQueryAttention's seqlens_k (B,) int32 = tokens per row - 1, and total_sequence_length int32
-    scalar = the mask's width (past + new), both from ``attention_mask``: the nodes, their constants, and the
-    two output names."""
-    one, axis = f"{prefix}_one_i64", f"{prefix}_axis_1"
-    initializers = [numpy_helper.from_array(np.array(1, dtype=np.int64), one),
-                    numpy_helper.from_array(np.array([1], dtype=np.int64), axis)]
-    nodes = [
-        helper.make_node("ReduceSum", ["attention_mask", axis], [f"{prefix}_mask_tokens"], keepdims=0),
-        helper.make_node("Sub", [f"{prefix}_mask_tokens", one], [f"{prefix}_seqlens_i64"]),
-        helper.make_node("Cast", [f"{prefix}_seqlens_i64"], [f"{prefix}_seqlens_k"], to=TensorProto.INT32),
-        helper.make_node("Shape", ["attention_mask"], [f"{prefix}_mask_shape"]),
-        helper.make_node("Gather", [f"{prefix}_mask_shape", one], [f"{prefix}_total_i64"], axis=0),
-        helper.make_node("Cast", [f"{prefix}_total_i64"], [f"{prefix}_total_sequence_length"], to=TensorProto.INT32),
-    ]
-    for node in nodes:
-        node.name = node.output[0] + "_node"
-    return nodes, initializers, f"{prefix}_seqlens_k", f"{prefix}_total_sequence_length"
-
-
 def _embedding(g: Graph, config: Any, table: Any) -> str:
     name = "/model/embed_tokens"
     dtype = g.compute_type("model.embed_tokens")
@@ -461,110 +436,4 @@ def _logits(g: Graph, config: Any, logits: str) -> str:
     return logits
 
 
-def _rotary_tables(g: Graph, model: Any, arch: Architecture, dtype: int) -> list[_Rotary | None]:
-    """Per layer, its cos/sin tables (None: a layer without RoPE) in the attention's element type, stored once per
-    distinct table."""
-    tables: dict[int, _Rotary] = {}
-    out: list[_Rotary | None] = []
-    for cos, sin in rotary_caches(model, interleaved=arch.rotary == "interleaved"):
-        if cos is None:
-            out.append(None)
-            continue
-        if id(cos) not in tables:
-            n = len(tables)
-            tables[id(cos)] = _Rotary(g.constant(f"cos_cache_{n}", cos.astype(NUMPY_DTYPE[dtype])),
-                                      g.constant(f"sin_cache_{n}", sin.astype(NUMPY_DTYPE[dtype])))
-        out.append(tables[id(cos)])
-    return out
-
-
-def rotary_caches(model: Any, *, interleaved: bool = False) -> list[tuple[Any, Any]]:
-    """Per decoder layer, cos and sin (max_positions, rotary_dim / 2) float32 as the model's own rotary module
-    computes them, or (None, None) for a layer without RoPE; layers that share a table share the arrays.
-
-    The module, not a re-derivation of transformers' formulas: it carries the rope type, its scaling and
-    attention factor, partial rotary and each layer type's base (Gemma 3's local layers), under the spelling
-    of whichever transformers is installed (`rope_scaling` in 4.x, `rope_parameters` in 5.x). `model` may hold
-    its weights on the meta device: the rotary frequencies are buffers."""
-    import torch
-
-    config, core = model.config, model.model
-    with_rope = rotary_layers(config)
-    kinds = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
-    windows = attention_windows(config)
-    positions = torch.arange(config.max_position_embeddings)[None]
-    probe = torch.zeros(1, dtype=torch.float32)
-    computed: dict[tuple, tuple[Any, Any]] = {}
-    out: list[tuple[Any, Any]] = []
-    for i in range(config.num_hidden_layers):
-        if not with_rope[i]:
-            out.append((None, None))
-            continue
-        module, kwargs = core.rotary_emb, {}
-        if windows[i] is not None and hasattr(core, "rotary_emb_local"):  # Gemma 3 on transformers 4
-            module = core.rotary_emb_local
-        elif isinstance(getattr(module, "rope_type", None), dict):  # transformers 5: one module, per layer type
-            kwargs = {"layer_type": kinds[i]}
-        key = (id(module), kinds[i] if kwargs else None)
-        if key not in computed:
-            with torch.no_grad():
-                cos, sin = module(probe, positions, **kwargs)  # (1, positions, rotary_dim): each angle twice
-            pick = slice(None, None, 2) if interleaved else slice(None, cos.shape[-1] // 2)
-            computed[key] = (cos[0, :, pick].float().numpy().copy(), sin[0, :, pick].float().numpy().copy())
-        out.append(computed[key])
-    return out
-
-
-def _packable(weights: list[Any]) -> bool:
-    """Sibling projections store as one matmul when all are float, or all codes of one layout."""
-    if any(w is None for w in weights):
-        return False
-    if all(not isinstance(w, QuantizedTensor) for w in weights):
-        return True
-    if not all(isinstance(w, QuantizedTensor) for w in weights):
-        return False
-    first = weights[0]
-    return all((w.bits, w.group_size, w.activations) == (first.bits, first.group_size, first.activations)
-               and w.shape[1] == first.shape[1] for w in weights)
-
-
-def _concat(weights: list[Any], name: str) -> Any:
-    """The stacked rows of sibling projections: their stored integers side by side, never re-quantized."""
-    if not isinstance(weights[0], QuantizedTensor):
-        return np.concatenate([as_numpy(w) for w in weights])
-    first = weights[0]
-    return QuantizedTensor(name=name, kind="linear", bits=first.bits, group_size=first.group_size,
-                           symmetric=all(w.symmetric for w in weights), activations=first.activations,
-                           codes=np.concatenate([w.codes for w in weights]),
-                           scales=np.concatenate([w.scales for w in weights]),
-                           zero_points=np.concatenate([w.zero_points for w in weights]))
-
-
-def _concat_bias(biases: list[Any], sizes: list[int]) -> np.ndarray | None:
-    if all(b is None for b in biases):
-        return None
-    return np.concatenate([as_numpy(b) if b is not None else np.zeros(n, np.float32) for b, n in zip(biases, sizes)])
-
-
-def model_blocks(model: Any, quantized: dict[str, QuantizedTensor]) -> Iterator[Block]:
-    """The blocks of a model in memory: each parameter as the pass left it, or its codes where it was quantized."""
-    from llmopt.streaming import Block
-
-    from llmopt.experts import fused_expert_tensors
-
-    params: dict[str, Any] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        params.update(fused_expert_tensors(name, param) or {name: param})  # a model that did not pass ModelState
-    stored = lambda name: quantized.get(name, params[name].detach())  # noqa: E731
-    yield Block("embedding", 0, {"model.embed_tokens.weight": stored("model.embed_tokens.weight")})
-    for i in range(model.config.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        yield Block("layer", i, {n: stored(n) for n in params if n.startswith(prefix)})
-    final = {"model.norm.weight": stored("model.norm.weight")}
-    head = model.get_output_embeddings()
-    if head is not None and (head.weight is not model.get_input_embeddings().weight or "lm_head.weight" in quantized):
-        final["lm_head.weight"] = stored("lm_head.weight")
-    yield Block("final", 0, final)
-
-
-__all__ = ["DATA_FILE", "experts_problem", "model_blocks", "rotary_caches", "write_decoder", "writer_problem"]
+__all__ = ["DATA_FILE", "experts_problem", "rotary_caches", "write_decoder", "writer_problem"]

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from llmopt.quantized import QuantizedTensor
 
 if TYPE_CHECKING:
-    from llmopt.streaming import CheckpointReader, StreamPlan
+    from llmopt.checkpoint_reader import CheckpointReader
+    from llmopt.streaming import StreamPlan
 
 INDEX = "model.safetensors.index.json"
 _ITEM = {"F32": 4, "I32": 4}

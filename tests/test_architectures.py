@@ -5,8 +5,6 @@ read under every spelling, and the fused ONNX graph keeps each layer's own windo
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch

@@ -33,7 +33,7 @@ def test_unfused_experts_compute_the_same_logits_to_the_last_bit():
 
 
 def test_every_view_names_experts_as_the_checkpoints_do():
-    from llmopt.exporters.onnx_writer import model_blocks
+    from llmopt.blocks import model_blocks
     from llmopt.state import ModelState
     from tests.conftest import build_tiny_tokenizer
 

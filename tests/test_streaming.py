@@ -18,7 +18,8 @@ from llmopt.model import load_model, resolve_model
 from llmopt.passes.quantize import QuantizeConfig, QuantizePass
 from llmopt.recipe import ExportConfig
 from llmopt.state import ModelState, PassContext
-from llmopt.streaming import CheckpointReader, quantize_checkpoint
+from llmopt.checkpoint_reader import CheckpointReader
+from llmopt.streaming import quantize_checkpoint
 from tests.conftest import tiny_llama
 
 
@@ -276,8 +277,26 @@ def test_export_streaming_runs_a_recipe_layer_by_layer(tiny_model_dir, tmp_path)
     recipe.write_text(f"model: {tiny_model_dir}\npasses:\n  - type: quantize\n    method: rtn\n"
                       "export:\n  format: safetensors\n  streaming: true\nchecks:\n  max_size_ratio: 0.4\n")
 
-    result = llmopt.optimize(recipe, output=tmp_path / "out", resume=True)
+    class Recorder:  # the run's progress: its steps, and the blocks written in the streamed one
+        def __init__(self):
+            self.steps, self.advances = [], []
 
+        def step(self, name, total=None):
+            self.steps.append(name)
+
+        def advance(self, done, total):
+            self.advances.append((self.steps[-1], done, total))
+
+        def done(self, name, seconds):
+            pass
+
+    progress = Recorder()
+    result = llmopt.optimize(recipe, output=tmp_path / "out", resume=True, progress=progress)
+
+    assert progress.steps[:3] == ["quantize and export, layer by layer", "quality (perplexity, KL, top-1)",
+                                  "validate artifact"]
+    layers = [(done, total) for step, done, total in progress.advances if step.startswith("quantize and export")]
+    assert layers == [(i, 2 + 2) for i in range(1, 5)]  # the embedding, two decoder layers, the final block
     report = json.loads((tmp_path / "out/report.json").read_text())
     assert report["passes"][0]["info"]["streaming"] is True and report["passes"][0]["info"]["quantized_tensors"] == 15
     assert "--resume: a streamed run keeps no checkpoints, so this one started over." in report["notes"]
@@ -359,6 +378,27 @@ def test_too_little_disk_is_refused_before_writing(tiny_tokenizer, tmp_path, mon
     assert caught.value.message.startswith("The artifact needs about 0.0 GB next to")
     assert caught.value.exit_code == 5
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))
+
+
+def test_a_streamed_plan_needs_one_layer_of_memory_whatever_the_depth(tiny_tokenizer, tmp_path):
+    """Pre-flight (and --dry-run) size a streamed run by its largest block, not by the whole model: eight layers
+    need what two need, where the in-memory estimate grows with the depth."""
+    from llmopt import preflight
+    from llmopt.pipeline import plan
+    from tests.test_architectures import tiny
+
+    estimates = {}
+    for layers in (2, 8):
+        tiny("llama", num_hidden_layers=layers).save_pretrained(tmp_path / f"in{layers}", safe_serialization=True)
+        tiny_tokenizer.save_pretrained(tmp_path / f"in{layers}")
+        for streaming in (True, False):
+            recipe = tmp_path / f"r{layers}{streaming}.yaml"
+            recipe.write_text(f"model: {tmp_path / f'in{layers}'}\npasses:\n  - type: quantize\n    group_size: 16\n"
+                              f"export:\n  streaming: {str(streaming).lower()}\n")
+            estimates[layers, streaming] = preflight.estimate(plan(recipe), tmp_path / "out")
+    assert estimates[2, True].memory_bytes == estimates[8, True].memory_bytes and estimates[8, True].streamed
+    assert estimates[8, False].memory_bytes > 2 * estimates[2, False].memory_bytes
+    assert estimates[8, True].output_disk_bytes > estimates[2, True].output_disk_bytes > 0
 
 
 def _tiny(model_type):

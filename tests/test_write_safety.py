@@ -5,7 +5,6 @@ file under the sandbox as it was (`fails_cleanly` hashes the whole tree before a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

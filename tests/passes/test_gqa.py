@@ -13,7 +13,8 @@ import torch
 from llmopt.architectures import ARCHITECTURES, describe
 from llmopt.errors import InputError, RecipeError
 from llmopt.model import ArchInfo
-from llmopt.passes.gqa import GqaConfig, GqaPass, choose_groups
+from llmopt.passes.gqa import GqaConfig, GqaPass
+from llmopt.passes.gqa_merge import choose_groups
 from llmopt.recipe import parse_recipe
 from llmopt.state import ModelState, PassContext
 from tests.conftest import TINY_VOCAB, tiny_llama
