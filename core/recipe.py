@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmopt.errors import RecipeError
+from llmopt.passes import PASSES
 
 # pydantic and passes/ are imported here, torch is not: validating a recipe must stay fast.
+
+# A recipe's pass: the config of one registered pass, chosen by its `type` (adding a pass to the registry makes
+# it a recipe type, in validation and in the JSON schema, with nothing else to change here).
+PassSpec = Annotated[Union[tuple(cls.Config for cls in PASSES.values())], Field(discriminator="type")]
 
 
 class StrictModel(BaseModel):
@@ -108,7 +113,7 @@ class Recipe(StrictModel):
                                                            "calibration), 0 to 4294967295.")
     allow_pickle: bool = Field(False, description="Allow loading pickle checkpoints (*.bin, *.pt): unsafe.")
     trust_remote_code: bool = Field(False, description="Allow running the model repository's own Python code.")
-    passes: list[Any] = Field(default_factory=list, description="Passes, run in order.")
+    passes: list[PassSpec] = Field(default_factory=list, description="Passes, run in order.")
     export: ExportConfig = Field(default_factory=ExportConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

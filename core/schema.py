@@ -8,23 +8,10 @@ from llmopt.recipe import Recipe
 
 
 def recipe_json_schema() -> dict[str, Any]:
-    """Recipe schema with `passes` items as a union discriminated by `type`, one branch per pass."""
-    from llmopt.passes import PASSES
-
+    """Recipe schema; `passes` items are pydantic's union of the registered passes' configs, discriminated by
+    `type` (llmopt.recipe.PassSpec)."""
     schema = Recipe.model_json_schema(by_alias=True)
-    schema.setdefault("$defs", {})
     schema["properties"].pop("source", None)
-    branches = []
-    for cls in PASSES.values():
-        sub = cls.Config.model_json_schema(by_alias=True, ref_template="#/$defs/{model}")
-        schema["$defs"].update(sub.pop("$defs", {}))
-        schema["$defs"][cls.Config.__name__] = sub
-        branches.append({"$ref": f"#/$defs/{cls.Config.__name__}"})
-    schema["properties"]["passes"]["items"] = {
-        "oneOf": branches,
-        "discriminator": {"propertyName": "type",
-                          "mapping": {t: f"#/$defs/{c.Config.__name__}" for t, c in PASSES.items()}},
-    }
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "llmopt recipe"
     return schema
