@@ -55,7 +55,8 @@ FREEZE = ["model.embed_tokens.*"]  # tied to lm_head: the largest matrix stays f
 
 def export_onnx(model: Any, tokenizer: Any, folder: Path) -> Path:
     """llmopt's fp32 ONNX graph of the (pruned) model, as its ONNX exporter writes it."""
-    from llmopt.exporters.onnx_writer import model_blocks, write_decoder
+    from llmopt.blocks import model_blocks
+    from llmopt.exporters.onnx_writer import write_decoder
 
     folder.mkdir(parents=True, exist_ok=True)
     write_decoder(model, model_blocks(model, {}), folder)

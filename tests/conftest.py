@@ -135,7 +135,8 @@ def optimum_generate(folder: Path, prompt: list[int], new_tokens: int) -> list[i
 def write_onnx(model, folder: Path, quantized: dict | None = None, **options) -> dict:
     """The direct writer's graph of a model in memory (its float weights, or the pass's codes where `quantized`
     has them) with its config.json: a folder OrtRunner loads."""
-    from llmopt.exporters.onnx_writer import model_blocks, write_decoder
+    from llmopt.blocks import model_blocks
+    from llmopt.exporters.onnx_writer import write_decoder
 
     folder.mkdir(parents=True, exist_ok=True)
     info = write_decoder(model, model_blocks(model, quantized or {}), folder, **options)

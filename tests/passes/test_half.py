@@ -57,7 +57,8 @@ def test_fp16_onnx_halves_the_weights_keeps_norms_fp32_and_matches(tiny_model_di
 
 def test_overflowing_modules_are_found_on_calibration_text_and_kept_fp32(tiny_tokenizer, fast_recipe, tmp_path):
     from llmopt.evaluation.runners import TorchRunner, load_runner
-    from llmopt.exporters.onnx_writer import model_blocks, write_decoder
+    from llmopt.blocks import model_blocks
+    from llmopt.exporters.onnx_writer import write_decoder
     from tests.passes.test_quantize import _windows
 
     folder = _overflowing_model_dir(tmp_path, tiny_tokenizer)
