@@ -93,7 +93,7 @@ class OnnxExporter(Exporter):
 
     def _genai_config(self, state: ModelState, folder: Path, info: dict) -> str:
         """Every layer's cache goes through GroupQueryAttention: onnxruntime-genai can drive the graph too, sliding
-        windows included (the written graph decodes them right in a shared buffer: tests/test_architectures.py)."""
+        windows included (the written graph decodes them right in a shared buffer: tests/core/test_architectures.py)."""
         from llmopt.exporters.onnx_genai import GENAI_CONFIG, RUNTIMES, write_genai_config
 
         write_genai_config(folder, state.model.config.to_dict(), provider=info["execution_provider"])

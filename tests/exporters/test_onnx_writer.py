@@ -13,7 +13,7 @@ import torch
 from llmopt.architectures import ARCHITECTURES, describe, kv_heads
 from llmopt.exporters.onnx_writer import writer_problem
 from tests.conftest import TINY_VOCAB, write_onnx
-from tests.test_architectures import config_of, tiny
+from tests.core.test_architectures import config_of, tiny
 
 WRITTEN = sorted(t for t in ARCHITECTURES if writer_problem(config_of(t)) is None)
 LENGTH, PREFILL = 40, 24  # past every tiny window (8), and 16 tokens decoded one at a time with the cache
@@ -209,7 +209,7 @@ def test_config_variants(variant, tmp_path):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from tests.test_architectures import COMMON, FAMILIES
+    from tests.core.test_architectures import COMMON, FAMILIES
 
     model_type, extra = VARIANTS[variant]
     name, base = FAMILIES[model_type]

@@ -400,8 +400,8 @@ VARIANTS = [(t, {}) for t in GQA_FAMILIES] + [("cohere", {"use_qk_norm": True})]
 
 
 def family(model_type: str, **overrides):
-    """The family-matrix model (tests/test_architectures.py), norms and biases off their init."""
-    from tests.test_architectures import tiny as tiny_family
+    """The family-matrix model (tests/core/test_architectures.py), norms and biases off their init."""
+    from tests.core.test_architectures import tiny as tiny_family
 
     return tiny_family(model_type, **overrides)
 

@@ -55,7 +55,7 @@ def test_int4_safetensors_from_the_demo_gguf_via_cli(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.test_cli import llmopt as run_cli
+    from tests.cli.test_cli import llmopt as run_cli
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("passes:\n  - type: quantize\n    bits: 4\n    group_size: 32\n    symmetric: false\n"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_exit_codes import run_main
+from tests.cli.test_exit_codes import run_main
 
 FORMATS = ("onnx", "safetensors")
 MODEL_FILE = {"onnx": "model.onnx", "safetensors": "model.safetensors"}

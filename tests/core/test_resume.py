@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import llmopt
-from tests.test_exit_codes import run_main
+from tests.cli.test_exit_codes import run_main
 
 # Files whose content includes timings: the reports, the model card, and the manifest that hashes them.
 TIMED = {"report.json", "report.md", "report.html", "README.md", "manifest.json"}

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import llmopt as run_cli
-from tests.test_exit_codes import run_main
+from tests.cli.test_cli import llmopt as run_cli
+from tests.cli.test_exit_codes import run_main
 
 FAST = ("evaluation:\n  max_tokens: 256\n  window: 64\n  speed: {prompt_tokens: 8, new_tokens: 4, runs: 1}\n"
         "calibration: {samples: 2, seq_len: 32}\n")

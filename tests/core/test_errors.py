@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from llmopt.errors import ExitCode, InputError, RecipeError, ResourceError, translate
-from tests.test_exit_codes import run_main
+from tests.cli.test_exit_codes import run_main
 
 
 def safetensor_error(text: str) -> Exception:

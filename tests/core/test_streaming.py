@@ -385,7 +385,7 @@ def test_a_streamed_plan_needs_one_layer_of_memory_whatever_the_depth(tiny_token
     need what two need, where the in-memory estimate grows with the depth."""
     from llmopt import preflight
     from llmopt.pipeline import plan
-    from tests.test_architectures import tiny
+    from tests.core.test_architectures import tiny
 
     estimates = {}
     for layers in (2, 8):
@@ -425,7 +425,7 @@ STREAMED = sorted(t for t, a in ARCHITECTURES.items() if a.stream)
 def test_onnx_stream_every_family(model_type, options, tiny_tokenizer, tmp_path):
     """Each described dense family streamed to ONNX: the codes the in-memory pass chooses, and logits equal to the
     quantized torch model over a sequence past every window (8 tokens), in prefill and in cached decode."""
-    from tests.test_architectures import tiny
+    from tests.core.test_architectures import tiny
 
     model = tiny(model_type)
     model.save_pretrained(tmp_path / "in", safe_serialization=True)
@@ -452,7 +452,7 @@ def test_onnx_stream_every_family(model_type, options, tiny_tokenizer, tmp_path)
 def test_safetensors_stream_every_family(model_type, tiny_tokenizer, tmp_path):
     """Each described dense family streamed to compressed-tensors: the in-memory exporter's file, byte for byte
     (asymmetric groups on every other family, their zero points packed too)."""
-    from tests.test_architectures import tiny
+    from tests.core.test_architectures import tiny
 
     model = tiny(model_type)
     model.save_pretrained(tmp_path / "in", safe_serialization=True)
@@ -475,7 +475,7 @@ def test_the_streamed_check_catches_a_window_wrong_past_it(tiny_tokenizer, tmp_p
     without writing anything."""
     from llmopt.errors import ResultValidationError
     from llmopt.exporters import onnx_writer
-    from tests.test_architectures import tiny
+    from tests.core.test_architectures import tiny
 
     tiny("gemma3_text").save_pretrained(tmp_path / "in", safe_serialization=True)
     tiny_tokenizer.save_pretrained(tmp_path / "in")
@@ -492,7 +492,7 @@ def test_asymmetric_moe_safetensors_is_refused_before_writing(tiny_tokenizer, tm
     """transformers 5 drops asymmetric experts' zero points when it fuses them at load: a compressed-tensors MoE
     checkpoint that could not be loaded back is refused at plan time, streamed or not (ONNX takes it)."""
     import llmopt
-    from tests.test_architectures import tiny
+    from tests.core.test_architectures import tiny
 
     tiny("qwen3_moe").save_pretrained(tmp_path / "in", safe_serialization=True)
     tiny_tokenizer.save_pretrained(tmp_path / "in")

@@ -17,7 +17,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def make_report(ppl: float = 11.0, size: int = 100_000_000, decode: float = 30.0, *, full: bool = True) -> Report:
-    """Like tests/test_report.py's, plus (when `full`) intervals, checks, a distill pass with a loss curve, a
+    """Like tests/evaluation/test_report.py's, plus (when `full`) intervals, checks, a distill pass with a loss curve, a
     precision map, per-layer errors, samples and a note that tries to inject markup."""
     base = ModelMetrics(runtime="onnxruntime", parameters=1000, size_bytes=500_000_000, perplexity=10.0,
                         decode_tokens_per_s=20.0, prefill_ms=50.0, kv_cache_bytes_per_token=4096)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.test_cli import assert_clean_error, llmopt
+from tests.cli.test_cli import assert_clean_error, llmopt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_inspect_reads_headers_only(tiny_model_dir):

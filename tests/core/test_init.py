@@ -7,7 +7,7 @@ import typer.testing
 
 from llmopt.recipe import load_recipe
 from tests.conftest import TINY_VOCAB, build_tiny_tokenizer
-from tests.test_cli import assert_clean_error, llmopt
+from tests.cli.test_cli import assert_clean_error, llmopt
 
 
 def test_init_from_flags_writes_a_recipe_that_validates(tiny_model_dir, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from llmopt import preflight
 from llmopt.pipeline import plan
-from tests.test_exit_codes import run_main
+from tests.cli.test_exit_codes import run_main
 
 Usage = namedtuple("Usage", "total used free")
 

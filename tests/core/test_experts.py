@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmopt.experts import ExpertList, fused_expert_tensors, unfuse_experts
-from tests.test_architectures import config_of, logits
+from tests.core.test_architectures import config_of, logits
 
 
 def fused_moe():

@@ -10,7 +10,7 @@ import torch
 
 from llmopt.evaluation.speculative import acceptance_rate, expected_tokens_per_step, measure_speculative
 from tests.conftest import tiny_llama
-from tests.test_cli import assert_clean_error, llmopt
+from tests.cli.test_cli import assert_clean_error, llmopt
 
 PROMPTS = ("The with statement", "A list comprehension")
 

@@ -11,7 +11,7 @@ import llmopt
 from llmopt import devices
 from llmopt.cli.app import app
 from llmopt.errors import ResourceError
-from tests.test_exit_codes import run_main
+from tests.cli.test_exit_codes import run_main
 
 WITH_GPU = (["CUDAExecutionProvider", "CPUExecutionProvider"], True)
 GPU_LIBRARY_ONLY = (["CUDAExecutionProvider", "CPUExecutionProvider"], False)  # onnxruntime-gpu, no GPU

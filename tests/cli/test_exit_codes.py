@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.test_cli import assert_clean_error, llmopt
+from tests.cli.test_cli import assert_clean_error, llmopt
 
 INT4 = ("passes:\n  - type: quantize\n    bits: 4\n    group_size: 16\nexport: {format: safetensors}\n"
         "evaluation:\n  max_tokens: 256\n  window: 64\n  speed: {prompt_tokens: 8, new_tokens: 4, runs: 1}\n")

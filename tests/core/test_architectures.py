@@ -385,7 +385,7 @@ def test_the_readme_table_is_generated_from_the_descriptions():
 
     from llmopt.architectures import support_markdown
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     block = readme[readme.index("<!-- families -->\n") + len("<!-- families -->\n"):readme.index("<!-- /families -->")]
     assert block == support_markdown(), "README's family table is stale: paste llmopt.architectures.support_markdown()"
 

@@ -12,7 +12,7 @@ from llmopt.artifact import verify_manifest, write_manifest
 from llmopt.errors import ResultValidationError
 from llmopt.evaluation.report import read_report
 from tests.conftest import assert_report_matches_schema
-from tests.test_cli import assert_clean_error, llmopt as run_cli
+from tests.cli.test_cli import assert_clean_error, llmopt as run_cli
 
 INT4 = "passes:\n  - type: quantize\n    bits: 4\n    group_size: 16\n    embeddings: true\n"
 

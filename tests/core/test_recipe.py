@@ -89,7 +89,7 @@ def test_unknown_recipe_name_suggests():
 def test_every_pass_is_documented_tested_and_used_by_a_shipped_recipe():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     used = {p.type for name in shipped_recipe_names() for p in load_recipe(name).passes}
     for pass_type, cls in PASSES.items():
         assert cls.type == pass_type and (root / "passes" / f"{pass_type}.py").is_file()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_exit_codes import run_main
-from tests.test_faults import FAST, ckpt, fails_cleanly, previous_artifact, sandbox, write_recipe  # noqa: F401
+from tests.cli.test_exit_codes import run_main
+from tests.core.test_faults import FAST, ckpt, fails_cleanly, previous_artifact, sandbox, write_recipe  # noqa: F401
 
 
 def optimize_args(sandbox: Path, model: Path, output: Path | str, *extra: str, recipe: Path | None = None) -> tuple:

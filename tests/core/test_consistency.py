@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_faults import ckpt, optimize, sandbox  # noqa: F401 (fixtures)
+from tests.core.test_faults import ckpt, optimize, sandbox  # noqa: F401 (fixtures)
 
 
 def edit_config(folder: Path, **changes) -> None:

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_exit_codes import run_main
-from tests.test_faults import tree
+from tests.cli.test_exit_codes import run_main
+from tests.core.test_faults import tree
 
 # database=None: no .hypothesis folder in the working tree; deadline=None: a shared 2-core machine is not a timer.
 COMMANDS = settings(max_examples=100, deadline=None, database=None,
