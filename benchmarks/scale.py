@@ -5,6 +5,7 @@
                                [--formats onnx safetensors] [--method rtn|gptq] [--awq]
                                [--families llama qwen3 ... | all]
                                [--calibration-samples 32] [--calibration-len 256] [--no-validate]
+                               [--evaluate] [--markdown]
 
 1. Writes a random-weight, 7B-shaped checkpoint in float32 (hidden 4096, 32 layers, 32 heads, intermediate
    11008, vocab 32000: ~27 GB for Llama) of each family in `--families` (Llama by default; `all` for every
@@ -19,7 +20,9 @@
    then loaded by onnxruntime and run for a prefill and two decode steps (finite logits of the right shape),
    in its own child, whose peak is printed apart: it is the runtime's, holding the whole int4 model.
 3. The same streaming runs for the real SmolLM2-135M (`demo`, converted to float32 safetensors first), with its
-   size on disk next to the peaks.
+   size on disk next to the peaks. With `--evaluate`, SmolLM2 also goes through `llmopt.optimize` with the same
+   quantize pass, streamed and in memory, both evaluated on the default 4096 tokens (speed off): the streamed
+   run's quality figures come from its layer-by-layer walk, the in-memory run's from the artifact loaded whole.
 
 With `--method gptq` and/or `--awq` the runs calibrate on random token ids (`--calibration-samples` windows of
 `--calibration-len`): peak memory then adds the activations and each layer's Hessians, and the wall time grows
@@ -161,6 +164,24 @@ def child_stream(model: Path, output: Path, fmt: str, group_size: int, method: s
     _child_report(started, weights_bytes=weights, quantized_tensors=result.quantized_tensors, **checked)
 
 
+def child_optimize(model: Path, output: Path, fmt: str, method: str, awq: bool, streaming: bool) -> None:
+    """`llmopt.optimize` of one int4 quantize pass, streamed or in memory, evaluated (speed off: a streamed run
+    does not measure it), for the quality figures side by side."""
+    import llmopt
+    from llmopt.recipe import Recipe
+
+    started = time.perf_counter()
+    recipe = Recipe.model_validate({
+        "model": str(model), "passes": [{"type": "quantize", "method": method, "awq": awq, "group_size": 32}],
+        "export": {"format": fmt, "streaming": streaming}, "evaluation": {"speed": {"enabled": False}}})
+    report = llmopt.optimize(recipe, output=output, force=True).report
+    q = report.quality
+    _child_report(started, weights_bytes=report.optimized.size_bytes, baseline_perplexity=report.baseline.perplexity,
+                  perplexity=report.optimized.perplexity, increase_pct=round(q.perplexity_increase_pct, 3),
+                  interval=[round(v, 2) for v in q.intervals["perplexity_increase_pct"]],
+                  kl=round(q.kl_divergence, 4), top1=round(q.top1_agreement, 4))
+
+
 def child_imports() -> None:
     started = time.perf_counter()
     import compressed_tensors  # noqa: F401
@@ -233,16 +254,46 @@ def stream_rows(title: str, model: Path, work: Path, args: argparse.Namespace) -
         method += f" ({args.calibration_samples} x {args.calibration_len} tokens)"
     for fmt in args.formats:
         out = work / f"out-{fmt}"
-        print_row(f"stream int4 {method} g{args.group_size} -> {fmt}", size,
-                  run_child("stream", str(model), str(out), fmt, str(args.group_size), args.method,
-                            str(int(args.awq)), str(args.calibration_samples), str(args.calibration_len),
-                            str(int(not args.no_validate))))
+        streamed = run_child("stream", str(model), str(out), fmt, str(args.group_size), args.method, str(int(args.awq)),
+                             str(args.calibration_samples), str(args.calibration_len), str(int(not args.no_validate)))
+        print_row(f"stream int4 {method} g{args.group_size} -> {fmt}", size, streamed, title=title)
         if fmt == "onnx" and not args.skip_onnx_check:
-            print_row("onnxruntime: load the ONNX artifact, prefill 8 + decode 2", size, run_child("run-onnx", str(out)))
+            print_row("onnxruntime: load the ONNX artifact, prefill 8 + decode 2", size, run_child("run-onnx", str(out)),
+                      title=title)
         shutil.rmtree(out)
 
 
-def print_row(label: str, model_bytes: int, r: dict) -> None:
+MARKDOWN_ROWS: list[str] = []  # with --markdown, the rows again as one table for docs/benchmarks.md
+
+
+def evaluated_rows(model: Path, args: argparse.Namespace) -> None:
+    """The pipeline's run of the same quantize pass, streamed and in memory, both evaluated on the same windows."""
+    size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    title = "SmolLM2-135M through llmopt.optimize, evaluated"
+    print(f"\n{title}")
+    method = ("AWQ + " if args.awq else "") + args.method.upper()
+    for fmt in args.formats:
+        for streaming in (True, False):
+            out = args.dir / f"optimized-{fmt}"
+            result = run_child("optimize", str(model), str(out), fmt, args.method, str(int(args.awq)),
+                               str(int(streaming)))
+            print_row(f"{'streamed' if streaming else 'in memory'}: int4 {method} g32 -> {fmt}, evaluated", size,
+                      result, title=title)
+            shutil.rmtree(out)
+
+
+def print_row(label: str, model_bytes: int, r: dict, title: str = "") -> None:
+    out = r.get("weights_bytes")
+    quality = (f"{r['baseline_perplexity']:.2f} → {r['perplexity']:.2f} ({r['increase_pct']:+.1f}% "
+               f"[{r['interval'][0]:.1f}, {r['interval'][1]:.1f}]), KL {r['kl']}, top-1 {r['top1']:.1%}"
+               if "perplexity" in r else "")
+    MARKDOWN_ROWS.append(f"| {title} | {label} | {model_bytes / GB:.2f} | {r['peak_rss_bytes'] / GB:.2f} | "
+                         f"{r['wall_s']:.0f} | {f'{out / GB:.2f}' if out else ''} | "
+                         f"{'yes' if r.get('validated') else 'no' if r.get('validated') is False else ''} | {quality} |")
+    _print_row(label, model_bytes, r)
+
+
+def _print_row(label: str, model_bytes: int, r: dict) -> None:
     out = r.get("weights_bytes")
     print(f"{label:58s} {r['peak_rss_bytes'] / GB:11.2f} {r['peak_rss_bytes'] / model_bytes:8.3f} "
           f"{r['wall_s']:8.1f} {(f'{out / GB:.2f}' if out else ''):>10s}")
@@ -260,6 +311,8 @@ def main() -> None:
         elif kind == "stream":
             child_stream(Path(args[0]), Path(args[1]), args[2], int(args[3]), args[4], args[5] == "1", int(args[6]),
                          int(args[7]), args[8] == "1")
+        elif kind == "optimize":
+            child_optimize(Path(args[0]), Path(args[1]), args[2], args[3], args[4] == "1", args[5] == "1")
         elif kind == "imports":
             child_imports()
         elif kind == "run-onnx":
@@ -288,6 +341,10 @@ def main() -> None:
     parser.add_argument("--no-validate", action="store_true", help="stream without the artifact check (its "
                                                                     "reference layer by layer, then the artifact "
                                                                     "loaded), to see what the check costs")
+    parser.add_argument("--evaluate", action="store_true", help="also run SmolLM2 through llmopt.optimize, streamed "
+                                                                  "and in memory, evaluated (perplexity side by side)")
+    parser.add_argument("--markdown", action="store_true", help="at the end, every row again as one markdown table "
+                                                                  "(what docs/benchmarks.md holds)")
     parser.add_argument("--formats", nargs="+", choices=["onnx", "safetensors"], default=["onnx", "safetensors"])
     args = parser.parse_args()
     if args.families == ["all"]:
@@ -309,8 +366,20 @@ def main() -> None:
         if not demo.exists():
             run_child("convert-demo", str(demo))
         stream_rows("SmolLM2-135M (demo, float32 safetensors)", demo, args.dir, args)
+        if args.evaluate:
+            evaluated_rows(demo, args)
         shutil.rmtree(demo)
 
+    try:
+        stream_7b(args, memory)
+    finally:
+        if args.markdown and MARKDOWN_ROWS:
+            print("\n| input | step | input GB | peak RSS GB | wall s | output GB | validated | quality |\n"
+                  "|---|---|---|---|---|---|---|---|")
+            print("\n".join(MARKDOWN_ROWS))
+
+
+def stream_7b(args: argparse.Namespace, memory: int) -> None:
     if args.skip_7b:
         return
     for family in args.families:
