@@ -63,6 +63,43 @@ def _load_layer(layer: Any, prefix: str, tensors: dict[str, Any]) -> list[Any]:
     return handles
 
 
+QUERY_CHUNK = 256  # queries per eager attention call in a trace
+CHUNKED_EAGER = "llmopt_chunked_eager"
+
+
+def _chunked_eager(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+    """The family's own eager attention (its soft-capping and scaling included), QUERY_CHUNK queries at a time.
+
+    Why: the artifact check's long sequence must outrun every attention window (4096 + 16 tokens for Gemma 2), and
+    eager attention, which soft-capping families need, holds the (heads, T, T) scores several times over: 10.4 GB
+    at 7B shapes, where the rest of a streamed layer takes 3. Each chunk's rows of the additive mask keep the
+    causal and window structure; the outputs are the same rows of the whole call's."""
+    import sys
+
+    import torch
+
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    length = query.shape[2]  # (B, heads, T, head_dim)
+    if length <= QUERY_CHUNK or attention_mask is None:
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    outputs = [eager(module, query[:, :, start:start + QUERY_CHUNK], key, value,
+                     attention_mask[:, :, start:start + QUERY_CHUNK], **kwargs)[0]  # (B, chunk, heads, head_dim)
+               for start in range(0, length, QUERY_CHUNK)]
+    return torch.cat(outputs, dim=1), None
+
+
+def _bounded_attention(model: Any) -> None:
+    """Eager attention (soft-capping families) in query chunks for this model, with eager's own masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    if model.config._attn_implementation != "eager":
+        return  # sdpa does not hold the scores of the whole sequence at once
+    AttentionInterface.register(CHUNKED_EAGER, _chunked_eager)
+    AttentionMaskInterface.register(CHUNKED_EAGER, eager_mask)
+    model.config._attn_implementation = CHUNKED_EAGER
+
+
 class LayerTrace:
     """`sequences` (token id arrays) taken through the blocks `see` is handed, in order: with the weights the
     artifact stores (`weights="stored"`, codes dequantized), or with the checkpoint's own float weights
@@ -75,6 +112,7 @@ class LayerTrace:
 
         self.reader, self.weights = reader, weights
         self.model = empty_model(reader.folder)  # the module tree on the meta device, rotary buffers real
+        _bounded_attention(self.model)
         self.sequences = sequences or []
         self.inputs: Any = None  # llmopt.passes.layerwise.LayerInputs between blocks
         self.final: list[torch.Tensor] | None = None  # per sequence (1, T, H), normed, after the final block

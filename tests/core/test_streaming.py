@@ -401,6 +401,31 @@ def test_a_streamed_plan_needs_one_layer_of_memory_whatever_the_depth(tiny_token
     assert estimates[8, True].output_disk_bytes > estimates[2, True].output_disk_bytes > 0
 
 
+def test_traces_run_eager_attention_in_query_chunks_with_the_same_logits(monkeypatch):
+    """Gemma 2's soft-capping needs eager attention, whose scores for the check's long sequence (past its 4096
+    window) dominate a streamed run's memory: the traces run it a chunk of queries at a time, each chunk with its
+    rows of the mask, and the logits stay those of the whole call, past the sliding window too."""
+    from llmopt import streaming_reference
+    from tests.core.test_architectures import tiny
+
+    model = tiny("gemma2")  # sliding window 8, soft-capped attention and logits
+    ids = torch.randint(3, 100, (1, 70), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model(ids).logits
+    import transformers.models.gemma2.modeling_gemma2 as gemma2
+
+    calls = []  # the query rows of every eager attention call
+    eager = gemma2.eager_attention_forward
+    monkeypatch.setattr(gemma2, "eager_attention_forward",
+                        lambda module, query, *args, **kwargs: calls.append(query.shape[2]) or eager(module, query,
+                                                                                                     *args, **kwargs))
+    monkeypatch.setattr(streaming_reference, "QUERY_CHUNK", 16)
+    streaming_reference._bounded_attention(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, whole)
+    assert calls == [16, 16, 16, 16, 6] * model.config.num_hidden_layers
+
+
 def _tiny(model_type):
     """A tiny Mistral (no sliding window) or Qwen2 (q/k/v biases) with tiny_llama's sizes."""
     from transformers import AutoConfig, AutoModelForCausalLM
