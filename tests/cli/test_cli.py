@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 
 def llmopt(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -82,6 +83,7 @@ def test_uncached_hub_id_offline_fails_fast(tmp_path):
     assert elapsed < 30, elapsed
 
 
+@pytest.mark.slow
 def test_validate_plans_without_loading_weights(tiny_model_dir):
     proc = llmopt("validate", "int4-onnx", "--model", str(tiny_model_dir), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -90,6 +92,7 @@ def test_validate_plans_without_loading_weights(tiny_model_dir):
                     "passes": ["quantize"], "export": "onnx"}
 
 
+@pytest.mark.slow
 def test_validate_checks_passes_against_architecture(tiny_model_dir, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("passes:\n  - type: quantize\n    group_size: 128\n")  # hidden_size is 64

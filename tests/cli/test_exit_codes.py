@@ -70,6 +70,7 @@ def test_70_internal_error_says_it_is_a_bug(tiny_model_dir, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")])
+@pytest.mark.slow
 def test_130_and_143_a_signal_mid_run_removes_its_staging_folder(sig, code, word, tiny_model_dir, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(INT4)

@@ -56,6 +56,7 @@ def chatty_model(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux `script` for a pseudo-terminal")
+@pytest.mark.slow
 def test_the_first_command_shows_only_llmopt_and_ends_with_the_verdict(chatty_model, tmp_path):
     out = tmp_path / "out"
     code, lines, first_byte = in_a_terminal("optimize", "int4-onnx", "--model", str(chatty_model), "--output",
@@ -76,6 +77,7 @@ def test_the_first_command_shows_only_llmopt_and_ends_with_the_verdict(chatty_mo
 
 
 @pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux `script` for a pseudo-terminal")
+@pytest.mark.slow
 def test_quiet_prints_the_verdict_only(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     code, lines, _ = in_a_terminal("-q", "optimize", "int4-onnx", "--model", str(tiny_model_dir), "--output", str(out))
@@ -91,6 +93,7 @@ def test_version():
 
 
 @pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux `script` for a pseudo-terminal")
+@pytest.mark.slow
 def test_verbose_shows_the_libraries_messages(chatty_model, tmp_path):
     """-v lets the libraries speak (and shows the check above can see them)."""
     code, lines, _ = in_a_terminal("-v", "optimize", "int4-onnx", "--model", str(chatty_model), "--output",

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.cli.test_cli import assert_clean_error, llmopt
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_inspect_reads_headers_only(tiny_model_dir):
     proc = llmopt("inspect", str(tiny_model_dir), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -57,6 +60,7 @@ def test_report_schema_file_is_generated_from_the_report_model():
     assert '"schema_version"' in committed and '"intervals"' in committed
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_dir, tmp_path):
     out = tmp_path / "deep" / "out"
     proc = llmopt("optimize", "int4-onnx", "--model", str(tiny_model_dir), "--output", str(out), "--dry-run", "--json")
@@ -76,6 +80,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_dir, tmp_path):
                               "--dry-run"), 2, "already exists")
 
 
+@pytest.mark.slow
 def test_artifact_has_a_model_card(tiny_model_dir, fast_recipe, tmp_path):
     import llmopt as api
 

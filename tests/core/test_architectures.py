@@ -125,6 +125,7 @@ def test_the_fold_check_sees_the_gemma2_layout_bug():
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.slow
 def test_quantize_covers_every_projection_of_every_family(model_type, tiny_tokenizer):
     """AWQ + GPTQ int4 through the pass on each family: no internal error, every Linear of every decoder layer
     quantized (GPT-2's Conv1D family, undescribed, is refused at plan time instead), the float model the AWQ
@@ -254,6 +255,7 @@ def test_cached_decoding_of_given_tokens_matches_one_prefill(tmp_path, share_buf
     assert np.abs(onnx_steps - expected).max() < 1e-3 and np.abs(torch_steps - expected).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_the_artifact_check_catches_a_window_wrong_past_it(tmp_path, tiny_tokenizer, monkeypatch):
     """The pipeline's artifact check runs a sequence longer than every window, in one prefill and in cached
     decoding: with the old single-window fusion (every layer windowed) it fails the run (exit 4) instead of
@@ -359,6 +361,7 @@ def test_every_shipped_recipe_plans_or_is_refused_on_every_family(model_type, fa
 
 @pytest.mark.parametrize("recipe_name", END_TO_END)
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.slow
 def test_every_family_end_to_end(model_type, recipe_name, family_dirs, tmp_path):
     """Every shipped recipe (distillation cut to 2 steps) on every family, evaluation off: the artifact passes the
     pipeline's check against the in-memory model (prompts, one sequence longer than every window, cached

@@ -91,6 +91,7 @@ def test_damaged_tokenizers(damage, needles, monkeypatch, capsys, sandbox, ckpt)
     optimize(monkeypatch, capsys, sandbox, ckpt, 3, *needles)
 
 
+@pytest.mark.slow
 def test_the_real_model_loads_with_nothing_missing_or_unused():
     """The demo GGUF (tied embeddings, names converted by transformers) passes the check it is subject to."""
     import torch

@@ -46,6 +46,7 @@ def run(tiny_model_dir: Path, folder: Path, name: str, fmt: str, seed: int = 0) 
 
 
 @pytest.mark.parametrize("fmt,weights", [("onnx", "model.onnx"), ("safetensors", "model.safetensors")])
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_artifacts(fmt, weights, tiny_model_dir, tmp_path):
     first, second = (run(tiny_model_dir, tmp_path, f"run{i}", fmt) for i in range(2))
     a, b = digests(first), digests(second)
@@ -61,6 +62,7 @@ def test_same_seed_gives_byte_identical_artifacts(fmt, weights, tiny_model_dir, 
     assert reports[0] == reports[1]
 
 
+@pytest.mark.slow
 def test_another_seed_changes_the_weights(tiny_model_dir, tmp_path):
     """The comparison above can fail: a different seed draws other calibration windows, so other GPTQ codes."""
     seed0 = digests(run(tiny_model_dir, tmp_path, "seed0", "safetensors", seed=0))

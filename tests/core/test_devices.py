@@ -67,6 +67,7 @@ def test_a_gpu_run_that_falls_back_to_the_cpu_says_so(tiny_model_dir, fast_recip
     assert any("CUDAExecutionProvider was chosen but the artifact ran on CPUExecutionProvider" in n for n in report.notes)
 
 
+@pytest.mark.slow
 def test_on_the_cpu_the_report_names_the_processor(tiny_model_dir, fast_recipe, tmp_path):
     result = llmopt.optimize(fast_recipe("export: {format: onnx, execution_provider: cpu}\n"),
                              model=str(tiny_model_dir), output=tmp_path / "o")

@@ -131,6 +131,7 @@ PY
 @pytest.mark.parametrize("fmt,passes", [("safetensors", "[]"), ("onnx", "[]"),
                                         ("onnx", "[{type: quantize, bits: 8, group_size: 16}]")],
                          ids=["safetensors-export", "onnx-export", "resume-checkpoint"])
+@pytest.mark.slow
 def test_a_real_full_disk_exits_5_and_keeps_the_previous_artifact(fmt, passes, tmp_path, tiny_model_dir):
     """The output lives on a 200 kB tmpfs: the fp32 artifact (or the resume checkpoint written after a pass)
     cannot fit. The writers' own errors (safetensors' SafetensorError, onnx's save) must reach the user as

@@ -411,6 +411,7 @@ def test_output_inside_a_file(monkeypatch, capsys, sandbox, tiny_model_dir):
                   str(recipe), "--model", str(tiny_model_dir), "--output", str(sandbox / "file" / "out"))
 
 
+@pytest.mark.slow
 def test_stale_external_data_in_the_destination(monkeypatch, capsys, sandbox, tiny_model_dir):
     import onnx
 
@@ -435,6 +436,7 @@ def test_stale_external_data_in_the_destination(monkeypatch, capsys, sandbox, ti
     assert [p.name for p in (sandbox / "temp").iterdir()] in ([], [".ses"])
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_the_manifest_keeps_the_previous_artifact(monkeypatch, capsys, sandbox,
                                                                           tiny_model_dir):
     import llmopt.pipeline
@@ -448,6 +450,7 @@ def test_disk_full_while_writing_the_manifest_keeps_the_previous_artifact(monkey
              "written", "Free space", extra=("--force",))
 
 
+@pytest.mark.slow
 def test_the_executable_prints_the_same_paragraph(sandbox):
     """`python -m llmopt` (not only the in-process entry point) prints the paragraph and nothing else."""
     recipe = write_recipe(sandbox, "passes:\n  - type: quantize\n  - type: prune\n    method: depth\n"

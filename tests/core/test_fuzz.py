@@ -62,6 +62,7 @@ def test_recipe_loader_on_any_text(counted):
     check()
 
 
+@pytest.mark.slow
 def test_recipe_loader_on_any_yaml_structure(counted):
     import yaml
 

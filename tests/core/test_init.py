@@ -10,6 +10,7 @@ from tests.conftest import TINY_VOCAB, build_tiny_tokenizer
 from tests.cli.test_cli import assert_clean_error, llmopt
 
 
+@pytest.mark.slow
 def test_init_from_flags_writes_a_recipe_that_validates(tiny_model_dir, tmp_path):
     out = tmp_path / "r.yaml"
     proc = llmopt("init", "--model", str(tiny_model_dir), "--goal", "int4-onnx", "-o", str(out))
@@ -69,6 +70,7 @@ def test_every_kind_of_goal_plans_on_the_tiny_model(goal, tiny_model_dir):
     assert f"model: {tiny_model_dir}" in init_recipe(str(tiny_model_dir), goal)
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_is_a_clear_error(tiny_model_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     target = tmp_path / "file" / "r.yaml"  # under a file: no folder can be made there
@@ -76,6 +78,7 @@ def test_an_unwritable_output_is_a_clear_error(tiny_model_dir, tmp_path):
                        "Cannot write", "no writable folder on the way to it")
 
 
+@pytest.mark.slow
 def test_a_missing_folder_is_created(tiny_model_dir, tmp_path):
     target = tmp_path / "missing-folder" / "r.yaml"
     proc = llmopt("init", "--model", str(tiny_model_dir), "--goal", "int4-onnx", "-o", str(target))

@@ -139,6 +139,7 @@ def exchange_supported(folder: Path) -> bool:
         shutil.rmtree(b)
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_point_keeps_the_previous_artifact(tmp_path, tiny_model_dir, monkeypatch, capsys):
     from llmopt.artifact import check_destination
 
@@ -369,6 +370,7 @@ def test_a_lock_whose_pid_is_not_written_yet_is_held(tmp_path):
     assert not (tmp_path / ".out.lock").exists()
 
 
+@pytest.mark.slow
 def test_of_runs_started_together_one_takes_the_lock(tmp_path):
     out, go = tmp_path / "out", tmp_path / "go"
     children = [subprocess.Popen([sys.executable, "-c", LOCKER, str(out), str(go)], stdout=subprocess.PIPE, text=True)
@@ -398,6 +400,7 @@ DistillPass(config).run(ModelState(model, None), PassContext(calibration=lambda:
 """
 
 
+@pytest.mark.slow
 def test_a_killed_distill_runs_scratch_is_removed_by_the_next_run(tmp_path, tiny_model_dir, monkeypatch):
     import tempfile
 

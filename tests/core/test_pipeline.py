@@ -26,6 +26,7 @@ def onnx_run(tiny_model_dir, tmp_path_factory):
     return llmopt.optimize(recipe, model=str(tiny_model_dir), output=tmp / "out")
 
 
+@pytest.mark.slow
 def test_onnx_artifact_runs_in_onnxruntime(onnx_run, tiny_tokenizer):
     import onnx
 
@@ -153,6 +154,7 @@ def test_asymmetric_groups_are_stored_packed_with_their_zero_points(tiny_model_d
     assert result.report.optimized.size_bytes < 0.4 * result.report.baseline.size_bytes
 
 
+@pytest.mark.slow
 def test_failed_check_exits_1_and_keeps_the_report(tiny_model_dir, fast_recipe, tmp_path):
     recipe = fast_recipe(INT4 + "export: {format: safetensors}\nchecks:\n  max_size_mb: 0.001\n")
     proc = run_cli("optimize", str(recipe), "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"),
@@ -169,6 +171,7 @@ def test_failed_check_exits_1_and_keeps_the_report(tiny_model_dir, fast_recipe, 
     assert failed == ["check max_size_mb"]
 
 
+@pytest.mark.slow
 def test_junit_xml_records_an_error_when_the_run_fails(tiny_model_dir, fast_recipe, tmp_path):
     import xml.etree.ElementTree as ET
 
@@ -199,6 +202,7 @@ def test_failed_run_leaves_previous_artifact_intact(tiny_model_dir, fast_recipe,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]  # no staging left behind
 
 
+@pytest.mark.slow
 def test_force_replaces_only_when_complete(tiny_model_dir, fast_recipe, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -217,6 +221,7 @@ def test_result_validation_failure_writes_nothing(tiny_model_dir, fast_recipe, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
+@pytest.mark.slow
 def test_compare_two_reports(onnx_run, tiny_model_dir, fast_recipe, tmp_path):
     other = llmopt.optimize(fast_recipe(INT4.replace("bits: 4", "bits: 8")), model=str(tiny_model_dir),
                             output=tmp_path / "int8")

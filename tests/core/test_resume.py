@@ -73,6 +73,7 @@ def sandbox(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_uninterrupted_artifact(sandbox, tiny_model_dir, monkeypatch, capsys):
     from llmopt.passes.prune import PrunePass
 
@@ -123,6 +124,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_artifact(sandbox, tiny_mode
     assert sorted(p.name for p in sandbox.iterdir()) == ["changed.yaml", "out", "r.yaml", "temp", "whole"]
 
 
+@pytest.mark.slow
 def test_a_run_without_resume_removes_a_stale_checkpoint(sandbox, tiny_model_dir):
     recipe = sandbox / "r.yaml"
     recipe.write_text(TWO_PASSES.format(bits=4), encoding="utf-8")
@@ -135,6 +137,7 @@ def test_a_run_without_resume_removes_a_stale_checkpoint(sandbox, tiny_model_dir
     assert not (sandbox / ".out.resume").exists()
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_starts_afresh(sandbox, tiny_model_dir, fast_recipe):
     recipe = fast_recipe("passes:\n  - {type: quantize, group_size: 16}\nexport: {format: safetensors}\n")
     result = llmopt.optimize(recipe, model=str(tiny_model_dir), output=sandbox / "out", resume=True)
@@ -160,6 +163,7 @@ def test_a_failed_run_removes_its_checkpoints(sandbox, tiny_model_dir, monkeypat
     assert sorted(p.name for p in sandbox.iterdir()) == ["r.yaml", "temp"]
 
 
+@pytest.mark.slow
 def test_a_killed_distill_pass_continues_from_its_step_checkpoint(sandbox, tiny_model_dir, monkeypatch, capsys):
     recipe = sandbox / "d.yaml"
     recipe.write_text(DISTILL, encoding="utf-8")

@@ -158,6 +158,7 @@ def _windows(count=4, length=32, seed=0):
 
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("options", CALIBRATED, ids=["gptq", "awq", "awq+gptq", "gptq-act-order-exclude"])
+@pytest.mark.slow
 def test_streamed_gptq_and_awq_write_the_in_memory_pass_file_byte_for_byte(options, tie, tiny_tokenizer, tmp_path):
     model = _checkpoint(tmp_path / "in", tiny_tokenizer, tie=tie)
     config, windows = QuantizeConfig(group_size=32, **options), _windows()
@@ -269,6 +270,7 @@ def test_row_blocks_give_the_pass_codes(symmetric, monkeypatch):
     assert np.array_equal(blocked.scales, whole.scales) and np.array_equal(blocked.zero_points, whole.zero_points)
 
 
+@pytest.mark.slow
 def test_export_streaming_runs_a_recipe_layer_by_layer(tiny_model_dir, tmp_path):
     import llmopt
     from llmopt.artifact import verify_manifest
@@ -317,6 +319,7 @@ def test_export_streaming_runs_a_recipe_layer_by_layer(tiny_model_dir, tmp_path)
     assert result.passed and report["checks"][0]["value"] == pytest.approx(ratio) and ratio < 0.4
 
 
+@pytest.mark.slow
 def test_export_streaming_runs_a_gptq_recipe_as_the_in_memory_pipeline_does(tiny_model_dir, tmp_path):
     import llmopt
 
@@ -447,6 +450,7 @@ STREAMED = sorted(t for t, a in ARCHITECTURES.items() if a.stream)
 
 @pytest.mark.parametrize("options", [{}, {"method": "gptq", "awq": True}], ids=["rtn", "awq+gptq"])
 @pytest.mark.parametrize("model_type", STREAMED)
+@pytest.mark.slow
 def test_onnx_stream_every_family(model_type, options, tiny_tokenizer, tmp_path):
     """Each described dense family streamed to ONNX: the codes the in-memory pass chooses, and logits equal to the
     quantized torch model over a sequence past every window (8 tokens), in prefill and in cached decode."""
@@ -474,6 +478,7 @@ def test_onnx_stream_every_family(model_type, options, tiny_tokenizer, tmp_path)
 
 
 @pytest.mark.parametrize("model_type", STREAMED)
+@pytest.mark.slow
 def test_safetensors_stream_every_family(model_type, tiny_tokenizer, tmp_path):
     """Each described dense family streamed to compressed-tensors: the in-memory exporter's file, byte for byte
     (asymmetric groups on every other family, their zero points packed too)."""
@@ -494,6 +499,7 @@ def test_safetensors_stream_every_family(model_type, tiny_tokenizer, tmp_path):
     assert result.quantized_tensors == len(state.quantized)
 
 
+@pytest.mark.slow
 def test_the_streamed_check_catches_a_window_wrong_past_it(tiny_tokenizer, tmp_path, monkeypatch):
     """A streamed artifact is checked as the pipeline checks its artifacts: a graph that windows Gemma 3's full
     attention layer too is right on short prompts and wrong past the window, and the stream fails (exit 4)

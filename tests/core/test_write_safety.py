@@ -87,6 +87,7 @@ def test_dry_run_and_validate_run_the_same_output_checks(monkeypatch, capsys, sa
                   *optimize_args(sandbox, ckpt, sandbox / "file" / "out", "--dry-run"))
 
 
+@pytest.mark.slow
 def test_symlinked_output_is_replaced_through_the_link_and_leaves_nothing(monkeypatch, capsys, sandbox, ckpt):
     from llmopt.artifact import verify_manifest
 
@@ -101,6 +102,7 @@ def test_symlinked_output_is_replaced_through_the_link_and_leaves_nothing(monkey
     assert leftovers == [], leftovers  # no staging folder or link, no backup, no lock
 
 
+@pytest.mark.slow
 def test_report_files_go_where_asked_never_into_an_input_or_the_artifact(monkeypatch, capsys, sandbox, ckpt):
     out = sandbox / "out"
     fails_cleanly(monkeypatch, capsys, sandbox, 2, ("is inside the output folder",),

@@ -9,6 +9,7 @@ from llmopt.errors import InputError
 from llmopt.evaluation.calibration import calibration_batches
 
 
+@pytest.mark.slow
 def test_seeded_and_shaped(tiny_tokenizer):
     a, description = calibration_batches(tiny_tokenizer, data="builtin", text_field="text", samples=5, seq_len=32, seed=3)
     b, _ = calibration_batches(tiny_tokenizer, data="builtin", text_field="text", samples=5, seq_len=32, seed=3)

@@ -112,6 +112,7 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("kind", ["report", "compare"])
+@pytest.mark.slow
 def test_renders_in_headless_chromium(tmp_path, kind):
     page = render_html(make_report()) if kind == "report" else render_compare_html(runs())
     path = tmp_path / f"{kind}.html"

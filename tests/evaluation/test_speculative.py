@@ -77,6 +77,7 @@ def test_expected_tokens_per_step(alpha, k, expected):
     assert expected_tokens_per_step(alpha, k) == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_cli_bench_prints_json(tiny_model_dir, tmp_path, tiny_tokenizer):
     draft_dir = tmp_path / "draft"
     _other_draft(tiny_llama()).save_pretrained(draft_dir, safe_serialization=True)
@@ -87,6 +88,7 @@ def test_cli_bench_prints_json(tiny_model_dir, tmp_path, tiny_tokenizer):
     assert data["outputs_equal"] is True and 0 <= data["acceptance_rate"] <= 1 and data["prompts"] == 4
 
 
+@pytest.mark.slow
 def test_cli_bench_refuses_an_onnx_draft_and_another_vocabulary(tiny_model_dir, tmp_path, tiny_tokenizer):
     onnx_dir = tmp_path / "onnx"
     onnx_dir.mkdir()

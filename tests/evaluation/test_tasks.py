@@ -11,6 +11,7 @@ import llmopt
 from llmopt.evaluation.tasks import lm_eval_available, task_scores
 
 
+@pytest.mark.slow
 def test_tasks_are_skipped_with_a_note_without_lm_eval(tiny_model_dir, fast_recipe, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed, wherever this runs
     assert not lm_eval_available()

@@ -258,6 +258,7 @@ def test_the_check_sees_a_wrong_window(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+@pytest.mark.slow
 def test_optimum_drives_the_written_graph(model_type, half, tmp_path, tiny_tokenizer):
     """optimum's ORTModelForCausalLM (in its own environment: optimum-onnx pins transformers < 4.58) loads the
     exporter's folder as it is and generates PyTorch's greedy tokens, past the window (Gemma 3: 8 tokens on its
@@ -363,6 +364,7 @@ def test_experts_left_partly_float_are_refused_before_anything_is_written(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_planning_an_onnx_export_does_not_load_optimum(tiny_model_dir, tmp_path):
     """Nothing in llmopt's ONNX path touches optimum (no longer a dependency), from planning on."""
     import subprocess

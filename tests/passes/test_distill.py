@@ -215,6 +215,7 @@ def launch_two_processes(out, mode: str) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-2-nodes-tied"])
+@pytest.mark.slow
 def test_two_processes_equal_one_process_accumulating(tmp_path, mode):
     """The pass unchanged under a distributed launcher. Each process trains on its own micro-batches; DDP
     averages the gradients of whole replicas, FSDP2 reduce-scatters them to the shard each process owns and
@@ -439,6 +440,7 @@ def test_teacher_must_be_a_separate_model():
 
 # --- end to end ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pipeline_distills_after_quantization_and_reports_the_loss_curve(tmp_path, tiny_model_dir, fast_recipe):
     import llmopt
 
@@ -458,6 +460,7 @@ def test_pipeline_distills_after_quantization_and_reports_the_loss_curve(tmp_pat
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_the_launch_example_distills_a_checkpoint_on_two_processes(tmp_path, tiny_model_dir, tiny_tokenizer):
     """examples/distill_launch.py, the script the README's `accelerate launch` commands run, under torchrun on
     two CPU processes: the main process writes a loadable student that moved towards the teacher."""

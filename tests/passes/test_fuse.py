@@ -39,6 +39,7 @@ FUSE_INT4 = ("passes:\n  - type: quantize\n    bits: 4\n    group_size: 32\n    
              "  - type: fuse\n")
 
 
+@pytest.mark.slow
 def test_fuse_and_quantize_end_to_end(tiny_model_dir, fast_recipe, tmp_path):
     result = llmopt.optimize(fast_recipe(FUSE_INT4), model=str(tiny_model_dir), output=tmp_path / "out")
     export = result.report.export
@@ -98,6 +99,7 @@ def test_fused_attention_writes_genai_config_and_updates_the_cache_in_place(tiny
         assert len(in_place[n]) == len(prompt) + n and np.array_equal(in_place[n], growing[n])
 
 
+@pytest.mark.slow
 def test_fuse_with_safetensors_is_refused_at_plan_time(tiny_model_dir, fast_recipe):
     recipe = fast_recipe("passes:\n  - type: fuse\nexport: {format: safetensors}\n")
     with pytest.raises(RecipeError) as err:

@@ -528,6 +528,7 @@ def test_pca_merges_rope_rotated_heads_losslessly_on_every_rope_layout(model_typ
 # ---- end to end ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_end_to_end_safetensors_loads_and_generates(tiny_model_dir, fast_recipe, tmp_path, tiny_tokenizer):
     import json
 

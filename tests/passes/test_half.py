@@ -36,6 +36,7 @@ def _onnx_types(folder):
     return {init.name: init.data_type for init in graph.initializer}, graph
 
 
+@pytest.mark.slow
 def test_fp16_onnx_halves_the_weights_keeps_norms_fp32_and_matches(tiny_model_dir, fast_recipe, tmp_path):
     result = llmopt.optimize(fast_recipe("passes:\n  - type: half\n" + CALIBRATION), model=str(tiny_model_dir),
                              output=tmp_path / "out")
@@ -55,6 +56,7 @@ def test_fp16_onnx_halves_the_weights_keeps_norms_fp32_and_matches(tiny_model_di
     assert report.quality.top1_agreement > 0.98
 
 
+@pytest.mark.slow
 def test_overflowing_modules_are_found_on_calibration_text_and_kept_fp32(tiny_tokenizer, fast_recipe, tmp_path):
     from llmopt.evaluation.runners import TorchRunner, load_runner
     from llmopt.blocks import model_blocks
@@ -109,6 +111,7 @@ def test_a_decoder_layer_that_overflows_keeps_nothing_more(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.slow
 def test_half_safetensors_stores_and_runs_in_its_dtype(dtype, tiny_tokenizer, fast_recipe, tmp_path):
     from tests.conftest import tiny_llama as build
 

@@ -367,6 +367,7 @@ def test_depth_pruning_keeps_which_moe_layers_are_dense():
     assert model.config.mlp_only_layers == [0] and kinds == [False, True]
 
 
+@pytest.mark.slow
 def test_end_to_end_safetensors_loads_and_generates(tiny_model_dir, fast_recipe, tmp_path, tiny_tokenizer):
     import llmopt
     from transformers import AutoModelForCausalLM
@@ -391,6 +392,7 @@ def test_end_to_end_safetensors_loads_and_generates(tiny_model_dir, fast_recipe,
     assert torch.equal(cached, uncached), (cached, uncached)
 
 
+@pytest.mark.slow
 def test_end_to_end_onnx_of_a_width_pruned_model(tiny_model_dir, fast_recipe, tmp_path):
     import llmopt
 

@@ -14,6 +14,7 @@ SMALL_EVAL = EvaluationConfig(max_tokens=256, window=64, speed=SpeedConfig(promp
 
 
 @pytest.mark.parametrize("name", shipped_recipe_names())
+@pytest.mark.slow
 def test_shipped_recipe_runs_on_a_tiny_model(name, tiny_model_dir, tmp_path):
     recipe = load_recipe(name)
     # The checks' thresholds are set for real models; a random one need not meet them. Distillation runs a
