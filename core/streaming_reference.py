@@ -63,41 +63,53 @@ def _load_layer(layer: Any, prefix: str, tensors: dict[str, Any]) -> list[Any]:
     return handles
 
 
-QUERY_CHUNK = 256  # queries per eager attention call in a trace
-CHUNKED_EAGER = "llmopt_chunked_eager"
+QUERY_CHUNK = 256  # queries per attention call in a trace
 
 
-def _chunked_eager(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
-    """The family's own eager attention (its soft-capping and scaling included), QUERY_CHUNK queries at a time.
+def _chunked(implementation: str) -> Any:
+    """The model's own attention function (`implementation`: eager, with the family's soft-capping and scaling,
+    or sdpa), QUERY_CHUNK queries at a time.
 
-    Why: the artifact check's long sequence must outrun every attention window (4096 + 16 tokens for Gemma 2), and
-    eager attention, which soft-capping families need, holds the (heads, T, T) scores several times over: 10.4 GB
-    at 7B shapes, where the rest of a streamed layer takes 3. Each chunk's rows of the additive mask keep the
-    causal and window structure; the outputs are the same rows of the whole call's."""
+    Why: the artifact check's long sequence must outrun every attention window (4096 + 16 tokens for Mistral or
+    Gemma 2), and attention under a mask holds the (heads, T, T) scores, several times over: at 7B shapes 10.4 GB
+    for Gemma 2's eager attention and 6.6 GB for Mistral's masked sdpa, where the rest of a streamed layer takes
+    3. Each chunk gets its rows of the mask, which keep the causal and window structure, so the outputs are the
+    same rows of the whole call's. Without a mask (plain causal sdpa) the kernel holds no scores: one call."""
     import sys
 
     import torch
 
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    length = query.shape[2]  # (B, heads, T, head_dim)
-    if length <= QUERY_CHUNK or attention_mask is None:
-        return eager(module, query, key, value, attention_mask, **kwargs)
-    outputs = [eager(module, query[:, :, start:start + QUERY_CHUNK], key, value,
-                     attention_mask[:, :, start:start + QUERY_CHUNK], **kwargs)[0]  # (B, chunk, heads, head_dim)
-               for start in range(0, length, QUERY_CHUNK)]
-    return torch.cat(outputs, dim=1), None
+    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+        if implementation == "eager":
+            function = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            function = ALL_ATTENTION_FUNCTIONS[implementation]
+        length = query.shape[2]  # (B, heads, T, head_dim)
+        if length <= QUERY_CHUNK or attention_mask is None:
+            return function(module, query, key, value, attention_mask, **kwargs)
+        outputs = [function(module, query[:, :, start:start + QUERY_CHUNK], key, value,
+                            attention_mask[:, :, start:start + QUERY_CHUNK], **kwargs)[0]  # (B, chunk, heads, dim)
+                   for start in range(0, length, QUERY_CHUNK)]
+        return torch.cat(outputs, dim=1), None
+
+    return attention
 
 
 def _bounded_attention(model: Any) -> None:
-    """Eager attention (soft-capping families) in query chunks for this model, with eager's own masks."""
+    """The model's attention (eager or sdpa) in query chunks, with that implementation's own masks."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-    if model.config._attn_implementation != "eager":
-        return  # sdpa does not hold the scores of the whole sequence at once
-    AttentionInterface.register(CHUNKED_EAGER, _chunked_eager)
-    AttentionMaskInterface.register(CHUNKED_EAGER, eager_mask)
-    model.config._attn_implementation = CHUNKED_EAGER
+    implementation = model.config._attn_implementation
+    masks = {"eager": eager_mask, "sdpa": sdpa_mask}
+    if implementation not in masks:
+        return
+    name = f"llmopt_chunked_{implementation}"
+    AttentionInterface.register(name, _chunked(implementation))
+    AttentionMaskInterface.register(name, masks[implementation])
+    model.config._attn_implementation = name
 
 
 class LayerTrace:

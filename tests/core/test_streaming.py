@@ -404,28 +404,37 @@ def test_a_streamed_plan_needs_one_layer_of_memory_whatever_the_depth(tiny_token
     assert estimates[8, True].output_disk_bytes > estimates[2, True].output_disk_bytes > 0
 
 
-def test_traces_run_eager_attention_in_query_chunks_with_the_same_logits(monkeypatch):
-    """Gemma 2's soft-capping needs eager attention, whose scores for the check's long sequence (past its 4096
-    window) dominate a streamed run's memory: the traces run it a chunk of queries at a time, each chunk with its
-    rows of the mask, and the logits stay those of the whole call, past the sliding window too."""
+@pytest.mark.parametrize("model_type,module", [("gemma2", "gemma2"), ("mistral", None)])
+def test_traces_run_attention_in_query_chunks_with_the_same_logits(model_type, module, monkeypatch):
+    """The check's long sequence must outrun the attention window, and attention under a mask holds every
+    query's scores (Gemma 2's soft-capped eager attention, Mistral's windowed sdpa): the traces run it a chunk
+    of queries at a time, each chunk with its rows of the mask, and the logits stay those of the whole call,
+    past the sliding window too."""
+    import importlib
+
+    import transformers.modeling_utils as modeling_utils
+
     from llmopt import streaming_reference
     from tests.core.test_architectures import tiny
 
-    model = tiny("gemma2")  # sliding window 8, soft-capped attention and logits
+    model = tiny(model_type)  # sliding window 8
     ids = torch.randint(3, 100, (1, 70), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         whole = model(ids).logits
-    import transformers.models.gemma2.modeling_gemma2 as gemma2
-
-    calls = []  # the query rows of every eager attention call
-    eager = gemma2.eager_attention_forward
-    monkeypatch.setattr(gemma2, "eager_attention_forward",
-                        lambda module, query, *args, **kwargs: calls.append(query.shape[2]) or eager(module, query,
-                                                                                                     *args, **kwargs))
+    calls = []  # the query rows of every attention call
+    if module:  # eager: the family's own function
+        family = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+        original = family.eager_attention_forward
+        monkeypatch.setattr(family, "eager_attention_forward", lambda m, query, *a, **k: calls.append(query.shape[2])
+                            or original(m, query, *a, **k))
+    else:
+        original = modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"]
+        monkeypatch.setitem(modeling_utils.ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa",
+                            lambda m, query, *a, **k: calls.append(query.shape[2]) or original(m, query, *a, **k))
     monkeypatch.setattr(streaming_reference, "QUERY_CHUNK", 16)
     streaming_reference._bounded_attention(model)
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, whole)
+        assert torch.allclose(model(ids).logits, whole, rtol=0, atol=1e-6)
     assert calls == [16, 16, 16, 16, 6] * model.config.num_hidden_layers
 
 
