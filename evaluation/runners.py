@@ -302,7 +302,8 @@ class OrtRunner:
 
     runtime = "onnxruntime"
 
-    def __init__(self, folder: Path, threads: int | None = None, provider: str = "CPUExecutionProvider") -> None:
+    def __init__(self, folder: Path, threads: int | None = None, provider: str = "CPUExecutionProvider", *,
+                 memory_arena: bool = True) -> None:
         import onnxruntime as ort
 
         from llmopt.exporters.onnx_genai import shares_kv_buffer
@@ -310,6 +311,10 @@ class OrtRunner:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # Off for a check of long sequences beside a model that is never whole (a streamed run): the CPU arena keeps
+        # each run's peak scratch, so a long prefill and then the cached decode's prefill stacked 3.8 GB twice at
+        # 7B shapes (4080 tokens, 32 heads); without it they take turns. On for speed measurements.
+        options.enable_cpu_mem_arena = memory_arena
         if provider not in ort.get_available_providers():  # e.g. CUDA asked of the CPU package: run, and say so
             provider = "CPUExecutionProvider"
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
@@ -340,10 +345,12 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def load_runner(folder: Path, fmt: str, threads: int | None = None, provider: str = "CPUExecutionProvider") -> Runner:
-    """A runner for an artifact folder written by one of the exporters, on the provider's device."""
+def load_runner(folder: Path, fmt: str, threads: int | None = None, provider: str = "CPUExecutionProvider", *,
+                memory_arena: bool = True) -> Runner:
+    """A runner for an artifact folder written by one of the exporters, on the provider's device (`memory_arena`:
+    onnxruntime's CPU arena, see OrtRunner)."""
     from llmopt.devices import torch_device
 
     if fmt == "onnx":
-        return OrtRunner(folder, threads, provider)
+        return OrtRunner(folder, threads, provider, memory_arena=memory_arena)
     return TorchRunner.load(folder, threads, torch_device(provider))
