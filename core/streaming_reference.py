@@ -231,7 +231,8 @@ class StreamCheck:
         self.baseline = LayerTrace(reader, self.windows, weights="checkpoint") if self.windows else None
         # Loading a safetensors artifact back dequantizes it whole (transformers): only when that fits.
         self.float_bytes = 4 * sum(math.prod(e.shape) for e in reader.entries.values())
-        self.scratch_bytes = 8 * config.num_attention_heads * len(self.sequences[-1]) ** 2
+        scores = 4 * config.num_attention_heads * len(self.sequences[-1]) ** 2  # one layer's, float32
+        self.scratch_bytes = scores * (1 + config.num_hidden_layers)  # above both measurements
 
     @property
     def traces(self) -> tuple[LayerTrace, ...]:
@@ -265,9 +266,9 @@ class StreamCheck:
         gc.collect()
         _return_freed_memory()
         # The runtime holds the artifact whole: onnxruntime the int4 weights, transformers the float32 model it
-        # dequantizes a safetensors artifact to; and one layer's attention scratch for the long sequence (the
-        # scores of every head, twice: 3.4 GB measured at 4080 tokens and 32 heads). Only when that fits; the
-        # report says when it did not.
+        # dequantizes a safetensors artifact to; and the attention scratch of the long sequence's prefill, which
+        # onnxruntime does not give back between layers (the scores of every head: +3.4 GB for one layer, +5.9 GB
+        # for three, at 4080 tokens and 32 heads). Only when that fits; the report says when it did not.
         needed = (weight_bytes(folder) if self.export_format == "onnx" else self.float_bytes) + self.scratch_bytes
         if needed > 0.7 * psutil.virtual_memory().available:
             return None, self.notes + [
