@@ -438,6 +438,20 @@ def test_traces_run_attention_in_query_chunks_with_the_same_logits(model_type, m
     assert calls == [16, 16, 16, 16, 6] * model.config.num_hidden_layers
 
 
+def test_a_check_that_would_not_fit_in_memory_is_skipped_and_the_report_says_so(tiny_tokenizer, tmp_path,
+                                                                              monkeypatch):
+    """The runtime holds the artifact and the long prefill's attention scratch at once: when that is more than
+    the machine has free, the artifact is written unchecked and says so, rather than risking the kill."""
+    import psutil
+
+    _checkpoint(tmp_path / "in", tiny_tokenizer)
+    free = type("Memory", (), {"available": 10_000, "total": 10**9})()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", QuantizeConfig(group_size=16))
+    assert result.validation is None and (tmp_path / "out/model.onnx").is_file()
+    assert any(n.startswith("validation: not run; onnxruntime would hold") for n in result.notes), result.notes
+
+
 def _tiny(model_type):
     """A tiny Mistral (no sliding window) or Qwen2 (q/k/v biases) with tiny_llama's sizes."""
     from transformers import AutoConfig, AutoModelForCausalLM
