@@ -266,9 +266,9 @@ class StreamCheck:
         gc.collect()
         _return_freed_memory()
         # The runtime holds the artifact whole: onnxruntime the int4 weights, transformers the float32 model it
-        # dequantizes a safetensors artifact to; and the attention scratch of the long sequence's prefill, which
-        # onnxruntime does not give back between layers (the scores of every head: +3.4 GB for one layer, +5.9 GB
-        # for three, at 4080 tokens and 32 heads). Only when that fits; the report says when it did not.
+        # dequantizes a safetensors artifact to; and the long sequence's prefill, whose scratch grows with the
+        # layers (+3.4 GB for one layer, +5.9 GB for three, at 4080 tokens and 32 heads: counted as one layer's
+        # scores per layer). Only when that fits; the report says when it did not.
         needed = (weight_bytes(folder) if self.export_format == "onnx" else self.float_bytes) + self.scratch_bytes
         if needed > 0.7 * psutil.virtual_memory().available:
             return None, self.notes + [
