@@ -98,7 +98,8 @@ def print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, junit_x
     if plan["calibration"]:
         c = plan["calibration"]
         console.print(f"  calibration: {c['data']}, {c['samples']} x {c['seq_len']} tokens")
-    console.print(f"  export: {r.export.format}; evaluated on {plan['device']}; evaluation: "
+    streamed = ", streamed layer by layer" if r.export.streaming else ""
+    console.print(f"  export: {r.export.format}{streamed}; evaluated on {plan['device']}; evaluation: "
                   + (f"{r.evaluation.data}, {r.evaluation.max_tokens} tokens" if r.evaluation.enabled else "off"))
     gates = ", ".join(f"{k} {'≤' if k.startswith('max_') else '≥'} {v}" for k, v in plan["checks"].items())
     console.print(f"  checks: {gates or 'none'}")
