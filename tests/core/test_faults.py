@@ -360,7 +360,7 @@ def test_a_pass_that_produces_nan_writes_nothing(monkeypatch, capsys, sandbox, t
         return state
 
     monkeypatch.setattr(QuantizePass, "run", poisoned)
-    previous_artifact(sandbox / "out", {"model.safetensors": "previous good artifact"})  # fails_cleanly: unchanged
+    out = previous_artifact(sandbox / "out", {"model.safetensors": "previous good artifact"})
     optimize(monkeypatch, capsys, sandbox, tiny_model_dir, 4, "Pass 'quantize' produced NaN or infinite values in 1 "
              "weight tensor(s): model.layers.0.mlp.down_proj.weight; nothing was written", extra=("--force",))
     assert (out / "model.safetensors").read_text() == "previous good artifact"
