@@ -1,12 +1,10 @@
 """What `optimize` and `validate --dry-run` print: the run's summary table and verdict line, the plan, the recipe
-listing."""
+listing. rich loads inside them: `llmopt --help` and `--version` import this module (start-up time)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from llmopt.cli.render import console, table
 
 
 def verdict(result) -> str:
@@ -35,6 +33,7 @@ def verdict(result) -> str:
 
 
 def print_summary(report, console) -> None:
+    from llmopt.cli.render import table
     from llmopt.evaluation.report import headline_rows
 
     def fmt(v):
@@ -58,6 +57,7 @@ def print_plan(recipe: str, as_json: bool, *, output: Path, force: bool, junit_x
     from llmopt import preflight
     from llmopt.api import validate as run_validate
     from llmopt.artifact import check_destination
+    from llmopt.cli.render import console
     from llmopt.devices import device_name
     from llmopt.pipeline import plan_inputs
     from llmopt.write_safety import Input, check_file_output, real
@@ -124,6 +124,7 @@ def print_recipes(console, summaries: dict[str, str], indent: str = "") -> None:
 
 def print_comparison(c, names: list[str]) -> None:
     """`llmopt compare`'s table: each run against the first, changes beyond the spread coloured, the Pareto front."""
+    from llmopt.cli.render import console, table
     from llmopt.evaluation.compare import format_value as fmt
 
     body = []
@@ -154,6 +155,8 @@ def _short_name(path: Path) -> str:
 
 def print_speculative(s, model: str, assistant: str) -> None:
     """`llmopt bench`'s table (llmopt.evaluation.speculative's summary)."""
+    from llmopt.cli.render import console, table
+
     rows = [["acceptance rate (per drafted token)", f"{s.acceptance_rate:.1%}"],
             [f"expected tokens per target step (k = {s.draft_tokens})", f"{s.expected_tokens_per_step:.2f}"],
             ["tokens/s, model alone", f"{s.tokens_per_s_plain:.1f}"],
