@@ -156,10 +156,10 @@ class LayerTrace:
     def _weights(self, tensors: dict[str, Any]) -> dict[str, Any]:
         if self.weights == "stored":
             return tensors
-        # The baseline: projections read again when they run (one at a time, as the stored ones are
-        # dequantized), the small tensors at once.
-        return {name: _OnDisk(self.reader, name) if name.endswith("_proj.weight") else self.reader.read(name)
-                for name in tensors}
+        # The baseline: every matrix (the layer's Linears, whatever the family names them) read again when its
+        # module runs, one at a time as the stored ones are dequantized; norms and biases at once.
+        return {name: _OnDisk(self.reader, name) if len(self.reader.entries[name].shape) == 2
+                else self.reader.read(name) for name in tensors}
 
     def _final(self, tensors: dict[str, Any]) -> None:
         """The final norm applied; lm_head (the embedding table when tied and not written apart) kept for

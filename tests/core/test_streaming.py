@@ -501,6 +501,33 @@ def test_onnx_stream_every_family(model_type, options, tiny_tokenizer, tmp_path)
 
 
 @pytest.mark.parametrize("model_type", STREAMED)
+def test_the_evaluation_baseline_walk_gives_the_models_logits_on_every_family(model_type, tmp_path, monkeypatch):
+    """A streamed run's baseline: the checkpoint's float weights taken through the blocks one layer at a time
+    (each matrix read again when its module runs) give the whole model's logits, over a sequence past every window
+    (8 tokens), with attention in chunks of 16 queries: embedding scale, soft-caps, fused projections, experts and
+    per-layer rotary tables included."""
+    from dataclasses import replace
+
+    from llmopt import streaming_reference
+    from llmopt.streaming import plan_stream
+    from tests.core.test_architectures import tiny
+
+    model = tiny(model_type)
+    model.save_pretrained(tmp_path / "in", safe_serialization=True)
+    ids = np.random.default_rng(3).integers(3, 200, 40).astype(np.int64)
+    with torch.no_grad():
+        whole = model(torch.from_numpy(ids[None])).logits[0].numpy()
+    monkeypatch.setattr(streaming_reference, "QUERY_CHUNK", 16)
+    plan, reader = plan_stream(tmp_path / "in", QuantizeConfig(group_size=16))
+    trace = streaming_reference.LayerTrace(reader, [ids], weights="checkpoint")
+    for _ in replace(plan, observers=(trace,)).blocks(reader):
+        pass
+    diff = np.abs(trace.logits(0) - whole).max()
+    print(f"{model_type}: max |dlogit| {diff:.2e} (logits up to {np.abs(whole).max():.2f})")
+    assert diff < 1e-5 * max(1.0, np.abs(whole).max())
+
+
+@pytest.mark.parametrize("model_type", STREAMED)
 @pytest.mark.slow
 def test_safetensors_stream_every_family(model_type, tiny_tokenizer, tmp_path):
     """Each described dense family streamed to compressed-tensors: the in-memory exporter's file, byte for byte
