@@ -44,6 +44,8 @@ class Plan:
     exporter: Any
     output: Path | None
     provider: str = "CPUExecutionProvider"  # where the artifact is evaluated (onnxruntime execution provider)
+    # export.streaming: the checkpoint's StreamPlan and CheckpointReader (llmopt.streaming), read once at plan time
+    stream: tuple[Any, Any] | None = None
 
 
 @dataclass
@@ -110,11 +112,12 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
     exporter = EXPORTERS[recipe.export.format](recipe.export)
     exporter.check(planned, config, passes)
     provider = devices.resolve_provider(recipe.export.execution_provider)
+    the_plan = Plan(recipe, source, arch, planned, passes, exporter, Path(output) if output else None, provider)
     if recipe.export.streaming:  # layer by layer from the checkpoint (llmopt.streaming): what it can run
         from llmopt.streaming import check_streamable
 
-        check_streamable(Plan(recipe, source, arch, planned, passes, exporter, None))
-    return Plan(recipe, source, arch, planned, passes, exporter, Path(output) if output else None, provider)
+        the_plan.stream = check_streamable(the_plan)
+    return the_plan
 
 
 def plan_inputs(plan: Plan) -> list[Input]:

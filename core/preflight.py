@@ -85,9 +85,7 @@ def _streamed(plan: Any, output: Path) -> Estimate:
     """A streamed run's needs: about one block's memory whatever the depth, the artifact's size on disk."""
     import psutil
 
-    from llmopt.streaming import check_streamable
-
-    stream_plan, reader = check_streamable(plan)
+    stream_plan, reader = plan.stream
     existing = Path(output).resolve().parent
     while not existing.exists():
         existing = existing.parent
@@ -104,12 +102,12 @@ def _streamed(plan: Any, output: Path) -> Estimate:
 
 def estimated_output_bytes(plan: Any, reader: Any) -> int:
     """The artifact's weight bytes: float32 for what stays float, codes + float32 scales for the rest."""
+    import math
+
     q = plan.quantize
     total = 0
     for name, entry in reader.entries.items():
-        count = 1
-        for d in entry.shape:
-            count *= d
+        count = math.prod(entry.shape)
         total += count * (q.bits / 8 + 4 / q.group_size) if name in plan.quantized else count * 4
     if plan.untie:  # lm_head's codes, from the embedding table
         rows, cols = reader.entries["model.embed_tokens.weight"].shape
@@ -142,11 +140,16 @@ def estimated_peak_bytes(plan: Any, reader: Any, recipe: Any = None) -> int:
 
 
 def check_disk(plan: Any, reader: Any, out: Path) -> None:
+    """llmopt.streaming.quantize_checkpoint's disk check (the pipeline's is `check`)."""
     needed, free = estimated_output_bytes(plan, reader), shutil.disk_usage(out.resolve().parent).free
     if needed > free and os.environ.get(SKIP_ENV) != "1":
-        raise ResourceError(f"The artifact needs about {needed / 1e9:.1f} GB next to '{out}' and "
-                            f"{free / 1e9:.1f} GB is free; nothing was started.",
-                            f"Free disk space or choose another output folder; set {SKIP_ENV}=1 to try anyway.")
+        raise _streamed_disk_error(needed, free, out)
+
+
+def _streamed_disk_error(needed: int, free: int, out: Path | str) -> ResourceError:
+    return ResourceError(f"The artifact needs about {needed / 1e9:.1f} GB next to '{out}' and {free / 1e9:.1f} GB "
+                         "is free; nothing was started.",
+                         f"Free disk space or choose another output folder; set {SKIP_ENV}=1 to try anyway.")
 
 
 def _size(n: float) -> str:
@@ -185,9 +188,7 @@ def check(found: Estimate) -> None:
             + "; a recipe of one weight-only `quantize` pass (RTN, GPTQ, AWQ) can run layer by layer "
             f"with `export.streaming: true` (memory about one layer, whatever the depth); set {SKIP_ENV}=1 to try anyway.")
     if not found.fits_disk and found.streamed:
-        raise ResourceError(f"The artifact needs about {_size(found.disk_bytes)} next to the output and "
-                            f"{_size(found.free_output_bytes)} is free; nothing was started.",
-                            f"Free disk space or choose another --output; set {SKIP_ENV}=1 to try anyway.")
+        raise _streamed_disk_error(found.disk_bytes, found.free_output_bytes, "the output")
     if not found.fits_disk:
         raise ResourceError(
             f"This run writes about {_size(found.disk_bytes)} (a float32 baseline export in the temp folder; "

@@ -191,9 +191,9 @@ class StreamResult:
 
 
 def stream_artifact(plan: StreamPlan, reader: CheckpointReader, folder: Path, *, export_format: str,
-                    accuracy_level: int = 0, max_shard_bytes: int = 5_000_000_000) -> StreamResult:
+                    accuracy_level: int = 0, max_shard_bytes: int = 5_000_000_000, tokenizer: Any = None) -> StreamResult:
     """Write the plan's artifact (weights, config, tokenizer) into `folder`, block by block, every block shown to
-    the plan's observers first."""
+    the plan's observers first. `tokenizer`: the checkpoint's, when the caller has loaded it already."""
     if export_format == "onnx":
         from llmopt.exporters.onnx_stream import write_onnx
 
@@ -202,7 +202,7 @@ def stream_artifact(plan: StreamPlan, reader: CheckpointReader, folder: Path, *,
         from llmopt.exporters.safetensors_stream import write_safetensors
 
         info = write_safetensors(plan, reader, folder, max_shard_bytes=max_shard_bytes)
-    _copy_tokenizer(reader.folder, folder)
+    _copy_tokenizer(reader.folder, folder, tokenizer)
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     return StreamResult(folder, files, len(plan.quantized), info, plan.pass_info)
 
@@ -233,21 +233,22 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
     from llmopt.write_safety import Input, real
 
     plan, reader = plan_stream(model, quantize, export_format=export_format)
+    tokenizer = checkpoint_tokenizer(Path(model), required=plan.calibrated and calibration is None)
     if plan.calibrated:
         plan = replace(plan, windows=tuple(calibration if calibration is not None
-                                           else default_calibration(Path(model), seed)), seed=seed)
+                                           else default_calibration(tokenizer, seed)), seed=seed)
     out = check_destination(Path(output), force, [Input("the model", real(model))])
     with OutputLock(out):
         check_disk(plan, reader, out)
         check = None
         if validate:
-            check = StreamCheck(reader, export_format, validation or OnnxValidation(),
-                                tokenizer=checkpoint_tokenizer(Path(model), required=False))
+            check = StreamCheck(reader, export_format, validation or OnnxValidation(), tokenizer=tokenizer)
             plan = replace(plan, observers=check.traces)
         staging = new_staging(out)
         try:
             result = stream_artifact(plan, reader, staging, export_format=export_format,
-                                     accuracy_level=accuracy_level, max_shard_bytes=max_shard_bytes)
+                                     accuracy_level=accuracy_level, max_shard_bytes=max_shard_bytes,
+                                     tokenizer=tokenizer)
             if check is not None:
                 result.validation, result.notes = check.run(staging)
             recipe = {"model": str(model), "passes": [quantize.model_dump(mode="json")],
@@ -260,13 +261,13 @@ def quantize_checkpoint(model: str | Path, output: str | Path, quantize: Quantiz
     return result
 
 
-def default_calibration(model: Path, seed: int) -> list[Any]:
+def default_calibration(tokenizer: Any, seed: int) -> list[Any]:
     """32 windows of 256 tokens (the `calibration` section's defaults) of the built-in text, drawn with `seed`."""
     from llmopt.evaluation.calibration import calibration_batches
     from llmopt.recipe import CalibrationConfig
 
     c = CalibrationConfig()
-    windows, _ = calibration_batches(checkpoint_tokenizer(model), data=c.data, text_field=c.text_field,
+    windows, _ = calibration_batches(tokenizer, data=c.data, text_field=c.text_field,
                                      samples=c.samples, seq_len=c.seq_len, seed=seed)
     return windows
 
@@ -285,8 +286,9 @@ def checkpoint_tokenizer(model: Path, required: bool = True) -> Any:
     try:
         return AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as exc:
-        raise InputError(f"GPTQ and AWQ calibrate on text, and the tokenizer of '{model}' cannot be loaded: "
-                         f"{str(exc).splitlines()[0]}", hint) from None
+        raise InputError(f"The tokenizer of '{model}' cannot be loaded: {str(exc).splitlines()[0]}",
+                         "Fix or remove the tokenizer files next to the weights (GPTQ and AWQ need a tokenizer to "
+                         "calibrate on text).") from None
 
 
 def check_streamable(plan: Any) -> tuple[StreamPlan, CheckpointReader]:
@@ -332,7 +334,7 @@ def run_streamed(plan: Any, staging: Path, steps: Any, resume: bool = False) -> 
 
     recipe, folder = plan.recipe, Path(plan.source.path)
     quantize, fmt, ev = recipe.passes[0], recipe.export.format, recipe.evaluation
-    stream_plan, reader = plan_stream(folder, quantize, export_format=fmt)
+    stream_plan, reader = plan.stream  # checked at plan time (check_streamable)
     tokenizer = checkpoint_tokenizer(folder, required=stream_plan.calibrated)
     notes = [STREAMING_NOTE]
     calibration = None
@@ -354,20 +356,21 @@ def run_streamed(plan: Any, staging: Path, steps: Any, resume: bool = False) -> 
     t0 = time.perf_counter()
     with steps("quantize and export, layer by layer"):
         result = stream_artifact(stream_plan, reader, staging, export_format=fmt,
-                                 accuracy_level=recipe.export.accuracy_level)
+                                 accuracy_level=recipe.export.accuracy_level, tokenizer=tokenizer)
     seconds = time.perf_counter() - t0
-    input_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    input_bytes = plan.source.input_bytes  # the checkpoint's safetensors files
     evaluation = Evaluation(baseline_bytes=input_bytes, threads=None)
     if windows:
         with steps("quality (perplexity, KL, top-1)"):
             scores = check.quality(steps.progress.advance)
-        evaluation.baseline["perplexity"], evaluation.optimized["perplexity"] = scores.baseline_perplexity, scores.perplexity
+        evaluation.baseline["perplexity"] = scores.baseline_perplexity
+        evaluation.optimized["perplexity"] = scores.perplexity
         evaluation.quality = quality_report(scores, description, ev.window)
     with steps("validate artifact"):
         evaluation.validation, check_notes = check.run(staging)
 
     parameters = parameter_count(plan.source)
-    runtime = "onnxruntime" if fmt == "onnx" else "pytorch"
+    runtime = plan.exporter.runtime
     kv_bytes = plan.arch.kv_cache_bytes_per_token()
     return Outcome(
         export={"format": fmt, "runtime": runtime, "files": sorted(result.files), **result.info},
@@ -399,14 +402,14 @@ class _BlockProgress:
         self.progress.advance(self.done, self.total)
 
 
-def _copy_tokenizer(model: Path, folder: Path) -> None:
+def _copy_tokenizer(model: Path, folder: Path, tokenizer: Any = None) -> None:
     """The tokenizer and generation config next to the weights, as the exporters write them."""
     import shutil
 
-    from transformers import AutoTokenizer
-
-    if any((model / name).is_file() for name in TOKENIZER_FILES):
-        AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+    if tokenizer is None:
+        tokenizer = checkpoint_tokenizer(model, required=False)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     if (model / "generation_config.json").is_file():
         # As given: transformers refuses to save a config with sampling settings but no do_sample.
         shutil.copyfile(model / "generation_config.json", folder / "generation_config.json")
