@@ -239,13 +239,17 @@ def run_child(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def safetensors_bytes(model: Path) -> int:
+    return sum(p.stat().st_size for p in model.glob("*.safetensors"))
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def stream_rows(title: str, model: Path, work: Path, args: argparse.Namespace) -> None:
     """Stream `model` to each format in a child; each row is printed as soon as it is measured."""
-    size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    size = safetensors_bytes(model)
     print(f"\n{title}: input checkpoint {size / GB:.2f} GB on disk")
     print(f"{'step':58s} {'peak RSS GB':>11s} {'/ input':>8s} {'wall s':>8s} {'output GB':>10s}", flush=True)
     method = ("AWQ + " if args.awq else "") + args.method.upper()
@@ -268,7 +272,7 @@ MARKDOWN_ROWS: list[str] = []  # with --markdown, the rows again as one table fo
 
 def evaluated_rows(model: Path, args: argparse.Namespace) -> None:
     """The pipeline's run of the same quantize pass, streamed and in memory, both evaluated on the same windows."""
-    size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    size = safetensors_bytes(model)
     title = "SmolLM2-135M through llmopt.optimize, evaluated"
     print(f"\n{title}")
     method = ("AWQ + " if args.awq else "") + args.method.upper()
@@ -283,6 +287,7 @@ def evaluated_rows(model: Path, args: argparse.Namespace) -> None:
 
 
 def print_row(label: str, model_bytes: int, r: dict, title: str = "") -> None:
+    """One measured step, printed at once (and kept for --markdown)."""
     out = r.get("weights_bytes")
     quality = (f"{r['baseline_perplexity']:.2f} → {r['perplexity']:.2f} ({r['increase_pct']:+.1f}% "
                f"[{r['interval'][0]:.1f}, {r['interval'][1]:.1f}]), KL {r['kl']}, top-1 {r['top1']:.1%}"
@@ -290,11 +295,6 @@ def print_row(label: str, model_bytes: int, r: dict, title: str = "") -> None:
     MARKDOWN_ROWS.append(f"| {title} | {label} | {model_bytes / GB:.2f} | {r['peak_rss_bytes'] / GB:.2f} | "
                          f"{r['wall_s']:.0f} | {f'{out / GB:.2f}' if out else ''} | "
                          f"{'yes' if r.get('validated') else 'no' if r.get('validated') is False else ''} | {quality} |")
-    _print_row(label, model_bytes, r)
-
-
-def _print_row(label: str, model_bytes: int, r: dict) -> None:
-    out = r.get("weights_bytes")
     print(f"{label:58s} {r['peak_rss_bytes'] / GB:11.2f} {r['peak_rss_bytes'] / model_bytes:8.3f} "
           f"{r['wall_s']:8.1f} {(f'{out / GB:.2f}' if out else ''):>10s}")
     extra = {k: v for k, v in r.items() if k not in ("peak_rss_bytes", "wall_s", "weights_bytes")}
