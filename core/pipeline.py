@@ -101,8 +101,8 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
     arch = planned = ArchInfo.from_config(config)
     passes = []
     for i, pass_config in enumerate(recipe.passes):
-        _check_after_quantize(recipe.passes, i)
         p = PASSES[pass_config.type](pass_config)
+        p.check_order(recipe.passes[:i], where=f"passes[{i}]")
         planned = p.check(planned, where=f"passes[{i}]")
         passes.append(p)
     if any(p.needs_calibration for p in passes):
@@ -123,20 +123,6 @@ def plan(recipe: str | Path | Recipe, *, output: str | Path | None = None, **ove
 def plan_inputs(plan: Plan) -> list[Input]:
     """What the plan's run reads, which its output may not overlap (llmopt.write_safety)."""
     return recipe_inputs(plan.recipe, plan.source.read_root)
-
-
-# Passes that rewrite weights: after quantize, the integer codes the exporters store would no longer match them.
-_REWRITE_WEIGHTS = ("prune", "gqa")
-
-
-def _check_after_quantize(pass_configs: list[Any], i: int) -> None:
-    kind = pass_configs[i].type
-    earlier = next((j for j in range(i) if pass_configs[j].type == "quantize"), None)
-    if kind in _REWRITE_WEIGHTS and earlier is not None:
-        raise RecipeError(
-            f"passes[{i}].type: '{kind}' cannot run after quantize (passes[{earlier}]): it would change weights "
-            "whose integer codes are already chosen, and the artifact would store the stale codes.",
-            f"Move quantize after {kind} (distill may follow quantize: it trains only the float weights).")
 
 
 def library_versions() -> dict[str, str]:

@@ -301,6 +301,13 @@ def recipe_summary(name: str) -> str:
     return " ".join(lines)
 
 
+def recipes_markdown() -> str:
+    """The README's table of shipped recipes, from their descriptions (a test keeps the README in sync)."""
+    rows = ["| recipe | what it makes |", "|---|---|"]
+    rows += [f"| `{name}` | {recipe_summary(name).replace('|', '&#124;')} |" for name in shipped_recipe_names()]
+    return "\n".join(rows) + "\n"
+
+
 def shipped_recipe_names() -> list[str]:
     from importlib import resources
 

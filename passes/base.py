@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -34,8 +34,24 @@ class Pass:
         """
         return arch
 
+    def check_order(self, earlier: Sequence[PassConfig], where: str) -> None:
+        """Raise RecipeError at plan time if this pass cannot follow `earlier`, the recipe's passes before it."""
+
     def check_export(self, export_format: str, where: str) -> None:
         """Raise RecipeError at plan time if this pass's result cannot be stored in `export_format`."""
 
     def run(self, state: ModelState, ctx: PassContext) -> ModelState:
         raise NotImplementedError
+
+
+def refuse_after_quantize(kind: str, earlier: Sequence[PassConfig], where: str) -> None:
+    """For passes that rewrite weights: after quantize, the integer codes the exporters store would no longer
+    match them."""
+    from llmopt.errors import RecipeError
+
+    quantized_at = next((j for j, c in enumerate(earlier) if c.type == "quantize"), None)
+    if quantized_at is not None:
+        raise RecipeError(
+            f"{where}.type: '{kind}' cannot run after quantize (passes[{quantized_at}]): it would change weights "
+            "whose integer codes are already chosen, and the artifact would store the stale codes.",
+            f"Move quantize after {kind} (distill may follow quantize: it trains only the float weights).")

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     import torch
 
 
-class DistillConfig(PassConfig):
-    type: Literal["distill"] = "distill"
+class TrainingConfig(PassConfig):
+    """The settings of every pass that trains against a teacher: `distill`, and `qad` on the quantized model."""
+
     teacher: str | None = Field(
         None, description="None: the model as it was before the pipeline's first pass. Or a local folder, hub id or "
                           "'demo' (loaded with safetensors only) with the same vocabulary.")
@@ -51,10 +52,6 @@ class DistillConfig(PassConfig):
                                                               "(0: none; the last step's weights are kept).")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without a lower held-out loss (None: never).")
-    freeze: list[str] = Field(default_factory=list, description="Parameter-name glob patterns to keep fixed, e.g. "
-                                                                "['model.embed_tokens.*', '*.mlp.*'].")
-    train_only: list[str] = Field(default_factory=list, description="If given, train only parameters matching these "
-                                                                    "globs, e.g. ['*.self_attn.*'] after a GQA rewrite.")
     checkpoint_dir: str | None = Field(None, description="Folder for checkpoints (and the teacher cache); a run "
                                                          "resumes from the latest checkpoint found there. On several "
                                                          "nodes: a filesystem they all see.")
@@ -69,7 +66,7 @@ class DistillConfig(PassConfig):
                                                             "about a third more compute.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "DistillConfig":
+    def _consistent(self) -> "TrainingConfig":
         if self.kl_weight == self.lm_weight == self.hidden_weight == 0:
             raise ValueError("kl_weight, lm_weight and hidden_weight are all 0: nothing to train on")
         if self.cache_teacher and self.loss != "topk_kl":
@@ -90,6 +87,14 @@ class DistillConfig(PassConfig):
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else self.steps // 10
+
+
+class DistillConfig(TrainingConfig):
+    type: Literal["distill"] = "distill"
+    freeze: list[str] = Field(default_factory=list, description="Parameter-name glob patterns to keep fixed, e.g. "
+                                                                "['model.embed_tokens.*', '*.mlp.*'].")
+    train_only: list[str] = Field(default_factory=list, description="If given, train only parameters matching these "
+                                                                    "globs, e.g. ['*.self_attn.*'] after a GQA rewrite.")
 
 
 class DistillPass(Pass):

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from llmopt.artifact import new_scratch
 from llmopt.errors import InputError
-from llmopt.passes.distill import DistillConfig, hidden_loss, kl_loss, lm_loss, topk_kl_loss, topk_targets
+from llmopt.passes.distill import TrainingConfig, hidden_loss, kl_loss, lm_loss, topk_kl_loss, topk_targets
 from llmopt.passes.distill_checkpoints import (RunState, cache_matches, fingerprint, full_tensor, latest_checkpoint,
                                              load_checkpoint, load_optimizer, local_numel, save_checkpoint)
 
@@ -83,7 +83,7 @@ def split(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]
 class Objective:
     """The weighted loss of a batch of windows, with the teacher's targets computed on the fly or read from disk."""
 
-    def __init__(self, config: DistillConfig, windows: list[np.ndarray], teacher: Any, layer_map: dict[int, int]):
+    def __init__(self, config: TrainingConfig, windows: list[np.ndarray], teacher: Any, layer_map: dict[int, int]):
         self.c, self.windows, self.teacher, self.layer_map = config, windows, teacher, layer_map
         self.cache: Any = None
         self.device = torch.device("cpu")
@@ -157,7 +157,7 @@ class Objective:
         return loss
 
 
-def train(model: Any, objective: Objective, c: DistillConfig, trainable: list[str], *, seed: int,
+def train(model: Any, objective: Objective, c: TrainingConfig, trainable: list[str], *, seed: int,
           progress: Callable[[int, int], None]) -> tuple[Any, dict[str, Any]]:
     """Train `model` on `objective`; returns it, on the CPU in eval mode with the best weights, and the run's
     info. The same module, trained in place, except under FSDP: fully_shard consumes the module, and the
@@ -294,7 +294,7 @@ def train(model: Any, objective: Objective, c: DistillConfig, trainable: list[st
     }
 
 
-def _accelerator(c: DistillConfig) -> Any:
+def _accelerator(c: TrainingConfig) -> Any:
     from accelerate import Accelerator
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(c.precision)

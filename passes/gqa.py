@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from pydantic import Field
 
 from llmopt.architectures import Architecture, qk_norm, require, rotary_pairs
 from llmopt.errors import InputError, RecipeError
 from llmopt.model import ArchInfo
-from llmopt.passes.base import Pass, PassConfig
+from llmopt.passes.base import Pass, PassConfig, refuse_after_quantize
 from llmopt.passes.gqa_merge import (LayerData, LayerStats, Merge, contiguous_groups, mean_merge, pair_order, pca_layer,
                                      query_weights)
 from llmopt.state import ModelState, PassContext
@@ -78,6 +78,9 @@ class GqaPass(Pass):
     Config = GqaConfig
     config: GqaConfig
     needs_calibration = True  # `mean` never calls it
+
+    def check_order(self, earlier: Sequence[PassConfig], where: str) -> None:
+        refuse_after_quantize(self.type, earlier, where)
 
     def check(self, arch: ArchInfo, where: str) -> ArchInfo:
         _require_supported(arch.model_type, where)

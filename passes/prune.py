@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
 from llmopt.architectures import require
 from llmopt.errors import RecipeError
 from llmopt.model import ArchInfo
-from llmopt.passes.base import Pass, PassConfig
+from llmopt.passes.base import Pass, PassConfig, refuse_after_quantize
 from llmopt.state import ModelState, PassContext
 
 SPARSITY_NOTE = (
@@ -123,6 +123,9 @@ class PrunePass(Pass):
     Config = PruneConfig
     config: PruneConfig
     needs_calibration = True
+
+    def check_order(self, earlier: Sequence[PassConfig], where: str) -> None:
+        refuse_after_quantize(self.type, earlier, where)
 
     def check(self, arch: ArchInfo, where: str) -> ArchInfo:
         c = self.config

@@ -17,9 +17,10 @@ SMALL_EVAL = EvaluationConfig(max_tokens=256, window=64, speed=SpeedConfig(promp
 @pytest.mark.slow
 def test_shipped_recipe_runs_on_a_tiny_model(name, tiny_model_dir, tmp_path):
     recipe = load_recipe(name)
-    # The checks' thresholds are set for real models; a random one need not meet them. Distillation runs a
-    # few steps only: what it does is tested in tests/passes/test_distill.py.
-    passes = [p.model_copy(update={"steps": 3, "eval_every": 3}) if p.type == "distill" else p for p in recipe.passes]
+    # The checks' thresholds are set for real models; a random one need not meet them. Training passes (distill,
+    # qad) run a few steps only: what they do is tested in their own tests.
+    passes = [p.model_copy(update={"steps": 3, "eval_every": 3}) if "steps" in type(p).model_fields else p
+              for p in recipe.passes]
     recipe = recipe.model_copy(update={"evaluation": SMALL_EVAL, "checks": ChecksConfig(), "passes": passes})
     result = llmopt.optimize(recipe, model=str(tiny_model_dir), output=tmp_path / name)
     report = result.report
@@ -40,3 +41,14 @@ def test_shipped_recipe_runs_on_a_tiny_model(name, tiny_model_dir, tmp_path):
             assert config["intermediate_size"] < 128
         if p.type == "distill":
             assert info["distill"]["steps_done"] >= 1
+
+
+def test_the_readme_lists_every_shipped_recipe_with_its_own_description():
+    from pathlib import Path
+
+    from llmopt.recipe import recipes_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("<!-- recipes -->\n") + len("<!-- recipes -->\n"):readme.index("<!-- /recipes -->")]
+    assert block == recipes_markdown(), "README's recipe table is stale: paste llmopt.recipe.recipes_markdown()"
+    assert all(f"| `{name}` |" in block for name in shipped_recipe_names())
