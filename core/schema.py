@@ -41,6 +41,20 @@ def _type_name(info: dict[str, Any]) -> str:
     return str(info.get("type", "any"))
 
 
+def pass_list_markdown() -> str:
+    """The README's list of passes: each one's name and the first paragraph of its docstring (a test keeps the
+    README in sync)."""
+    import inspect
+
+    from llmopt.passes import PASSES
+
+    lines = []
+    for name, cls in PASSES.items():
+        summary = " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split())
+        lines.append(f"- `{name}`: {summary}")
+    return "\n".join(lines) + "\n"
+
+
 def passes_markdown() -> str:
     """docs/passes.md: one section per pass, from its docstring and config (a test keeps it in sync)."""
     import inspect

@@ -98,7 +98,8 @@ class DistillConfig(TrainingConfig):
 
 
 class DistillPass(Pass):
-    """Knowledge distillation: the student learns the teacher's next-token distributions on the pipeline's text.
+    """Knowledge distillation: the student learns the teacher's next-token distributions on the pipeline's text;
+    on several GPUs or nodes with accelerate (`docs/distributed.md`).
 
     Loss per token position, averaged over positions, then weighted and summed:
       - kl_weight · T² · KL(p_t ‖ p_s), p = softmax(logits / T): forward KL (Hinton et al. 2015,

@@ -93,7 +93,8 @@ class PruneConfig(PassConfig):
 
 
 class PrunePass(Pass):
-    """Structured pruning to a smaller dense model, or sparsity that keeps the shapes.
+    """Structured pruning to a smaller dense model (MLP channels and heads, or whole layers), or sparsity that
+    keeps the shapes (2:4, unstructured).
 
     - width: removes the same number of MLP intermediate channels (rows of gate/up_proj, columns of
       down_proj) and attention heads (rows of q/k/v_proj, columns of o_proj) in every layer, the least

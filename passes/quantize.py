@@ -94,7 +94,8 @@ class QuantizeConfig(PassConfig):
 
 
 class QuantizePass(Pass):
-    """Weight-only quantization, group-wise along the input dimension: round-to-nearest or GPTQ.
+    """Weight-only quantization, group-wise along the input dimension: round-to-nearest or GPTQ, with AWQ scales
+    and mixed int4/int8 precision; or int8 weights and activations (W8A8) with SmoothQuant.
 
     Each group of `group_size` weights gets one float32 scale (and a zero point when asymmetric);
     codes are round(w / scale) (+ zero point), clamped to the `bits` range. The model keeps running

@@ -52,6 +52,16 @@ def test_pass_docs_are_generated_from_the_configs():
     assert "| `group_size` | integer | `32` |" in committed
 
 
+def test_the_readme_lists_every_pass_from_its_docstring():
+    from llmopt.passes import PASSES
+    from llmopt.schema import pass_list_markdown
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("<!-- passes -->\n") + len("<!-- passes -->\n"):readme.index("<!-- /passes -->")]
+    assert block == pass_list_markdown(), "README's pass list is stale: paste llmopt.schema.pass_list_markdown()"
+    assert [line.split("`")[1] for line in block.splitlines()] == list(PASSES)
+
+
 def test_report_schema_file_is_generated_from_the_report_model():
     proc = llmopt("schema", "--report")
     assert proc.returncode == 0
