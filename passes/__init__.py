@@ -6,11 +6,13 @@ from llmopt.passes.fuse import FusePass
 from llmopt.passes.gqa import GqaPass
 from llmopt.passes.half import HalfPass
 from llmopt.passes.prune import PrunePass
+from llmopt.passes.qad import QadPass
 from llmopt.passes.quantize import QuantizePass
 
 PASSES: dict[str, type[Pass]] = {
     "quantize": QuantizePass,
     "distill": DistillPass,
+    "qad": QadPass,
     "gqa": GqaPass,
     "prune": PrunePass,
     "fuse": FusePass,
