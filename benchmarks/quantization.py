@@ -1,7 +1,8 @@
 """Benchmark: weight quantization of SmolLM2-135M-Instruct to ONNX, llmopt against its peers, side by side.
 
     python benchmarks/quantization.py [--model demo] [--eval-tokens 4096] [--window 256] [--samples 32]
-                                      [--threads 2] [--out DIR] [--only LABEL ...]
+                                      [--qad-steps 200] [--qad-samples 128] [--threads 2] [--out DIR]
+                                      [--only LABEL ...]
 
 Rows: llmopt's quantizers (RTN, GPTQ, AWQ + GPTQ; int4 and int8), each run through llmopt's Python API with
 evaluation off, the fuse pass after it, and exported to ONNX (MatMulNBits, accuracy_level 4); onnxruntime-genai's model builder (its
@@ -18,7 +19,8 @@ reproduce PyTorch in both runners (logits and greedy tokens; the script stops ot
 
 Calibration (GPTQ, AWQ) draws from the built-in text after the evaluation tokens, so the two never overlap.
 Coverage is the builder's: every Linear including lm_head, and the token embedding (tied to lm_head). CPU
-budget: about 25 minutes on 2 cores (AWQ + GPTQ is a third of it), plus a one-time peer venv (~2 minutes).
+budget: about 25 minutes on 2 cores (AWQ + GPTQ is a third of it) plus the QAD row (about an hour at 200 steps),
+and a one-time peer venv (~2 minutes).
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ LLMOPT_ROWS: list[tuple[str, list[dict]]] = [
      [quantize(bits=8, activations="int8", smoothquant=True), FUSE]),
     ("llmopt int4/int8 mixed RTN, symmetric, 6.0 bits/weight",
      [quantize(method="rtn", bits=4, symmetric=True, target_bits_per_weight=6.0), FUSE]),
+    # The int4-qad-onnx recipe: AWQ + GPTQ, then the group scales trained against the fp32 model (steps from
+    # --qad-steps), on --qad-samples calibration windows (GPTQ's Hessians too).
+    ("llmopt int4 AWQ + GPTQ + QAD scales, symmetric",
+     [quantize(method="gptq", awq=True, bits=4, symmetric=True),
+      {"type": "qad", "train": "scales", "batch_size": 4, "lr": 2e-3, "eval_every": 25}, FUSE]),
 ]
 
 # onnxruntime-genai builder rows: (label, precision, --extra_options, fallback options when the first build's
@@ -104,6 +111,10 @@ class StepTimes:
 
 
 def llmopt_recipe(model_dir: Path, passes: list[dict], calibration_txt: Path, args) -> dict:
+    samples = args.samples
+    if any(p["type"] == "qad" for p in passes):
+        passes = [{**p, "steps": args.qad_steps} if p["type"] == "qad" else p for p in passes]
+        samples = args.qad_samples
     return {
         "model": str(model_dir),
         "seed": 0,
@@ -115,7 +126,7 @@ def llmopt_recipe(model_dir: Path, passes: list[dict], calibration_txt: Path, ar
         # on the artifact itself.
         "export": {"format": "onnx", "accuracy_level": 4,
                    "validate": {"prompts": 3, "min_top1_agreement": 0.8, "max_abs_logit_diff": 10.0}},
-        "calibration": {"data": str(calibration_txt), "samples": args.samples, "seq_len": args.seq_len},
+        "calibration": {"data": str(calibration_txt), "samples": samples, "seq_len": args.seq_len},
         "evaluation": {"enabled": False},  # measured by this script, the same way for every row
     }
 
@@ -156,6 +167,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--samples", type=int, default=32, help="calibration windows (GPTQ, AWQ)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
+    parser.add_argument("--qad-steps", type=int, default=200, help="qad row: training steps of 4 windows")
+    parser.add_argument("--qad-samples", type=int, default=128, help="qad row: calibration and training windows")
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=64)

@@ -7,6 +7,7 @@ import os
 from dataclasses import replace
 from typing import Any, Literal, Sequence
 
+import numpy as np
 from pydantic import Field
 
 from llmopt.errors import InputError, RecipeError
@@ -39,9 +40,9 @@ class QadPass(DistillPass):
     2024). Zero points stay as chosen (they are integers). At the end the new scales (and codes) replace the
     quantize pass's in the state, so every exporter stores them as they are: the same graph, same size.
 
-    The held-out split keeps the best step, and step 0 is the quantized model itself: training never leaves
-    the model worse on held-out text than `quantize` did. Linears whose weight is shared (a tied embedding
-    and lm_head) and quantized embedding tables are left as they are.
+    Every quantized tensor is trained, a quantized embedding table too; a tied embedding and lm_head keep one
+    table with one set of scales, trained through both uses. The held-out split keeps the best step, and step 0
+    is the quantized model itself: training never leaves the model worse on held-out text than `quantize` did.
     """
 
     type = "qad"
@@ -69,17 +70,17 @@ class QadPass(DistillPass):
                              "from its config, without the trained scales).",
                              "Launch without --use_fsdp, e.g. `accelerate launch --multi_gpu ...`.")
         c, model = self.config, state.model
-        targets = trainable_linears(model, state.quantized)
-        if not targets:
-            raise InputError("qad found no quantized Linear whose weight it may train (quantized embeddings and "
-                             "tied weights are left as they are).", "Quantize the Linears first (type: quantize).")
+        tensors = quantized_tensors(model, state.quantized)
+        if not tensors:
+            raise InputError("qad found no quantized weight in the model.", "Put a `type: quantize` pass before it.")
         windows = self._windows(ctx)
         teacher = self._teacher(ctx, model)
         layer_map = self._layer_map(model, teacher) if c.hidden_weight > 0 else {}
-        groups = {}
-        for name, module in targets.items():
-            groups[name] = _group_weight_class()(state.quantized[f"{name}.weight"], c.train == "scales_and_codes")
-            parametrize.register_parametrization(module, "weight", groups[name])
+        trained = []
+        for owners in tensors:  # one parametrization per tensor, in every module that holds it
+            trained.append(_group_weight_class()(state.quantized[f"{owners[0][0]}.weight"], c.train == "scales_and_codes"))
+            for _, module in owners:
+                parametrize.register_parametrization(module, "weight", trained[-1])
         trainable = [n for n, _ in model.named_parameters() if ".parametrizations.weight.0." in n]
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
         try:
@@ -87,35 +88,37 @@ class QadPass(DistillPass):
                                 progress=ctx.progress)
             changed = 0
             with torch.no_grad():
-                for name, module in targets.items():
-                    qt = groups[name].stored()
-                    changed += int((qt.codes != state.quantized[qt.name].codes).sum())
-                    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-                    module.weight.copy_(torch.from_numpy(qt.dequantized()))
-                    state.quantized[qt.name] = qt
+                for owners, groups in zip(tensors, trained):
+                    codes, scales = groups.stored()
+                    changed += int((codes != groups.qt.codes).sum())
+                    for name, module in owners:  # a tied pair gets its one tensor back, still shared
+                        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                        key = f"{name}.weight"
+                        state.quantized[key] = replace(state.quantized[key], codes=codes, scales=scales)
+                    name, module = owners[0]
+                    module.weight.copy_(torch.from_numpy(state.quantized[f"{name}.weight"].dequantized()))
         finally:
-            for name, module in targets.items():  # on an error: the quantize pass's weights, untouched
-                if parametrize.is_parametrized(module, "weight"):
-                    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            for owners in tensors:  # on an error: the quantize pass's weights, untouched
+                for _, module in owners:
+                    if parametrize.is_parametrized(module, "weight"):
+                        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             for name, p in model.named_parameters():
                 p.requires_grad_(flags.get(name, False))
-        info.update(trained=c.train, trained_linears=len(targets), codes_changed=changed,
+        info.update(trained=c.train, trained_tensors=len(tensors), codes_changed=changed,
                     teacher=c.teacher or "input model", loss=c.loss, windows=len(windows), seq_len=int(len(windows[0])))
         state.pass_info["qad"] = info
         return state
 
 
-def trainable_linears(model: Any, quantized: dict[str, QuantizedTensor]) -> dict[str, Any]:
-    """name -> Linear, for every quantized Linear whose weight no other module shares."""
-    import torch
-
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and f"{name}.weight" in quantized
-            and quantized[f"{name}.weight"].kind == "linear" and owners[id(m.weight)] == 1}
+def quantized_tensors(model: Any, quantized: dict[str, QuantizedTensor]) -> list[list[tuple[str, Any]]]:
+    """Each quantized weight tensor as the (name, module) pairs that hold it: one pair, or two for a tied
+    embedding and lm_head (the quantize pass gives both names the same codes)."""
+    holders: dict[int, list[tuple[str, Any]]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            holders.setdefault(id(weight), []).append((name, module))
+    return [owners for owners in holders.values() if all(f"{name}.weight" in quantized for name, _ in owners)]
 
 
 @functools.cache
@@ -150,11 +153,11 @@ def _group_weight_class() -> type:
             weight = (self.quantized_codes() - self.zeros) * (self.scales * self.log_scale.exp())
             return weight.reshape(self.codes.shape[0], -1)
 
-        def stored(self) -> QuantizedTensor:
-            """The trained codes and scales in the quantize pass's layout (what the exporters store)."""
+        def stored(self) -> tuple[np.ndarray, np.ndarray]:
+            """The trained codes (uint8) and scales (float32) in the quantize pass's layout."""
             with torch.no_grad():
                 codes = self.quantized_codes().round().to(torch.uint8).reshape(self.qt.shape).numpy()
                 scales = (self.scales * self.log_scale.exp())[..., 0].numpy().astype("float32")
-            return replace(self.qt, codes=codes, scales=scales)
+            return codes, scales
 
     return GroupQuantizedWeight
