@@ -78,7 +78,7 @@ def optimize(
     """Run a recipe on a model: passes, export, validation, evaluation, report."""
     from llmopt.api import plan, run
     from llmopt.artifact import check_destination
-    from llmopt.cli.render import ConsoleProgress, console, err_console, quiet
+    from llmopt.cli.render import ConsoleProgress, console, err_console, quiet, verbose
     from llmopt.cli.summaries import print_plan, print_summary, verdict
     from llmopt.evaluation.junit import junit_xml as to_junit
     from llmopt.pipeline import plan_inputs
@@ -106,7 +106,8 @@ def optimize(
             if junit_xml is not None:
                 check_file_output(junit_xml, junit_inputs)
             progress.done("check the recipe against the model", time.perf_counter() - started)
-            result = run(the_plan, force=force, progress=progress, resume=resume)
+            # The libraries' messages are in the artifact's llmopt.log; on the terminal with -v only.
+            result = run(the_plan, force=force, progress=progress, resume=resume, echo_library_messages=verbose())
     except LlmoptError as exc:
         if junit_xml is not None:
             write_file(junit_xml, to_junit(None, exc), junit_inputs)

@@ -46,6 +46,10 @@ def quiet() -> bool:
     return _verbosity[0] <= QUIET
 
 
+def verbose() -> bool:
+    return _verbosity[0] >= VERBOSE
+
+
 def print_error(exc: LlmoptError) -> None:
     text = exc.message + (f"\n{exc.hint}" if exc.hint else "")
     err_console.print(f"[bold red]{exc.title}[/] (exit {exc.exit_code}): {text}", soft_wrap=True)

@@ -17,6 +17,7 @@ from llmopt.checkpoint import nonfinite_parameters
 from llmopt.errors import RecipeError, ResourceError, ResultValidationError, translate
 from llmopt.model import ArchInfo, ModelSource, check_causal_lm, load_config, load_model, resolve_model
 from llmopt.recipe import Recipe, load_recipe
+from llmopt.run_log import LOG_FILE, library_log
 from llmopt.write_safety import Input, recipe_inputs
 
 
@@ -138,10 +139,12 @@ def library_versions() -> dict[str, str]:
 
 
 def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, progress: Progress | None = None,
-        resume: bool = False) -> Result:
+        resume: bool = False, echo_library_messages: bool = True) -> Result:
     """Execute a plan. The artifact appears at `output` only when complete (report and manifest included).
 
     `resume`: continue a killed run of the same recipe and model from its last completed pass (llmopt.resume).
+    The libraries' warnings and notices are kept in the artifact's llmopt.log (llmopt.run_log);
+    `echo_library_messages`: also where they would go without llmopt (the terminal).
     """
     progress = progress or SilentProgress()
     out = Path(output) if output else plan.output
@@ -153,7 +156,7 @@ def run(plan: Plan, *, output: str | Path | None = None, force: bool = False, pr
         from llmopt import preflight
 
         preflight.check(preflight.estimate(plan, out))
-        return _run_locked(plan, out, progress, started, resume)
+        return _run_locked(plan, out, progress, started, resume, echo_library_messages)
 
 
 @dataclass
@@ -172,7 +175,8 @@ class Outcome:
     tasks: dict[str, Any] = field(default_factory=dict)
 
 
-def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resume: bool = False) -> Result:
+def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resume: bool = False,
+                echo_library_messages: bool = True) -> Result:
     """Stage, run the plan's schedule, write the report and manifest, promote; nothing is left behind otherwise."""
     import contextlib
 
@@ -188,13 +192,14 @@ def _run_locked(plan: Plan, out: Path, progress: Progress, started: float, resum
             cleanup.callback(remove_tree, staging)
             versions = library_versions()
             steps = _Steps(progress)
-            if recipe.export.streaming:  # layer by layer from the checkpoint, never the whole model
-                from llmopt.streaming import run_streamed
+            with library_log(staging / LOG_FILE, echo=echo_library_messages):  # closed before the manifest
+                if recipe.export.streaming:  # layer by layer from the checkpoint, never the whole model
+                    from llmopt.streaming import run_streamed
 
-                outcome = run_streamed(plan, staging, steps, resume)
-            else:
-                outcome = _run_in_memory(plan, out, staging, steps, versions, resume, cleanup)
-            report = write_report(plan, staging, started, versions, outcome)
+                    outcome = run_streamed(plan, staging, steps, resume)
+                else:
+                    outcome = _run_in_memory(plan, out, staging, steps, versions, resume, cleanup)
+                report = write_report(plan, staging, started, versions, outcome)
             write_manifest(staging, recipe=recipe_dict(recipe), versions=versions, seed=recipe.seed)
             promote(staging, out)
     except MemoryError:

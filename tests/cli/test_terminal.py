@@ -4,6 +4,7 @@ and verdict only (no library's warning or progress bar), and ends with the verdi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -67,6 +68,9 @@ def test_the_first_command_shows_only_llmopt_and_ends_with_the_verdict(chatty_mo
     assert not strangers, strangers[:5]
     assert re.match(r"^(PASSED|FAILED) \(\d+ (of \d+ checks|of \d+ checks failed)\): perplexity .* report: "
                     + re.escape(str(out / "report.html")) + "$", lines[-1]), lines[-1]
+    # What the terminal did not show is kept in the artifact's log (listed in its manifest).
+    assert "generation" in (out / "llmopt.log").read_text()
+    assert "llmopt.log" in json.loads((out / "manifest.json").read_text())["files"]
 
     # Run again: the existing output is refused at once, before anything loads.
     started = time.perf_counter()

@@ -16,7 +16,7 @@ import pytest
 import llmopt
 
 # Files whose content includes timings: report.{json,md,html}, the model card, and the manifest that hashes them.
-TIMED = {"report.json", "report.md", "report.html", "README.md", "manifest.json"}
+TIMED = {"report.json", "report.md", "report.html", "README.md", "manifest.json", "llmopt.log"}
 # GPTQ draws its calibration windows with the seed: the seed reaches the weights.
 GPTQ = ("seed: {seed}\npasses:\n  - type: quantize\n    method: gptq\n    group_size: 16\n"
         "export: {{format: {format}}}\ncalibration: {{samples: 4, seq_len: 32}}\n"

@@ -22,7 +22,7 @@ import llmopt
 from tests.cli.test_exit_codes import run_main
 
 # Files whose content includes timings: the reports, the model card, and the manifest that hashes them.
-TIMED = {"report.json", "report.md", "report.html", "README.md", "manifest.json"}
+TIMED = {"report.json", "report.md", "report.html", "README.md", "manifest.json", "llmopt.log"}
 # Pruning changes the architecture (so resuming rebuilds the model from the checkpoint's config); GPTQ draws its
 # calibration windows with the seed and takes long enough for the kill to land between the two passes.
 TWO_PASSES = ("seed: 3\npasses:\n  - {{type: prune, method: width, mlp: 0.25, multiple_of: 16, importance: magnitude}}\n"
