@@ -2,12 +2,14 @@
 
     python benchmarks/quantization.py [--model demo] [--eval-tokens 4096] [--window 256] [--samples 32]
                                       [--qad-steps 200] [--qad-samples 128] [--threads 2] [--out DIR]
-                                      [--only LABEL ...]
+                                      [--peers] [--only LABEL ...]
 
 Rows: llmopt's quantizers (RTN, GPTQ, AWQ + GPTQ; int4 and int8), each run through llmopt's Python API with
 evaluation off, the fuse pass after it, and exported to ONNX (MatMulNBits, accuracy_level 4); onnxruntime-genai's model builder (its
 own venv, see peers.py) at int4 (default symmetric RTN, asymmetric, k_quant) and int8; onnxruntime's dynamic
 int8 quantization of optimum's fp32 export; and two fp32 references (optimum's export, the builder's fp32).
+With --peers: llm-compressor (GPTQ, AWQ + GPTQ) and Intel's AutoRound (benchmarks/quant_peers.py), their integers
+written by llmopt's exporter, and llmopt's AWQ + GPTQ with their coverage.
 
 Every artifact is measured here by the same code, on the same onnxruntime, in this process: size on disk,
 perplexity and KL / top-1 agreement against the float32 PyTorch model on the same evaluation windows (llmopt's
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import peers
+import quant_peers
 
 
 def quantize(**fields) -> dict:
@@ -63,6 +66,21 @@ LLMOPT_ROWS: list[tuple[str, list[dict]]] = [
      [quantize(method="gptq", awq=True, bits=4, symmetric=True),
       {"type": "qad", "train": "scales", "batch_size": 4, "lr": 2e-3, "eval_every": 25}, FUSE]),
 ]
+
+# Peer quantizers (--peers; benchmarks/quant_peers.py, each in its own venv): (label, kind, settings). They run
+# on llmopt's own calibration windows (the same seed, text and tokenizer as the llmopt rows); their integers are
+# written by llmopt's ONNX exporter with the fuse pass's packing, so these rows differ from llmopt's only in the
+# integers chosen. Both leave lm_head and the tied embedding float (their own coverage), so they are larger than
+# the rows above: the like-for-like llmopt row is PEER_COVERAGE_ROW.
+PEER_ROWS: list[tuple[str, str, dict]] = [
+    ("llm-compressor GPTQ W4A16, symmetric", "llmcompressor", {"method": "gptq"}),
+    ("llm-compressor AWQ + GPTQ W4A16, symmetric", "llmcompressor", {"method": "awq+gptq"}),
+    ("AutoRound W4, symmetric, 200 iterations (its default)", "autoround", {"iters": 200}),
+    ("AutoRound W4, symmetric, 1000 iterations", "autoround", {"iters": 1000}),
+]
+PEER_COVERAGE_ROW = ("llmopt int4 AWQ + GPTQ, symmetric, lm_head and embedding float (the peers' coverage)",
+                     [quantize(method="gptq", awq=True, bits=4, symmetric=True, embeddings=False,
+                               exclude=["lm_head"]), FUSE])
 
 # onnxruntime-genai builder rows: (label, precision, --extra_options, fallback options when the first build's
 # model does not load). Block size comes from --group-size.
@@ -175,6 +193,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--speed-rounds", type=int, default=3)
     parser.add_argument("--out", default=str(peers.CACHE / "quantization"), help="artifacts (kept for inspection)")
+    parser.add_argument("--peers", action="store_true",
+                        help="add AutoRound and llm-compressor (own venvs; hours on a small CPU: AutoRound tunes every "
+                             "layer by gradient descent) and llmopt's row with their coverage")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only rows whose label contains one of these strings (fp32 references always run)")
     args = parser.parse_args()
@@ -253,7 +274,7 @@ def main() -> None:
         check_fp32(row, reference, windows[0])
 
     # llmopt
-    for label, passes in LLMOPT_ROWS:
+    for label, passes in LLMOPT_ROWS + ([PEER_COVERAGE_ROW] if args.peers else []):
         def run_llmopt(row: Row, passes=passes) -> None:
             row.folder = out / slug(row.label)
             recipe = parse_recipe(_yaml(llmopt_recipe(hf_dir, passes, calibration_txt, args)), where=row.label)
@@ -283,6 +304,20 @@ def main() -> None:
 
         attempt(label, run_builder)
 
+    # AutoRound and llm-compressor
+    for label, kind, settings in PEER_ROWS if args.peers else []:
+        def run_peer(row: Row, kind=kind, settings=settings) -> None:
+            row.folder = out / slug(row.label)
+            work = out / (slug(row.label) + "-peer")
+            windows_in = peer_calibration(hf_dir, calibration_txt, args)
+            result = quant_peers.quantize_with_peer(kind, hf_dir, windows_in, work, threads=args.threads, **settings)
+            row.seconds = result["seconds"] + export_peer(hf_dir, work, row.folder)
+            row.note = (f"{kind} {result['version']}, {len(result['quantized'])} Linears quantized, float: "
+                        f"{', '.join(result['float_linears']) or 'none'} and the embedding; artifact s: its "
+                        f"quantization on the loaded model + llmopt's ONNX export")
+
+        attempt(label, run_peer)
+
     # onnxruntime's dynamic int8 of optimum's fp32 export: its defaults, and reduce_range (see peers.py)
     for label, reduce_range in (("ORT dynamic int8, per channel, reduce_range", True),
                                 ("ORT dynamic int8, per channel, defaults", False)):
@@ -304,6 +339,32 @@ def main() -> None:
             row.decode_tps.append(s.decode_tokens_per_s)
 
     print_table(rows, args, versions, time.perf_counter() - started)
+
+
+def peer_calibration(hf_dir: Path, calibration_txt: Path, args) -> list:
+    """The calibration windows the llmopt rows get (llmopt.optimize with the model's folder, seed 0)."""
+    from llmopt.evaluation.calibration import calibration_batches
+    from llmopt.model import load_tokenizer, resolve_model
+
+    windows, _ = calibration_batches(load_tokenizer(resolve_model(str(hf_dir))), data=str(calibration_txt),
+                                     text_field="text", samples=args.samples, seq_len=args.seq_len, seed=0)
+    return windows
+
+
+def export_peer(hf_dir: Path, work: Path, folder: Path) -> float:
+    """Write a peer's integers as llmopt's fused ONNX (the llmopt rows' export settings); returns the seconds."""
+    import shutil
+
+    from llmopt.exporters.onnx import OnnxExporter
+    from llmopt.recipe import ExportConfig
+
+    started = time.perf_counter()
+    state = quant_peers.load_peer_state(hf_dir, work)
+    state.graph_fusions = {"pack_projections": True}  # what the fuse pass sets
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    OnnxExporter(ExportConfig(format="onnx", accuracy_level=4)).export(state, folder)
+    return time.perf_counter() - started
 
 
 def slug(label: str) -> str:
