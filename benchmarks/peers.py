@@ -122,17 +122,25 @@ def ensure_optimum_overlay() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(overlay), os.environ.get("PYTHONPATH", "")])}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
 def export_optimum_fp32(model_dir: Path, out_dir: Path) -> float:
     """optimum's fp32 ONNX export (KV cache) of a model folder, with its tokenizer, in the optimum overlay;
     returns the wall time of the child process."""
     code = ("import sys, torch\nfrom pathlib import Path\nfrom optimum.exporters.onnx import onnx_export_from_model\n"
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "from transformers import AutoModelForCausalLM\n"
             "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, use_safetensors=True)\n"
             "onnx_export_from_model(model.eval(), output=Path(sys.argv[2]), task='text-generation-with-past', "
-            "do_validation=False)\nAutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])\n")
+            "do_validation=False)\n")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, str(model_dir), str(out_dir)], check=True,
                    env=ensure_optimum_overlay())
+    # The tokenizer files are copied, not re-saved: transformers 5 writes a tokenizer_config.json (class
+    # "TokenizersBackend") that the overlay's transformers 4.57 cannot load.
+    for name in TOKENIZER_FILES:
+        if (Path(model_dir) / name).is_file():
+            shutil.copy2(Path(model_dir) / name, Path(out_dir) / name)
     return time.perf_counter() - start
 
 
