@@ -53,11 +53,17 @@ BUILDER_PRECISIONS = ("int4", "int8", "fp32")
 
 
 def ensure_peer_venv() -> Path:
-    """The peer venv's python (created and filled once; a marker file records what was installed)."""
-    venv = CACHE / "peer-venv"
+    """The builder's venv's python (created and filled once)."""
+    return ensure_venv("peer-venv", PEER_PACKAGES)
+
+
+def ensure_venv(name: str, packages: tuple[str, ...]) -> Path:
+    """The python of CACHE/name, a venv with torch (PEER_TORCH, first, on its own) and `packages`, created and
+    filled once; a marker file records what was installed, and a different list rebuilds it."""
+    venv = CACHE / name
     python = venv / "bin" / "python"
     marker = venv / "llmopt-bench-packages.txt"
-    wanted = "\n".join((PEER_TORCH, *PEER_PACKAGES))
+    wanted = "\n".join((PEER_TORCH, *packages))
     if python.is_file() and marker.is_file() and marker.read_text() == wanted:
         return python
     shutil.rmtree(venv, ignore_errors=True)
@@ -67,7 +73,7 @@ def ensure_peer_venv() -> Path:
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", "--quiet"]
     subprocess.run([*pip, PEER_TORCH], check=True)
-    subprocess.run([*pip, *PEER_PACKAGES], check=True)
+    subprocess.run([*pip, *packages], check=True)
     marker.write_text(wanted)
     return python
 

@@ -24,12 +24,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from peers import CACHE, PEER_TORCH
+import peers
 
 KINDS = ("autoround", "llmcompressor")
 
@@ -72,25 +71,10 @@ TOLERANCE = 1e-6  # max |ours - peer's| / max |peer's| per layer
 
 
 def ensure_venv(kind: str) -> Path:
-    """The python of the peer's venv (created and filled once; a marker file records what was installed)."""
+    """The python of the peer's venv, CACHE/<kind>-venv (created and filled once)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    venv = CACHE / f"{kind}-venv"
-    python = venv / "bin" / "python"
-    marker = venv / "llmopt-bench-packages.txt"
-    wanted = "\n".join((PEER_TORCH, *PACKAGES[kind]))
-    if python.is_file() and marker.is_file() and marker.read_text() == wanted:
-        return python
-    shutil.rmtree(venv, ignore_errors=True)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    # sys._base_executable: the interpreter behind llmopt's venv, so the new venv does not nest in it.
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, PEER_TORCH], check=True)
-    subprocess.run([*pip, *PACKAGES[kind]], check=True)
-    marker.write_text(wanted)
-    return python
+    return peers.ensure_venv(f"{kind}-venv", PACKAGES[kind])
 
 
 def quantize_with_peer(kind: str, hf_dir: Path, windows: list[np.ndarray], out_dir: Path, *,
