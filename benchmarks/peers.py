@@ -134,9 +134,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export_optimum_fp32(model_dir: Path, out_dir: Path) -> float:
     """optimum's fp32 ONNX export (KV cache) of a model folder, with its tokenizer, in the optimum overlay;
     returns the wall time of the child process."""
-    code = ("import sys, torch\nfrom pathlib import Path\nfrom optimum.exporters.onnx import onnx_export_from_model\n"
-            "from transformers import AutoModelForCausalLM\n"
-            "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, use_safetensors=True)\n"
+    # transformers 5 saves the rotary base as rope_parameters, which 4.57 does not read (it would take its default
+    # base, 10,000 instead of SmolLM2's 100,000): handed over as 4.57's rope_theta / rope_scaling.
+    code = ("import json, sys, torch\nfrom pathlib import Path\nfrom optimum.exporters.onnx import onnx_export_from_model\n"
+            "from transformers import AutoConfig, AutoModelForCausalLM\n"
+            "config = AutoConfig.from_pretrained(sys.argv[1])\n"
+            "rope = json.load(open(Path(sys.argv[1]) / 'config.json')).get('rope_parameters')\n"
+            "if rope:\n    config.rope_theta = rope['rope_theta']\n"
+            "    config.rope_scaling = None if rope.get('rope_type', 'default') == 'default' else rope\n"
+            "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], config=config, dtype=torch.float32, "
+            "use_safetensors=True)\n"
             "onnx_export_from_model(model.eval(), output=Path(sys.argv[2]), task='text-generation-with-past', "
             "do_validation=False)\n")
     start = time.perf_counter()
