@@ -4,7 +4,7 @@ at a time; the writers and the artifact check's traces take either the same way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,3 +37,10 @@ def model_blocks(model: Any, quantized: dict[str, QuantizedTensor]) -> Iterator[
     if head is not None and (head.weight is not model.get_input_embeddings().weight or "lm_head.weight" in quantized):
         final["lm_head.weight"] = stored("lm_head.weight")
     yield Block("final", 0, final)
+
+
+def counted(blocks: Iterable[Block], total: int, progress: Callable[[int, int], None]) -> Iterator[Block]:
+    """`blocks`, reporting progress(done, total) as each one has been consumed (written)."""
+    for done, block in enumerate(blocks, 1):
+        yield block
+        progress(done, total)

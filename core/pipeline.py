@@ -249,7 +249,7 @@ def _run_in_memory(plan: Plan, out: Path, staging: Path, steps: _Steps, versions
     state, records, resume_notes = _run_passes(plan, ModelState(model, tokenizer), store, resuming, calibration, steps)
 
     with steps(f"export {recipe.export.format}"):
-        exported = plan.exporter.export(state, staging)
+        exported = plan.exporter.export(state, staging, steps.progress.advance)
         exported.notes.extend(_keep_generation_config(plan.source, staging))
 
     layer_errors = relative_layer_errors(before, hidden_states(state.model, probe)) if before else None

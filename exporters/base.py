@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,5 +41,8 @@ class Exporter:
         """Raise RecipeError at plan time when this format cannot hold the planned model (`config`: the model's
         transformers config, `passes`: the recipe's planned passes, where known)."""
 
-    def export(self, state: ModelState, folder: Path) -> ExportResult:
+    def export(self, state: ModelState, folder: Path,
+               progress: Callable[[int, int], None] | None = None) -> ExportResult:
+        """Write the artifact of `state` into `folder`; `progress(done, total)`: blocks written, where the format
+        writes block by block."""
         raise NotImplementedError

@@ -5,7 +5,7 @@ what the writer writes in seconds)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,26 +43,30 @@ class OnnxExporter(Exporter):
                                       "Quantize the experts weight-only with one `bits` for all (no "
                                       "target_bits_per_weight, no int8 activations), or export safetensors.")
 
-    def export(self, state: ModelState, folder: Path) -> ExportResult:
+    def export(self, state: ModelState, folder: Path,
+               progress: Callable[[int, int], None] | None = None) -> ExportResult:
         from llmopt.exporters.onnx_writer import experts_problem
 
         problem = experts_problem(state.quantized, state.model)
         if problem is not None:  # an exclude pattern that kept some experts float: only known after the pass
             raise RecipeError(f"export.format: onnx stores each layer's experts as one onnxruntime QMoE, and {problem}.",
                               "Exclude all of a layer's experts or none, or export safetensors.")
-        return self._write(state, folder)
+        return self._write(state, folder, progress)
 
-    def _write(self, state: ModelState, folder: Path) -> ExportResult:
+    def _write(self, state: ModelState, folder: Path, progress: Callable[[int, int], None] | None) -> ExportResult:
         from llmopt.devices import resolve_provider
         from llmopt.exporters.onnx_writer import write_decoder
-        from llmopt.blocks import model_blocks
+        from llmopt.blocks import counted, model_blocks
 
         config = state.model.config
         inline = {"auto": None, "always": False, "never": True}[self.config.external_data]
         pack = bool((state.graph_fusions or {}).get("pack_projections", True))
         info: dict = {"task": TASK, "execution_provider": resolve_provider(self.config.execution_provider)}
         keep_fp32 = state.precision["keep_fp32"] if state.precision else None
-        info.update(write_decoder(state.model, model_blocks(state.model, state.quantized), folder,
+        blocks = model_blocks(state.model, state.quantized)
+        if progress is not None:  # a 7B model's layers take seconds each: the terminal shows them go by
+            blocks = counted(blocks, config.num_hidden_layers + 2, progress)
+        info.update(write_decoder(state.model, blocks, folder,
                                   accuracy_level=self.config.accuracy_level, pack=pack, inline=inline,
                                   keep_fp32=keep_fp32))
         config.use_cache = True

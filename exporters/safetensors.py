@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from llmopt.errors import InputError, RecipeError
@@ -52,7 +52,9 @@ class SafetensorsExporter(Exporter):
             raise RecipeError(f"export.format: safetensors: {problem}.",
                               "Set `symmetric: true` in the quantize pass, or export onnx.")
 
-    def export(self, state: ModelState, folder: Path) -> ExportResult:
+    def export(self, state: ModelState, folder: Path,
+               progress: Callable[[int, int], None] | None = None) -> ExportResult:
+        # No progress: transformers' save_pretrained writes the whole state dict in one call.
         packed, unpacked = split_packable(state)
         notes = []
         dtype = self._storage_dtype(state)

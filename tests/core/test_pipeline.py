@@ -253,3 +253,29 @@ def test_the_checkpoints_generation_config_is_kept(fmt, tiny_model_dir, fast_rec
     assert (result.output / "generation_config.json").read_text() == given
     assert verify_manifest(result.output) == []
     assert any(n.startswith("generation_config.json copied as the checkpoint has it") for n in result.report.notes)
+
+
+def test_the_onnx_export_shows_its_blocks_as_they_are_written(tiny_model_dir, tmp_path):
+    import json as _json
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(INT4 + "evaluation: {enabled: false}\n")
+
+    class Recorder:  # the run's progress: each step's advances
+        def __init__(self):
+            self.steps, self.advances = [], []
+
+        def step(self, name, total=None):
+            self.steps.append(name)
+
+        def advance(self, done, total):
+            self.advances.append((self.steps[-1], done, total))
+
+        def done(self, name, seconds):
+            pass
+
+    progress = Recorder()
+    llmopt.optimize(recipe, model=str(tiny_model_dir), output=tmp_path / "out", progress=progress)
+    layers = _json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    written = [(done, total) for step, done, total in progress.advances if step == "export onnx"]
+    assert written == [(i, layers + 2) for i in range(1, layers + 3)]  # the embedding, each layer, the final block
