@@ -34,12 +34,15 @@ def verdict(result) -> str:
 
 def print_summary(report, console) -> None:
     from llmopt.cli.render import table
-    from llmopt.evaluation.report import headline_rows
+    from llmopt.evaluation.report import headline_rows, timing_spreads
 
-    def fmt(v):
-        return "–" if v is None else (f"{v:,.3f}" if isinstance(v, float) else f"{v:,}")
+    def fmt(v, spread=None):
+        text = "–" if v is None else (f"{v:,.3f}" if isinstance(v, float) else f"{v:,}")
+        return text + (f" ±{spread:.3g}" if v is not None and spread is not None else "")
 
-    rows = [[name, fmt(a), fmt(b)] for name, a, b in headline_rows(report)]
+    spreads = timing_spreads(report)
+    rows = [[name, fmt(a, spreads.get(name, (None, None))[0]), fmt(b, spreads.get(name, (None, None))[1])]
+            for name, a, b in headline_rows(report)]
     if report.quality:
         rows += [["KL divergence (nats/token)", "", f"{report.quality.kl_divergence:.4f}"],
                  ["top-1 agreement", "", f"{report.quality.top1_agreement:.2%}"]]

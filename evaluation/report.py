@@ -171,6 +171,33 @@ def headline_rows(report: Report) -> list[tuple[str, Any, Any]]:
            o.kv_cache_bytes_per_token * n / 1e6)] if (n := report.kv_cache_context_tokens) else [])
 
 
+def timing_spreads(report: Report) -> dict[str, tuple[float | None, float | None]]:
+    """The timed rows of headline_rows with their spread over runs (max - min; None when not measured)."""
+    b, o = report.baseline, report.optimized
+    return {"time to first token (prefill, ms)": (b.prefill_ms_spread, o.prefill_ms_spread),
+            "decode (tokens/s)": (b.decode_tokens_per_s_spread, o.decode_tokens_per_s_spread)}
+
+
+MEMORY_FLOOR_MB = 1.0  # memory changes below this are the allocator's noise, not the model's
+
+
+def _timed(value: Any, spread: float | None) -> str:
+    return _fmt(value) + (f" ±{spread:.3g}" if value is not None and spread is not None else "")
+
+
+def _judged_change(name: str, a: Any, b: Any, spreads: tuple[float | None, float | None] | None) -> str:
+    """The change, saying when it is within the runs' spread or under the memory floor (then it is not a change
+    the report can tell from noise)."""
+    change = _change(a, b)
+    if change == "–":
+        return change
+    if spreads is not None and None not in spreads and abs(b - a) <= spreads[0] + spreads[1]:
+        return f"{change} (within the runs' spread)"
+    if "(MB)" in name and "KV cache" not in name and "size" not in name and abs(b - a) < MEMORY_FLOOR_MB:
+        return f"{change} (under {MEMORY_FLOOR_MB:g} MB)"
+    return change
+
+
 def _ci(quality: QualityReport, metric: str, spec: str, suffix: str = "") -> str:
     low_high = quality.intervals.get(metric)
     if not low_high:
@@ -188,8 +215,10 @@ def render_markdown(report: Report) -> str:
         "| metric | baseline | optimized | change |",
         "|---|---:|---:|---:|",
     ]
+    spreads = timing_spreads(report)
     for name, a, b in headline_rows(report):
-        lines.append(f"| {name} | {_fmt(a)} | {_fmt(b)} | {_change(a, b)} |")
+        sa, sb = spreads.get(name, (None, None))
+        lines.append(f"| {name} | {_timed(a, sa)} | {_timed(b, sb)} | {_judged_change(name, a, b, spreads.get(name))} |")
     if report.quality:
         q = report.quality
         lines += [

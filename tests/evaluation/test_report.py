@@ -128,3 +128,20 @@ def test_compare_many_in_markdown_marks_significance_and_the_front(tmp_path):
     md = comparison_to_markdown(c)
     assert "| metric | fp32 | int8 | bad |" in md and "Pareto front on perplexity, size and decode speed: fp32, int8." in md
     assert "| perplexity | 10 | 10.1 (+1.0%) | 13 (+30.0%*) |" in md
+
+
+def test_the_markdown_report_shows_the_spreads_and_names_a_change_it_cannot_tell_from_noise():
+    from llmopt.evaluation.report import render_markdown
+
+    report = make_report(decode=21.0)
+    spread = {"prefill_ms_spread": 3.0, "decode_tokens_per_s_spread": 1.0, "peak_memory_mb": 200.0}
+    report = report.model_copy(update={
+        "baseline": report.baseline.model_copy(update=spread),
+        "optimized": report.optimized.model_copy(update={**spread, "prefill_ms": 40.0, "peak_memory_mb": 200.4})})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in render_markdown(report).splitlines()
+            if line.startswith("| ")}
+    # decode 20 -> 21 with spreads of 1 each: within; prefill 50 -> 40 with spreads of 3 each: a real change.
+    assert rows["decode (tokens/s)"] == "| decode (tokens/s) | 20.000 ±1 | 21.000 ±1 | +5.0% (within the runs' spread) |"
+    assert rows["time to first token (prefill, ms)"].endswith("| 50.000 ±3 | 40.000 ±3 | -20.0% |")
+    assert rows["peak memory added (MB)"].endswith("| +0.2% (under 1 MB) |")
+    assert rows["size on disk (MB)"].endswith("| -80.0% |")  # sizes are exact: always a change
