@@ -208,6 +208,9 @@ class _OnDisk:
         return self.reader.read(self.name).numpy()
 
 
+PREFILL_SCORES_BYTES = 256 * 2**20  # one layer's attention scores in the check's prefill, at most
+
+
 class StreamCheck:
     """What the pipeline measures on an artifact, for one that is streamed: the artifact check's sequences and
     the evaluation's windows taken through the stored weights as the blocks are written, the windows also
@@ -217,7 +220,7 @@ class StreamCheck:
     def __init__(self, reader: CheckpointReader, export_format: str, limits: OnnxValidation,
                  windows: list[np.ndarray] | None = None, tokenizer: Any = None) -> None:
         from llmopt.architectures import attention_windows
-        from llmopt.evaluation.validate import long_sequence_length, validation_sequences
+        from llmopt.evaluation.validate import DECODE_TOKENS, long_sequence_length, validation_sequences
 
         self.export_format, self.limits, self.notes = export_format, limits, []
         if tokenizer is None:
@@ -231,7 +234,19 @@ class StreamCheck:
         self.baseline = LayerTrace(reader, self.windows, weights="checkpoint") if self.windows else None
         # Loading a safetensors artifact back dequantizes it whole (transformers): only when that fits.
         self.float_bytes = 4 * sum(math.prod(e.shape) for e in reader.entries.values())
-        scores = 4 * config.num_attention_heads * len(self.sequences[-1]) ** 2  # one layer's, float32
+        # The long sequence's prefill holds one layer's attention scores, heads x queries x keys in float32, and
+        # onnxruntime's scratch grew with the layers (+3.4 GB for one 32-head layer at 4080 tokens, +5.9 GB for
+        # three): past PREFILL_SCORES_BYTES it goes in as chunks through the KV cache (PlainOnnxLoop.prefill_chunk).
+        length = len(self.sequences[-1])
+        per_query = 4 * config.num_attention_heads * length
+        self.prefill_chunk = None
+        if export_format == "onnx" and per_query * length > PREFILL_SCORES_BYTES:
+            self.prefill_chunk = max(64, PREFILL_SCORES_BYTES // per_query // 64 * 64)
+            self.notes.append(
+                f"validation: the {length - DECODE_TOKENS:,}-token sequence was prefilled {self.prefill_chunk} "
+                f"tokens at a time through the KV cache (at once, its attention scores would take "
+                f"{per_query * length / 1e9:.1f} GB per layer); onnxruntime computes the same logits either way.")
+        scores = per_query * (self.prefill_chunk or length)  # one layer's
         self.scratch_bytes = scores * (1 + config.num_hidden_layers)  # above both measurements
 
     @property
@@ -275,7 +290,7 @@ class StreamCheck:
                 f"validation: not run; {'onnxruntime' if self.export_format == 'onnx' else 'transformers'} would "
                 f"hold {needed / 1e9:.1f} GB to load the artifact, more than this machine has free."]
         with runtime_failures():
-            runner = load_runner(folder, self.export_format, memory_arena=False)
+            runner = load_runner(folder, self.export_format, memory_arena=False, prefill_chunk=self.prefill_chunk)
             record = validate_artifact(logits, runner, self.sequences, self.limits)
         gc.collect()  # the runtime's session
         if not record.passed:

@@ -147,14 +147,21 @@ class PlainOnnxLoop:
     through GroupQueryAttention), generate() runs them as onnxruntime-genai does: one buffer per layer, sized for
     the whole sequence, bound as both the past input and the present output, which GroupQueryAttention updates
     in place, so no step copies the cache.
+
+    With `prefill_chunk`, a longer sequence goes in as chunks of that many tokens, each after the cache of the ones
+    before (as a chat continues a conversation): the same logits (onnxruntime's GroupQueryAttention computes them
+    identically, local windows included; tested), with attention scratch for `prefill_chunk` queries instead of
+    the whole sequence's.
     """
 
     runtime = "onnxruntime"
 
     def __init__(self, session: Any, *, layers: int, kv_heads: int, head_dim: int, ids_name: str, mask_name: str,
                  position_name: str | None, logits_name: str, past_formats: tuple[str, str],
-                 present_formats: tuple[str, str], share_buffer: bool = False, device: str = "cpu") -> None:
+                 present_formats: tuple[str, str], share_buffer: bool = False, device: str = "cpu",
+                 prefill_chunk: int | None = None) -> None:
         self.session = session
+        self.prefill_chunk = prefill_chunk
         self.device = device  # where generate()'s shared cache buffers live: "cpu", or "cuda" for the CUDA EP
         self.share_buffer = share_buffer
         self.logits_name = logits_name
@@ -208,16 +215,30 @@ class PlainOnnxLoop:
     def _empty_cache(self) -> list[np.ndarray]:
         return [np.zeros(self.empty_cache_shape, dtype=self.cache_dtype) for _ in self.past_names]
 
+    def _chunks(self, length: int) -> list[tuple[int, int]]:
+        """(start, end) of the prefill's pieces: one unless prefill_chunk is set and shorter."""
+        step = self.prefill_chunk or length
+        return [(start, min(start + step, length)) for start in range(0, length, max(step, 1))] or [(0, 0)]
+
+    def _prefill(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """ids (T,) -> logits (T, V) and the cache after them, a chunk at a time (prefill_chunk)."""
+        ids = ids[None].astype(np.int64)
+        cache, parts = self._empty_cache(), []
+        for start, end in self._chunks(ids.shape[1]):
+            logits, cache = self._forward(ids[:, start:end], cache)
+            parts.append(logits[0])
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), cache
+
     def logits(self, ids: np.ndarray) -> np.ndarray:
-        logits, _ = self._forward(ids[None].astype(np.int64), self._empty_cache())
-        return logits[0]  # (T, V)
+        return self._prefill(ids)[0]  # (T, V)
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
         """Greedy, with the KV cache, exactly `new_tokens` tokens (no stop at end-of-sequence, as TorchRunner)."""
         if self.share_buffer:
             return self._generate_in_place(ids, new_tokens)[0]
         out = [int(t) for t in ids]
-        logits, cache = self._forward(ids[None].astype(np.int64), self._empty_cache())
+        prefill, cache = self._prefill(ids)
+        logits = prefill[None]
         for step in range(new_tokens):
             token = int(logits[0, -1].argmax())
             out.append(token)
@@ -230,7 +251,7 @@ class PlainOnnxLoop:
         ids = ids.astype(np.int64)
         if self.share_buffer:
             return self._generate_in_place(ids[:prefill], len(ids) - prefill, forced=ids[prefill:])[1]
-        _, cache = self._forward(ids[None, :prefill], self._empty_cache())
+        _, cache = self._prefill(ids[:prefill])
         steps = []
         for t in range(prefill, len(ids)):
             logits, cache = self._forward(ids[None, t:t + 1], cache)
@@ -265,11 +286,12 @@ class PlainOnnxLoop:
         for past, present, buffer in zip(self.past_names, self.present_names, buffers):
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
-        for name, value in self._token_feeds(ids[None].astype(np.int64), 0).items():
-            binding.bind_cpu_input(name, value)
-        binding.bind_output(self.logits_name, "cpu")  # the prefill's logits: (1, len(ids), vocab)
-        self.session.run_with_iobinding(binding)
-        prefill_logits = binding.get_outputs()[-1].numpy()  # bound last, so listed last
+        for start, end in self._chunks(len(ids)):  # each chunk after the cache the ones before it left in place
+            for name, value in self._token_feeds(ids[None, start:end].astype(np.int64), start).items():
+                binding.bind_cpu_input(name, value)
+            binding.bind_output(self.logits_name, "cpu")  # the chunk's logits: (1, end - start, vocab)
+            self.session.run_with_iobinding(binding)
+            prefill_logits = binding.get_outputs()[-1].numpy()  # bound last, so listed last
         first = int(forced[0]) if forced is not None else int(prefill_logits[0, -1].argmax())
         out = [*(int(t) for t in ids), first]
         steps = []
@@ -303,7 +325,7 @@ class OrtRunner:
     runtime = "onnxruntime"
 
     def __init__(self, folder: Path, threads: int | None = None, provider: str = "CPUExecutionProvider", *,
-                 memory_arena: bool = True) -> None:
+                 memory_arena: bool = True, prefill_chunk: int | None = None) -> None:
         import onnxruntime as ort
 
         from llmopt.exporters.onnx_genai import shares_kv_buffer
@@ -327,6 +349,7 @@ class OrtRunner:
         if loop is None:
             raise ValueError(f"{folder}: model.onnx does not take input_ids, attention_mask and "
                              "past_key_values.<i>.key/.value of fixed head sizes")
+        loop.prefill_chunk = prefill_chunk
         self.loop = loop
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
@@ -346,11 +369,11 @@ def _cpu_count() -> int:
 
 
 def load_runner(folder: Path, fmt: str, threads: int | None = None, provider: str = "CPUExecutionProvider", *,
-                memory_arena: bool = True) -> Runner:
+                memory_arena: bool = True, prefill_chunk: int | None = None) -> Runner:
     """A runner for an artifact folder written by one of the exporters, on the provider's device (`memory_arena`:
-    onnxruntime's CPU arena, see OrtRunner)."""
+    onnxruntime's CPU arena, see OrtRunner; `prefill_chunk`: ONNX only, see PlainOnnxLoop)."""
     from llmopt.devices import torch_device
 
     if fmt == "onnx":
-        return OrtRunner(folder, threads, provider, memory_arena=memory_arena)
+        return OrtRunner(folder, threads, provider, memory_arena=memory_arena, prefill_chunk=prefill_chunk)
     return TorchRunner.load(folder, threads, torch_device(provider))

@@ -549,19 +549,26 @@ def test_safetensors_stream_every_family(model_type, tiny_tokenizer, tmp_path):
     assert result.quantized_tensors == len(state.quantized)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one prefill", "chunked prefill"])
 @pytest.mark.slow
-def test_the_streamed_check_catches_a_window_wrong_past_it(tiny_tokenizer, tmp_path, monkeypatch):
+def test_the_streamed_check_catches_a_window_wrong_past_it(chunked, tiny_tokenizer, tmp_path, monkeypatch):
     """A streamed artifact is checked as the pipeline checks its artifacts: a graph that windows Gemma 3's full
     attention layer too is right on short prompts and wrong past the window, and the stream fails (exit 4)
-    without writing anything."""
+    without writing anything; also when the long sequence goes in as chunks through the KV cache (as a 7B-shaped
+    windowed model's does, so that its attention scores fit)."""
+    from llmopt import streaming_reference
     from llmopt.errors import ResultValidationError
     from llmopt.exporters import onnx_writer
     from tests.core.test_architectures import tiny
 
+    if chunked:  # a budget that the tiny model's 256-token prefill exceeds: 64 tokens at a time
+        monkeypatch.setattr(streaming_reference, "PREFILL_SCORES_BYTES", 1)
     tiny("gemma3_text").save_pretrained(tmp_path / "in", safe_serialization=True)
     tiny_tokenizer.save_pretrained(tmp_path / "in")
     config = QuantizeConfig(group_size=16)
-    assert quantize_checkpoint(tmp_path / "in", tmp_path / "right", config).validation.passed
+    right = quantize_checkpoint(tmp_path / "in", tmp_path / "right", config)
+    assert right.validation.passed and right.validation.long_tokens >= 256
+    assert any("prefilled 64 tokens at a time" in note for note in right.notes) is chunked
     monkeypatch.setattr(onnx_writer, "attention_windows", lambda config: [8] * config.num_hidden_layers)
     with pytest.raises(ResultValidationError, match="does not reproduce the optimized model") as failed:
         quantize_checkpoint(tmp_path / "in", tmp_path / "wrong", config)

@@ -242,6 +242,28 @@ def test_a_tied_float_table_is_stored_once(tmp_path):
     assert head.input[0] == "model.embed_tokens.weight"
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "mistral", "llama"])
+def test_a_prefill_in_chunks_through_the_cache_gives_the_same_logits(model_type, tmp_path):
+    """PlainOnnxLoop.prefill_chunk (the streamed check's long sequence at 7B shapes): chunks shorter than the window
+    and longer, with the cache grown or updated in place, give the one-shot prefill's logits and decode."""
+    from llmopt.evaluation.runners import PlainOnnxLoop
+
+    model = tiny(model_type)
+    write(model, tmp_path / "onnx")
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    tokens = ids()[0]
+    expected = torch_logits(model, tokens[None])
+    for in_place in (False, True):
+        loop = PlainOnnxLoop.optimum_layout(session, share_buffer=in_place)
+        whole, decoded = loop.logits(tokens), loop.decode_logits(tokens, PREFILL)
+        for chunk in (5, 16):  # windows are 8
+            loop.prefill_chunk = chunk
+            assert np.array_equal(loop.logits(tokens), whole)
+            assert np.array_equal(loop.decode_logits(tokens, PREFILL), decoded)
+        assert np.abs(whole - expected).max() < 1e-4 * np.abs(expected).max()
+        assert np.abs(decoded - expected[PREFILL:]).max() < 1e-4 * np.abs(expected).max()
+
+
 def test_the_check_sees_a_wrong_window(tmp_path, monkeypatch):
     """The comparison above can fail: Gemma 2 written with every layer windowed (the bug #21 found in the graph
     rewrite) differs from PyTorch past the window."""
