@@ -48,7 +48,7 @@ def test_pass_docs_are_generated_from_the_configs():
     proc = llmopt("schema", "--docs")
     assert proc.returncode == 0
     committed = (ROOT / "docs" / "passes.md").read_text()
-    assert proc.stdout == committed, "docs/passes.md is stale: run `llmopt schema --docs -o docs/passes.md`"
+    assert proc.stdout == committed, "docs/passes.md is stale: run `python docs/regenerate.py`"
     assert "| `group_size` | integer | `32` |" in committed
 
 
@@ -58,7 +58,7 @@ def test_the_readme_lists_every_pass_from_its_docstring():
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = readme[readme.index("<!-- passes -->\n") + len("<!-- passes -->\n"):readme.index("<!-- /passes -->")]
-    assert block == pass_list_markdown(), "README's pass list is stale: paste llmopt.schema.pass_list_markdown()"
+    assert block == pass_list_markdown(), "README's pass list is stale: run `python docs/regenerate.py`"
     assert [line.split("`")[1] for line in block.splitlines()] == list(PASSES)
 
 
@@ -66,7 +66,7 @@ def test_report_schema_file_is_generated_from_the_report_model():
     proc = llmopt("schema", "--report")
     assert proc.returncode == 0
     committed = (ROOT / "docs" / "report.schema.json").read_text()
-    assert proc.stdout == committed, "docs/report.schema.json is stale: run `llmopt schema --report -o docs/report.schema.json`"
+    assert proc.stdout == committed, "docs/report.schema.json is stale: run `python docs/regenerate.py`"
     assert '"schema_version"' in committed and '"intervals"' in committed
 
 
@@ -105,3 +105,14 @@ def test_artifact_has_a_model_card(tiny_model_dir, fast_recipe, tmp_path):
     given = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))
     assert f"The input model's weight files take {given / 1e6:.1f} MB on disk" in card
     assert "README.md" in json.loads((result.output / "manifest.json").read_text())["files"]
+
+
+def test_docs_regenerate_rewrites_a_stale_readme_block():
+    import runpy
+
+    regenerate = runpy.run_path(str(ROOT / "docs" / "regenerate.py"))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = regenerate["readme_blocks"]()
+    assert regenerate["with_blocks"](readme, blocks) == readme  # the committed README is current
+    stale = readme.replace(blocks["passes"], "- `quantize`: an old line\n")
+    assert stale != readme and regenerate["with_blocks"](stale, blocks) == readme

@@ -390,7 +390,7 @@ def test_the_readme_table_is_generated_from_the_descriptions():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     block = readme[readme.index("<!-- families -->\n") + len("<!-- families -->\n"):readme.index("<!-- /families -->")]
-    assert block == support_markdown(), "README's family table is stale: paste llmopt.architectures.support_markdown()"
+    assert block == support_markdown(), "README's family table is stale: run `python docs/regenerate.py`"
 
 
 def test_the_onnx_exporter_refuses_undescribed_families_at_plan_time():

@@ -50,5 +50,5 @@ def test_the_readme_lists_every_shipped_recipe_with_its_own_description():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     block = readme[readme.index("<!-- recipes -->\n") + len("<!-- recipes -->\n"):readme.index("<!-- /recipes -->")]
-    assert block == recipes_markdown(), "README's recipe table is stale: paste llmopt.recipe.recipes_markdown()"
+    assert block == recipes_markdown(), "README's recipe table is stale: run `python docs/regenerate.py`"
     assert all(f"| `{name}` |" in block for name in shipped_recipe_names())
