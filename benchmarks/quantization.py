@@ -71,16 +71,20 @@ LLMOPT_ROWS: list[tuple[str, list[dict]]] = [
 # on llmopt's own calibration windows (the same seed, text and tokenizer as the llmopt rows); their integers are
 # written by llmopt's ONNX exporter with the fuse pass's packing, so these rows differ from llmopt's only in the
 # integers chosen. Both leave lm_head and the tied embedding float (their own coverage), so they are larger than
-# the rows above: the like-for-like llmopt row is PEER_COVERAGE_ROW.
+# the rows above: the like-for-like llmopt rows are PEER_COVERAGE_ROWS.
 PEER_ROWS: list[tuple[str, str, dict]] = [
     ("llm-compressor GPTQ W4A16, symmetric", "llmcompressor", {"method": "gptq"}),
     ("llm-compressor AWQ + GPTQ W4A16, symmetric", "llmcompressor", {"method": "awq+gptq"}),
     ("AutoRound W4, symmetric, 200 iterations (its default)", "autoround", {"iters": 200}),
     ("AutoRound W4, symmetric, 1000 iterations", "autoround", {"iters": 1000}),
 ]
-PEER_COVERAGE_ROW = ("llmopt int4 AWQ + GPTQ, symmetric, lm_head and embedding float (the peers' coverage)",
-                     [quantize(method="gptq", awq=True, bits=4, symmetric=True, embeddings=False,
-                               exclude=["lm_head"]), FUSE])
+PEERS_COVERAGE = {"embeddings": False, "exclude": ["lm_head"]}
+PEER_COVERAGE_ROWS: list[tuple[str, list[dict]]] = [
+    ("llmopt int4 GPTQ, symmetric, lm_head and embedding float (the peers' coverage)",
+     [quantize(method="gptq", bits=4, symmetric=True, **PEERS_COVERAGE), FUSE]),
+    ("llmopt int4 AWQ + GPTQ, symmetric, lm_head and embedding float (the peers' coverage)",
+     [quantize(method="gptq", awq=True, bits=4, symmetric=True, **PEERS_COVERAGE), FUSE]),
+]
 
 # onnxruntime-genai builder rows: (label, precision, --extra_options, fallback options when the first build's
 # model does not load). Block size comes from --group-size.
@@ -274,7 +278,7 @@ def main() -> None:
         check_fp32(row, reference, windows[0])
 
     # llmopt
-    for label, passes in LLMOPT_ROWS + ([PEER_COVERAGE_ROW] if args.peers else []):
+    for label, passes in LLMOPT_ROWS + (PEER_COVERAGE_ROWS if args.peers else []):
         def run_llmopt(row: Row, passes=passes) -> None:
             row.folder = out / slug(row.label)
             recipe = parse_recipe(_yaml(llmopt_recipe(hf_dir, passes, calibration_txt, args)), where=row.label)
