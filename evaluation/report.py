@@ -179,6 +179,7 @@ def timing_spreads(report: Report) -> dict[str, tuple[float | None, float | None
 
 
 MEMORY_FLOOR_MB = 1.0  # memory changes below this are the allocator's noise, not the model's
+MEASURED_MEMORY_ROWS = ("peak memory added (MB)", "  of which loading (MB)", "  generating, above the loaded model (MB)")
 
 
 def _timed(value: Any, spread: float | None) -> str:
@@ -193,7 +194,7 @@ def _judged_change(name: str, a: Any, b: Any, spreads: tuple[float | None, float
         return change
     if spreads is not None and None not in spreads and abs(b - a) <= spreads[0] + spreads[1]:
         return f"{change} (within the runs' spread)"
-    if "(MB)" in name and "KV cache" not in name and "size" not in name and abs(b - a) < MEMORY_FLOOR_MB:
+    if name in MEASURED_MEMORY_ROWS and abs(b - a) < MEMORY_FLOOR_MB:
         return f"{change} (under {MEMORY_FLOOR_MB:g} MB)"
     return change
 
