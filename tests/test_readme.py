@@ -107,8 +107,11 @@ def assert_report_md_carries_the_headline_numbers(folder: Path) -> dict:
     for label, key in headline.items():
         for side, cell in zip(("baseline", "optimized"), rows[label][:2]):
             expected = report[side][key] / (1e6 if key == "size_bytes" else 1)
-            # report.md rounds to 3 decimals
-            assert float(cell) == pytest.approx(expected, abs=6e-4), f"{folder.name} {label} {side}: {cell} vs {expected}"
+            value, *spread = cell.split(" ±")  # timed figures carry their spread over runs
+            # report.md rounds to 3 decimals, the spread to 3 significant digits
+            assert float(value) == pytest.approx(expected, abs=6e-4), f"{folder.name} {label} {side}: {cell} vs {expected}"
+            if key == "decode_tokens_per_s" and report[side].get(f"{key}_spread") is not None:
+                assert float(spread[0]) == pytest.approx(report[side][f"{key}_spread"], rel=6e-3, abs=1e-9), cell
     md = (folder / "report.md").read_text()
     assert f"{report['quality']['kl_divergence']:.4f} nats/token" in md
     assert f"top-1 next-token agreement: {report['quality']['top1_agreement'] * 100:.2f}%" in md
