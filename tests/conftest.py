@@ -30,6 +30,24 @@ def build_tiny_tokenizer():
                                    pad_token="</s>", model_input_names=["input_ids", "attention_mask"])
 
 
+class ProgressRecorder:
+    """A run's progress (llmopt's Progress protocol) kept for assertions: its steps, and each advance with the
+    step it happened in."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+        self.advances: list[tuple[str, int, int]] = []
+
+    def step(self, name: str, total: int | None = None) -> None:
+        self.steps.append(name)
+
+    def advance(self, done: int, total: int) -> None:
+        self.advances.append((self.steps[-1], done, total))
+
+    def done(self, name: str, seconds: float) -> None:
+        pass
+
+
 def tiny_llama(tie: bool = False, **overrides):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -261,20 +261,9 @@ def test_the_onnx_export_shows_its_blocks_as_they_are_written(tiny_model_dir, tm
     recipe = tmp_path / "r.yaml"
     recipe.write_text(INT4 + "evaluation: {enabled: false}\n")
 
-    class Recorder:  # the run's progress: each step's advances
-        def __init__(self):
-            self.steps, self.advances = [], []
+    from tests.conftest import ProgressRecorder
 
-        def step(self, name, total=None):
-            self.steps.append(name)
-
-        def advance(self, done, total):
-            self.advances.append((self.steps[-1], done, total))
-
-        def done(self, name, seconds):
-            pass
-
-    progress = Recorder()
+    progress = ProgressRecorder()
     llmopt.optimize(recipe, model=str(tiny_model_dir), output=tmp_path / "out", progress=progress)
     layers = _json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
     written = [(done, total) for step, done, total in progress.advances if step == "export onnx"]

@@ -279,20 +279,9 @@ def test_export_streaming_runs_a_recipe_layer_by_layer(tiny_model_dir, tmp_path)
     recipe.write_text(f"model: {tiny_model_dir}\npasses:\n  - type: quantize\n    method: rtn\n"
                       "export:\n  format: safetensors\n  streaming: true\nchecks:\n  max_size_ratio: 0.4\n")
 
-    class Recorder:  # the run's progress: its steps, and the blocks written in the streamed one
-        def __init__(self):
-            self.steps, self.advances = [], []
+    from tests.conftest import ProgressRecorder
 
-        def step(self, name, total=None):
-            self.steps.append(name)
-
-        def advance(self, done, total):
-            self.advances.append((self.steps[-1], done, total))
-
-        def done(self, name, seconds):
-            pass
-
-    progress = Recorder()
+    progress = ProgressRecorder()  # the run's steps, and the blocks written in the streamed one
     result = llmopt.optimize(recipe, output=tmp_path / "out", resume=True, progress=progress)
 
     assert progress.steps[:3] == ["quantize and export, layer by layer", "quality (perplexity, KL, top-1)",
