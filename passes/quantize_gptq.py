@@ -25,14 +25,17 @@ DAMP_RETRIES = 4  # damping x10 each retry: 1% -> 10% -> 100% -> 1000% of the me
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + d I)^-1, retrying with 10x the damping while H + d I is not positive definite."""
+    """Upper Cholesky factor of (H + d I)^-1, retrying with 10x the damping while H + d I is not positive definite.
+
+    The damping goes onto H's diagonal in place (H is the caller's working copy): a damped copy would be one more
+    matrix as big as H, 0.5 GB for a 7B down_proj, on top of the peak."""
     mean_diag = float(torch.diag(h).mean())
+    added = 0.0
     for attempt in range(DAMP_RETRIES):
         d = damp * 10**attempt
-        damped = h.clone()  # the damping added on the diagonal in place: no identity matrix as big as H
-        damped.diagonal().add_(d * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        h.diagonal().add_(d * mean_diag - added)
+        added = d * mean_diag
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
             del chol
@@ -58,9 +61,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: 
     H_jj, and every group's parameters are fixed from the original weights first ("static groups"), so the
     groups stay contiguous in the original order, which is the layout MatMulNBits reads.
     Returns codes (out, in) uint8, scales and zero points (out, in / group_size), the damping used.
+
+    `hessian` is the working memory and is overwritten (pass a copy to keep it): at 7B shapes a down_proj Hessian
+    is 0.5 GB, and every copy of it adds to the calibration's peak.
     """
     w = weight.detach().float().clone()  # (out, in)
-    h = hessian.detach().float().clone()
+    h = hessian.detach().float()  # the same tensor when it is float32 already
     rows, cols = w.shape
     levels = 2**bits - 1
     dead = torch.diag(h) == 0  # inputs that never fire: their weights cannot matter
@@ -74,13 +80,14 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: 
         s, z = group_params(w.reshape(rows, groups, group_size), bits, symmetric)  # (out, groups)
         scales, zeros = s, z
         perm = torch.argsort(torch.diag(h), descending=True)
-    else:
+        w, h = w[:, perm], h[perm][:, perm]
+    else:  # the original order: no permuted copies of W and H
         perm = torch.arange(cols)
-    w, h = w[:, perm], h[perm][:, perm]
     hinv, used_damp = _inverse_cholesky(h, damp, name)  # (in, in) upper
+    del h
     group_of = perm // group_size  # group of each column, in processing order
 
-    codes = torch.zeros(rows, cols)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
     for start in range(0, cols, BLOCK):
         end = min(start + BLOCK, cols)
         w1 = w[:, start:end].clone()  # (out, b)
@@ -91,7 +98,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: 
             g = int(group_of[col_index])
             if not act_order and col_index % group_size == 0:
                 # This group's columns are still ahead: set its range from their current (updated) values.
-                ahead = torch.cat([w1[:, i:], w[:, end:]], 1)[:, :group_size]  # (out, g)
+                # Only the group's own columns are copied (the block's rest and at most group_size after it).
+                ahead = torch.cat([w1[:, i:i + group_size], w[:, end:end + max(0, group_size - (end - start - i))]],
+                                  1)  # (out, g)
                 scales[:, g], zeros[:, g] = group_params(ahead, bits, symmetric)
             col = w1[:, i]
             code = torch.clamp(torch.round(col / scales[:, g]) + zeros[:, g], 0, levels)
@@ -103,7 +112,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: 
         w[:, end:] -= err1 @ hinv[start:end, end:]
 
     inverse = torch.argsort(perm)
-    return {"codes": codes[:, inverse].to(torch.uint8), "scales": scales.contiguous(),
+    return {"codes": codes[:, inverse], "scales": scales.contiguous(),
             "zero_points": zeros.to(torch.uint8), "damp": used_damp}
 
 
@@ -141,11 +150,17 @@ def layer_hessians(i: int, layer: nn.Module, arch: Architecture, chosen: Contain
 def quantize_layer(i: int, layer: nn.Module, moments: dict[str, InputMoments], quantize: Callable) -> dict[str, float]:
     """`quantize(name, module, hessian)` on each probed Linear of layer i, once the calibration inputs have run
     through it; returns the damping used per Linear. Empties `moments` as it goes, so that each Hessian is
-    freed once its last Linear is done."""
+    freed once its last Linear is done.
+
+    `quantize` may overwrite the Hessian it is handed (gptq does): a Linear that shares its probe with one still
+    to come gets a copy, and the probe's last Linear gets the sums themselves, turned into the mean in place."""
     prefix = f"{LAYERS}.{i}."
     damping = {}
     for name in list(moments):
         mo = moments.pop(name)
-        damping[name] = quantize(name, layer.get_submodule(name.removeprefix(prefix)), mo.moment / max(mo.tokens, 1))
-        del mo
+        shared = any(other is mo for other in moments.values())
+        hessian = mo.moment / max(mo.tokens, 1) if shared else mo.moment.div_(max(mo.tokens, 1))
+        del mo  # the last reference to an unshared probe: its sums live on only as `hessian`
+        damping[name] = quantize(name, layer.get_submodule(name.removeprefix(prefix)), hessian)
+        del hessian
     return damping
