@@ -135,13 +135,16 @@ def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: 
     # Plain decoder blocks (q/k/v/o, gate/up/down, RMSNorm, rotary): what the streaming writers describe.
     require(str(config.get("model_type")), "the streaming path", "export.streaming", capability="stream")
     q = quantize
-    unsupported = [name for name, value in (("embeddings", q.embeddings), ("activations", q.activations != "float"),
+    unsupported = [name for name, value in (("method", q.method == "signround"), ("embeddings", q.embeddings),
+                                            ("activations", q.activations != "float"),
                                             ("target_bits_per_weight", q.target_bits_per_weight is not None)) if value]
     if unsupported:
         raise RecipeError(f"quantize.{unsupported[0]}: the streaming path runs weight-only quantization (RTN or GPTQ, "
                           "with or without AWQ) of the decoder layers and lm_head, with a float embedding table; "
-                          "mixed precision needs the whole model's sensitivities.",
-                          "Remove the option, or use the non-streaming pipeline (the model must then fit in memory).")
+                          "signround runs in the in-memory pipeline only, and mixed precision needs the whole "
+                          "model's sensitivities.",
+                          "Remove the option (for signround: method: gptq), or use the non-streaming pipeline (the "
+                          "model must then fit in memory).")
     hf_config = AutoConfig.from_pretrained(folder)
     if export_format == "safetensors":
         from llmopt.exporters.safetensors import experts_layout_problem

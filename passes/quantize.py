@@ -21,10 +21,13 @@ if TYPE_CHECKING:
 
 class QuantizeConfig(PassConfig):
     type: Literal["quantize"] = "quantize"
-    method: Literal["rtn", "gptq"] = Field(
+    method: Literal["rtn", "gptq", "signround"] = Field(
         "rtn", description="rtn: round-to-nearest, per group, no calibration data. gptq: GPTQ (Frantar et al. 2022), "
-                           "rounding errors compensated through each layer's input Hessian on calibration text; the "
-                           "embedding and lm_head, which GPTQ does not cover here, use RTN.")
+                           "rounding errors compensated through each layer's input Hessian on calibration text. "
+                           "signround: SignRound (Cheng et al. 2023, Intel AutoRound's algorithm), each layer's "
+                           "rounding and group clipping tuned by signed gradient descent on its output on "
+                           "calibration text. gptq and signround cover the decoder layers; the embedding and "
+                           "lm_head use RTN.")
     bits: Literal[4, 8] = Field(4, description="Bits per weight.")
     group_size: int = Field(32, description="Weights sharing one scale, along the input dimension (power of 2, >= 16).")
     symmetric: bool = Field(True, description="Symmetric (zero point fixed at mid-range) or asymmetric (min/max) groups.")
@@ -34,12 +37,17 @@ class QuantizeConfig(PassConfig):
     embeddings: bool = Field(False, description="Also quantize the token embedding table (ONNX: GatherBlockQuantized).")
     awq: bool = Field(False, description="AWQ-style activation-aware scaling first (Lin et al. 2024): per input "
                                          "channel, scales chosen on calibration activations and folded into the "
-                                         "preceding RMSNorm / up_proj; then rtn or gptq quantizes.")
+                                         "preceding RMSNorm / up_proj; then the method quantizes.")
     act_order: bool = Field(False, description="gptq: quantize columns in order of decreasing input energy (groups "
                                                "keep their RTN range, so they stay contiguous for MatMulNBits).")
     damp: float = Field(0.01, gt=0, le=1, description="gptq: damping added to the Hessian diagonal, as a fraction of "
                                                       "its mean; raised 10x (at most 3 times) when a Hessian is not "
                                                       "positive definite.")
+    iters: int = Field(200, ge=1, description="signround: tuning steps per decoder layer (AutoRound's default; "
+                                              "1000 is its stronger setting).")
+    lr: float | None = Field(None, gt=0, description="signround: step size of the rounding offsets and clipping "
+                                                    "factors, falling linearly to 0; default 1 / iters.")
+    batch_size: int = Field(8, ge=1, description="signround: calibration windows per tuning step.")
     activations: Literal["float", "int8"] = Field(
         "float", description="int8: W8A8 for the ONNX path, run by onnxruntime's integer kernels "
                              "(DynamicQuantizeMatMul): each Linear's input is quantized to uint8 at run time with one "
@@ -57,10 +65,13 @@ class QuantizeConfig(PassConfig):
 
     @model_validator(mode="after")
     def _options_that_go_together(self) -> "QuantizeConfig":
-        for name in ("act_order", "damp"):
-            if name in self.model_fields_set and self.method != "gptq":
-                raise ValueError(f"{name} applies to method: gptq only (method is '{self.method}')")
+        for name, method in (("act_order", "gptq"), ("damp", "gptq"), ("iters", "signround"), ("lr", "signround"),
+                             ("batch_size", "signround")):
+            if name in self.model_fields_set and self.method != method:
+                raise ValueError(f"{name} applies to method: {method} only (method is '{self.method}')")
         if self.activations == "int8":
+            if self.method == "signround":
+                raise ValueError("signround tunes weight-only quantization; with activations: int8 use rtn")
             if self.bits != 8:
                 raise ValueError("activations: int8 needs bits: 8 (onnxruntime's integer matmul is 8-bit)")
             if "group_size" in self.model_fields_set:
@@ -94,8 +105,8 @@ class QuantizeConfig(PassConfig):
 
 
 class QuantizePass(Pass):
-    """Weight-only quantization, group-wise along the input dimension: round-to-nearest or GPTQ, with AWQ scales
-    and mixed int4/int8 precision; or int8 weights and activations (W8A8) with SmoothQuant.
+    """Weight-only quantization, group-wise along the input dimension: round-to-nearest, GPTQ or SignRound, with
+    AWQ scales and mixed int4/int8 precision; or int8 weights and activations (W8A8) with SmoothQuant.
 
     Each group of `group_size` weights gets one float32 scale (and a zero point when asymmetric);
     codes are round(w / scale) (+ zero point), clamped to the `bits` range. The model keeps running
@@ -106,7 +117,10 @@ class QuantizePass(Pass):
     Transformers") quantizes the Linears of the decoder layers one layer at a time: the layer's input
     Hessian H = E[x x^T] is measured on calibration text as the already-quantized earlier layers
     produce it, then each column's rounding error is spread over the columns not yet quantized
-    through the Cholesky factor of H^-1. Same storage format as RTN; only the codes differ.
+    through the Cholesky factor of H^-1. `signround` (Cheng et al. 2023, the algorithm of Intel's AutoRound)
+    also goes layer by layer: each weight's rounding offset and each group's clipping of its range are tuned by
+    signed gradient descent so that the quantized layer's output matches the float layer's on the same inputs.
+    Same storage format as RTN; only the codes (and, for signround, the scales) differ.
     """
 
     type = "quantize"
@@ -116,7 +130,7 @@ class QuantizePass(Pass):
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         c = self.config
-        return c.method == "gptq" or c.awq or c.smoothquant or c.target_bits_per_weight is not None
+        return c.method in ("gptq", "signround") or c.awq or c.smoothquant or c.target_bits_per_weight is not None
 
     def check_export(self, export_format: str, where: str) -> None:
         if self.config.activations == "int8" and export_format != "onnx":
@@ -176,9 +190,10 @@ class QuantizePass(Pass):
             bits, mixed = self._choose_bits(state, ctx, [(n, m) for n, m in targets if n in linears])
             info.update(mixed)
         rest = targets
-        if c.method == "gptq":
+        if c.method in ("gptq", "signround"):
             in_layers = {name: m for name, m in targets if name in linears and name.startswith(f"{LAYERS}.")}
-            info.update(self._run_gptq(state, ctx, in_layers, bits))
+            run = self._run_gptq if c.method == "gptq" else self._run_signround
+            info.update(run(state, ctx, in_layers, bits))
             rest = [(name, m) for name, m in targets if name not in in_layers]  # embedding, lm_head: RTN
         embedding = model.get_input_embeddings()
         done: dict[int, QuantizedTensor] = {}  # id(parameter) -> codes: a tied tensor is quantized once
@@ -240,21 +255,27 @@ class QuantizePass(Pass):
                     ) -> tuple[QuantizedTensor, float]:
         """GPTQ codes of one Linear from its input Hessian; the module's weight becomes their dequantized values
         (what the next layer's calibration inputs are computed with). Returns the codes and the damping used."""
-        import torch
-
         from llmopt.passes.quantize_gptq import gptq
 
         c = self.config
         b, g = bits or c.bits, self._group_size(module, "linear")
         r = gptq(module.weight, hessian, bits=b, group_size=g, symmetric=c.symmetric,
                  act_order=c.act_order, damp=c.damp, name=name)
-        qt = QuantizedTensor(name=f"{name}.weight", kind="linear", bits=b, group_size=g,
+        return self.set_codes(name, module, r, b), r["damp"]
+
+    def set_codes(self, name: str, module, r: dict, bits: int) -> QuantizedTensor:
+        """One Linear's integers (r: codes, scales, zero_points as torch tensors) as a QuantizedTensor; the
+        module's weight becomes their dequantized values."""
+        import torch
+
+        c = self.config
+        qt = QuantizedTensor(name=f"{name}.weight", kind="linear", bits=bits, group_size=self._group_size(module, "linear"),
                              symmetric=c.symmetric, codes=r["codes"].numpy(),
                              scales=r["scales"].numpy().astype("float32"), zero_points=r["zero_points"].numpy(),
                              activations=c.activations)
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(qt.dequantized()))
-        return qt, r["damp"]
+        return qt
 
     def _run_gptq(self, state: ModelState, ctx: PassContext, linears: dict, bits: dict[str, int]) -> dict:
         """GPTQ on the decoder layers' Linears, recording each one's codes in the state."""
@@ -269,6 +290,23 @@ class QuantizePass(Pass):
 
         damping = gptq_decoder_layers(state.model, windows, linears, quantize_one, ctx.progress)
         return self.gptq_info(damping, windows)
+
+    def _run_signround(self, state: ModelState, ctx: PassContext, linears: dict, bits: dict[str, int]) -> dict:
+        """SignRound on the decoder layers' Linears, recording each one's codes in the state."""
+        from llmopt.passes.quantize_signround import signround_decoder_layers
+
+        c = self.config
+        windows = ctx.calibration_windows("quantize with method 'signround'")
+
+        def store(name: str, module, codes: dict) -> None:
+            qt = self.set_codes(name, module, codes, bits.get(name, c.bits))
+            state.quantized[qt.name] = qt
+
+        info = signround_decoder_layers(state.model, windows, linears, store, ctx.progress,
+                                        bits_of=lambda name: bits.get(name, c.bits), group_size=c.group_size,
+                                        symmetric=c.symmetric, iters=c.iters, lr=c.lr or 1 / c.iters,
+                                        batch_size=c.batch_size, seed=ctx.seed)
+        return {**info, "calibration_tokens": int(sum(len(w) for w in windows))}
 
     def gptq_info(self, damping: dict[str, float], windows: list) -> dict:
         """What the report records of a GPTQ run: Linears done, calibration tokens, where damping was raised."""

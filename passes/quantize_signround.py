@@ -1,0 +1,202 @@
+"""SignRound for `type: quantize, method: signround`: each decoder layer's rounding and clipping tuned by signed
+gradient descent on its output (Cheng et al. 2023, "Optimize Weight Rounding via Signed Gradient Descent for the
+Quantization of LLMs"; the algorithm of Intel's AutoRound).
+
+Model-running code, imported by QuantizePass.run only (torch at module scope is fine here).
+
+Per decoder layer, in order, on the calibration windows as the already-quantized earlier layers produce them:
+every chosen Linear gets a rounding offset v per weight (start 0) and two clipping factors per group on the
+group's min and max (start 1, kept in [0, 1]); the layer with its weights fake-quantized by them is run on a batch
+of windows, the mean squared difference from the float layer's outputs on the same inputs is backpropagated
+through a straight-through round, and each tunable moves by lr * sign(gradient), lr falling linearly to 0 over
+`iters` steps (so v stays within +-lr * iters / 2 = 0.5 at AutoRound's lr of 1 / iters). The tunables of the step
+with the lowest loss are kept.
+
+The codes use the same groups, scale and zero-point convention as RTN and GPTQ (passes/quantize.group_params):
+only which integer each weight rounds to, and how far each group's range is clipped, change. So the exporters
+store them unchanged (MatMulNBits, compressed-tensors).
+
+Written here rather than called from auto-round: it pins its own transformers and model wrappers and hands back
+packed checkpoints in its formats; the algorithm is a short loop on llmopt's own layer-by-layer calibration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from llmopt.architectures import LAYERS
+from llmopt.passes.layerwise import measured_layers
+
+SCALE_FLOOR = 1e-5  # smallest |scale| while tuning (a group clipped to nothing would divide by zero)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (the straight-through estimator)."""
+    return (torch.round(x) - x).detach() + x
+
+
+class TunedRounding:
+    """One Linear's tunables and its fake-quantized weight."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> None:
+        rows, cols = weight.shape
+        self.shape, self.bits, self.symmetric = weight.shape, bits, symmetric
+        self.w = weight.detach().float().reshape(rows, cols // group_size, group_size)  # (out, groups, g)
+        self.lo = torch.clamp(self.w.amin(-1), max=0.0)  # (out, groups)
+        self.hi = torch.clamp(self.w.amax(-1), min=0.0)
+        self.v = torch.zeros_like(self.w, requires_grad=True)
+        self.min_scale = torch.ones_like(self.lo, requires_grad=True)
+        self.max_scale = torch.ones_like(self.hi, requires_grad=True)
+
+    def tunables(self) -> list[torch.Tensor]:
+        return [self.v, self.min_scale, self.max_scale]
+
+    def group_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point per group, by group_params' convention, from the clipped range."""
+        lo, hi = self.lo * self.min_scale, self.hi * self.max_scale
+        levels = 2**self.bits - 1
+        if self.symmetric:
+            mid = 2 ** (self.bits - 1)
+            if self.bits <= 4:  # the group's extreme, with its sign, maps to code 0 (all 2^bits levels used)
+                scale = torch.where(hi >= -lo, hi, lo) / -mid
+            else:
+                scale = torch.maximum(hi, -lo) / (mid - 1)
+            scale = torch.where(scale < 0, torch.clamp(scale, max=-SCALE_FLOOR), torch.clamp(scale, min=SCALE_FLOOR))
+            return scale, torch.full_like(scale, mid)
+        scale = torch.clamp((hi - lo) / levels, min=SCALE_FLOOR)
+        return scale, torch.clamp(torch.round(-lo / scale), 0, levels).detach()
+
+    def fake_quantized(self) -> torch.Tensor:
+        """(out, in): the dequantized weight, differentiable in the tunables."""
+        scale, zero = self.group_params()
+        codes = torch.clamp(_round_ste(self.w / scale[..., None] + self.v) + zero[..., None], 0, 2**self.bits - 1)
+        return ((codes - zero[..., None]) * scale[..., None]).reshape(self.shape)
+
+    def codes(self) -> dict[str, torch.Tensor]:
+        """The final integers: codes (out, in) uint8, scales (out, groups) float32, zero points uint8."""
+        with torch.no_grad():
+            scale, zero = self.group_params()
+            codes = torch.clamp(torch.round(self.w / scale[..., None] + self.v) + zero[..., None], 0, 2**self.bits - 1)
+        return {"codes": codes.reshape(self.shape).to(torch.uint8), "scales": scale.float().contiguous(),
+                "zero_points": zero.to(torch.uint8)}
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.min_scale.clamp_(0.0, 1.0)
+            self.max_scale.clamp_(0.0, 1.0)
+
+
+class LayerCalls:
+    """Records each call of a decoder layer (its args, kwargs and output): the tuning's inputs and targets."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.calls: list[tuple[tuple, dict, torch.Tensor]] = []
+        self.handle = layer.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # Detached: the inputs come from the model's own forward, whose graph the tuning must not backpropagate into.
+        self.calls.append((_detached(args), _detached(kwargs), _output(output).detach()))
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def tune_layer(layer: nn.Module, names: dict[str, int], calls: list[tuple[tuple, dict, torch.Tensor]], *,
+               group_size: int, symmetric: bool, iters: int, lr: float, batch_size: int, seed: int
+               ) -> tuple[dict[str, dict[str, torch.Tensor]], float, float]:
+    """SignRound on the Linears `names` (relative to `layer`, with their bits) against the float layer's outputs
+    in `calls`.
+    Returns each Linear's codes and the layer's output error (mean squared, over all the calls) with plain
+    rounding and with the tuned one."""
+    tuned = {n: TunedRounding(layer.get_submodule(n).weight, b, group_size, symmetric) for n, b in names.items()}
+    tunables = [t for r in tuned.values() for t in r.tunables()]
+
+    def loss_on(indices: list[int]) -> torch.Tensor:
+        weights = {f"{n}.weight": r.fake_quantized() for n, r in tuned.items()}
+        return sum(nn.functional.mse_loss(_output(functional_call(layer, weights, calls[j][0], calls[j][1])),
+                                          calls[j][2]) for j in indices) / len(indices)
+
+    everything = list(range(len(calls)))
+    with torch.no_grad():
+        plain = float(loss_on(everything))
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    best, best_state = float("inf"), [t.detach().clone() for t in tunables]
+    for step in range(iters):
+        if len(order) < batch_size:  # a fresh permutation of the windows each epoch
+            order = torch.randperm(len(calls), generator=generator).tolist()
+        batch, order = order[:batch_size], order[batch_size:]
+        loss = loss_on(batch)
+        loss.backward()
+        if float(loss) < best:  # the tunables this loss was measured with (AutoRound keeps the best step's)
+            best, best_state = float(loss), [t.detach().clone() for t in tunables]
+        step_lr = lr * (1 - step / iters)  # linear decay to 0, as AutoRound's LinearLR
+        with torch.no_grad():
+            for t in tunables:
+                t.add_(t.grad.sign(), alpha=-step_lr)
+                t.grad = None
+        for r in tuned.values():
+            r.clamp_()
+    with torch.no_grad():
+        for t, kept in zip(tunables, best_state):
+            t.copy_(kept)
+        tuned_loss = float(loss_on(everything))
+        if tuned_loss > plain:  # the best batch's tunables can lose on the whole set: plain rounding then
+            for r in tuned.values():
+                r.v.zero_(), r.min_scale.fill_(1.0), r.max_scale.fill_(1.0)
+            tuned_loss = plain
+    return {n: r.codes() for n, r in tuned.items()}, plain, tuned_loss
+
+
+def _output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def signround_decoder_layers(model: Any, batches: list[Any], chosen: Container[str], store: Callable,
+                             progress: Callable[[int, int], None], *, bits_of: Callable[[str], int],
+                             group_size: int, symmetric: bool,
+                             iters: int, lr: float, batch_size: int, seed: int) -> dict[str, Any]:
+    """SignRound on the chosen Linears of every decoder layer, one layer at a time. `store(name, module, codes)`
+    records one Linear's codes and sets its weight to their dequantized values (what the next layer's inputs are
+    computed with). Returns what the report records: per layer, the output error left by the tuned rounding as a
+    fraction of plain rounding's, averaged, and how many layers kept plain rounding."""
+    ratios = []
+
+    def attach(i: int, layer: nn.Module) -> dict[str, Any]:
+        return {"calls": LayerCalls(layer)}
+
+    for i, layer, probes in measured_layers(model, batches, attach, progress):
+        prefix = f"{LAYERS}.{i}."
+        names = {n: bits_of(prefix + n) for n, m in layer.named_modules()
+                 if isinstance(m, nn.Linear) and prefix + n in chosen}
+        calls = probes["calls"].calls
+        if not names or not calls:
+            continue
+        trainable = [p for p in layer.parameters() if p.requires_grad]
+        for p in trainable:  # the gradients go to the tunables only
+            p.requires_grad_(False)
+        try:
+            codes, plain, tuned = tune_layer(layer, names, calls, group_size=group_size, symmetric=symmetric,
+                                             iters=iters, lr=lr, batch_size=min(batch_size, len(calls)), seed=seed + i)
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+        del calls, probes
+        for n, c in codes.items():
+            store(prefix + n, layer.get_submodule(n), c)
+        ratios.append(tuned / plain if plain > 0 else 1.0)
+    return {"signround_layers": len(ratios), "signround_iters": iters,
+            "signround_output_error_vs_rtn": round(sum(ratios) / max(len(ratios), 1), 4),
+            "signround_layers_kept_rtn": sum(r >= 1.0 for r in ratios)}

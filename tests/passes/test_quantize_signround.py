@@ -1,0 +1,109 @@
+"""SignRound (`method: signround`): plain rounding as its start, the tuning lowering a layer's output error, the
+codes the model runs, the pass against RTN, and the options' plan-time checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmopt.passes.quantize import QuantizeConfig, QuantizePass, quantize_rtn
+from llmopt.passes.quantize_signround import LayerCalls, TunedRounding, tune_layer
+from llmopt.state import ModelState, PassContext
+from tests.conftest import tiny_llama
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
+def test_untuned_signround_is_rtn(bits, symmetric):
+    # Offsets 0 and clipping 1: the codes, scales and zero points of RTN, so tuning starts from plain rounding
+    # and the exporters read the same layout.
+    torch.manual_seed(0)
+    w = torch.randn(24, 128) * 0.05
+    codes = TunedRounding(w, bits, 32, symmetric).codes()
+    rtn = quantize_rtn(w, "w", "linear", QuantizeConfig(bits=bits, group_size=32, symmetric=symmetric))
+    np.testing.assert_array_equal(codes["codes"].numpy(), rtn.codes)
+    np.testing.assert_array_equal(codes["zero_points"].numpy(), rtn.zero_points)
+    np.testing.assert_allclose(codes["scales"].numpy(), rtn.scales, rtol=1e-6)
+
+
+def _layer_calls(model, windows):
+    from llmopt.passes.layerwise import capture_layer_inputs
+
+    layer = model.model.layers[0]
+    inputs = capture_layer_inputs(model, windows)
+    calls = LayerCalls(layer)
+    with torch.no_grad():
+        for args, kwargs in inputs.of_layer(0):
+            layer(*args, **kwargs)
+    calls.handle.remove()
+    return layer, calls.calls
+
+
+def test_tuning_lowers_the_layer_output_error_and_its_codes_are_what_it_measured(tiny_tokenizer):
+    model = tiny_llama(num_hidden_layers=1, intermediate_size=256)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(0, tiny_tokenizer.vocab_size, 64) for _ in range(8)]
+    layer, calls = _layer_calls(model, windows)
+    names = {n: 4 for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    codes, plain, tuned = tune_layer(layer, names, calls, group_size=32, symmetric=True, iters=60, lr=1 / 60,
+                                     batch_size=4, seed=0)
+    print(f"layer output MSE: plain rounding {plain:.3e}, tuned {tuned:.3e}")
+    assert tuned < 0.8 * plain, (plain, tuned)
+    # The returned codes, dequantized into the layer, give the error it reports.
+    for name, c in codes.items():
+        q = (c["codes"].float().reshape(c["scales"].shape[0], -1, 32) - c["zero_points"].float()[..., None])
+        layer.get_submodule(name).weight.copy_((q * c["scales"][..., None]).reshape(c["codes"].shape))
+    errors = []
+    with torch.no_grad():
+        for args, kwargs, target in calls:
+            out = layer(*args, **kwargs)
+            errors.append(float(torch.nn.functional.mse_loss(out[0] if isinstance(out, tuple) else out, target)))
+    assert np.mean(errors) == pytest.approx(tuned, rel=1e-4)
+
+
+def test_signround_pass_beats_rtn_on_a_tiny_model_and_records_its_codes(tiny_tokenizer):
+    from llmopt.evaluation.quality import compare_quality, token_windows
+    from llmopt.evaluation.runners import TorchRunner
+    from llmopt.evaluation.text import builtin_text
+
+    text = builtin_text()
+    evaluation = token_windows(tiny_tokenizer, text[:20_000], 1024, 128)
+    ids = tiny_tokenizer(text[40_000:80_000])["input_ids"]
+    windows = [np.array(ids[i:i + 128], dtype=np.int64) for i in range(0, 16 * 128, 128)]
+    base = tiny_llama(num_hidden_layers=2, intermediate_size=256)
+    results = {}
+    for method, options in (("rtn", {}), ("signround", {"iters": 50})):
+        model = tiny_llama(num_hidden_layers=2, intermediate_size=256)
+        config = QuantizeConfig(method=method, bits=4, group_size=32, symmetric=True, **options)
+        state = QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: windows))
+        for qt in state.quantized.values():  # the model runs exactly the recorded codes
+            weight = dict(model.named_parameters())[qt.name]
+            np.testing.assert_array_equal(weight.detach().numpy(), qt.dequantized())
+        results[method] = (compare_quality(TorchRunner(base), TorchRunner(model), evaluation), state.pass_info)
+    kl = {m: r[0].kl_divergence for m, r in results.items()}
+    print(f"KL vs float on held-out text: {kl}")
+    assert kl["signround"] < 0.9 * kl["rtn"], kl
+    info = results["signround"][1]["quantize"]
+    assert info["signround_layers"] == 2 and info["signround_iters"] == 50
+    assert 0 < info["signround_output_error_vs_rtn"] < 1 and info["calibration_tokens"] == 16 * 128
+    assert info["quantized_tensors"] == 2 * 7 + 1  # and lm_head, by RTN
+
+
+def test_signround_options_need_method_signround():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="iters applies to method: signround only"):
+        QuantizeConfig(method="gptq", iters=100)
+    with pytest.raises(ValidationError, match="signround tunes weight-only quantization"):
+        QuantizeConfig(method="signround", bits=8, activations="int8")
+    assert QuantizePass(QuantizeConfig(method="signround")).needs_calibration
+
+
+def test_streaming_refuses_signround_at_plan_time(tiny_model_dir):
+    from llmopt.errors import RecipeError
+    from llmopt.streaming import plan_stream
+
+    with pytest.raises(RecipeError, match=r"quantize\.method: .*signround runs in the in-memory pipeline only"):
+        plan_stream(tiny_model_dir, QuantizeConfig(method="signround"))
