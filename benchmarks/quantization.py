@@ -55,6 +55,7 @@ LLMOPT_ROWS: list[tuple[str, list[dict]]] = [
     ("llmopt int4 GPTQ, symmetric", [quantize(method="gptq", bits=4, symmetric=True), FUSE]),
     ("llmopt int4 AWQ + GPTQ, symmetric", [quantize(method="gptq", awq=True, bits=4, symmetric=True), FUSE]),
     ("llmopt int4 AWQ + GPTQ, asymmetric", [quantize(method="gptq", awq=True, bits=4, symmetric=False), FUSE]),
+    ("llmopt int4 SignRound, symmetric, 200 iterations", [quantize(method="signround", bits=4, symmetric=True), FUSE]),
     ("llmopt int8 RTN, symmetric", [quantize(method="rtn", bits=8, symmetric=True), FUSE]),
     ("llmopt W8A8, SmoothQuant (dynamic int8 activations)",
      [quantize(bits=8, activations="int8", smoothquant=True), FUSE]),
@@ -84,6 +85,8 @@ PEER_COVERAGE_ROWS: list[tuple[str, list[dict]]] = [
      [quantize(method="gptq", bits=4, symmetric=True, **PEERS_COVERAGE), FUSE]),
     ("llmopt int4 AWQ + GPTQ, symmetric, lm_head and embedding float (the peers' coverage)",
      [quantize(method="gptq", awq=True, bits=4, symmetric=True, **PEERS_COVERAGE), FUSE]),
+    ("llmopt int4 SignRound, symmetric, 200 iterations, lm_head and embedding float (the peers' coverage)",
+     [quantize(method="signround", bits=4, symmetric=True, **PEERS_COVERAGE), FUSE]),
 ]
 
 # onnxruntime-genai builder rows: (label, precision, --extra_options, fallback options when the first build's

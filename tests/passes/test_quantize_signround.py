@@ -27,6 +27,7 @@ def test_untuned_signround_is_rtn(bits, symmetric):
 
 
 def _layer_calls(model, windows):
+    """Decoder layer 0 of `model` and its recorded calls (args, kwargs, float output) on `windows`."""
     from llmopt.passes.layerwise import capture_layer_inputs
 
     layer = model.model.layers[0]
@@ -107,3 +108,31 @@ def test_streaming_refuses_signround_at_plan_time(tiny_model_dir):
 
     with pytest.raises(RecipeError, match=r"quantize\.method: .*signround runs in the in-memory pipeline only"):
         plan_stream(tiny_model_dir, QuantizeConfig(method="signround"))
+
+
+def _families():
+    from tests.core.test_architectures import FAMILIES
+
+    return sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", _families())
+def test_windows_of_one_length_tune_as_one_batch_on_every_family(model_type):
+    # The tuning stacks a batch of windows into one call with the first window's other arguments (positions,
+    # rotary tables, masks): on every family that must give each window's own output; windows of different
+    # lengths go one by one.
+    from llmopt.passes.quantize_signround import _shared_arguments, _stacked
+    from tests.core.test_architectures import TINY_VOCAB, tiny
+
+    model = tiny(model_type)
+    rng = np.random.default_rng(0)
+    _, uneven = _layer_calls(model, [rng.integers(3, TINY_VOCAB, n) for n in (40, 24)])
+    assert not _shared_arguments(uneven)
+    layer, calls = _layer_calls(model, [rng.integers(3, TINY_VOCAB, 40) for _ in range(3)])
+    assert _shared_arguments(calls)
+    args, kwargs, target = _stacked(calls, [2, 0, 1])
+    with torch.no_grad():
+        out = layer(*args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(target, torch.cat([calls[j][2] for j in (2, 0, 1)]))
+    torch.testing.assert_close(out, target, rtol=1e-4, atol=1e-5)
