@@ -136,9 +136,13 @@ def tune_layer(layer: nn.Module, names: dict[str, int], calls: list[tuple[tuple,
             return sum(nn.functional.mse_loss(_output(functional_call(layer, weights, calls[j][0], calls[j][1])).float(),
                                               calls[j][2]) for j in indices) / len(indices)
 
-    everything = list(range(len(calls)))
-    with torch.no_grad():
-        plain = float(loss_on(everything))
+    def error_on_all() -> float:
+        """The float32 error over every window, a batch at a time (activations of one batch held, not of all)."""
+        with torch.no_grad():
+            chunks = [list(range(i, min(i + batch_size, len(calls)))) for i in range(0, len(calls), batch_size)]
+            return sum(float(loss_on(c)) * len(c) for c in chunks) / len(calls)
+
+    plain = error_on_all()
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     best, best_state = float("inf"), [t.detach().clone() for t in tunables]
@@ -161,7 +165,7 @@ def tune_layer(layer: nn.Module, names: dict[str, int], calls: list[tuple[tuple,
     with torch.no_grad():
         for t, kept in zip(tunables, best_state):
             t.copy_(kept)
-        tuned_loss = float(loss_on(everything))
+        tuned_loss = error_on_all()
         if tuned_loss > plain:  # the best batch's tunables can lose on the whole set: plain rounding then
             for r in tuned.values():
                 r.v.zero_(), r.min_scale.fill_(1.0), r.max_scale.fill_(1.0)
