@@ -273,7 +273,7 @@ def _first(config: Any, *keys: str) -> Any:
 
 def support_markdown() -> str:
     """The README's family x pass/exporter table, from the descriptions above (a test keeps the README in sync)."""
-    rows = ["| family (`model_type`) | quantize (RTN, GPTQ, W8A8) | AWQ / SmoothQuant scales folded into | gqa | prune "
+    rows = ["| family (`model_type`) | quantize (RTN, GPTQ, SignRound, W8A8) | AWQ / SmoothQuant scales folded into | gqa | prune "
             "| streaming | ONNX, safetensors |", "|---|---|---|---|---|---|---|"]
     mark = {True: "yes", False: "refused"}
     for name, arch in sorted(ARCHITECTURES.items()):

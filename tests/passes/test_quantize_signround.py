@@ -136,3 +136,10 @@ def test_windows_of_one_length_tune_as_one_batch_on_every_family(model_type):
     out = out[0] if isinstance(out, tuple) else out
     torch.testing.assert_close(target, torch.cat([calls[j][2] for j in (2, 0, 1)]))
     torch.testing.assert_close(out, target, rtol=1e-4, atol=1e-5)
+    # And the tuning runs through the family's layer (fused projections, experts): codes for every Linear.
+    names = {n: 4 for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    codes, plain, tuned = tune_layer(layer, names, calls, group_size=16, symmetric=True, iters=4, lr=0.05,
+                                     batch_size=2, seed=0)
+    assert set(codes) == set(names) and tuned <= plain
