@@ -200,10 +200,17 @@ def test_gptq_raises_damping_when_the_hessian_is_not_positive_definite():
 
 
 # Run in a fresh interpreter: GPTQ on a 4096-wide Hessian (67 MB), printing how far the process's peak RSS rose above
-# its size before the call, in Hessians.
+# its size before the call, in Hessians. The peak is the memory map's own high-water mark (VmHWM, reset just before
+# the call), not getrusage's ru_maxrss, which keeps the peak of the forked test process across exec.
 _GPTQ_PEAK = """
-import resource, torch
+import torch
 from llmopt.passes.quantize_gptq import gptq
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
 n = 4096
 torch.manual_seed(0)
 x = torch.randn(512, n)
@@ -212,9 +219,11 @@ h.diagonal().add_(0.1)
 del x
 w = torch.randn(8, n) * 0.05
 gptq(w[:, :64].clone(), torch.eye(64), bits=4, group_size=32, symmetric=True)  # kernels and allocator warmed
-base = int(open("/proc/self/statm").read().split()[1]) * 4096
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the current RSS
+base = status("VmRSS")
 gptq(w, h, bits=4, group_size=32, symmetric=True)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / h.nbytes)
+print((status("VmHWM") - base) / h.nbytes)
 """
 
 
