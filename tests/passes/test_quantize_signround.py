@@ -65,26 +65,12 @@ def test_tuning_lowers_the_layer_output_error_and_its_codes_are_what_it_measured
 
 
 def test_signround_pass_beats_rtn_on_a_tiny_model_and_records_its_codes(tiny_tokenizer):
-    from llmopt.evaluation.quality import compare_quality, token_windows
-    from llmopt.evaluation.runners import TorchRunner
-    from llmopt.evaluation.text import builtin_text
+    from tests.passes.test_quantize import quantized_against_float
 
-    text = builtin_text()
-    evaluation = token_windows(tiny_tokenizer, text[:20_000], 1024, 128)
-    ids = tiny_tokenizer(text[40_000:80_000])["input_ids"]
-    windows = [np.array(ids[i:i + 128], dtype=np.int64) for i in range(0, 16 * 128, 128)]
-    base = tiny_llama(num_hidden_layers=2, intermediate_size=256)
-    results = {}
-    for method, options in (("rtn", {}), ("signround", {"iters": 50})):
-        model = tiny_llama(num_hidden_layers=2, intermediate_size=256)
-        config = QuantizeConfig(method=method, bits=4, group_size=32, symmetric=True, **options)
-        state = QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: windows))
-        for qt in state.quantized.values():  # the model runs exactly the recorded codes
-            weight = dict(model.named_parameters())[qt.name]
-            np.testing.assert_array_equal(weight.detach().numpy(), qt.dequantized())
-        results[method] = (compare_quality(TorchRunner(base), TorchRunner(model), evaluation), state.pass_info)
-    kl = {m: r[0].kl_divergence for m, r in results.items()}
-    print(f"KL vs float on held-out text: {kl}")
+    configs = {"rtn": QuantizeConfig(method="rtn", bits=4, group_size=32, symmetric=True),
+               "signround": QuantizeConfig(method="signround", iters=50, bits=4, group_size=32, symmetric=True)}
+    results = quantized_against_float(tiny_tokenizer, configs, layers=2, windows=16)
+    kl = {m: r[0] for m, r in results.items()}
     assert kl["signround"] < 0.9 * kl["rtn"], kl
     info = results["signround"][1]["quantize"]
     assert info["signround_layers"] == 2 and info["signround_iters"] == 50
