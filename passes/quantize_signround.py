@@ -124,12 +124,14 @@ def tune_layer(layer: nn.Module, names: dict[str, int], calls: list[tuple[tuple,
     tunables = [t for r in tuned.values() for t in r.tunables()]
 
     batched = _shared_arguments(calls)
+    fast_matmuls = autocast(layer)  # decided once per layer, entered on each tuning step
+    exact = torch.autocast(next(layer.parameters()).device.type, enabled=False)
 
     def loss_on(indices: list[int], fast: bool = False) -> torch.Tensor:
         """The mean squared error on the windows `indices`; `fast`: matmuls in bfloat16 where native (the tuning
         steps; the errors that choose and report the result are measured in float32)."""
         weights = {f"{n}.weight": r.fake_quantized() for n, r in tuned.items()}
-        with autocast(layer) if fast else torch.autocast(next(layer.parameters()).device.type, enabled=False):
+        with fast_matmuls if fast else exact:
             if batched:  # one call on the windows stacked: larger matmuls, several times faster on a CPU
                 args, kwargs, target = _stacked(calls, indices)
                 return nn.functional.mse_loss(_output(functional_call(layer, weights, args, kwargs)).float(), target)
@@ -219,12 +221,15 @@ def _shared_arguments(calls: list[tuple[tuple, dict, torch.Tensor]]) -> bool:
         if _hidden(args, kwargs).shape[0] != 1:
             return False
         rest = _rest(args, kwargs)
-        if len(rest) != len(first) or not all(
-                (torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                 else a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b))
-                for a, b in zip(rest, first)):
+        if len(rest) != len(first) or not all(_same(a, b) for a, b in zip(rest, first)):
             return False
     return True
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a is b or a == b
 
 
 def _stacked(calls: list[tuple[tuple, dict, torch.Tensor]], indices: list[int]) -> tuple[tuple, dict, torch.Tensor]:
