@@ -4,13 +4,18 @@ Quantization of LLMs"; the algorithm of Intel's AutoRound).
 
 Model-running code, imported by QuantizePass.run only (torch at module scope is fine here).
 
-Per decoder layer, in order, on the calibration windows as the already-quantized earlier layers produce them:
-every chosen Linear gets a rounding offset v per weight (start 0) and two clipping factors per group on the
-group's min and max (start 1, kept in [0, 1]); the layer with its weights fake-quantized by them is run on a batch
-of windows, the mean squared difference from the float layer's outputs on the same inputs is backpropagated
-through a straight-through round, and each tunable moves by lr * sign(gradient), lr falling linearly to 0 over
-`iters` steps (so v stays within +-lr * iters / 2 = 0.5 at AutoRound's lr of 1 / iters). The tunables of the step
-with the lowest loss are kept.
+Per decoder layer, in order: every chosen Linear gets a rounding offset v per weight (start 0) and two clipping
+factors per group on the group's min and max (start 1, kept in [0, 1]). The layer with its weights fake-quantized
+by them is run on a batch of windows as the already-quantized earlier layers produce them; the mean squared
+difference from the float model's output of that layer (the float layer on the float model's own inputs) is
+backpropagated through a straight-through round, and each tunable moves by lr * sign(gradient), lr falling linearly
+to 0 over `iters` steps (so v stays within +-lr * iters / 2 = 0.5 at AutoRound's lr of 1 / iters). The tunables of
+the step with the lowest loss are kept.
+
+The target is the float model's activation, not the float layer's output on the quantized inputs (GPTQ's target):
+so each layer also corrects what the earlier layers' rounding moved, as AutoRound does (`enable_quanted_input`,
+its default). Two chains of calibration activations are carried through the layers for that: the float model's
+and the quantized one's.
 
 The codes use the same groups, scale and zero-point convention as RTN and GPTQ (passes/quantize.group_params):
 only which integer each weight rounds to, and how far each group's range is clipped, change. So the exporters
@@ -30,7 +35,7 @@ from torch import nn
 from torch.func import functional_call
 
 from llmopt.architectures import LAYERS
-from llmopt.passes.layerwise import measured_layers
+from llmopt.passes.layerwise import LayerInputs, capture_layer_inputs, decoder_layers, run_layer
 
 SCALE_FLOOR = 1e-5  # smallest |scale| while tuning (a group clipped to nothing would divide by zero)
 
@@ -89,18 +94,6 @@ class TunedRounding:
         with torch.no_grad():
             self.min_scale.clamp_(0.0, 1.0)
             self.max_scale.clamp_(0.0, 1.0)
-
-
-class LayerCalls:
-    """Records each call of a decoder layer (its args, kwargs and output): the tuning's inputs and targets."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        self.calls: list[tuple[tuple, dict, torch.Tensor]] = []
-        self.handle = layer.register_forward_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        # Detached: the inputs come from the model's own forward, whose graph the tuning must not backpropagate into.
-        self.calls.append((_detached(args), _detached(kwargs), _output(output).detach()))
 
 
 def _detached(value: Any) -> Any:
@@ -245,6 +238,13 @@ def _output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def layer_calls(inputs: LayerInputs, index: int, targets: list[torch.Tensor]) -> list[tuple[tuple, dict, torch.Tensor]]:
+    """The tuning's data for decoder layer `index`: each window's (args, kwargs) from `inputs` with its target
+    output, detached (the inputs come from the model's own forward, whose graph the tuning must not reach)."""
+    return [(_detached(args), _detached(kwargs), target.detach())
+            for (args, kwargs), target in zip(inputs.of_layer(index), targets)]
+
+
 def signround_decoder_layers(model: Any, batches: list[Any], chosen: Container[str], store: Callable,
                              progress: Callable[[int, int], None], *, bits_of: Callable[[str], int],
                              group_size: int, symmetric: bool,
@@ -252,32 +252,39 @@ def signround_decoder_layers(model: Any, batches: list[Any], chosen: Container[s
     """SignRound on the chosen Linears of every decoder layer, one layer at a time. `store(name, module, codes)`
     records one Linear's codes and sets its weight to their dequantized values (what the next layer's inputs are
     computed with). Returns what the report records: per layer, the output error left by the tuned rounding as a
-    fraction of plain rounding's, averaged, and how many layers kept plain rounding."""
+    fraction of plain rounding's, averaged, and how many layers kept plain rounding.
+    Memory is one layer plus two sets of calibration activations (the float chain and the quantized one)."""
     ratios = []
-
-    def attach(i: int, layer: nn.Module) -> dict[str, Any]:
-        return {"calls": LayerCalls(layer)}
-
-    for i, layer, probes in measured_layers(model, batches, attach, progress):
+    layers = decoder_layers(model)
+    with torch.no_grad():
+        quantized = capture_layer_inputs(model, batches) if batches else LayerInputs([], [])
+    reference = quantized  # the float model's inputs to the current layer; the same as the quantized at layer 0
+    for i, layer in enumerate(layers):
         prefix = f"{LAYERS}.{i}."
         names = {n: bits_of(prefix + n) for n, m in layer.named_modules()
                  if isinstance(m, nn.Linear) and prefix + n in chosen}
-        calls = probes["calls"].calls
-        if not names or not calls:
-            continue
-        trainable = [p for p in layer.parameters() if p.requires_grad]
-        for p in trainable:  # the gradients go to the tunables only
-            p.requires_grad_(False)
-        try:
-            codes, plain, tuned = tune_layer(layer, names, calls, group_size=group_size, symmetric=symmetric,
-                                             iters=iters, lr=lr, batch_size=min(batch_size, len(calls)), seed=seed + i)
-        finally:
-            for p in trainable:
-                p.requires_grad_(True)
-        del calls, probes
-        for n, c in codes.items():
-            store(prefix + n, layer.get_submodule(n), c)
-        ratios.append(tuned / plain if plain > 0 else 1.0)
+        with torch.no_grad():  # the float layer on the float model's inputs: the targets, and the next float inputs
+            reference_out = run_layer(layer, i, reference)
+        if names and quantized:
+            calls = layer_calls(quantized, i, reference_out.hidden)
+            trainable = [p for p in layer.parameters() if p.requires_grad]
+            for p in trainable:  # the gradients go to the tunables only
+                p.requires_grad_(False)
+            try:
+                codes, plain, tuned = tune_layer(layer, names, calls, group_size=group_size, symmetric=symmetric,
+                                                 iters=iters, lr=lr, batch_size=min(batch_size, len(calls)),
+                                                 seed=seed + i)
+            finally:
+                for p in trainable:
+                    p.requires_grad_(True)
+            del calls
+            for n, c in codes.items():
+                store(prefix + n, layer.get_submodule(n), c)
+            ratios.append(tuned / plain if plain > 0 else 1.0)
+        with torch.no_grad():  # the quantized layer on the quantized chain: the next layer's inputs to tune on
+            quantized = run_layer(layer, i, quantized)
+        reference = reference_out
+        progress(i + 1, len(layers))
     return {"signround_layers": len(ratios), "signround_iters": iters,
             "signround_matmuls": "bfloat16" if native_bfloat16(model) else "float32",
             "signround_output_error_vs_rtn": round(sum(ratios) / max(len(ratios), 1), 4),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmopt.passes.quantize import QuantizeConfig, QuantizePass, quantize_rtn
-from llmopt.passes.quantize_signround import LayerCalls, TunedRounding, tune_layer
+from llmopt.passes.quantize_signround import TunedRounding, layer_calls, tune_layer
 from llmopt.state import ModelState, PassContext
 from tests.conftest import tiny_llama
 
@@ -27,17 +27,13 @@ def test_untuned_signround_is_rtn(bits, symmetric):
 
 
 def _layer_calls(model, windows):
-    """Decoder layer 0 of `model` and its recorded calls (args, kwargs, float output) on `windows`."""
-    from llmopt.passes.layerwise import capture_layer_inputs
+    """Decoder layer 0 of `model` and its tuning data on `windows`: each window's (args, kwargs, float output)."""
+    from llmopt.passes.layerwise import capture_layer_inputs, run_layer
 
     layer = model.model.layers[0]
-    inputs = capture_layer_inputs(model, windows)
-    calls = LayerCalls(layer)
     with torch.no_grad():
-        for args, kwargs in inputs.of_layer(0):
-            layer(*args, **kwargs)
-    calls.handle.remove()
-    return layer, calls.calls
+        inputs = capture_layer_inputs(model, windows)
+        return layer, layer_calls(inputs, 0, run_layer(layer, 0, inputs).hidden)
 
 
 def test_tuning_lowers_the_layer_output_error_and_its_codes_are_what_it_measured(tiny_tokenizer):
@@ -76,6 +72,41 @@ def test_signround_pass_beats_rtn_on_a_tiny_model_and_records_its_codes(tiny_tok
     assert info["signround_layers"] == 2 and info["signround_iters"] == 50
     assert 0 < info["signround_output_error_vs_rtn"] < 1 and info["calibration_tokens"] == 16 * 128
     assert info["quantized_tensors"] == 2 * 7 + 1  # and lm_head, by RTN
+
+
+def test_each_layer_tunes_on_the_quantized_inputs_towards_the_float_models_activations(tiny_tokenizer, monkeypatch):
+    # AutoRound's target: the float model's output of the layer, not the float layer's output on the quantized
+    # inputs (GPTQ's), so a layer also corrects what the earlier layers' rounding moved.
+    from llmopt.passes import quantize_signround
+
+    model = tiny_llama(num_hidden_layers=3)
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(0, tiny_tokenizer.vocab_size, 32) for _ in range(4)]
+    with torch.no_grad():
+        float_hidden = [model(input_ids=torch.as_tensor(w)[None], output_hidden_states=True).hidden_states
+                        for w in windows]
+    seen = []
+
+    def recording(layer, names, calls, **kw):
+        seen.append(calls)
+        return tune_layer(layer, names, calls, **{**kw, "iters": 2})
+
+    monkeypatch.setattr(quantize_signround, "tune_layer", recording)
+    chosen = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+
+    def store(name, module, codes):
+        q = codes["codes"].float().reshape(codes["scales"].shape[0], -1, 32) - codes["zero_points"].float()[..., None]
+        module.weight.data.copy_((q * codes["scales"][..., None]).reshape(codes["codes"].shape))
+
+    quantize_signround.signround_decoder_layers(model, windows, chosen, store, lambda *_: None, bits_of=lambda _: 4,
+                                                group_size=32, symmetric=True, iters=2, lr=0.5, batch_size=2, seed=0)
+    assert len(seen) == 3
+    for layer in (1, 2):  # hidden_states[k]: the input of layer k; the last one is after the final norm
+        for w, (args, kwargs, target) in enumerate(seen[layer]):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            assert not torch.allclose(hidden, float_hidden[w][layer], atol=1e-4)  # the quantized chain's input
+            if layer + 1 < 3:
+                torch.testing.assert_close(target, float_hidden[w][layer + 1], rtol=1e-4, atol=1e-5)
 
 
 def test_signround_options_need_method_signround():
