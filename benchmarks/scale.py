@@ -14,7 +14,7 @@
    unless --keep.
 2. Streams it through `llmopt.streaming.quantize_checkpoint` to ONNX (MatMulNBits + GroupQueryAttention) and to
    safetensors (compressed-tensors pack-quantized), each in a fresh child process, and prints each run's peak
-   resident memory (the child's own `getrusage` ru_maxrss), wall time and output size. The stream checks its
+   resident memory (the child's own VmHWM), wall time and output size. The stream checks its
    artifact as it does for users (a reference computed layer by layer, then the artifact loaded by its runtime
    and compared), so the peak and the time include the check; `--no-validate` leaves it out. The ONNX artifact is
    then loaded by onnxruntime and run for a prefill and two decode steps (finite logits of the right shape),
@@ -51,11 +51,20 @@ SHAPE_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads":
             "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 
 
-# ---- children: each step runs in its own process so that its ru_maxrss is its own ----
+# ---- children: each step runs in its own process so that its peak is its own ----
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM, which belongs to the memory map exec made, so only this
+    interpreter's own. (getrusage's ru_maxrss keeps the forking parent's peak across exec.)"""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: the best there is
+
 
 def _child_report(started: float, **extra) -> None:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(json.dumps({"peak_rss_bytes": peak, "wall_s": time.perf_counter() - started, **extra}))
+    print(json.dumps({"peak_rss_bytes": _peak_rss_bytes(), "wall_s": time.perf_counter() - started, **extra}))
 
 
 # What a 7B-shaped model of each described family sets beyond SHAPE_7B (the family's own layout: head width,
