@@ -119,7 +119,8 @@ class QuantizePass(Pass):
     produce it, then each column's rounding error is spread over the columns not yet quantized
     through the Cholesky factor of H^-1. `signround` (Cheng et al. 2023, the algorithm of Intel's AutoRound)
     also goes layer by layer: each weight's rounding offset and each group's clipping of its range are tuned by
-    signed gradient descent so that the quantized layer's output matches the float layer's on the same inputs.
+    signed gradient descent so that the quantized layer, on the quantized earlier layers' outputs, gives the float
+    model's output of that layer (it also corrects what the earlier layers' rounding moved).
     Same storage format as RTN; only the codes (and, for signround, the scales) differ.
     """
 
