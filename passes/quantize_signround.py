@@ -109,8 +109,8 @@ def _detached(value: Any) -> Any:
 def tune_layer(layer: nn.Module, names: dict[str, int], calls: list[tuple[tuple, dict, torch.Tensor]], *,
                group_size: int, symmetric: bool, iters: int, lr: float, batch_size: int, seed: int
                ) -> tuple[dict[str, dict[str, torch.Tensor]], float, float]:
-    """SignRound on the Linears `names` (relative to `layer`, with their bits) against the float layer's outputs
-    in `calls`.
+    """SignRound on the Linears `names` (relative to `layer`, with their bits): each call's (args, kwargs) through
+    the layer, against its target output (the float model's, from signround_decoder_layers).
     Returns each Linear's codes and the layer's output error (mean squared, over all the calls) with plain
     rounding and with the tuned one."""
     tuned = {n: TunedRounding(layer.get_submodule(n).weight, b, group_size, symmetric) for n, b in names.items()}
