@@ -49,9 +49,9 @@ def test_tuning_lowers_the_layer_output_error_and_its_codes_are_what_it_measured
     print(f"layer output MSE: plain rounding {plain:.3e}, tuned {tuned:.3e}")
     assert tuned < 0.8 * plain, (plain, tuned)
     # The returned codes, dequantized into the layer, give the error it reports.
+    quantize = QuantizePass(QuantizeConfig(method="signround", group_size=32, symmetric=True))
     for name, c in codes.items():
-        q = (c["codes"].float().reshape(c["scales"].shape[0], -1, 32) - c["zero_points"].float()[..., None])
-        layer.get_submodule(name).weight.copy_((q * c["scales"][..., None]).reshape(c["codes"].shape))
+        quantize.set_codes(name, layer.get_submodule(name), c, bits=4)
     errors = []
     with torch.no_grad():
         for args, kwargs, target in calls:
@@ -94,9 +94,10 @@ def test_each_layer_tunes_on_the_quantized_inputs_towards_the_float_models_activ
     monkeypatch.setattr(quantize_signround, "tune_layer", recording)
     chosen = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
 
+    quantize = QuantizePass(QuantizeConfig(method="signround", group_size=32, symmetric=True))
+
     def store(name, module, codes):
-        q = codes["codes"].float().reshape(codes["scales"].shape[0], -1, 32) - codes["zero_points"].float()[..., None]
-        module.weight.data.copy_((q * codes["scales"][..., None]).reshape(codes["codes"].shape))
+        quantize.set_codes(name, module, codes, bits=4)
 
     quantize_signround.signround_decoder_layers(model, windows, chosen, store, lambda *_: None, bits_of=lambda _: 4,
                                                 group_size=32, symmetric=True, iters=2, lr=0.5, batch_size=2, seed=0)
