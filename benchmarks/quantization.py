@@ -9,7 +9,8 @@ evaluation off, the fuse pass after it, and exported to ONNX (MatMulNBits, accur
 own venv, see peers.py) at int4 (default symmetric RTN, asymmetric, k_quant) and int8; onnxruntime's dynamic
 int8 quantization of optimum's fp32 export; and two fp32 references (optimum's export, the builder's fp32).
 With --peers: llm-compressor (GPTQ, AWQ + GPTQ) and Intel's AutoRound (benchmarks/quant_peers.py), their integers
-written by llmopt's exporter, and llmopt's AWQ + GPTQ with their coverage.
+written by llmopt's exporter, and llmopt's quantizers with their coverage; AutoRound also at the builder's coverage
+(lm_head and the tied embedding by llmopt's RTN, which AutoRound refuses to quantize when tied).
 
 Every artifact is measured here by the same code, on the same onnxruntime, in this process: size on disk,
 perplexity and KL / top-1 agreement against the float32 PyTorch model on the same evaluation windows (llmopt's
@@ -68,16 +69,21 @@ LLMOPT_ROWS: list[tuple[str, list[dict]]] = [
       {"type": "qad", "train": "scales", "batch_size": 4, "lr": 2e-3, "eval_every": 25}, FUSE]),
 ]
 
-# Peer quantizers (--peers; benchmarks/quant_peers.py, each in its own venv): (label, kind, settings). They run
-# on llmopt's own calibration windows (the same seed, text and tokenizer as the llmopt rows); their integers are
-# written by llmopt's ONNX exporter with the fuse pass's packing, so these rows differ from llmopt's only in the
-# integers chosen. Both leave lm_head and the tied embedding float (their own coverage), so they are larger than
-# the rows above: the like-for-like llmopt rows are PEER_COVERAGE_ROWS.
-PEER_ROWS: list[tuple[str, str, dict]] = [
-    ("llm-compressor GPTQ W4A16, symmetric", "llmcompressor", {"method": "gptq"}),
-    ("llm-compressor AWQ + GPTQ W4A16, symmetric", "llmcompressor", {"method": "awq+gptq"}),
-    ("AutoRound W4, symmetric, 200 iterations (its default)", "autoround", {"iters": 200}),
-    ("AutoRound W4, symmetric, 1000 iterations", "autoround", {"iters": 1000}),
+# Peer quantizers (--peers; benchmarks/quant_peers.py, each in its own venv): (label, kind, settings, builder's
+# coverage). They run on llmopt's own calibration windows (the same seed, text and tokenizer as the llmopt rows);
+# their integers are written by llmopt's ONNX exporter with the fuse pass's packing, so these rows differ from
+# llmopt's only in the integers chosen. Both leave lm_head and the tied embedding float (their own coverage;
+# AutoRound refuses to quantize a tied lm_head), so they are larger than the rows above: the like-for-like llmopt
+# rows are PEER_COVERAGE_ROWS. A row with the builder's coverage adds llmopt's RTN of lm_head and the tied
+# embedding to the peer's integers (the same peer run as its peers'-coverage row, run once), to compare at the
+# builder's size.
+PEER_ROWS: list[tuple[str, str, dict, bool]] = [
+    ("llm-compressor GPTQ W4A16, symmetric", "llmcompressor", {"method": "gptq"}, False),
+    ("llm-compressor AWQ + GPTQ W4A16, symmetric", "llmcompressor", {"method": "awq+gptq"}, False),
+    ("AutoRound W4, symmetric, 200 iterations (its default)", "autoround", {"iters": 200}, False),
+    ("AutoRound W4, symmetric, 200 iterations, lm_head and embedding RTN (the builder's coverage)", "autoround",
+     {"iters": 200}, True),
+    ("AutoRound W4, symmetric, 1000 iterations", "autoround", {"iters": 1000}, False),
 ]
 PEERS_COVERAGE = {"embeddings": False, "exclude": ["lm_head"]}
 PEER_COVERAGE_ROWS: list[tuple[str, list[dict]]] = [
@@ -312,16 +318,23 @@ def main() -> None:
         attempt(label, run_builder)
 
     # AutoRound and llm-compressor
-    for label, kind, settings in PEER_ROWS if args.peers else []:
-        def run_peer(row: Row, kind=kind, settings=settings) -> None:
+    peer_runs: dict[str, tuple[Path, dict]] = {}  # one run per peer and settings, shared by its rows
+    for label, kind, settings, builder_coverage in PEER_ROWS if args.peers else []:
+        def run_peer(row: Row, kind=kind, settings=settings, builder_coverage=builder_coverage) -> None:
             row.folder = out / slug(row.label)
-            work = out / (slug(row.label) + "-peer")
-            windows_in = peer_calibration(hf_dir, calibration_txt, args)
-            result = quant_peers.quantize_with_peer(kind, hf_dir, windows_in, work, threads=args.threads, **settings)
-            row.seconds = result["seconds"] + export_peer(hf_dir, work, row.folder)
-            row.note = (f"{kind} {result['version']}, {len(result['quantized'])} Linears quantized, float: "
-                        f"{', '.join(result['float_linears']) or 'none'} and the embedding; artifact s: its "
-                        f"quantization on the loaded model + llmopt's ONNX export")
+            key = f"{kind} {sorted(settings.items())}"
+            if key not in peer_runs:
+                work = out / (slug(row.label) + "-peer")
+                windows_in = peer_calibration(hf_dir, calibration_txt, args)
+                peer_runs[key] = work, quant_peers.quantize_with_peer(kind, hf_dir, windows_in, work,
+                                                                      threads=args.threads, **settings)
+            work, result = peer_runs[key]
+            rtn_rest = args.group_size if builder_coverage else None
+            row.seconds = result["seconds"] + export_peer(hf_dir, work, row.folder, rtn_rest)
+            rest = "lm_head and the tied embedding by llmopt's RTN" if builder_coverage else (
+                f"float: {', '.join(result['float_linears']) or 'none'} and the embedding")
+            row.note = (f"{kind} {result['version']}, {len(result['quantized'])} Linears quantized, {rest}; "
+                        f"artifact s: its quantization on the loaded model + llmopt's ONNX export")
 
         attempt(label, run_peer)
 
@@ -358,15 +371,24 @@ def peer_calibration(hf_dir: Path, calibration_txt: Path, args) -> list:
     return windows
 
 
-def export_peer(hf_dir: Path, work: Path, folder: Path) -> float:
-    """Write a peer's integers as llmopt's fused ONNX (the llmopt rows' export settings); returns the seconds."""
+def export_peer(hf_dir: Path, work: Path, folder: Path, rtn_rest: int | None = None) -> float:
+    """Write a peer's integers as llmopt's fused ONNX (the llmopt rows' export settings); returns the seconds.
+    `rtn_rest`: a group size to quantize lm_head and the tied embedding with llmopt's symmetric RTN first (the
+    builder's coverage), else they stay float."""
     import shutil
 
+    from llmopt.architectures import LAYERS
     from llmopt.exporters.onnx import OnnxExporter
+    from llmopt.passes.quantize import QuantizeConfig, QuantizePass
     from llmopt.recipe import ExportConfig
+    from llmopt.state import PassContext
 
     started = time.perf_counter()
     state = quant_peers.load_peer_state(hf_dir, work)
+    if rtn_rest is not None:
+        config = QuantizeConfig(method="rtn", bits=4, group_size=rtn_rest, symmetric=True, embeddings=True,
+                                exclude=[f"{LAYERS}.*"])
+        state = QuantizePass(config).run(state, PassContext())
     state.graph_fusions = {"pack_projections": True}  # what the fuse pass sets
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

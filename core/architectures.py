@@ -22,6 +22,7 @@ from typing import Any, Literal
 from llmopt.errors import RecipeError
 
 LAYERS = "model.layers"  # where every described family keeps its decoder layers
+FINAL_NORM = "model.norm"  # and the norm between the last of them and lm_head
 
 
 @dataclass(frozen=True)

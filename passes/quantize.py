@@ -26,8 +26,9 @@ class QuantizeConfig(PassConfig):
                            "rounding errors compensated through each layer's input Hessian on calibration text. "
                            "signround: SignRound (Cheng et al. 2023, Intel AutoRound's algorithm), each layer's "
                            "rounding and group clipping tuned by signed gradient descent on its output on "
-                           "calibration text. gptq and signround cover the decoder layers; the embedding and "
-                           "lm_head use RTN.")
+                           "calibration text. gptq covers the decoder layers, signround the decoder layers and "
+                           "lm_head (towards the float model's logits; a tied embedding shares lm_head's codes); "
+                           "the rest use RTN.")
     bits: Literal[4, 8] = Field(4, description="Bits per weight.")
     group_size: int = Field(32, description="Weights sharing one scale, along the input dimension (power of 2, >= 16).")
     symmetric: bool = Field(True, description="Symmetric (zero point fixed at mid-range) or asymmetric (min/max) groups.")
@@ -120,7 +121,8 @@ class QuantizePass(Pass):
     through the Cholesky factor of H^-1. `signround` (Cheng et al. 2023, the algorithm of Intel's AutoRound)
     also goes layer by layer: each weight's rounding offset and each group's clipping of its range are tuned by
     signed gradient descent so that the quantized layer, on the quantized earlier layers' outputs, gives the float
-    model's output of that layer (it also corrects what the earlier layers' rounding moved).
+    model's output of that layer (it also corrects what the earlier layers' rounding moved), and lm_head last,
+    towards the float model's logits.
     Same storage format as RTN; only the codes (and, for signround, the scales) differ.
     """
 
@@ -190,14 +192,18 @@ class QuantizePass(Pass):
         if c.target_bits_per_weight is not None:
             bits, mixed = self._choose_bits(state, ctx, [(n, m) for n, m in targets if n in linears])
             info.update(mixed)
-        rest = targets
+        rest, tuned = targets, {}
         if c.method in ("gptq", "signround"):
-            in_layers = {name: m for name, m in targets if name in linears and name.startswith(f"{LAYERS}.")}
+            # GPTQ: the decoder layers' Linears; SignRound: lm_head too. The rest (embedding, lm_head) take RTN.
+            head = model.get_output_embeddings() if c.method == "signround" else None
+            tuned = {name: m for name, m in targets
+                     if name in linears and (name.startswith(f"{LAYERS}.") or m is head)}
             run = self._run_gptq if c.method == "gptq" else self._run_signround
-            info.update(run(state, ctx, in_layers, bits))
-            rest = [(name, m) for name, m in targets if name not in in_layers]  # embedding, lm_head: RTN
+            info.update(run(state, ctx, tuned, bits))
+            rest = [(name, m) for name, m in targets if name not in tuned]
         embedding = model.get_input_embeddings()
-        done: dict[int, QuantizedTensor] = {}  # id(parameter) -> codes: a tied tensor is quantized once
+        # id(parameter) -> codes: a tied tensor is quantized once (a tied embedding takes lm_head's tuned codes)
+        done: dict[int, QuantizedTensor] = {id(m.weight): state.quantized[f"{name}.weight"] for name, m in tuned.items()}
         with torch.no_grad():
             for i, (name, module) in enumerate(rest):
                 kind = "embedding" if module is embedding else "linear"

@@ -71,7 +71,8 @@ def test_signround_pass_beats_rtn_on_a_tiny_model_and_records_its_codes(tiny_tok
     info = results["signround"][1]["quantize"]
     assert info["signround_layers"] == 2 and info["signround_iters"] == 50
     assert 0 < info["signround_output_error_vs_rtn"] < 1 and info["calibration_tokens"] == 16 * 128
-    assert info["quantized_tensors"] == 2 * 7 + 1  # and lm_head, by RTN
+    assert info["quantized_tensors"] == 2 * 7 + 1  # and lm_head, tuned too
+    assert 0 < info["signround_lm_head_error_vs_rtn"] < 1
 
 
 def test_each_layer_tunes_on_the_quantized_inputs_towards_the_float_models_activations(tiny_tokenizer, monkeypatch):
@@ -108,6 +109,45 @@ def test_each_layer_tunes_on_the_quantized_inputs_towards_the_float_models_activ
             assert not torch.allclose(hidden, float_hidden[w][layer], atol=1e-4)  # the quantized chain's input
             if layer + 1 < 3:
                 torch.testing.assert_close(target, float_hidden[w][layer + 1], rtol=1e-4, atol=1e-5)
+
+
+def test_lm_head_tunes_on_the_quantized_chain_towards_the_float_logits_and_a_tied_embedding_shares_its_codes(
+        tiny_tokenizer, monkeypatch):
+    # After the decoder layers, lm_head is tuned on the quantized model's final norm output towards the float
+    # model's logits (AutoRound's quant_lm_head); the tied embedding is the same tensor and stores the same codes.
+    from llmopt.passes import quantize_signround
+
+    model = tiny_llama(tie=True)
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(0, tiny_tokenizer.vocab_size, 64) for _ in range(8)]
+    with torch.no_grad():
+        float_logits = [model(input_ids=torch.as_tensor(w)[None]).logits for w in windows]
+        # The chains start from the float embedding (quantized after the layers, with lm_head's codes when tied).
+        float_embedded = [model.get_input_embeddings()(torch.as_tensor(w)[None]).clone() for w in windows]
+        float_rtn = quantize_rtn(model.lm_head.weight, "w", "linear", QuantizeConfig(group_size=32)).codes
+    head_calls = []
+
+    def recording(layer, names, calls, **kw):
+        if "" in names:  # the targets are computed when used: read them before the tuning quantizes the weight
+            head_calls.extend((args[0], quantize_signround._target(target)) for args, _, target in calls)
+        return tune_layer(layer, names, calls, **kw)
+
+    monkeypatch.setattr(quantize_signround, "tune_layer", recording)
+    config = QuantizeConfig(method="signround", iters=40, group_size=32, symmetric=True, embeddings=True)
+    state = QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: windows))
+
+    assert len(head_calls) == len(windows)
+    with torch.no_grad():
+        for w, (head_input, target) in enumerate(head_calls):
+            torch.testing.assert_close(target, float_logits[w], rtol=1e-4, atol=1e-5)
+            quantized_final = model(inputs_embeds=float_embedded[w], output_hidden_states=True).hidden_states[-1]
+            torch.testing.assert_close(head_input, quantized_final)  # the quantized layers, after the final norm
+    head, embedding = state.quantized["lm_head.weight"], state.quantized["model.embed_tokens.weight"]
+    assert embedding.kind == "embedding" and embedding.codes is head.codes and embedding.scales is head.scales
+    assert not np.array_equal(head.codes, float_rtn)  # tuned, not plain rounding
+    np.testing.assert_array_equal(model.lm_head.weight.detach().numpy(), head.dequantized())
+    assert model.get_input_embeddings().weight is model.lm_head.weight
+    assert 0 < state.pass_info["quantize"]["signround_lm_head_error_vs_rtn"] < 1
 
 
 def test_signround_options_need_method_signround():
