@@ -210,7 +210,8 @@ def main() -> None:
                         help="add AutoRound and llm-compressor (own venvs; hours on a small CPU: AutoRound tunes every "
                              "layer by gradient descent) and llmopt's row with their coverage")
     parser.add_argument("--only", nargs="+", default=None,
-                        help="run only rows whose label contains one of these strings (fp32 references always run)")
+                        help="run only rows whose label contains one of these strings, or ends with one ending in $ (fp32 "
+                             "references always run)")
     args = parser.parse_args()
 
     import llmopt
@@ -224,7 +225,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     def wanted(label: str) -> bool:
-        return args.only is None or any(s in label for s in args.only)
+        return args.only is None or any(label.endswith(s[:-1]) if s.endswith("$") else s in label for s in args.only)
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
