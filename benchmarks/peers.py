@@ -168,15 +168,17 @@ def build_with_genai_builder(hf_dir: Path, out_dir: Path, precision: str,
     if precision not in BUILDER_PRECISIONS:
         raise ValueError(f"precision must be one of {BUILDER_PRECISIONS}, got {precision!r}")
     python = ensure_peer_venv()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # absolute: the builder runs in another folder (below)
     shutil.rmtree(out_dir, ignore_errors=True)
-    command = [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
-               "-p", precision, "-e", "cpu", "-c", str(CACHE / "builder-cache")]
+    command = [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(Path(hf_dir).resolve()),
+               "-o", str(out_dir), "-p", precision, "-e", "cpu", "-c", str(CACHE / "builder-cache")]
     if extra_options:
         command += ["--extra_options", *(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                                          for k, v in extra_options.items())]
     start = time.perf_counter()
-    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    # cwd: the builder imports its own `quantization` module by bare name, which `python -m` would resolve to
+    # benchmarks/quantization.py when run from this folder.
+    done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=CACHE)
     seconds = time.perf_counter() - start
     if done.returncode != 0 or not (out_dir / "model.onnx").is_file():
         raise RuntimeError(f"the genai builder failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}")

@@ -210,8 +210,8 @@ def main() -> None:
                         help="add AutoRound and llm-compressor (own venvs; hours on a small CPU: AutoRound tunes every "
                              "layer by gradient descent) and llmopt's row with their coverage")
     parser.add_argument("--only", nargs="+", default=None,
-                        help="run only rows whose label contains one of these strings, or ends with one ending in $ (fp32 "
-                             "references always run)")
+                        help="run only rows whose label contains one of these strings, or ends with one ending "
+                             "in $ (fp32 references always run)")
     args = parser.parse_args()
 
     import llmopt

@@ -203,7 +203,8 @@ class QuantizePass(Pass):
             rest = [(name, m) for name, m in targets if name not in tuned]
         embedding = model.get_input_embeddings()
         # id(parameter) -> codes: a tied tensor is quantized once (a tied embedding takes lm_head's tuned codes)
-        done: dict[int, QuantizedTensor] = {id(m.weight): state.quantized[f"{name}.weight"] for name, m in tuned.items()}
+        done: dict[int, QuantizedTensor] = {id(m.weight): state.quantized[f"{name}.weight"]
+                                            for name, m in tuned.items()}
         with torch.no_grad():
             for i, (name, module) in enumerate(rest):
                 kind = "embedding" if module is embedding else "linear"

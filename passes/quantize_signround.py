@@ -370,5 +370,5 @@ def next_token_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     rounding costs is felt through the softmax. (With the mean squared error of the logits, which weighs all ~49k
     vocabulary entries alike, the tuning cut that error by 20% on SmolLM2 and left the perplexity where plain
     rounding had it: +7.5% against +7.8%.)"""
-    return nn.functional.kl_div(torch.log_softmax(logits, -1).flatten(0, -2), torch.log_softmax(target, -1).flatten(0, -2),
-                                log_target=True, reduction="batchmean")
+    ours, theirs = (torch.log_softmax(x, -1).flatten(0, -2) for x in (logits, target))  # (tokens, vocabulary)
+    return nn.functional.kl_div(ours, theirs, log_target=True, reduction="batchmean")

@@ -150,6 +150,39 @@ def test_lm_head_tunes_on_the_quantized_chain_towards_the_float_logits_and_a_tie
     assert 0 < state.pass_info["quantize"]["signround_lm_head_error_vs_rtn"] < 1
 
 
+@pytest.mark.parametrize("model_type,overrides", [("gemma2", {"final_logit_softcapping": 0.5}),
+                                                   ("cohere", {"logit_scale": 3.0}), ("granite", {"logits_scaling": 4.0})])
+def test_lm_head_loss_compares_the_familys_own_logits(model_type, overrides, monkeypatch):
+    # lm_head's KL is taken on the logits the model outputs: after Gemma 2's soft-cap, Cohere's logit_scale,
+    # Granite's logits_scaling (the Linear's raw output would weigh the tokens differently).
+    from llmopt.passes import quantize_signround
+    from tests.core.test_architectures import TINY_VOCAB, tiny
+
+    model = tiny(model_type, **overrides)
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(3, TINY_VOCAB, 32) for _ in range(2)]
+    with torch.no_grad():
+        expected = torch.cat([model(input_ids=torch.as_tensor(w)[None]).logits for w in windows])
+    targets = []
+    kl = quantize_signround.next_token_kl
+    monkeypatch.setattr(quantize_signround, "next_token_kl",
+                        lambda out, target: targets.append(target) or kl(out, target))
+    quantize = QuantizePass(QuantizeConfig(method="signround", group_size=16, symmetric=True))
+
+    def store(name, module, codes):
+        quantize.set_codes(name, module, codes, bits=4)
+
+    # Only lm_head chosen: both chains are the float model's, so the target is its logits on the windows in order.
+    quantize_signround.signround_decoder_layers(model, windows, {"lm_head"}, store, lambda *_: None,
+                                                bits_of=lambda _: 4, group_size=16, symmetric=True, iters=2, lr=0.5,
+                                                batch_size=2, seed=0)
+    torch.testing.assert_close(targets[0], expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # and the family's transform matters here: lm_head's own output is not the logits
+        raw = torch.cat([model.lm_head(model(input_ids=torch.as_tensor(w)[None], output_hidden_states=True)
+                                       .hidden_states[-1]) for w in windows])
+    assert (raw - expected).abs().max() > 0.1
+
+
 def test_signround_options_need_method_signround():
     from pydantic import ValidationError
 
