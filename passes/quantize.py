@@ -27,7 +27,7 @@ class QuantizeConfig(PassConfig):
                            "signround: SignRound (Cheng et al. 2023, Intel AutoRound's algorithm), each layer's "
                            "rounding and group clipping tuned by signed gradient descent on its output on "
                            "calibration text. gptq covers the decoder layers, signround the decoder layers and "
-                           "lm_head (towards the float model's logits; a tied embedding shares lm_head's codes); "
+                           "lm_head (on the float model's next-token distribution; a tied embedding shares its codes); "
                            "the rest use RTN.")
     bits: Literal[4, 8] = Field(4, description="Bits per weight.")
     group_size: int = Field(32, description="Weights sharing one scale, along the input dimension (power of 2, >= 16).")
@@ -122,7 +122,7 @@ class QuantizePass(Pass):
     also goes layer by layer: each weight's rounding offset and each group's clipping of its range are tuned by
     signed gradient descent so that the quantized layer, on the quantized earlier layers' outputs, gives the float
     model's output of that layer (it also corrects what the earlier layers' rounding moved), and lm_head last,
-    towards the float model's logits.
+    towards the float model's next-token distribution.
     Same storage format as RTN; only the codes (and, for signround, the scales) differ.
     """
 

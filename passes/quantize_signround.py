@@ -287,10 +287,11 @@ def signround_decoder_layers(model: Any, batches: list[Any], chosen: Container[s
                              progress: Callable[[int, int], None], *, bits_of: Callable[[str], int],
                              group_size: int, symmetric: bool,
                              iters: int, lr: float, batch_size: int, seed: int) -> dict[str, Any]:
-    """SignRound on the chosen Linears of every decoder layer, one layer at a time. `store(name, module, codes)`
-    records one Linear's codes and sets its weight to their dequantized values (what the next layer's inputs are
-    computed with). Returns what the report records: per layer, the output error left by the tuned rounding as a
-    fraction of plain rounding's, averaged, and how many layers kept plain rounding.
+    """SignRound on the chosen Linears of every decoder layer, one layer at a time, then on lm_head when it is
+    chosen (signround_output_linear). `store(name, module, codes)` records one Linear's codes and sets its weight
+    to their dequantized values (what the next layer's inputs are computed with). Returns what the report
+    records: per layer, the output error left by the tuned rounding as a fraction of plain rounding's, averaged,
+    how many layers kept plain rounding, and lm_head's fraction.
     Memory is one layer plus two sets of calibration activations (the float chain and the quantized one)."""
     ratios = []
     layers = decoder_layers(model)
