@@ -46,6 +46,9 @@ from llmopt.architectures import FINAL_NORM, LAYERS, scalings
 from llmopt.passes.layerwise import LayerInputs, capture_layer_inputs, decoder_layers, run_layer
 
 SCALE_FLOOR = 1e-5  # smallest |scale| while tuning (a group clipped to nothing would divide by zero)
+# Logits per tuning step of lm_head (512 MB in float32; a step holds about six tensors of that size): a vocabulary
+# of 150k with windows of 2,048 tokens then tunes on one window per step instead of batch_size (tens of GB).
+HEAD_LOGITS_PER_STEP = 2**27
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -347,7 +350,8 @@ def signround_output_linear(model: Any, name: str, quantized: LayerInputs, refer
     the float lm_head). A tied embedding shares the codes (QuantizePass), as the builder's shared int4 embedding
     does; AutoRound refuses a tied lm_head, leaving it float.
     The logits span the vocabulary, so each batch's targets are computed when used instead of held for every
-    window. Returns the tuned output error as a fraction of plain rounding's."""
+    window, and a batch holds at most HEAD_LOGITS_PER_STEP of them. Returns the tuned output error as a fraction
+    of plain rounding's."""
     head = model.get_submodule(name)
     norm = model.get_submodule(FINAL_NORM)
     scale = scalings(model.config)
@@ -358,9 +362,11 @@ def signround_output_linear(model: Any, name: str, quantized: LayerInputs, refer
 
     with torch.no_grad():
         calls = [((norm(q),), {}, functools.partial(head, norm(f))) for q, f in zip(quantized.hidden, reference.hidden)]
+    per_window = max(h.shape[-2] for h in quantized.hidden) * head.out_features
+    windows = max(1, min(batch_size, len(calls), HEAD_LOGITS_PER_STEP // per_window))
     with _frozen(head):
         codes, plain, tuned = tune_layer(head, {"": bits}, calls, group_size=group_size, symmetric=symmetric,
-                                         iters=iters, lr=lr, batch_size=min(batch_size, len(calls)), seed=seed,
+                                         iters=iters, lr=lr, batch_size=windows, seed=seed,
                                          loss=lambda out, target: next_token_kl(final(out), final(target)))
     store(name, head, codes[""])
     return tuned / plain if plain > 0 else 1.0

@@ -183,6 +183,25 @@ def test_lm_head_loss_compares_the_familys_own_logits(model_type, overrides, mon
     assert (raw - expected).abs().max() > 0.1
 
 
+def test_lm_head_tunes_on_fewer_windows_per_step_where_the_logits_would_be_too_large(tiny_tokenizer, monkeypatch):
+    # A large vocabulary times long windows: lm_head's step holds at most HEAD_LOGITS_PER_STEP logits.
+    from llmopt.passes import quantize_signround
+
+    model = tiny_llama()
+    windows = [np.arange(3, 67) for _ in range(6)]  # 64 tokens each
+    monkeypatch.setattr(quantize_signround, "HEAD_LOGITS_PER_STEP", 2 * 64 * model.config.vocab_size + 1)
+    batch_sizes = {}
+
+    def recording(layer, names, calls, **kw):
+        batch_sizes["lm_head" if "" in names else len(batch_sizes)] = kw["batch_size"]
+        return tune_layer(layer, names, calls, **{**kw, "iters": 2})
+
+    monkeypatch.setattr(quantize_signround, "tune_layer", recording)
+    config = QuantizeConfig(method="signround", iters=2, batch_size=4, group_size=32, symmetric=True)
+    QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: windows))
+    assert batch_sizes == {0: 4, 1: 4, "lm_head": 2}
+
+
 def test_signround_options_need_method_signround():
     from pydantic import ValidationError
 
