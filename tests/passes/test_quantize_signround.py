@@ -151,7 +151,8 @@ def test_lm_head_tunes_on_the_quantized_chain_towards_the_float_logits_and_a_tie
 
 
 @pytest.mark.parametrize("model_type,overrides", [("gemma2", {"final_logit_softcapping": 0.5}),
-                                                   ("cohere", {"logit_scale": 3.0}), ("granite", {"logits_scaling": 4.0})])
+                                                   ("cohere", {"logit_scale": 3.0}),
+                                                   ("granite", {"logits_scaling": 4.0})])
 def test_lm_head_loss_compares_the_familys_own_logits(model_type, overrides, monkeypatch):
     # lm_head's KL is taken on the logits the model outputs: after Gemma 2's soft-cap, Cohere's logit_scale,
     # Granite's logits_scaling (the Linear's raw output would weigh the tokens differently).
