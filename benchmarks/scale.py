@@ -1,8 +1,9 @@
-"""Benchmark: int4 RTN, GPTQ or AWQ of a checkpoint bigger than this machine's memory, streamed layer by layer.
+"""Benchmark: int4 RTN, GPTQ, SignRound or AWQ of a checkpoint bigger than this machine's memory, streamed layer
+by layer.
 
     python benchmarks/scale.py [--dir ~/.cache/llmopt-bench/scale] [--kv-heads 32] [--group-size 32]
                                [--layers 32] [--keep] [--skip-7b] [--skip-smollm2] [--skip-onnx-check]
-                               [--formats onnx safetensors] [--method rtn|gptq] [--awq]
+                               [--formats onnx safetensors] [--method rtn|gptq|signround] [--iters 200] [--awq]
                                [--families llama qwen3 ... | all]
                                [--calibration-samples 32] [--calibration-len 256] [--no-validate]
                                [--evaluate] [--markdown]
@@ -24,10 +25,11 @@
    quantize pass, streamed and in memory, both evaluated on the default 4096 tokens (speed off): the streamed
    run's quality figures come from its layer-by-layer walk, the in-memory run's from the artifact loaded whole.
 
-With `--method gptq` and/or `--awq` the runs calibrate on random token ids (`--calibration-samples` windows of
-`--calibration-len`): peak memory then adds the activations and each layer's Hessians, and the wall time grows
-with the calibration tokens (on 2 cores, minutes per 7B-shaped layer: use `--layers 2` and `--layers 4` to show
-that the peak does not grow with depth).
+With `--method gptq` or `signround` and/or `--awq` the runs calibrate on random token ids (`--calibration-samples`
+windows of `--calibration-len`): peak memory then adds the activations and each layer's Hessians (SignRound: its
+tunables), and the wall time grows with the calibration tokens (on 2 cores, minutes per 7B-shaped layer: use
+`--layers 2` and `--layers 4` to show that the peak does not grow with depth). SignRound's peak does not depend on `--iters` (its tunables and one
+batch's activations are held whatever the count), its time does: a few iterations show the peak.
 
 A child that only imports what the streaming run imports is measured too: its peak is the fixed cost
 (Python, torch, transformers, onnx) that every row includes.
@@ -151,16 +153,17 @@ def child_generate(folder: Path, kv_heads: int, seed: int, layers: int, family: 
 
 
 def child_stream(model: Path, output: Path, fmt: str, group_size: int, method: str, awq: bool, samples: int,
-                 seq_len: int, validate: bool) -> None:
+                 seq_len: int, validate: bool, iters: int) -> None:
     import numpy as np
 
     from llmopt.passes.quantize import QuantizeConfig
     from llmopt.streaming import quantize_checkpoint
 
     started = time.perf_counter()
-    config = QuantizeConfig(method=method, awq=awq, bits=4, group_size=group_size)
+    tuning = {"iters": iters} if method == "signround" else {}
+    config = QuantizeConfig(method=method, awq=awq, bits=4, group_size=group_size, **tuning)
     windows = None
-    if method == "gptq" or awq:  # random token ids: memory and time depend on how many, not on the text
+    if method != "rtn" or awq:  # random token ids: memory and time depend on how many, not on the text
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         rng = np.random.default_rng(0)
         windows = [rng.integers(0, vocab, size=seq_len, dtype=np.int64) for _ in range(samples)]
@@ -173,7 +176,7 @@ def child_stream(model: Path, output: Path, fmt: str, group_size: int, method: s
     _child_report(started, weights_bytes=weights, quantized_tensors=result.quantized_tensors, **checked)
 
 
-def child_optimize(model: Path, output: Path, fmt: str, method: str, awq: bool, streaming: bool) -> None:
+def child_optimize(model: Path, output: Path, fmt: str, method: str, awq: bool, streaming: bool, iters: int) -> None:
     """`llmopt.optimize` of one int4 quantize pass, streamed or in memory, evaluated (speed off: a streamed run
     does not measure it), for the quality figures side by side."""
     import llmopt
@@ -181,7 +184,8 @@ def child_optimize(model: Path, output: Path, fmt: str, method: str, awq: bool, 
 
     started = time.perf_counter()
     recipe = Recipe.model_validate({
-        "model": str(model), "passes": [{"type": "quantize", "method": method, "awq": awq, "group_size": 32}],
+        "model": str(model), "passes": [{"type": "quantize", "method": method, "awq": awq, "group_size": 32,
+                                         **({"iters": iters} if method == "signround" else {})}],
         "export": {"format": fmt, "streaming": streaming}, "evaluation": {"speed": {"enabled": False}}})
     report = llmopt.optimize(recipe, output=output, force=True).report
     q = report.quality
@@ -262,13 +266,16 @@ def stream_rows(title: str, model: Path, work: Path, args: argparse.Namespace) -
     print(f"\n{title}: input checkpoint {size / GB:.2f} GB on disk")
     print(f"{'step':58s} {'peak RSS GB':>11s} {'/ input':>8s} {'wall s':>8s} {'output GB':>10s}", flush=True)
     method = ("AWQ + " if args.awq else "") + args.method.upper()
-    calibrated = args.method == "gptq" or args.awq
+    calibrated = args.method != "rtn" or args.awq
+    if args.method == "signround":
+        method += f", {args.iters} iterations"
     if calibrated:
         method += f" ({args.calibration_samples} x {args.calibration_len} tokens)"
     for fmt in args.formats:
         out = work / f"out-{fmt}"
         streamed = run_child("stream", str(model), str(out), fmt, str(args.group_size), args.method, str(int(args.awq)),
-                             str(args.calibration_samples), str(args.calibration_len), str(int(not args.no_validate)))
+                             str(args.calibration_samples), str(args.calibration_len), str(int(not args.no_validate)),
+                             str(args.iters))
         print_row(f"stream int4 {method} g{args.group_size} -> {fmt}", size, streamed, title=title)
         if fmt == "onnx" and not args.skip_onnx_check:
             print_row("onnxruntime: load the ONNX artifact, prefill 8 + decode 2", size, run_child("run-onnx", str(out)),
@@ -289,7 +296,7 @@ def evaluated_rows(model: Path, args: argparse.Namespace) -> None:
         for streaming in (True, False):
             out = args.dir / f"optimized-{fmt}"
             result = run_child("optimize", str(model), str(out), fmt, args.method, str(int(args.awq)),
-                               str(int(streaming)))
+                               str(int(streaming)), str(args.iters))
             print_row(f"{'streamed' if streaming else 'in memory'}: int4 {method} g32 -> {fmt}, evaluated", size,
                       result, title=title)
             shutil.rmtree(out)
@@ -319,9 +326,9 @@ def main() -> None:
             child_generate(Path(args[0]), int(args[1]), int(args[2]), int(args[3]), args[4])
         elif kind == "stream":
             child_stream(Path(args[0]), Path(args[1]), args[2], int(args[3]), args[4], args[5] == "1", int(args[6]),
-                         int(args[7]), args[8] == "1")
+                         int(args[7]), args[8] == "1", int(args[9]))
         elif kind == "optimize":
-            child_optimize(Path(args[0]), Path(args[1]), args[2], args[3], args[4] == "1", args[5] == "1")
+            child_optimize(Path(args[0]), Path(args[1]), args[2], args[3], args[4] == "1", args[5] == "1", int(args[6]))
         elif kind == "imports":
             child_imports()
         elif kind == "run-onnx":
@@ -336,7 +343,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32, help="fewer: the same layer shapes, to show the peak does "
                                                                 "not grow with depth")
     parser.add_argument("--group-size", type=int, default=32)
-    parser.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    parser.add_argument("--method", choices=["rtn", "gptq", "signround"], default="rtn")
+    parser.add_argument("--iters", type=int, default=200, help="signround: tuning steps per layer and for lm_head "
+                        "(the peak does not depend on them; the time is about proportional)")
     parser.add_argument("--awq", action="store_true", help="AWQ scaling first (calibrated, as gptq)")
     parser.add_argument("--calibration-samples", type=int, default=32, help="gptq / awq: windows (random token ids)")
     parser.add_argument("--calibration-len", type=int, default=256, help="gptq / awq: tokens per window")

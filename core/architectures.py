@@ -168,6 +168,12 @@ class Scalings:
     attention_softcap: float | None  # cap * tanh(scores / cap) (Gemma 2)
     final_softcap: float | None  # cap * tanh(logits / cap) (Gemma 2)
 
+    def final_logits(self, logits: Any) -> Any:
+        """lm_head's output (a torch tensor) with the logit scale and soft-cap, as the family's model applies them.
+        The tensor's own tanh keeps this module free of torch (the CLI imports it at start-up)."""
+        logits = logits * self.logits
+        return (logits / self.final_softcap).tanh() * self.final_softcap if self.final_softcap else logits
+
 
 def scalings(config: Any) -> Scalings:
     arch = describe(config.model_type)

@@ -49,8 +49,9 @@ class ExportConfig(StrictModel):
     streaming: bool = Field(
         False, description="Quantize and write one decoder layer at a time from the safetensors checkpoint (peak "
                            "memory about one layer plus calibration activations, for models bigger than RAM): one "
-                           "weight-only `quantize` pass (rtn or gptq, with or without awq) of a described family. The "
-                           "artifact is validated against the model layer by layer, but not evaluated.")
+                           "weight-only `quantize` pass (rtn, gptq or signround, with or without awq) of a described "
+                           "family. The artifact is checked against the model, and its quality measured, layer by "
+                           "layer; speed is not measured.")
     validate_result: OnnxValidation = Field(
         default_factory=OnnxValidation,
         alias="validate",

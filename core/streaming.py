@@ -6,8 +6,8 @@
 
 or, from a recipe, `export: {streaming: true}` with one `quantize` pass (the pipeline's streamed schedule,
 `run_streamed`). RTN needs nothing but each layer's tensors: peak memory is about one decoder layer in float32 (or
-the embedding table, when larger), whatever the depth. GPTQ and AWQ add the calibration activations and each
-layer's module (llmopt.streaming_calibrated). The whole model is never built. The artifact is checked against
+the embedding table, when larger), whatever the depth. GPTQ, AWQ and SignRound add the calibration activations
+and each layer's module (llmopt.streaming_calibrated). The whole model is never built. The artifact is checked against
 the model it holds with a reference computed layer by layer as it is written (llmopt.streaming_reference), then
 loaded by its runtime; the pipeline's evaluation windows go through the same walk, and through the checkpoint's
 float weights, for the quality figures. The codes are those of the `quantize` pass, so the artifacts match what
@@ -49,16 +49,18 @@ class StreamPlan:
     tied: bool  # lm_head shares the embedding table in the input
     untie: bool  # the output gets an lm_head of its own (the pass's `_untie_if_needed`)
     extra_names: tuple[str, ...]  # top-level tensors other than embedding, norm and lm_head, copied as they are
-    # GPTQ / AWQ: the calibration token windows and the pipeline's seed (llmopt.streaming_calibrated).
+    # GPTQ / AWQ / SignRound: the calibration token windows and the pipeline's seed (llmopt.streaming_calibrated).
     windows: tuple[Any, ...] | None = None
     seed: int = 0
     pass_info: dict[str, Any] = field(default_factory=dict)  # what calibration recorded, for the report
+    # Codes the calibrated schedule computed for a tensor outside the layer blocks (SignRound's lm_head), by name.
+    tuned: dict[str, QuantizedTensor] = field(default_factory=dict)
     # What sees every block before the writer (llmopt.streaming_reference.LayerTrace: the check and evaluation).
     observers: tuple[Any, ...] = ()
 
     @property
     def calibrated(self) -> bool:
-        return self.quantize.method == "gptq" or self.quantize.awq
+        return self.quantize.method != "rtn" or self.quantize.awq
 
     def blocks(self, reader: CheckpointReader) -> Iterator[Block]:
         """Embedding, each decoder layer, then final norm and lm_head; each block's tensors read when it is due,
@@ -88,7 +90,7 @@ class StreamPlan:
         yield final
 
     def _load(self, reader: CheckpointReader, source: str, name: str) -> Any:
-        return self.stored(name, reader.read(source))
+        return self.tuned[name] if name in self.tuned else self.stored(name, reader.read(source))
 
     def stored(self, name: str, weight: torch.Tensor) -> Any:
         """What the artifact holds for `name`: its RTN codes when it is quantized, else the float tensor."""
@@ -135,16 +137,14 @@ def plan_stream(folder: str | Path, quantize: QuantizeConfig, *, export_format: 
     # Plain decoder blocks (q/k/v/o, gate/up/down, RMSNorm, rotary): what the streaming writers describe.
     require(str(config.get("model_type")), "the streaming path", "export.streaming", capability="stream")
     q = quantize
-    unsupported = [name for name, value in (("method", q.method == "signround"), ("embeddings", q.embeddings),
-                                            ("activations", q.activations != "float"),
+    unsupported = [name for name, value in (("embeddings", q.embeddings), ("activations", q.activations != "float"),
                                             ("target_bits_per_weight", q.target_bits_per_weight is not None)) if value]
     if unsupported:
-        raise RecipeError(f"quantize.{unsupported[0]}: the streaming path runs weight-only quantization (RTN or GPTQ, "
-                          "with or without AWQ) of the decoder layers and lm_head, with a float embedding table; "
-                          "signround runs in the in-memory pipeline only, and mixed precision needs the whole "
-                          "model's sensitivities.",
-                          "Remove the option (for signround: method: gptq), or use the non-streaming pipeline (the "
-                          "model must then fit in memory).")
+        raise RecipeError(f"quantize.{unsupported[0]}: the streaming path runs weight-only quantization (RTN, GPTQ "
+                          "or SignRound, with or without AWQ) of the decoder layers and lm_head, with a float "
+                          "embedding table; mixed precision needs the whole model's sensitivities.",
+                          "Remove the option, or use the non-streaming pipeline (the model must then fit in "
+                          "memory).")
     hf_config = AutoConfig.from_pretrained(folder)
     if export_format == "safetensors":
         from llmopt.exporters.safetensors import experts_layout_problem
@@ -284,7 +284,7 @@ def checkpoint_tokenizer(model: Path, required: bool = True) -> Any:
     if not any((model / name).is_file() for name in TOKENIZER_FILES):
         if not required:
             return None
-        raise InputError(f"GPTQ and AWQ calibrate on text, and '{model}' has no tokenizer "
+        raise InputError(f"GPTQ, AWQ and SignRound calibrate on text, and '{model}' has no tokenizer "
                          f"({', '.join(TOKENIZER_FILES)}).", hint)
     try:
         return AutoTokenizer.from_pretrained(model)
@@ -296,7 +296,7 @@ def checkpoint_tokenizer(model: Path, required: bool = True) -> Any:
 
 def check_streamable(plan: Any) -> tuple[StreamPlan, CheckpointReader]:
     """The stream plan and reader of a pipeline plan (llmopt.pipeline.Plan) that can take the streaming path: a
-    single weight-only `quantize` pass (RTN or GPTQ, with or without AWQ) on a local or hub safetensors
+    single weight-only `quantize` pass (RTN, GPTQ or SignRound, with or without AWQ) on a local or hub safetensors
     checkpoint of a described family, and nothing measured that needs the whole model (speed, lm-eval tasks).
     RecipeError naming why when it cannot; InputError for a damaged checkpoint (streamed or not, exit 3)."""
     passes, recipe = plan.recipe.passes, plan.recipe

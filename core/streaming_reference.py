@@ -186,12 +186,9 @@ class LayerTrace:
 
         from llmopt.architectures import scalings
 
-        scale = scalings(self.model.config)
+        final = scalings(self.model.config).final_logits
         with torch.no_grad():
-            logits = self.model.lm_head(self.final[index])[0].float() * scale.logits  # (T, V)
-            if scale.final_softcap:
-                logits = torch.tanh(logits / scale.final_softcap) * scale.final_softcap
-        return logits.numpy()
+            return final(self.model.lm_head(self.final[index])[0].float()).numpy()  # (T, V)
 
     def release(self) -> None:
         self.model.to("meta")

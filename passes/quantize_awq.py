@@ -1,4 +1,4 @@
-"""AWQ-style activation-aware scaling for `type: quantize` (`awq: true`), before RTN or GPTQ.
+"""AWQ-style activation-aware scaling for `type: quantize` (`awq: true`), before RTN, GPTQ or SignRound.
 
 Model-running code, imported by QuantizePass.run only (torch at module scope is fine here).
 

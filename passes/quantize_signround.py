@@ -310,15 +310,9 @@ def signround_decoder_layers(model: Any, batches: list[Any], chosen: Container[s
         with torch.no_grad():  # the float layer on the float model's inputs: the targets, and the next float inputs
             reference_out = run_layer(layer, i, reference)
         if names and quantized:
-            calls = layer_calls(quantized, i, reference_out.hidden)
-            with _frozen(layer):
-                codes, plain, tuned = tune_layer(layer, names, calls, group_size=group_size, symmetric=symmetric,
-                                                 iters=iters, lr=lr, batch_size=min(batch_size, len(calls)),
-                                                 seed=seed + i)
-            del calls
-            for n, c in codes.items():
-                store(prefix + n, layer.get_submodule(n), c)
-            ratios.append(tuned / plain if plain > 0 else 1.0)
+            ratios.append(tune_decoder_layer(layer, i, names, quantized, reference_out.hidden, store,
+                                             group_size=group_size, symmetric=symmetric, iters=iters, lr=lr,
+                                             batch_size=batch_size, seed=seed))
         with torch.no_grad():  # the quantized layer on the quantized chain: the next layer's inputs to tune on
             quantized = run_layer(layer, i, quantized)
         reference = reference_out
@@ -329,9 +323,34 @@ def signround_decoder_layers(model: Any, batches: list[Any], chosen: Container[s
                                              group_size=group_size, symmetric=symmetric, iters=iters, lr=lr,
                                              batch_size=batch_size, seed=seed + len(layers))
         progress(steps, steps)
+    return signround_info(ratios, head_ratio, iters, bfloat16=native_bfloat16(model))
+
+
+def tune_decoder_layer(layer: nn.Module, index: int, names: dict[str, int], quantized: LayerInputs,
+                       targets: list[torch.Tensor], store: Callable, *, group_size: int, symmetric: bool, iters: int,
+                       lr: float, batch_size: int, seed: int) -> float:
+    """SignRound on decoder layer `index`'s Linears `names` (relative to the layer, with their bits): its inputs
+    from the quantized chain, its targets the float chain's outputs of the layer. Each Linear's codes go to
+    `store(full name, module, codes)`. Returns the tuned output error as a fraction of plain rounding's.
+    (The in-memory pass and the streamed schedule, llmopt.streaming_calibrated, both call this.)"""
+    calls = layer_calls(quantized, index, targets)
+    with _frozen(layer):
+        codes, plain, tuned = tune_layer(layer, names, calls, group_size=group_size, symmetric=symmetric,
+                                         iters=iters, lr=lr, batch_size=min(batch_size, len(calls)),
+                                         seed=seed + index)
+    del calls
+    for n, c in codes.items():
+        store(f"{LAYERS}.{index}.{n}", layer.get_submodule(n), c)
+    return tuned / plain if plain > 0 else 1.0
+
+
+def signround_info(ratios: list[float], head_ratio: float | None, iters: int, *, bfloat16: bool) -> dict[str, Any]:
+    """What the report records of a SignRound run: per decoder layer, the tuned output error as a fraction of
+    plain rounding's, averaged, how many layers kept plain rounding, lm_head's fraction when it was tuned, and
+    whether the tuning steps' matmuls ran in bfloat16 (native_bfloat16)."""
     return {"signround_layers": len(ratios), "signround_iters": iters,
             **({"signround_lm_head_error_vs_rtn": round(head_ratio, 4)} if head_ratio is not None else {}),
-            "signround_matmuls": "bfloat16" if native_bfloat16(model) else "float32",
+            "signround_matmuls": "bfloat16" if bfloat16 else "float32",
             "signround_output_error_vs_rtn": round(sum(ratios) / max(len(ratios), 1), 4),
             "signround_layers_kept_rtn": sum(r >= 1.0 for r in ratios)}
 
@@ -354,12 +373,7 @@ def signround_output_linear(model: Any, name: str, quantized: LayerInputs, refer
     of plain rounding's."""
     head = model.get_submodule(name)
     norm = model.get_submodule(FINAL_NORM)
-    scale = scalings(model.config)
-
-    def final(logits: torch.Tensor) -> torch.Tensor:  # the family's logit scale and soft-cap, as its model applies them
-        logits = logits * scale.logits
-        return torch.tanh(logits / scale.final_softcap) * scale.final_softcap if scale.final_softcap else logits
-
+    final = scalings(model.config).final_logits
     with torch.no_grad():
         calls = [((norm(q),), {}, functools.partial(head, norm(f))) for q, f in zip(quantized.hidden, reference.hidden)]
     per_window = max(h.shape[-2] for h in quantized.hidden) * head.out_features

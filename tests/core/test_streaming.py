@@ -226,13 +226,13 @@ def test_streamed_gptq_without_a_tokenizer_is_refused_before_writing(tiny_tokeni
     tiny_llama().save_pretrained(tmp_path / "in", safe_serialization=True)  # weights and config only
     with pytest.raises(InputError) as caught:
         quantize_checkpoint(tmp_path / "in", tmp_path / "out", QuantizeConfig(method="gptq"))
-    assert caught.value.message.startswith(f"GPTQ and AWQ calibrate on text, and '{tmp_path / 'in'}' has no tokenizer")
+    assert caught.value.message.startswith(f"GPTQ, AWQ and SignRound calibrate on text, and '{tmp_path / 'in'}' has no tokenizer")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("options,fmt,message", [
-    ({"embeddings": True}, "onnx", "quantize.embeddings: the streaming path runs weight-only quantization (RTN or "
-                                   "GPTQ, with or without AWQ)"),
+    ({"embeddings": True}, "onnx", "quantize.embeddings: the streaming path runs weight-only quantization (RTN, "
+                                   "GPTQ or SignRound, with or without AWQ)"),
     ({"bits": 8, "activations": "int8"}, "onnx", "quantize.activations: the streaming path runs weight-only"),
     ({"target_bits_per_weight": 6.0}, "onnx", "quantize.target_bits_per_weight: the streaming path runs weight-only"),
     ({"group_size": 256}, "onnx", "quantize.group_size: 256 does not divide"),
@@ -460,7 +460,8 @@ def _tiny(model_type):
 STREAMED = sorted(t for t, a in ARCHITECTURES.items() if a.stream)
 
 
-@pytest.mark.parametrize("options", [{}, {"method": "gptq", "awq": True}], ids=["rtn", "awq+gptq"])
+@pytest.mark.parametrize("options", [{}, {"method": "gptq", "awq": True}, {"method": "signround", "iters": 3}],
+                         ids=["rtn", "awq+gptq", "signround"])
 @pytest.mark.parametrize("model_type", STREAMED)
 @pytest.mark.slow
 def test_onnx_stream_every_family(model_type, options, tiny_tokenizer, tmp_path):

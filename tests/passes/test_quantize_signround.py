@@ -213,12 +213,55 @@ def test_signround_options_need_method_signround():
     assert QuantizePass(QuantizeConfig(method="signround")).needs_calibration
 
 
-def test_streaming_refuses_signround_at_plan_time(tiny_model_dir):
-    from llmopt.errors import RecipeError
-    from llmopt.streaming import plan_stream
+@pytest.mark.parametrize("tie,options", [(False, {}), (True, {"awq": True}), (True, {"exclude": ["lm_head"]})],
+                         ids=["untied", "tied-awq", "head-excluded"])
+def test_streamed_signround_writes_the_in_memory_pass_file_byte_for_byte(tie, options, tiny_tokenizer, tmp_path):
+    # The streamed schedule tunes each layer read alone, then lm_head on the final norm of both chains: the same
+    # codes, scales and report figures as the pass on the whole model (a tied head untied, the table float).
+    from llmopt.exporters.safetensors import SafetensorsExporter
+    from llmopt.recipe import ExportConfig
+    from llmopt.streaming import quantize_checkpoint
 
-    with pytest.raises(RecipeError, match=r"quantize\.method: .*signround runs in the in-memory pipeline only"):
-        plan_stream(tiny_model_dir, QuantizeConfig(method="signround"))
+    model = tiny_llama(tie=tie)
+    model.save_pretrained(tmp_path / "in", safe_serialization=True)
+    tiny_tokenizer.save_pretrained(tmp_path / "in")
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(3, 200, size=32).astype(np.int64) for _ in range(4)]
+    config = QuantizeConfig(method="signround", group_size=32, iters=6, batch_size=2, **options)
+    state = QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: windows))
+    (tmp_path / "ref").mkdir()
+    SafetensorsExporter(ExportConfig(format="safetensors")).export(state, tmp_path / "ref")
+
+    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config, export_format="safetensors",
+                                 calibration=windows)
+
+    assert (tmp_path / "out/model.safetensors").read_bytes() == (tmp_path / "ref/model.safetensors").read_bytes()
+    expected = {k: v for k, v in state.pass_info["quantize"].items() if k.startswith(("signround", "awq"))}
+    assert {k: result.pass_info[k] for k in expected} == expected
+    assert result.pass_info["signround_layers"] == 2 and result.pass_info["calibration_tokens"] == 4 * 32
+    assert ("signround_lm_head_error_vs_rtn" in result.pass_info) == ("exclude" not in options)
+    print(f"{options} tie {tie}: layer error vs RTN {result.pass_info['signround_output_error_vs_rtn']}, "
+          f"lm_head {result.pass_info.get('signround_lm_head_error_vs_rtn')}")
+
+
+@pytest.mark.slow
+def test_a_streamed_signround_recipe_reports_the_tuning(tiny_model_dir, fast_recipe, tmp_path):
+    import json
+
+    import llmopt
+
+    recipe = fast_recipe(f"model: {tiny_model_dir}\npasses:\n  - type: quantize\n    method: signround\n"
+                         "    iters: 20\ncalibration:\n  samples: 4\n  seq_len: 32\n"
+                         "export:\n  format: onnx\n  streaming: true\n")
+    result = llmopt.optimize(recipe, output=tmp_path / "out")
+
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    info = report["passes"][0]["info"]
+    assert result.passed and info["streaming"] is True and info["method"] == "signround"
+    assert info["signround_layers"] == 2 and info["signround_iters"] == 20 and info["calibration_tokens"] == 4 * 32
+    # Tuning keeps plain rounding where it cannot beat it, so neither error exceeds plain rounding's.
+    assert 0 < info["signround_output_error_vs_rtn"] <= 1 and 0 < info["signround_lm_head_error_vs_rtn"] <= 1
+    assert report["optimized"]["perplexity"] > 0 and (tmp_path / "out/model.onnx").exists()
 
 
 def _families():
