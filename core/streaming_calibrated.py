@@ -134,9 +134,10 @@ def calibrated_layer_blocks(plan: StreamPlan, reader: CheckpointReader) -> Itera
 
 
 def _signround_options(q: Any) -> dict[str, Any]:
-    """The quantize config's SignRound settings, as the in-memory pass (QuantizePass._run_signround) passes them."""
+    """The quantize config's SignRound settings, as the in-memory pass (QuantizePass._run_signround) passes them,
+    with the fake-quantized weights recomputed in the backward pass (the same codes, with less memory)."""
     return {"group_size": q.group_size, "symmetric": q.symmetric, "iters": q.iters, "lr": q.lr or 1 / q.iters,
-            "batch_size": q.batch_size}
+            "batch_size": q.batch_size, "low_memory": True}
 
 
 def _tuned_head(plan: StreamPlan, reader: CheckpointReader, model: Any, quantizer: QuantizePass, quantized: Any,

@@ -217,7 +217,8 @@ def test_signround_options_need_method_signround():
                          ids=["untied", "tied-awq", "head-excluded"])
 def test_streamed_signround_writes_the_in_memory_pass_file_byte_for_byte(tie, options, tiny_tokenizer, tmp_path):
     # The streamed schedule tunes each layer read alone, then lm_head on the final norm of both chains: the same
-    # codes, scales and report figures as the pass on the whole model (a tied head untied, the table float).
+    # codes, scales and report figures as the pass on the whole model (a tied head untied, the table float),
+    # although it recomputes the fake-quantized weights in the backward pass (low_memory) and the pass does not.
     from llmopt.exporters.safetensors import SafetensorsExporter
     from llmopt.recipe import ExportConfig
     from llmopt.streaming import quantize_checkpoint
