@@ -260,12 +260,15 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+METHOD_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "signround": "SignRound"}
+
+
 def stream_rows(title: str, model: Path, work: Path, args: argparse.Namespace) -> None:
     """Stream `model` to each format in a child; each row is printed as soon as it is measured."""
     size = safetensors_bytes(model)
     print(f"\n{title}: input checkpoint {size / GB:.2f} GB on disk")
     print(f"{'step':58s} {'peak RSS GB':>11s} {'/ input':>8s} {'wall s':>8s} {'output GB':>10s}", flush=True)
-    method = ("AWQ + " if args.awq else "") + args.method.upper()
+    method = ("AWQ + " if args.awq else "") + METHOD_NAMES[args.method]
     calibrated = args.method != "rtn" or args.awq
     if args.method == "signround":
         method += f", {args.iters} iterations"
@@ -291,7 +294,7 @@ def evaluated_rows(model: Path, args: argparse.Namespace) -> None:
     size = safetensors_bytes(model)
     title = "SmolLM2-135M through llmopt.optimize, evaluated"
     print(f"\n{title}")
-    method = ("AWQ + " if args.awq else "") + args.method.upper()
+    method = ("AWQ + " if args.awq else "") + METHOD_NAMES[args.method]
     for fmt in args.formats:
         for streaming in (True, False):
             out = args.dir / f"optimized-{fmt}"
