@@ -119,7 +119,8 @@ def estimated_peak_bytes(plan: Any, reader: Any, recipe: Any = None) -> int:
     """Rough peak resident memory of a stream (pre-flight): the largest block (a decoder layer, or the embedding
     table or lm_head) in float32 three times (read, the quantizer's temporaries, the trace's Linear), GPTQ's
     Hessians of one layer and the calibration activations, SignRound's tunables, the evaluation's hidden states
-    and both lm_heads at the end, and the libraries' own ~0.4 GB. The artifact check loads the artifact only when it fits."""
+    and both lm_heads at the end, and the libraries' own ~0.4 GB. The artifact check loads the artifact only
+    when it fits."""
     import math
 
     def size(names: list[str]) -> int:
@@ -135,7 +136,7 @@ def estimated_peak_bytes(plan: Any, reader: Any, recipe: Any = None) -> int:
         signround = plan.quantize.method == "signround"
         sets = 2 if (plan.quantize.awq and plan.quantize.method == "gptq") or signround else 1
         peak += tokens * 4 * (sets * hidden + inner) + 4 * (3 * hidden * hidden + inner * inner)
-        if signround:  # the tuned weights four times more: a copy, the offsets, their gradients, the fake-quantized
+        if signround:  # the tuned weights' offsets, their gradients, the best step's offsets, the fake-quantized
             peak += 4 * max(layer, head if "lm_head.weight" in plan.quantized else 0)
     if recipe is not None and recipe.evaluation.enabled:
         peak += 2 * recipe.evaluation.max_tokens * 4 * hidden + 2 * head
