@@ -147,6 +147,23 @@ def test_reader_reads_one_tensor_at_a_time_exactly(tiny_tokenizer, tmp_path):
     assert torch.equal(weight, model.model.layers[1].mlp.down_proj.weight)
 
 
+def _streamed_beside_the_pass(config, tie, tokenizer, tmp_path):
+    """The pass on the whole model, exported, and the same config streamed from its checkpoint on the same
+    windows: the two safetensors files must be equal byte for byte. Returns the pass's state and the stream's
+    result."""
+    model = _checkpoint(tmp_path / "in", tokenizer, tie=tie)
+    windows = _windows()
+    state = QuantizePass(config).run(ModelState(model, tokenizer), PassContext(calibration=lambda: windows))
+    (tmp_path / "ref").mkdir()
+    SafetensorsExporter(ExportConfig(format="safetensors")).export(state, tmp_path / "ref")
+
+    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config, export_format="safetensors",
+                                 calibration=windows)
+
+    assert (tmp_path / "out/model.safetensors").read_bytes() == (tmp_path / "ref/model.safetensors").read_bytes()
+    return state, result
+
+
 CALIBRATED = [{"method": "gptq"}, {"awq": True}, {"method": "gptq", "awq": True},
               {"method": "gptq", "act_order": True, "exclude": ["*.down_proj"]}]
 
@@ -160,20 +177,27 @@ def _windows(count=4, length=32, seed=0):
 @pytest.mark.parametrize("options", CALIBRATED, ids=["gptq", "awq", "awq+gptq", "gptq-act-order-exclude"])
 @pytest.mark.slow
 def test_streamed_gptq_and_awq_write_the_in_memory_pass_file_byte_for_byte(options, tie, tiny_tokenizer, tmp_path):
-    model = _checkpoint(tmp_path / "in", tiny_tokenizer, tie=tie)
-    config, windows = QuantizeConfig(group_size=32, **options), _windows()
-    state = QuantizePass(config).run(ModelState(model, tiny_tokenizer), PassContext(calibration=lambda: windows))
-    (tmp_path / "ref").mkdir()
-    SafetensorsExporter(ExportConfig(format="safetensors")).export(state, tmp_path / "ref")
-
-    result = quantize_checkpoint(tmp_path / "in", tmp_path / "out", config, export_format="safetensors",
-                                 calibration=windows)
-
-    assert (tmp_path / "out/model.safetensors").read_bytes() == (tmp_path / "ref/model.safetensors").read_bytes()
+    state, result = _streamed_beside_the_pass(QuantizeConfig(group_size=32, **options), tie, tiny_tokenizer, tmp_path)
     expected = {k: v for k, v in state.pass_info["quantize"].items() if k.startswith(("gptq", "awq", "damp"))}
     assert expected and {k: result.pass_info[k] for k in expected} == expected
     print(f"{options} tie {tie}: {result.pass_info.get('gptq_layers')} GPTQ Linears, "
           f"AWQ error ratio {result.pass_info.get('awq_output_error_ratio')}")
+
+
+@pytest.mark.parametrize("tie,options", [(False, {}), (True, {"awq": True}), (True, {"exclude": ["lm_head"]})],
+                         ids=["untied", "tied-awq", "head-excluded"])
+def test_streamed_signround_writes_the_in_memory_pass_file_byte_for_byte(tie, options, tiny_tokenizer, tmp_path):
+    # The streamed schedule tunes each layer read alone, then lm_head on the final norm of both chains: the same
+    # codes, scales and report figures as the pass on the whole model (a tied head untied, the table float),
+    # although it recomputes the fake-quantized weights in the backward pass (low_memory) and the pass does not.
+    config = QuantizeConfig(method="signround", group_size=32, iters=6, batch_size=2, **options)
+    state, result = _streamed_beside_the_pass(config, tie, tiny_tokenizer, tmp_path)
+    expected = {k: v for k, v in state.pass_info["quantize"].items() if k.startswith(("signround", "awq"))}
+    assert {k: result.pass_info[k] for k in expected} == expected
+    assert result.pass_info["signround_layers"] == 2 and result.pass_info["calibration_tokens"] == 4 * 32
+    assert ("signround_lm_head_error_vs_rtn" in result.pass_info) == ("exclude" not in options)
+    print(f"{options} tie {tie}: layer error vs RTN {result.pass_info['signround_output_error_vs_rtn']}, "
+          f"lm_head {result.pass_info.get('signround_lm_head_error_vs_rtn')}")
 
 
 def test_streamed_gptq_holds_no_layer_weights_between_layers(tiny_tokenizer, tmp_path, monkeypatch):
