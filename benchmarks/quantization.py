@@ -84,6 +84,8 @@ PEER_ROWS: list[tuple[str, str, dict, bool]] = [
     ("AutoRound W4, symmetric, 200 iterations, lm_head and embedding RTN (the builder's coverage)", "autoround",
      {"iters": 200}, True),
     ("AutoRound W4, symmetric, 1000 iterations", "autoround", {"iters": 1000}, False),
+    ("AutoRound W4, symmetric, 1000 iterations, lm_head and embedding RTN (the builder's coverage)", "autoround",
+     {"iters": 1000}, True),
 ]
 PEERS_COVERAGE = {"embeddings": False, "exclude": ["lm_head"]}
 PEER_COVERAGE_ROWS: list[tuple[str, list[dict]]] = [
