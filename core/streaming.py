@@ -9,8 +9,8 @@ or, from a recipe, `export: {streaming: true}` with one `quantize` pass (the pip
 the embedding table, when larger), whatever the depth. GPTQ, AWQ and SignRound add the calibration activations
 and each layer's module (llmopt.streaming_calibrated). The whole model is never built. The artifact is checked
 against the model it holds with a reference computed layer by layer as it is written
-(llmopt.streaming_reference), then loaded by its runtime; the pipeline's evaluation windows go through the same walk, and through the checkpoint's
-float weights, for the quality figures. The codes are those of the `quantize` pass, so the artifacts match what
+(llmopt.streaming_reference), then loaded by its runtime; the pipeline's evaluation windows go through the same
+walk, and through the checkpoint's float weights, for the quality figures. The codes are those of the `quantize` pass, so the artifacts match what
 the non-streaming pipeline writes for the same recipe.
 """
 
